@@ -1,0 +1,42 @@
+"""batchkling: YAML manifests of Kling video jobs to finished, downloaded videos — exactly once."""
+
+from batchkling.errors import (
+    AccountBlocked,
+    AmbiguousCreate,
+    BatchklingError,
+    DownloadError,
+    ManifestError,
+    Problem,
+    ProviderError,
+    RateLimited,
+    RunLocked,
+    RunNotFound,
+    SlotsExhausted,
+    StoreError,
+    TaskFailed,
+    TransientError,
+    UnsafeURL,
+)
+from batchkling.models import JobKind, JobSpec, JobState, RunSummary
+
+__all__ = [
+    "AccountBlocked",
+    "AmbiguousCreate",
+    "BatchklingError",
+    "DownloadError",
+    "JobKind",
+    "JobSpec",
+    "JobState",
+    "ManifestError",
+    "Problem",
+    "ProviderError",
+    "RateLimited",
+    "RunLocked",
+    "RunNotFound",
+    "RunSummary",
+    "SlotsExhausted",
+    "StoreError",
+    "TaskFailed",
+    "TransientError",
+    "UnsafeURL",
+]

@@ -1,0 +1,5 @@
+"""``python -m batchkling`` runs the command line."""
+
+from batchkling.cli import main
+
+main()

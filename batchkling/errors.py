@@ -1,0 +1,140 @@
+"""The exceptions batchkling raises.
+
+The tree, in one place::
+
+    BatchklingError
+    ├── ManifestError          bad manifest: every problem at once, each with file:line:column
+    ├── RunLocked              another live process holds the run's lease
+    ├── RunNotFound            no run with that id in the store
+    ├── StoreError             the checkpoint database failed (sqlite3 errors are translated here)
+    ├── DownloadError          a result could not be fetched or verified (never resubmits the render)
+    │   └── UnsafeURL          a result URL points somewhere batchkling refuses to go
+    └── ProviderError          the provider answered with an error, or not at all
+        ├── RateLimited        too many requests; ``retry_after`` seconds to wait (may be None)
+        ├── SlotsExhausted     account task slots full (Kling 1303): requeue, shrink concurrency
+        ├── AccountBlocked     auth or credits (Kling 1000-1003, 1100-1102, 1304): stop all creates
+        ├── TaskFailed         the job itself is refused or its task failed; ``retryable`` tells which
+        ├── AmbiguousCreate    a create may or may not have made a task: reconcile, never blind-retry
+        └── TransientError     a request that is safe to repeat failed (connect error, 5xx on a poll)
+
+Foreign exceptions (httpx, sqlite3, OSError) are translated at the boundary with ``raise … from exc``.
+Only the CLI maps these to exit codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class BatchklingError(Exception):
+    """Base class of every error batchkling raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One problem found in a manifest, located as precisely as the source allows."""
+
+    file: str
+    line: int | None
+    column: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        field = f" {self.path}:" if self.path else ""
+        return f"{where}:{field} {self.message}"
+
+
+class ManifestError(BatchklingError):
+    """The manifest is invalid; ``problems`` lists every problem found, in file order."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems) or "invalid manifest")
+
+
+class RunLocked(BatchklingError):
+    """Another live process is running this run id."""
+
+
+class RunNotFound(BatchklingError):
+    """No run with the given id exists in the store."""
+
+
+class StoreError(BatchklingError):
+    """The checkpoint store could not be read or written."""
+
+
+class DownloadError(BatchklingError):
+    """A finished video could not be downloaded or failed verification."""
+
+
+class UnsafeURL(DownloadError):
+    """A result URL was refused (scheme, private address, redirect target)."""
+
+
+class ProviderError(BatchklingError):
+    """The provider refused a request or could not be reached.
+
+    ``code`` is the provider's own error code (Kling's numeric code, or ImaRouter's string) when
+    it gave one; ``status`` the HTTP status when there was a response.
+    """
+
+    def __init__(
+        self, message: str, *, code: str | None = None, status: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+
+
+class RateLimited(ProviderError):
+    """Too many requests; wait ``retry_after`` seconds (None: back off on our own schedule)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        code: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message, code=code, status=status)
+        self.retry_after = retry_after
+
+
+class SlotsExhausted(ProviderError):
+    """The account's parallel task slots are full: requeue the job and shrink concurrency."""
+
+
+class AccountBlocked(ProviderError):
+    """Authentication or credit failure: no further create can succeed until a person acts."""
+
+
+class TaskFailed(ProviderError):
+    """The job was refused or its task failed; ``retryable`` says whether a new attempt may help."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        code: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message, code=code, status=status)
+        self.retryable = retryable
+
+
+class AmbiguousCreate(ProviderError):
+    """A create request may have produced a paid task; its outcome must be reconciled."""
+
+
+class TransientError(ProviderError):
+    """A request failed in a way that is safe to repeat."""

@@ -1,0 +1,161 @@
+"""Values shared by every part of batchkling: job specs, states, attempts, summaries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class JobKind(StrEnum):
+    """What a job asks the provider for, derived from which images it carries."""
+
+    TEXT = "text"
+    IMAGE = "image"
+    FIRST_LAST = "first-last"
+
+
+class JobState(StrEnum):
+    """Where a job stands. Every change is committed before the next side effect."""
+
+    PENDING = "pending"
+    SUBMITTING = "submitting"  # create intent committed; outcome not yet known
+    SUBMITTED = "submitted"  # task id known
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # provider finished; video not (yet) on disk
+    DOWNLOADED = "downloaded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"  # poll deadline passed; polled again on resume
+    UNKNOWN = "unknown"  # create outcome could not be established
+    SKIPPED = "skipped"  # no longer in the manifest
+
+
+#: States a job never leaves without a person asking (``retry``) or a manifest edit.
+TERMINAL = frozenset({JobState.DOWNLOADED, JobState.FAILED, JobState.SKIPPED})
+#: States in which a provider task may exist and hold an account slot.
+IN_FLIGHT = frozenset({JobState.SUBMITTED, JobState.RUNNING})
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """One expanded job: a single provider request with a stable id.
+
+    ``image`` and ``image_tail`` are absolute local paths or http(s) URLs. ``image_sha256`` and
+    ``image_tail_sha256`` hold the content hash of local files (None for URLs) so the fingerprint
+    changes when an image file changes. ``variables`` are the matrix variables and axes that
+    produced the job, in declaration order (they become ``var.*`` CSV columns); ``group`` is the
+    matrix id template the job came from, None for explicit jobs.
+    """
+
+    job_id: str
+    model: str
+    prompt: str
+    duration: int
+    size: str
+    mode: str | None = None
+    negative_prompt: str | None = None
+    image: str | None = None
+    image_tail: str | None = None
+    image_sha256: str | None = None
+    image_tail_sha256: str | None = None
+    cfg_scale: float | None = None
+    camera_control: Mapping[str, Any] | None = None
+    sound: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    variables: Mapping[str, str] = field(default_factory=dict)
+    group: str | None = None
+
+    @property
+    def kind(self) -> JobKind:
+        """Text-to-video, image-to-video, or first-last-frame."""
+        if self.image_tail:
+            return JobKind.FIRST_LAST
+        if self.image:
+            return JobKind.IMAGE
+        return JobKind.TEXT
+
+    def request(self) -> dict[str, Any]:
+        """The canonical request: every field that changes what the provider renders."""
+        out: dict[str, Any] = {
+            "model": self.model,
+            "prompt": self.prompt,
+            "duration": self.duration,
+            "size": self.size,
+        }
+        optional: dict[str, Any] = {
+            "mode": self.mode,
+            "negative_prompt": self.negative_prompt,
+            "image": _content_ref(self.image, self.image_sha256),
+            "image_tail": _content_ref(self.image_tail, self.image_tail_sha256),
+            "cfg_scale": self.cfg_scale,
+            "camera_control": dict(self.camera_control) if self.camera_control else None,
+            "sound": self.sound,
+            "metadata": dict(self.metadata) if self.metadata else None,
+        }
+        out.update({k: v for k, v in optional.items() if v is not None})
+        return out
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the canonical request; local images count by content, not by path."""
+        blob = json.dumps(self.request(), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def to_json(self) -> str:
+        """Serialise for the checkpoint store."""
+        data = {
+            name: getattr(self, name)
+            for name in self.__dataclass_fields__
+            if getattr(self, name) not in (None, {}, ())
+        }
+        data["metadata"] = dict(self.metadata)
+        data["variables"] = dict(self.variables)
+        if self.camera_control is not None:
+            data["camera_control"] = dict(self.camera_control)
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, blob: str) -> JobSpec:
+        """Inverse of :meth:`to_json`."""
+        return cls(**json.loads(blob))
+
+
+def _content_ref(source: str | None, sha256: str | None) -> str | None:
+    """A local image counts by its content hash, so moving the file changes nothing."""
+    return f"sha256:{sha256}" if sha256 else source
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One provider task made for a job. History is never overwritten: a retry is a new row."""
+
+    job_id: str
+    number: int
+    idempotency_key: str
+    task_id: str | None
+    state: JobState
+    submitted_at: float | None
+    completed_at: float | None
+    cost_usd: float | None
+    error_code: str | None
+    error_message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """What a run ended with; the CLI turns ``exit_code`` into the process exit status."""
+
+    run_id: str
+    counts: Mapping[str, int]
+    cost_usd: float
+    stop_reason: str | None
+    exit_code: int
+    results_csv: str | None = None
+
+    @property
+    def total(self) -> int:
+        """Number of jobs in the run."""
+        return sum(self.counts.values())
