@@ -1,0 +1,249 @@
+"""ImaRouter's unified ``/v1/videos`` task API (and gateways of the same shape).
+
+Requests follow API.md §1. Responses are read tolerantly: a task id in ``task_id`` or ``id``,
+bodies optionally wrapped as ``{code, data}``, status synonyms, progress as ``42`` or ``"42%"``,
+timestamps in seconds or milliseconds, and the result URL wherever gateways put it.
+"""
+
+from __future__ import annotations
+
+import base64
+import mimetypes
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from batchkling.errors import (
+    AccountBlocked,
+    AmbiguousCreate,
+    RateLimited,
+    SlotsExhausted,
+    TaskFailed,
+    TransientError,
+)
+from batchkling.models import JobSpec
+from batchkling.providers.base import (
+    USER_AGENT,
+    Phase,
+    TaskStatus,
+    check_task_id,
+    describe_status,
+    dig,
+    error_text,
+    number,
+    parse_json,
+    poll_hint,
+    raise_unexpected,
+    retry_after,
+    send,
+    timestamp,
+)
+
+_DONE = frozenset({"completed", "complete", "succeeded", "succeed", "success", "done", "finished"})
+_FAILED = frozenset({"failed", "failure", "error", "cancelled", "canceled", "expired", "rejected"})
+_QUEUED = frozenset({"queued", "pending", "submitted", "not_start", "waiting"})
+
+# Words in a failure reason that mean a new attempt would fail the same way.
+_PERMANENT = re.compile(
+    r"polic|moderat|sensitive|safety|nsfw|prohibit|violat|inappropriate|risk|"
+    r"invalid|parameter|not support|unsupported|1200|1201|1203|1300|1301",
+    re.IGNORECASE,
+)
+_CREDIT = re.compile(r"quota|credit|balance|arrear|insufficient|billing|1100|1101|1102|payment",
+                     re.IGNORECASE)
+_CONCURRENCY = re.compile(r"concurren|parallel|1303|slot", re.IGNORECASE)
+
+
+def image_payload(source: str, *, data_uri: bool) -> str:
+    """An image as the provider takes it: URLs as they are, local files base64-encoded."""
+    if source.startswith(("http://", "https://")):
+        return source
+    raw = base64.b64encode(Path(source).read_bytes()).decode("ascii")
+    if not data_uri:
+        return raw
+    mime = mimetypes.guess_type(source)[0] or "image/jpeg"
+    return f"data:{mime};base64,{raw}"
+
+
+class ImaRouterProvider:
+    """Adapter for ``POST /v1/videos`` and ``GET /v1/videos/{task_id}``."""
+
+    name = "imarouter"
+    # ImaRouter offers no lookup by idempotency key: an interrupted create becomes `unknown`.
+    can_lookup = False
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 60.0,
+        max_connections: int = 64,
+    ) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}", "User-Agent": USER_AGENT},
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        await self._client.aclose()
+
+    def build_request(self, spec: JobSpec, key: str) -> dict[str, Any]:
+        """The JSON body for a create."""
+        metadata: dict[str, Any] = {}
+        if spec.mode:
+            metadata["mode"] = spec.mode
+        if spec.image_tail:
+            metadata["image_tail"] = image_payload(spec.image_tail, data_uri=True)
+        for name in ("negative_prompt", "cfg_scale", "sound"):
+            value = getattr(spec, name)
+            if value is not None:
+                metadata[name] = value
+        if spec.camera_control:
+            metadata["camera_control"] = dict(spec.camera_control)
+        metadata.update(spec.metadata)
+        # Kling rejects a second task with the same external id, so even a gateway that ignores
+        # Idempotency-Key cannot bill a resubmitted create twice.
+        metadata["external_task_id"] = key
+        body: dict[str, Any] = {
+            "model": spec.model,
+            "prompt": spec.prompt,
+            "duration": spec.duration,
+            "size": spec.size,
+            "metadata": metadata,
+        }
+        if spec.image:
+            body["image"] = image_payload(spec.image, data_uri=True)
+        return body
+
+    async def create(self, spec: JobSpec, key: str) -> str:
+        """Create a task; the idempotency key travels as ``Idempotency-Key`` and external id."""
+        try:
+            body = self.build_request(spec, key)
+        except OSError as exc:
+            raise TaskFailed(f"cannot read image: {exc.strerror}: {exc.filename}",
+                             retryable=False) from exc
+        request = self._client.build_request(
+            "POST", "/v1/videos", json=body, headers={"Idempotency-Key": key}
+        )
+        response = await send(self._client, request, creating=True)
+        payload = parse_json(response)
+        if response.status_code >= 400:
+            self._raise_for(response, payload, creating=True)
+        task = _unwrap(payload)
+        if task is None:
+            raise_unexpected(response, creating=True)
+        assert task is not None
+        return check_task_id(task.get("task_id") or task.get("id"))
+
+    async def status(self, task_id: str, spec: JobSpec) -> TaskStatus:
+        """Poll a task."""
+        request = self._client.build_request("GET", f"/v1/videos/{quote(task_id, safe='')}")
+        response = await send(self._client, request, creating=False)
+        payload = parse_json(response)
+        if response.status_code >= 400:
+            self._raise_for(response, payload, creating=False)
+        task = _unwrap(payload)
+        if task is None:
+            raise_unexpected(response, creating=False)
+        assert task is not None
+        return parse_task(task_id, task, poll_after=poll_hint(response))
+
+    async def lookup(self, key: str, spec: JobSpec) -> TaskStatus | None:
+        """Not offered by ImaRouter."""
+        raise NotImplementedError("ImaRouter has no lookup by idempotency key")
+
+    def _raise_for(self, response: httpx.Response, payload: Any, *, creating: bool) -> None:
+        status = response.status_code
+        code, message = error_text(payload)
+        text = describe_status(response, message)
+        words = f"{code or ''} {message or ''}"
+        if status == 429 or (code and "rate" in code.lower()):
+            if _CREDIT.search(words):
+                raise AccountBlocked(text, code=code, status=status)
+            if _CONCURRENCY.search(words):
+                raise SlotsExhausted(text, code=code, status=status)
+            raise RateLimited(text, retry_after=retry_after(response), code=code, status=status)
+        if status == 402 or (_CREDIT.search(words) and status in (400, 403)):
+            raise AccountBlocked(text, code=code, status=status)
+        if status in (401, 403):
+            raise AccountBlocked(text, code=code, status=status)
+        if status == 404 and not creating:
+            # Gateways answer 404 for a moment after create; the deadline bounds how long.
+            raise TransientError(text, code=code or "task_not_found", status=status)
+        if 400 <= status < 500:
+            raise TaskFailed(text, retryable=False, code=code, status=status)
+        if creating:
+            raise AmbiguousCreate(text, code=code, status=status)
+        raise TransientError(text, code=code, status=status)
+
+
+def _unwrap(payload: Any) -> Mapping[str, Any] | None:
+    """The task object, from a bare object or a ``{code, data: {...}}`` wrapper."""
+    if not isinstance(payload, Mapping):
+        return None
+    data = payload.get("data")
+    if isinstance(data, Mapping) and ("id" in data or "task_id" in data or "status" in data):
+        return data
+    if "id" in payload or "task_id" in payload or "status" in payload:
+        return payload
+    return None
+
+
+def result_url(task: Mapping[str, Any]) -> str | None:
+    """The first result URL in any of the places gateways put it."""
+    for path in (("results", 0, "url"), ("metadata", "url"), ("video", "url"),
+                 ("output", 0, "url"), ("url",), ("video_url",)):
+        value = dig(task, *path)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def parse_task(task_id: str, task: Mapping[str, Any], *, poll_after: float | None) -> TaskStatus:
+    """Normalise a task object of the ``/v1/videos`` shape."""
+    raw_status = str(task.get("status") or "").strip().lower()
+    progress = number(task.get("progress"))
+    created = timestamp(task.get("created_at"))
+    completed = timestamp(task.get("completed_at"))
+    cost = number(task.get("amount_usd"))
+    if raw_status in _DONE:
+        url = result_url(task)
+        if url is None:
+            # Some gateways report completion a poll before the URL appears.
+            return TaskStatus(task_id, Phase.RUNNING, progress=100.0, created_at=created,
+                              poll_after=poll_after)
+        return TaskStatus(task_id, Phase.SUCCEEDED, progress=100.0, video_url=url,
+                          cost_usd=cost, created_at=created, completed_at=completed,
+                          poll_after=poll_after)
+    if raw_status in _FAILED:
+        code, message = error_text(task)
+        message = (message or _first_text(task, "fail_reason", "task_status_msg", "reason")
+                   or f"the task ended {raw_status} without a reason")
+        permanent = bool(_PERMANENT.search(f"{code or ''} {message}"))
+        return TaskStatus(task_id, Phase.FAILED, progress=progress, cost_usd=cost,
+                          error_code=code or raw_status, error_message=message,
+                          retryable=not permanent, created_at=created, completed_at=completed,
+                          poll_after=poll_after)
+    phase = Phase.QUEUED if raw_status in _QUEUED else Phase.RUNNING
+    # An unknown status means still running: a deadline, not a guess, ends the wait.
+    return TaskStatus(task_id, phase, progress=progress, created_at=created, poll_after=poll_after)
+
+
+def _first_text(task: Mapping[str, Any], *names: str) -> str | None:
+    for name in names:
+        value = task.get(name)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None

@@ -1,0 +1,124 @@
+"""The results CSV: one row per job, a view of the store, written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from batchkling.models import JobState
+from batchkling.store import JobRow, Store
+
+COLUMNS = (
+    "run_id", "job_id", "status", "model", "prompt", "negative_prompt", "duration", "size",
+    "mode", "image", "image_tail", "task_id", "attempts", "video_url", "video_path",
+    "video_sha256", "cost_usd", "error_code", "error_message", "submitted_at", "completed_at",
+    "render_seconds",
+)
+
+# A spreadsheet runs cells starting with these as formulas (OWASP "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_status(state: JobState, *, download: bool) -> str:
+    """The CSV's status vocabulary: succeeded, failed, timed_out, unknown, pending, skipped."""
+    if state is JobState.DOWNLOADED or (state is JobState.SUCCEEDED and not download):
+        return "succeeded"
+    if state in (JobState.FAILED, JobState.TIMED_OUT, JobState.UNKNOWN, JobState.SKIPPED):
+        return state.value
+    # Submitted, running, or rendered but not yet on disk: still work to do.
+    return "pending"
+
+
+def escape_cell(value: Any) -> Any:
+    """Neutralise text a spreadsheet would run as a formula; other values pass unchanged."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def job_record(run_id: str, row: JobRow, *, download: bool) -> dict[str, Any]:
+    """One CSV row as a mapping (unescaped)."""
+    spec = row.spec
+    return {
+        "run_id": run_id,
+        "job_id": row.job_id,
+        "status": csv_status(row.state, download=download),
+        "model": spec.model,
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt or "",
+        "duration": spec.duration,
+        "size": spec.size,
+        "mode": spec.mode or "",
+        "image": spec.image or "",
+        "image_tail": spec.image_tail or "",
+        "task_id": row.task_id or "",
+        "attempts": row.attempt,
+        "video_url": row.video_url or "",
+        "video_path": row.video_path or "",
+        "video_sha256": row.video_sha256 or "",
+        "cost_usd": "" if row.cost_usd is None else f"{row.cost_usd:.4f}",
+        "error_code": row.error_code or "",
+        "error_message": row.error_message or "",
+        "submitted_at": _iso(row.submitted_at),
+        "completed_at": _iso(row.completed_at),
+        "render_seconds": "" if row.render_seconds is None else f"{row.render_seconds:.1f}",
+        **{f"var.{k}": v for k, v in spec.variables.items()},
+    }
+
+
+async def write_results(store: Store, run_id: str, dest: Path, *, download: bool) -> Path:
+    """Write the run's CSV to ``dest`` atomically (temp file, fsync, rename)."""
+    var_names: dict[str, None] = {}
+    async for row in store.iter_jobs(run_id):
+        for name in row.spec.variables:
+            var_names.setdefault(f"var.{name}", None)
+    header = [*COLUMNS, *var_names]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".csv", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore", restval="")
+            writer.writeheader()
+            async for row in store.iter_jobs(run_id):
+                record = job_record(run_id, row, download=download)
+                writer.writerow({k: escape_cell(v) for k, v in record.items()})
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return dest
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def read_results(path: Path) -> list[dict[str, str]]:
+    """Read a results CSV back (for tests and tools)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def unescape_cell(value: str) -> str:
+    """Inverse of :func:`escape_cell` for text cells."""
+    if value.startswith("'") and value[1:2] in _FORMULA_START and value[1:2] != "":
+        return value[1:]
+    return value
+
+
+__all__ = ["COLUMNS", "csv_status", "escape_cell", "read_results", "write_results"]

@@ -1,0 +1,651 @@
+"""The SQLite checkpoint store: the single source of truth for runs, jobs, attempts and events.
+
+Every job state change is one transaction. The create intent (``submitting``) and the task-id
+commit run with ``PRAGMA synchronous=FULL`` so that a power cut cannot lose the fact that a paid
+task may exist; the other transitions use WAL's ``NORMAL``, which can lose the last moments of
+progress but never corrupts the file, and everything lost that way is re-learnt by polling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiosqlite
+import anyio
+
+from batchkling.errors import RunLocked, RunNotFound, StoreError
+from batchkling.models import JobSpec, JobState
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    manifest_path TEXT,
+    manifest_text TEXT,
+    config_json TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    base_url TEXT NOT NULL,
+    simulated INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    stop_reason TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_pid INTEGER,
+    lease_host TEXT,
+    lease_heartbeat REAL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    run_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    spec_json TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    idempotency_key TEXT,
+    task_id TEXT,
+    progress REAL,
+    video_url TEXT,
+    video_path TEXT,
+    video_size INTEGER,
+    video_sha256 TEXT,
+    cost_usd REAL,
+    cost_units REAL,
+    reserved_usd REAL NOT NULL DEFAULT 0,
+    error_code TEXT,
+    error_message TEXT,
+    retryable INTEGER,
+    submitted_at REAL,
+    completed_at REAL,
+    render_seconds REAL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (run_id, job_id)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (run_id, state, seq);
+CREATE TABLE IF NOT EXISTS attempts (
+    run_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL,
+    task_id TEXT,
+    submitted_at REAL,
+    completed_at REAL,
+    cost_usd REAL,
+    cost_units REAL,
+    error_code TEXT,
+    error_message TEXT,
+    PRIMARY KEY (run_id, job_id, number)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    job_id TEXT,
+    at REAL NOT NULL,
+    event TEXT NOT NULL,
+    data TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, id);
+"""
+
+#: Columns of ``jobs`` a transition may set.
+_JOB_COLUMNS = frozenset(
+    {
+        "attempt", "idempotency_key", "task_id", "progress", "video_url", "video_path",
+        "video_size", "video_sha256", "cost_usd", "cost_units", "reserved_usd", "error_code",
+        "error_message", "retryable", "submitted_at", "completed_at", "render_seconds",
+    }
+)
+#: Columns of ``attempts`` mirrored from a transition onto the job's current attempt.
+_ATTEMPT_COLUMNS = frozenset(
+    {
+        "task_id", "submitted_at", "completed_at", "cost_usd", "cost_units", "error_code",
+        "error_message",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    """A run as stored."""
+
+    run_id: str
+    manifest_path: str | None
+    config_json: str
+    provider: str
+    base_url: str
+    simulated: bool
+    state: str
+    stop_reason: str | None
+    created_at: float
+    updated_at: float
+    lease_owner: str | None
+    lease_pid: int | None
+    lease_host: str | None
+    lease_heartbeat: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """A job as stored; ``spec`` parses the canonical request on demand."""
+
+    run_id: str
+    job_id: str
+    seq: int
+    spec_json: str
+    fingerprint: str
+    state: JobState
+    attempt: int
+    idempotency_key: str | None
+    task_id: str | None
+    progress: float | None
+    video_url: str | None
+    video_path: str | None
+    video_size: int | None
+    video_sha256: str | None
+    cost_usd: float | None
+    cost_units: float | None
+    reserved_usd: float
+    error_code: str | None
+    error_message: str | None
+    retryable: bool | None
+    submitted_at: float | None
+    completed_at: float | None
+    render_seconds: float | None
+    updated_at: float
+
+    @property
+    def spec(self) -> JobSpec:
+        """The job's request, as expanded from the manifest."""
+        return JobSpec.from_json(self.spec_json)
+
+
+_JOB_SELECT = "SELECT " + ", ".join(JobRow.__dataclass_fields__) + " FROM jobs"
+
+
+def _job_row(row: sqlite3.Row | tuple[Any, ...]) -> JobRow:
+    values = list(row)
+    values[5] = JobState(values[5])
+    values[19] = None if values[19] is None else bool(values[19])
+    return JobRow(*values)
+
+
+def _run_row(row: sqlite3.Row | tuple[Any, ...]) -> RunRow:
+    values = list(row)
+    values[5] = bool(values[5])
+    return RunRow(*values)
+
+
+_RUN_SELECT = "SELECT " + ", ".join(RunRow.__dataclass_fields__) + " FROM runs"
+
+
+class Store:
+    """Async access to the checkpoint database. Use as ``async with Store(path) as store``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._db: aiosqlite.Connection | None = None
+        self._closed = False
+        # aiosqlite serialises statements, not transactions: this lock keeps one coroutine's
+        # BEGIN..COMMIT from interleaving with another's.
+        self._lock = anyio.Lock()
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Open (creating if needed) the database and bring its schema up to date."""
+        if self._closed:
+            raise StoreError("this store was closed; open a new one")
+        if self._db is not None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(self.path, isolation_level=None, timeout=30)
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await db.executescript(_SCHEMA)
+            async with db.execute("SELECT value FROM meta WHERE key='schema_version'") as cur:
+                row = await cur.fetchone()
+            if row is None:
+                await db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            elif int(row[0]) > SCHEMA_VERSION:
+                await db.close()
+                raise StoreError(
+                    f"{self.path} was written by a newer batchkling (schema {row[0]}); "
+                    "upgrade batchkling to use it"
+                )
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
+        self._db = db
+
+    async def aclose(self) -> None:
+        """Close the database; idempotent."""
+        self._closed = True
+        if self._db is not None:
+            db, self._db = self._db, None
+            with anyio.CancelScope(shield=True):
+                await db.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError("the store is not open")
+        return self._db
+
+    async def _write(
+        self, statements: Iterable[tuple[str, Iterable[Any]]], *, durable: bool = False
+    ) -> None:
+        """Run statements as one transaction; ``durable`` fsyncs the commit (synchronous=FULL)."""
+        db = self.db
+        async with self._lock:
+            try:
+                if durable:
+                    await db.execute("PRAGMA synchronous=FULL")
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, params in statements:
+                        await db.execute(sql, tuple(params))
+                    await db.execute("COMMIT")
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await db.execute("ROLLBACK")
+                    raise
+                finally:
+                    if durable:
+                        with anyio.CancelScope(shield=True):
+                            await db.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
+
+    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            async with self.db.execute(sql, tuple(params)) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"state database read failed ({self.path}): {exc}") from exc
+
+    # ---- runs ------------------------------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> RunRow | None:
+        """The run with this id, or None."""
+        rows = await self._fetchall(f"{_RUN_SELECT} WHERE run_id = ?", (run_id,))
+        return _run_row(rows[0]) if rows else None
+
+    async def require_run(self, run_id: str) -> RunRow:
+        """The run with this id; :class:`RunNotFound` if there is none."""
+        run = await self.get_run(run_id)
+        if run is None:
+            raise RunNotFound(f"no run {run_id!r} in {self.path}")
+        return run
+
+    async def list_runs(self) -> list[RunRow]:
+        """Every run, newest first."""
+        rows = await self._fetchall(f"{_RUN_SELECT} ORDER BY created_at DESC")
+        return [_run_row(r) for r in rows]
+
+    async def save_run(
+        self,
+        run_id: str,
+        *,
+        manifest_path: str | None,
+        manifest_text: str | None,
+        config_json: str,
+        provider: str,
+        base_url: str,
+        simulated: bool,
+        now: float,
+    ) -> None:
+        """Create the run, or refresh its manifest snapshot when it exists."""
+        await self._write(
+            [
+                (
+                    "INSERT INTO runs (run_id, manifest_path, manifest_text, config_json, provider,"
+                    " base_url, simulated, state, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)"
+                    " ON CONFLICT (run_id) DO UPDATE SET manifest_path = excluded.manifest_path,"
+                    " manifest_text = excluded.manifest_text, config_json = excluded.config_json,"
+                    " provider = excluded.provider, base_url = excluded.base_url,"
+                    " updated_at = excluded.updated_at",
+                    (run_id, manifest_path, manifest_text, config_json, provider, base_url,
+                     int(simulated), now, now),
+                )
+            ],
+            durable=True,
+        )
+
+    async def set_run_state(
+        self, run_id: str, state: str, stop_reason: str | None, now: float
+    ) -> None:
+        """Record how the latest invocation on this run ended."""
+        await self._write(
+            [
+                (
+                    "UPDATE runs SET state = ?, stop_reason = ?, updated_at = ? WHERE run_id = ?",
+                    (state, stop_reason, now, run_id),
+                )
+            ]
+        )
+
+    # ---- the single-runner lease -----------------------------------------------------------
+
+    async def acquire_lease(
+        self, run_id: str, owner: str, *, now: float, stale_after: float
+    ) -> None:
+        """Take the run's lease, or raise :class:`RunLocked` naming the live holder.
+
+        A lease is stale when its heartbeat is older than ``stale_after`` seconds, or when its
+        holder was on this host and that process no longer exists (a SIGKILLed runner).
+        """
+        pid, host = os.getpid(), socket.gethostname()
+        async with self._lock:
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    async with self.db.execute(
+                        "SELECT lease_owner, lease_pid, lease_host, lease_heartbeat FROM runs"
+                        " WHERE run_id = ?",
+                        (run_id,),
+                    ) as cur:
+                        row = await cur.fetchone()
+                    if row is None:
+                        raise RunNotFound(f"no run {run_id!r} in {self.path}")
+                    holder, holder_pid, holder_host, beat = row
+                    if holder is not None and holder != owner and not _lease_is_stale(
+                        holder_pid, holder_host, beat, now=now, stale_after=stale_after
+                    ):
+                        raise RunLocked(
+                            f"run {run_id!r} is being run by process {holder_pid} on "
+                            f"{holder_host} (last heartbeat {now - (beat or now):.0f}s ago); "
+                            "wait for it to finish, or stop it first"
+                        )
+                    await self.db.execute(
+                        "UPDATE runs SET lease_owner = ?, lease_pid = ?, lease_host = ?,"
+                        " lease_heartbeat = ? WHERE run_id = ?",
+                        (owner, pid, host, now, run_id),
+                    )
+                    await self.db.execute("COMMIT")
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await self.db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
+
+    async def heartbeat(self, run_id: str, owner: str, now: float) -> None:
+        """Refresh the lease so other processes see this runner alive."""
+        await self._write(
+            [
+                (
+                    "UPDATE runs SET lease_heartbeat = ? WHERE run_id = ? AND lease_owner = ?",
+                    (now, run_id, owner),
+                )
+            ]
+        )
+
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        """Give the lease up; a no-op if another process has taken it over."""
+        await self._write(
+            [
+                (
+                    "UPDATE runs SET lease_owner = NULL, lease_pid = NULL, lease_host = NULL,"
+                    " lease_heartbeat = NULL WHERE run_id = ? AND lease_owner = ?",
+                    (run_id, owner),
+                )
+            ]
+        )
+
+    # ---- jobs ------------------------------------------------------------------------------
+
+    async def job_index(self, run_id: str) -> dict[str, tuple[str, JobState]]:
+        """``{job_id: (fingerprint, state)}`` for every job of the run."""
+        rows = await self._fetchall(
+            "SELECT job_id, fingerprint, state FROM jobs WHERE run_id = ?", (run_id,)
+        )
+        return {r[0]: (r[1], JobState(r[2])) for r in rows}
+
+    async def sync_jobs(
+        self,
+        run_id: str,
+        *,
+        added: list[tuple[int, JobSpec]],
+        changed: list[tuple[int, JobSpec]],
+        reordered: list[tuple[int, str]],
+        removed: list[str],
+        now: float,
+    ) -> None:
+        """Apply a manifest's expansion to the run in one transaction.
+
+        New jobs start ``pending``; changed jobs (new fingerprint) go back to ``pending`` keeping
+        their attempt history; removed jobs become ``skipped`` (finished ones keep their video).
+        """
+        statements: list[tuple[str, Iterable[Any]]] = []
+        for seq, spec in added:
+            statements.append(
+                (
+                    "INSERT INTO jobs (run_id, job_id, seq, spec_json, fingerprint, state,"
+                    " updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                    (run_id, spec.job_id, seq, spec.to_json(), spec.fingerprint, now),
+                )
+            )
+        for seq, spec in changed:
+            statements.append(
+                (
+                    "UPDATE jobs SET seq = ?, spec_json = ?, fingerprint = ?, state = 'pending',"
+                    " task_id = NULL, idempotency_key = NULL, progress = NULL, video_url = NULL,"
+                    " video_path = NULL, video_size = NULL, video_sha256 = NULL,"
+                    " cost_usd = NULL, cost_units = NULL, reserved_usd = 0, error_code = NULL,"
+                    " error_message = NULL, retryable = NULL, submitted_at = NULL,"
+                    " completed_at = NULL, render_seconds = NULL, updated_at = ?"
+                    " WHERE run_id = ? AND job_id = ?",
+                    (seq, spec.to_json(), spec.fingerprint, now, run_id, spec.job_id),
+                )
+            )
+            statements.append(_event(run_id, spec.job_id, now, "job.changed", None))
+        for seq, job_id in reordered:
+            statements.append(
+                ("UPDATE jobs SET seq = ? WHERE run_id = ? AND job_id = ?", (seq, run_id, job_id))
+            )
+        for job_id in removed:
+            statements.append(
+                (
+                    "UPDATE jobs SET state = 'skipped', updated_at = ?"
+                    " WHERE run_id = ? AND job_id = ? AND state != 'downloaded'",
+                    (now, run_id, job_id),
+                )
+            )
+        if statements:
+            await self._write(statements, durable=True)
+
+    async def get_job(self, run_id: str, job_id: str) -> JobRow | None:
+        """One job, or None."""
+        rows = await self._fetchall(
+            f"{_JOB_SELECT} WHERE run_id = ? AND job_id = ?", (run_id, job_id)
+        )
+        return _job_row(rows[0]) if rows else None
+
+    async def jobs_in(
+        self,
+        run_id: str,
+        states: Iterable[JobState],
+        *,
+        after_seq: int = -1,
+        limit: int = 500,
+    ) -> list[JobRow]:
+        """Jobs in any of ``states``, in manifest order, a page at a time."""
+        wanted = [s.value for s in states]
+        marks = ",".join("?" * len(wanted))
+        rows = await self._fetchall(
+            f"{_JOB_SELECT} WHERE run_id = ? AND state IN ({marks}) AND seq > ?"
+            " ORDER BY seq LIMIT ?",
+            (run_id, *wanted, after_seq, limit),
+        )
+        return [_job_row(r) for r in rows]
+
+    async def iter_jobs(self, run_id: str, page: int = 1000) -> AsyncIterator[JobRow]:
+        """Every job of the run in manifest order, without holding them all in memory."""
+        after = -1
+        while True:
+            rows = await self._fetchall(
+                f"{_JOB_SELECT} WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (run_id, after, page),
+            )
+            for row in rows:
+                yield _job_row(row)
+            if len(rows) < page:
+                return
+            after = rows[-1][2]
+
+    async def counts(self, run_id: str) -> dict[JobState, int]:
+        """Number of jobs in each state."""
+        rows = await self._fetchall(
+            "SELECT state, COUNT(*) FROM jobs WHERE run_id = ? GROUP BY state", (run_id,)
+        )
+        return {JobState(r[0]): int(r[1]) for r in rows}
+
+    async def money(self, run_id: str) -> tuple[float, float]:
+        """``(spent, committed)``: reported cost so far, and cost plus open reservations."""
+        rows = await self._fetchall(
+            "SELECT COALESCE((SELECT SUM(cost_usd) FROM attempts WHERE run_id = ?), 0),"
+            " COALESCE((SELECT SUM(reserved_usd) FROM jobs WHERE run_id = ?), 0)",
+            (run_id, run_id),
+        )
+        spent, reserved = float(rows[0][0]), float(rows[0][1])
+        return spent, spent + reserved
+
+    async def attempts(self, run_id: str, job_id: str) -> list[dict[str, Any]]:
+        """The job's attempts, oldest first."""
+        rows = await self._fetchall(
+            "SELECT number, idempotency_key, fingerprint, state, task_id, submitted_at,"
+            " completed_at, cost_usd, cost_units, error_code, error_message FROM attempts"
+            " WHERE run_id = ? AND job_id = ? ORDER BY number",
+            (run_id, job_id),
+        )
+        keys = ("number", "idempotency_key", "fingerprint", "state", "task_id", "submitted_at",
+                "completed_at", "cost_usd", "cost_units", "error_code", "error_message")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    async def transition(
+        self,
+        run_id: str,
+        job_id: str,
+        state: JobState,
+        *,
+        now: float,
+        event: str,
+        durable: bool = False,
+        new_attempt: tuple[int, str, str] | None = None,
+        data: Mapping[str, Any] | None = None,
+        **fields: Any,
+    ) -> None:
+        """Move a job to ``state`` and set ``fields``, in one transaction with its event row.
+
+        ``new_attempt`` = ``(number, idempotency_key, fingerprint)`` opens a new attempt row
+        (the submit intent). Fields that belong to the attempt are mirrored onto the current one.
+        """
+        unknown = set(fields) - _JOB_COLUMNS
+        if unknown:
+            raise StoreError(f"unknown job fields {sorted(unknown)}")
+        statements: list[tuple[str, Iterable[Any]]] = []
+        if new_attempt is not None:
+            number, key, fingerprint = new_attempt
+            fields = {**fields, "attempt": number, "idempotency_key": key}
+            statements.append(
+                (
+                    "INSERT INTO attempts (run_id, job_id, number, idempotency_key, fingerprint,"
+                    " state) VALUES (?, ?, ?, ?, ?, ?)",
+                    (run_id, job_id, number, key, fingerprint, state.value),
+                )
+            )
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        statements.append(
+            (
+                f"UPDATE jobs SET state = ?, updated_at = ?{', ' + sets if sets else ''}"
+                " WHERE run_id = ? AND job_id = ?",
+                (state.value, now, *fields.values(), run_id, job_id),
+            )
+        )
+        mirrored = {k: v for k, v in fields.items() if k in _ATTEMPT_COLUMNS}
+        attempt_sets = "".join(f", {name} = ?" for name in mirrored)
+        statements.append(
+            (
+                f"UPDATE attempts SET state = ?{attempt_sets} WHERE run_id = ? AND job_id = ?"
+                " AND number = (SELECT attempt FROM jobs WHERE run_id = ? AND job_id = ?)",
+                (state.value, *mirrored.values(), run_id, job_id, run_id, job_id),
+            )
+        )
+        statements.append(_event(run_id, job_id, now, event, data))
+        await self._write(statements, durable=durable)
+
+    async def set_progress(self, run_id: str, job_id: str, progress: float) -> None:
+        """Record progress without an event row (it changes on every poll)."""
+        await self._write(
+            [
+                (
+                    "UPDATE jobs SET progress = ? WHERE run_id = ? AND job_id = ?",
+                    (progress, run_id, job_id),
+                )
+            ]
+        )
+
+    async def log_event(
+        self, run_id: str, job_id: str | None, now: float, event: str,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append an event that changes no state (a stop, a limit change)."""
+        await self._write([_event(run_id, job_id, now, event, data)])
+
+    async def integrity_check(self) -> str:
+        """SQLite's own verdict on the file: ``ok`` when healthy."""
+        rows = await self._fetchall("PRAGMA integrity_check")
+        return str(rows[0][0])
+
+
+def _event(
+    run_id: str, job_id: str | None, now: float, event: str, data: Mapping[str, Any] | None
+) -> tuple[str, tuple[Any, ...]]:
+    blob = json.dumps(dict(data), default=str, separators=(",", ":")) if data else None
+    return (
+        "INSERT INTO events (run_id, job_id, at, event, data) VALUES (?, ?, ?, ?, ?)",
+        (run_id, job_id, now, event, blob),
+    )
+
+
+def _lease_is_stale(
+    pid: int | None, host: str | None, beat: float | None, *, now: float, stale_after: float
+) -> bool:
+    if beat is None or now - beat > stale_after:
+        return True
+    if host == socket.gethostname() and pid is not None:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, owned by someone else
+            return False
+    return False
