@@ -1,0 +1,77 @@
+"""Status-change callbacks (``callback_url``), delivered best effort by one background loop.
+
+Status is computed lazily, so nothing "happens" when a task finishes. A loop started in the app's
+lifespan looks at the tasks that asked for callbacks every ``CALLBACK_TICK_S`` real seconds and
+POSTs the task object (Kling's ``data`` for Kling-shape tasks, the video object for ImaRouter
+ones) for every status it has not reported yet. Failures are counted, never raised.
+In-process use through ``httpx.ASGITransport`` runs no lifespan: call ``deliver_due`` yourself.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+import httpx
+
+from batchkling.simulator import imarouter, kling
+from batchkling.simulator.state import COMPLETED, FAILED, SimState, Task
+
+CALLBACK_TICK_S = 0.1
+_log = logging.getLogger("batchkling.simulator")
+
+
+def _payload(sim: SimState, task: Task, now: float, base: str) -> Any:
+    if task.shape == kling.SHAPE:
+        return kling.task_data(sim, task, now, base)
+    return imarouter.video_object(sim, task, now, base, observe=False)
+
+
+async def _post(sim: SimState, client: httpx.AsyncClient, url: str, payload: Any) -> None:
+    try:
+        response = await client.post(url, json=payload)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        sim.counters.callbacks_failed += 1
+        _log.debug("callback to %s failed: %s", url, exc)
+    else:
+        sim.counters.callbacks_sent += 1
+
+
+async def deliver_due(sim: SimState, client: httpx.AsyncClient) -> int:
+    """POST every status change not yet reported; returns how many callbacks were attempted."""
+    if not sim.config.callbacks or not sim.callback_pending:
+        return 0
+    now = sim.sim_now()
+    due: list[tuple[str, Any]] = []
+    for task_id, (task, base) in list(sim.callback_pending.items()):
+        state = sim.status(task, now)
+        if state == task.last_callback:
+            continue
+        task.last_callback = state
+        if state in (COMPLETED, FAILED):
+            del sim.callback_pending[task_id]
+        assert task.callback_url is not None  # only such tasks are registered
+        due.append((task.callback_url, _payload(sim, task, now, base)))
+    limiter = anyio.CapacityLimiter(16)
+
+    async def send(url: str, payload: Any) -> None:
+        async with limiter:
+            await _post(sim, client, url, payload)
+
+    async with anyio.create_task_group() as tg:
+        for url, payload in due:
+            tg.start_soon(send, url, payload)
+    return len(due)
+
+
+async def callback_loop(sim: SimState, client: httpx.AsyncClient | None = None) -> None:
+    """Deliver callbacks forever (until cancelled with the app's lifespan)."""
+    async with client or httpx.AsyncClient(timeout=2.0) as http:
+        while True:
+            await anyio.sleep(CALLBACK_TICK_S)
+            try:
+                await deliver_due(sim, http)
+            except Exception:  # a bug in delivery must not take the server down
+                _log.exception("callback delivery failed")

@@ -1,0 +1,366 @@
+"""The simulated account: tasks, slots, rate limit, credit, seeded fault draws and counters.
+
+A task's whole life is decided when it is created (queue time, render time, outcome), so its
+status is a pure function of the clock: nothing runs per task, and 10,000 live tasks cost a dict
+and a heap. Slots are released lazily by popping the heap of end times on each request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchkling.simulator.catalog import Spec, sim_tags
+from batchkling.simulator.config import SimConfig
+
+QUEUED, IN_PROGRESS, COMPLETED, FAILED = "queued", "in_progress", "completed", "failed"
+STATES = (QUEUED, IN_PROGRESS, COMPLETED, FAILED)
+SUCCEED, NEVER = "succeed", "never"
+
+
+@dataclass(slots=True)
+class Task:
+    """One simulated render. Mutable only in its observation flags."""
+
+    n: int
+    task_id: str
+    shape: str  # "imarouter" | "kling"
+    spec: Spec
+    key: str | None  # the idempotency key or external_task_id it was created under
+    external_task_id: str | None
+    callback_url: str | None
+    created_sim: float
+    created_wall: float
+    started_sim: float  # leaves `queued`
+    render_s: float
+    ends_sim: float  # math.inf for a task that never finishes
+    outcome: str  # SUCCEED | NEVER | a FAIL_KINDS entry
+    pick: int  # per-task draw for cosmetic choices (status synonyms, reason field)
+    completion_seen: bool = False
+    last_callback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreateFaults:
+    """What goes wrong with one create request; drawn before we know whether it is admitted."""
+
+    status_before: int | None  # answer this 5xx and create nothing
+    status_after: int | None  # create the task, then answer this 5xx
+    hang: bool  # create the task, then hold the answer for hang_s real seconds
+
+
+@dataclass(slots=True)
+class _Counters:
+    create_requests: int = 0
+    creates: int = 0
+    polls: int = 0
+    downloads: int = 0
+    callbacks_sent: int = 0
+    callbacks_failed: int = 0
+    creates_without_key: int = 0
+    replays: int = 0  # creates answered with an existing task (idempotency key seen before)
+    creates_by_key: Counter[str] = field(default_factory=Counter)
+    create_requests_by_key: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+class SimState:
+    """The mutable heart of the simulator, owned by one event loop (``app.state.sim``)."""
+
+    def __init__(self, config: SimConfig, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock or time.monotonic
+        self.config = config
+        c = self._clock()
+        self._c0, self._sim0, self._wall0 = c, 0.0, time.time()
+        self.tasks: dict[str, Task] = {}
+        self.by_idem: dict[str, Task] = {}
+        self.by_external: dict[str, Task] = {}
+        self._ends: list[tuple[float, int]] = []
+        self.slots_in_use = 0
+        self.peak_slots = 0
+        self.counters = _Counters()
+        self._request_ids = 0
+        self.jwt_cache: dict[tuple[str, str, str], dict[str, Any]] = {}
+        # Tasks with a callback_url whose terminal status has not been POSTed yet, with the
+        # origin their creator used (result URLs in callbacks must point where it can reach).
+        self.callback_pending: dict[str, tuple[Task, str]] = {}
+        self._seed_streams()
+        self._tokens, self._tokens_at = 0.0, c
+        self._reset_bucket()
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def sim_now(self) -> float:
+        """Simulated seconds since start: the clock scaled by ``speed``."""
+        return self._sim0 + (self._clock() - self._c0) * self.config.speed
+
+    def wall_now(self) -> float:
+        """Epoch seconds as the clients see them: real time, not scaled, but driven by the clock."""
+        return self._wall0 + (self._clock() - self._c0)
+
+    def sim_to_wall(self, t: float) -> float:
+        """The epoch time at which sim time ``t`` happens (or happened) at the current speed."""
+        return self._wall0 + (t - self._sim0) / self.config.speed
+
+    def update_config(self, **changes: Any) -> SimConfig:
+        """Apply runtime changes; raises ValueError for unknown fields or bad values."""
+        new = self.config.replace(**changes)
+        c = self._clock()
+        # Rebase so that simulated and wall time stay continuous across a speed change.
+        elapsed = c - self._c0
+        self._sim0 += elapsed * self.config.speed
+        self._wall0 += elapsed
+        self._c0 = c
+        old, self.config = self.config, new
+        if new.seed != old.seed:
+            self._seed_streams()
+        if (new.rate_limit_per_s, new.retry_after_s) != (old.rate_limit_per_s, old.retry_after_s):
+            self._reset_bucket()
+        return new
+
+    # -- seeded draws -------------------------------------------------------------------------
+
+    def _seed_streams(self) -> None:
+        # Separate streams so that, e.g., the number of polls never shifts render times.
+        seed = self.config.seed
+        self._create_rng = random.Random(f"{seed}:create")
+        self._poll_rng = random.Random(f"{seed}:poll")
+        self._download_rng = random.Random(f"{seed}:download")
+        self.url_secret = hashlib.sha256(f"{seed}:url-signing".encode()).digest()
+
+    def draw_create_faults(self) -> CreateFaults:
+        """Three draws per create request, always, so toggling one rate shifts no other."""
+        cfg, r = self.config, self._create_rng
+        u_before, u_after, u_hang, u_code = r.random(), r.random(), r.random(), r.random()
+        status = 503 if u_code < 0.3 else 500
+        return CreateFaults(
+            status_before=status if u_before < cfg.create_5xx_rate else None,
+            status_after=status if u_after < cfg.create_5xx_after_create_rate else None,
+            hang=u_hang < cfg.create_hang_after_create_rate,
+        )
+
+    def draw_poll_fault(self) -> str | int | None:
+        """None, an HTTP 5xx status, or "drop" for one status request."""
+        cfg, r = self.config, self._poll_rng
+        u_5xx, u_drop, u_code = r.random(), r.random(), r.random()
+        if u_drop < cfg.poll_drop_rate:
+            return "drop"
+        if u_5xx < cfg.poll_5xx_rate:
+            return 503 if u_code < 0.3 else 500
+        return None
+
+    def draw_truncate(self) -> bool:
+        """Whether this download is cut short."""
+        return self._download_rng.random() < self.config.download_truncate_rate
+
+    # -- account checks -----------------------------------------------------------------------
+
+    def _reset_bucket(self) -> None:
+        rate = self.config.rate_limit_per_s
+        self._tokens = max(1.0, rate) if rate else 0.0
+        self._tokens_at = self._clock()
+
+    def take_rate_token(self) -> bool:
+        """Admit one create under ``rate_limit_per_s`` (a token bucket in real seconds)."""
+        rate = self.config.rate_limit_per_s
+        if rate is None:
+            return True
+        now = self._clock()
+        self._tokens = min(max(1.0, rate), self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def out_of_credit(self) -> bool:
+        """True once ``credits_after_creates`` tasks exist."""
+        limit = self.config.credits_after_creates
+        return limit is not None and self.counters.creates >= limit
+
+    def prune(self, now: float | None = None) -> None:
+        """Release the slots of tasks whose end time has passed."""
+        now = self.sim_now() if now is None else now
+        ends = self._ends
+        while ends and ends[0][0] <= now:
+            heapq.heappop(ends)
+            self.slots_in_use -= 1
+
+    def slots_full(self) -> bool:
+        """True when every account slot is held by an unfinished task."""
+        self.prune()
+        limit = self.config.slot_limit
+        return limit is not None and self.slots_in_use >= limit
+
+    # -- counters -----------------------------------------------------------------------------
+
+    def count_create_request(self, key: str | None) -> None:
+        """Count a create request (admitted or not) under its key."""
+        self.counters.create_requests += 1
+        if key is not None:
+            self.counters.create_requests_by_key[key] += 1
+
+    def reject(self, reason: str) -> None:
+        """Count a refused request by reason."""
+        self.counters.rejected[reason] += 1
+
+    def next_request_id(self) -> str:
+        """A fresh Kling-style request id."""
+        self._request_ids += 1
+        return f"sim-{self.config.seed:x}-{self._request_ids:08x}"
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    def _task_id(self, shape: str, n: int) -> str:
+        digest = hashlib.blake2b(f"{self.config.seed}:{n}".encode(), digest_size=12).hexdigest()
+        if shape == "kling":
+            return "8" + str(int(digest, 16))[:17]
+        return f"video_{digest}"
+
+    def create_task(
+        self,
+        shape: str,
+        spec: Spec,
+        *,
+        key: str | None,
+        external_task_id: str | None = None,
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
+        base: str = "",
+    ) -> Task:
+        """Create a task, draw its fate from its own seeded stream, and take a slot."""
+        cfg, c = self.config, self.counters
+        n = c.creates + 1
+        r = random.Random(f"{cfg.seed}:task:{n}")
+        u_queue, z, u_fail, u_kind, u_never = (r.random(), r.gauss(0.0, 1.0), r.random(),
+                                               r.random(), r.random())
+        pick = r.randrange(1 << 16)
+        mult = (1.6 if spec.duration == 10 else 1.0) * (1.3 if spec.mode == "pro" else 1.0)
+        render = cfg.render_median_s * mult * math.exp(cfg.render_sigma * z)
+        outcome = SUCCEED
+        if u_never < cfg.never_finish_rate:
+            outcome = NEVER
+        elif u_fail < cfg.fail_rate:
+            outcome = cfg.fail_reasons[int(u_kind * len(cfg.fail_reasons))]
+        tags = sim_tags(spec.prompt)
+        if "render" in tags:
+            render = float(tags["render"] or 0)
+        if "never" in tags:
+            outcome = NEVER
+        elif "fail" in tags:
+            outcome = tags["fail"] if tags["fail"] in cfg.fail_reasons else "internal"
+
+        now = self.sim_now()
+        started = now + cfg.queue_s * (0.5 + u_queue)
+        if outcome == NEVER:
+            ends = math.inf
+        elif outcome == SUCCEED:
+            ends = started + render
+        else:  # moderation fails early, internal errors late
+            ends = started + render * (0.2 if outcome == "content_policy" else 0.6)
+        task = Task(n, self._task_id(shape, n), shape, spec, key, external_task_id, callback_url,
+                    now, self.wall_now(), started, render, ends, outcome, pick)
+        self.tasks[task.task_id] = task
+        if external_task_id is not None:
+            self.by_external.setdefault(external_task_id, task)
+        if idempotency_key is not None:
+            self.by_idem.setdefault(idempotency_key, task)
+        c.creates = n
+        if key is None:
+            c.creates_without_key += 1
+        else:
+            c.creates_by_key[key] += 1
+        self.prune(now)
+        self.slots_in_use += 1
+        self.peak_slots = max(self.peak_slots, self.slots_in_use)
+        if math.isfinite(ends):
+            heapq.heappush(self._ends, (ends, n))
+        if callback_url:
+            self.callback_pending[task.task_id] = (task, base)
+        return task
+
+    @staticmethod
+    def status(task: Task, now: float) -> str:
+        """The task's state at sim time ``now``."""
+        if now < task.started_sim:
+            return QUEUED
+        if now < task.ends_sim:
+            return IN_PROGRESS
+        return COMPLETED if task.outcome == SUCCEED else FAILED
+
+    @staticmethod
+    def progress(task: Task, now: float) -> int:
+        """Percent done: 0 while queued, 1..99 while rendering, 100 when completed."""
+        if now < task.started_sim:
+            return 0
+        if now >= task.ends_sim and task.outcome == SUCCEED:
+            return 100
+        done = (min(now, task.ends_sim) - task.started_sim) / task.render_s if task.render_s else 1
+        return max(1, min(99, int(done * 100)))
+
+    def status_changed_at(self, task: Task, now: float) -> float:
+        """Sim time of the task's latest status change."""
+        if now >= task.ends_sim:
+            return task.ends_sim
+        return task.started_sim if now >= task.started_sim else task.created_sim
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for tests and benchmarks; the same dict ``GET /_sim/stats`` returns."""
+        now = self.sim_now()
+        self.prune(now)
+        by_state = dict.fromkeys(STATES, 0)
+        for task in self.tasks.values():
+            by_state[self.status(task, now)] += 1
+        c = self.counters
+        return {
+            "creates": c.creates,
+            "create_requests": c.create_requests,
+            "creates_by_key": dict(c.creates_by_key),
+            "create_requests_by_key": dict(c.create_requests_by_key),
+            "creates_without_key": c.creates_without_key,
+            "replays": c.replays,
+            "duplicate_keys": sorted(k for k, v in c.creates_by_key.items() if v > 1),
+            "tasks_by_state": by_state,
+            "polls": c.polls,
+            "downloads": c.downloads,
+            "slots_in_use": self.slots_in_use,
+            "peak_slots": self.peak_slots,
+            "slot_limit": self.config.slot_limit,
+            "rejected": dict(c.rejected),
+            "callbacks_sent": c.callbacks_sent,
+            "callbacks_failed": c.callbacks_failed,
+            "sim_time": round(now, 3),
+            "speed": self.config.speed,
+        }
+
+    def task_table(self) -> list[dict[str, Any]]:
+        """Every task with its drawn timings, in sim seconds, in creation order."""
+        now = self.sim_now()
+        return [
+            {
+                "task_id": t.task_id,
+                "key": t.key,
+                "shape": t.shape,
+                "kind": t.spec.kind,
+                "model": t.spec.model,
+                "duration": t.spec.duration,
+                "mode": t.spec.mode,
+                "size": t.spec.size,
+                "created_at": round(t.created_sim, 6),
+                "started_at": round(t.started_sim, 6),
+                "render_seconds": round(t.render_s, 6),
+                "ends_at": round(t.ends_sim, 6) if math.isfinite(t.ends_sim) else None,
+                "outcome": t.outcome,
+                "status": self.status(t, now),
+            }
+            for t in self.tasks.values()
+        ]
