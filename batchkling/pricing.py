@@ -1,0 +1,129 @@
+"""Cost and render-time ESTIMATES for plan output and for budget reservations.
+
+The price table is in USD per second of generated video, by model and mode. Neither ImaRouter
+nor Kling publishes a stable per-second list price for API use (Kling sells prepaid resource
+packs; gateways set their own margins), so these figures are **assumptions**, compiled in 2026 from
+public third-party pay-as-you-go listings of the same models (fal.ai model pages and the muapi.ai
+price comparison pages, which quote e.g. Kling 2.5 Turbo Pro at $0.07/s, Kling 2.6 Pro at
+$0.07/s silent and $0.14/s with audio, Kling 2.x Master at $1.40 per 5 s, Kling O1 at about
+$0.112/s). Where only one mode is listed the other is scaled by the usual std:pro ratio (≈ 0.6).
+They are good enough to see that a matrix costs $30 rather than $3,000; they are not a quote.
+
+Override any price in the manifest::
+
+    pricing:
+      kling-v2-6: 0.06          # every mode of that model
+      kling-v2-6:pro: 0.12      # one model and mode (wins over the model-wide entry)
+
+``*-master`` models have a single price whatever the mode. ``sound: on`` on kling-v2-6 doubles the
+per-second price (audio generation is billed separately by every listing seen); an override is the
+silent price and the doubling still applies.
+
+Render times are likewise estimates (typical wall time of one task on an unloaded account:
+about 90 s for a 5 s std clip, longer for 10 s and for pro) used only for plan's time estimate.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from batchkling.models import JobSpec
+
+#: When and from what the table was compiled; plan output prints this next to every estimate.
+PRICE_TABLE_DATE = "2026-01"
+PRICE_TABLE_SOURCE = (
+    "assumed list prices compiled from public third-party listings (fal.ai, muapi.ai); not a quote"
+)
+
+#: USD per second of video: model → (std, pro). Master models have one price.
+PRICES: Mapping[str, tuple[float, float]] = {
+    "kling-v1": (0.045, 0.095),
+    "kling-v1-6": (0.045, 0.095),
+    "kling-v2-master": (0.28, 0.28),
+    "kling-v2-1-master": (0.28, 0.28),
+    "kling-v2-5-turbo": (0.042, 0.07),
+    "kling-v2-6": (0.05, 0.07),
+    "kling-video-o1": (0.084, 0.112),
+}
+SOUND_MULTIPLIER = {"kling-v2-6": 2.0}
+
+#: Typical render seconds for a 5 s std clip, by model; scaled for duration and mode below.
+RENDER_5S_STD: Mapping[str, float] = {
+    "kling-v1": 120.0,
+    "kling-v1-6": 110.0,
+    "kling-v2-master": 240.0,
+    "kling-v2-1-master": 210.0,
+    "kling-v2-5-turbo": 60.0,
+    "kling-v2-6": 90.0,
+    "kling-video-o1": 120.0,
+}
+RENDER_PRO_FACTOR = 1.6
+RENDER_10S_FACTOR = 1.8
+_FALLBACK_PRICE = (0.07, 0.14)  # an unknown model (never after validation) is priced high
+_FALLBACK_RENDER = 120.0
+
+
+def price_per_second(model: str, mode: str | None, overrides: Mapping[str, float] | None) -> float:
+    """USD per video second for ``model``/``mode``, after manifest overrides."""
+    if overrides:
+        for key in (f"{model}:{mode or 'std'}", model):
+            if key in overrides:
+                return float(overrides[key])
+    std, pro = PRICES.get(model, _FALLBACK_PRICE)
+    return pro if mode == "pro" else std
+
+
+def estimate_usd(spec: JobSpec, overrides: Mapping[str, float] | None = None) -> float:
+    """Estimated cost of one job in USD (an assumption-based estimate, see module docstring)."""
+    rate = price_per_second(spec.model, spec.mode, overrides)
+    if spec.sound == "on":
+        rate *= SOUND_MULTIPLIER.get(spec.model, 1.0)
+    return round(rate * spec.duration, 4)
+
+
+def estimate_render_seconds(spec: JobSpec) -> float:
+    """Typical wall time of one task from create to completed, in seconds (an estimate)."""
+    seconds = RENDER_5S_STD.get(spec.model, _FALLBACK_RENDER)
+    if spec.duration >= 10:
+        seconds *= RENDER_10S_FACTOR
+    if spec.mode == "pro":
+        seconds *= RENDER_PRO_FACTOR
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class WallTime:
+    """Estimated wall time of a whole run and what bounds it."""
+
+    seconds: float
+    bound: str  # "slots" or "longest job"
+
+
+def estimate_wall_seconds(
+    render_seconds: Iterable[float], *, slots: int, submit_rate: float
+) -> WallTime:
+    """Simulate the run: jobs start in plan order when a slot is free and the rate allows.
+
+    Better than ``ceil(n / slots) × typical`` when render times differ (pro next to std, 5 s next
+    to 10 s) and when ``submit_rate`` rather than slots is the bottleneck.
+    """
+    free_at: list[float] = [0.0] * max(1, slots)  # min-heap of the time each slot frees up
+    finish, count = 0.0, 0
+    interval = 1.0 / submit_rate if submit_rate > 0 else 0.0
+    slot_wait = 0.0
+    for i, seconds in enumerate(render_seconds):
+        slot_free = heapq.heappop(free_at)
+        start = max(slot_free, i * interval)
+        slot_wait += max(0.0, slot_free - i * interval)
+        end = start + seconds
+        heapq.heappush(free_at, end)
+        finish = max(finish, end)
+        count += 1
+    if count == 0:
+        return WallTime(0.0, "slots")
+    # If some job waited for a slot, more slots would shorten the run; otherwise every job
+    # started as soon as the submit rate allowed and the longest render decides.
+    bound = "slots" if slot_wait > 0 else "longest job"
+    return WallTime(finish, bound)
