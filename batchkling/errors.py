@@ -4,21 +4,22 @@ The tree, in one place::
 
     BatchklingError
     ├── ManifestError          bad manifest: every problem at once, each with file:line:column
+    ├── ConfigError            bad options or environment (a missing API-key variable, a run id)
     ├── RunLocked              another live process holds the run's lease
     ├── RunNotFound            no run with that id in the store
-    ├── StoreError             the checkpoint database failed (sqlite3 errors are translated here)
-    ├── DownloadError          a result could not be fetched or verified (never resubmits the render)
+    ├── StoreError             the checkpoint database failed (sqlite3 errors translated)
+    ├── DownloadError          a result could not be fetched or verified (never re-renders)
     │   └── UnsafeURL          a result URL points somewhere batchkling refuses to go
     └── ProviderError          the provider answered with an error, or not at all
         ├── RateLimited        too many requests; ``retry_after`` seconds to wait (may be None)
         ├── SlotsExhausted     account task slots full (Kling 1303): requeue, shrink concurrency
-        ├── AccountBlocked     auth or credits (Kling 1000-1003, 1100-1102, 1304): stop all creates
-        ├── TaskFailed         the job itself is refused or its task failed; ``retryable`` tells which
-        ├── AmbiguousCreate    a create may or may not have made a task: reconcile, never blind-retry
-        └── TransientError     a request that is safe to repeat failed (connect error, 5xx on a poll)
+        ├── AccountBlocked     auth or credits (Kling 1000-1003, 1100-1102, 1304): stop creates
+        ├── TaskFailed         the job is refused or its task failed; ``retryable`` says which
+        ├── AmbiguousCreate    a create may or may not have made a task: reconcile, never retry
+        └── TransientError     a request safe to repeat failed (connect error, 5xx on a poll)
 
-Foreign exceptions (httpx, sqlite3, OSError) are translated at the boundary with ``raise … from exc``.
-Only the CLI maps these to exit codes.
+Foreign exceptions (httpx, sqlite3, OSError) are translated at the boundary with
+``raise … from exc``. Only the CLI maps these to exit codes.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class ManifestError(BatchklingError):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems) or "invalid manifest")
+
+
+class ConfigError(BatchklingError):
+    """The options or the environment are wrong; nothing was submitted."""
 
 
 class RunLocked(BatchklingError):

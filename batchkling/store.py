@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -36,6 +37,7 @@ CREATE TABLE IF NOT EXISTS runs (
     provider TEXT NOT NULL,
     base_url TEXT NOT NULL,
     simulated INTEGER NOT NULL DEFAULT 0,
+    nonce TEXT NOT NULL,
     state TEXT NOT NULL,
     stop_reason TEXT,
     created_at REAL NOT NULL,
@@ -53,6 +55,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     fingerprint TEXT NOT NULL,
     state TEXT NOT NULL,
     attempt INTEGER NOT NULL DEFAULT 0,
+    attempt_base INTEGER NOT NULL DEFAULT 0,
     idempotency_key TEXT,
     task_id TEXT,
     progress REAL,
@@ -103,9 +106,9 @@ CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, id);
 #: Columns of ``jobs`` a transition may set.
 _JOB_COLUMNS = frozenset(
     {
-        "attempt", "idempotency_key", "task_id", "progress", "video_url", "video_path",
-        "video_size", "video_sha256", "cost_usd", "cost_units", "reserved_usd", "error_code",
-        "error_message", "retryable", "submitted_at", "completed_at", "render_seconds",
+        "attempt", "attempt_base", "idempotency_key", "task_id", "progress", "video_url",
+        "video_path", "video_size", "video_sha256", "cost_usd", "cost_units", "reserved_usd",
+        "error_code", "error_message", "retryable", "submitted_at", "completed_at", "render_seconds",
     }
 )
 #: Columns of ``attempts`` mirrored from a transition onto the job's current attempt.
@@ -127,6 +130,7 @@ class RunRow:
     provider: str
     base_url: str
     simulated: bool
+    nonce: str
     state: str
     stop_reason: str | None
     created_at: float
@@ -148,6 +152,7 @@ class JobRow:
     fingerprint: str
     state: JobState
     attempt: int
+    attempt_base: int
     idempotency_key: str | None
     task_id: str | None
     progress: float | None
@@ -178,7 +183,7 @@ _JOB_SELECT = "SELECT " + ", ".join(JobRow.__dataclass_fields__) + " FROM jobs"
 def _job_row(row: sqlite3.Row | tuple[Any, ...]) -> JobRow:
     values = list(row)
     values[5] = JobState(values[5])
-    values[19] = None if values[19] is None else bool(values[19])
+    values[20] = None if values[20] is None else bool(values[20])
     return JobRow(*values)
 
 
@@ -326,14 +331,14 @@ class Store:
             [
                 (
                     "INSERT INTO runs (run_id, manifest_path, manifest_text, config_json, provider,"
-                    " base_url, simulated, state, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)"
+                    " base_url, simulated, nonce, state, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)"
                     " ON CONFLICT (run_id) DO UPDATE SET manifest_path = excluded.manifest_path,"
                     " manifest_text = excluded.manifest_text, config_json = excluded.config_json,"
                     " provider = excluded.provider, base_url = excluded.base_url,"
                     " updated_at = excluded.updated_at",
                     (run_id, manifest_path, manifest_text, config_json, provider, base_url,
-                     int(simulated), now, now),
+                     int(simulated), secrets.token_hex(4), now, now),
                 )
             ],
             durable=True,
@@ -481,6 +486,51 @@ class Store:
             )
         if statements:
             await self._write(statements, durable=True)
+
+    async def reset_for_retry(
+        self, run_id: str, *, states: Iterable[JobState], job_ids: Iterable[str], now: float
+    ) -> int:
+        """Put jobs back to ``pending`` for ``retry``; return how many.
+
+        ``unknown`` jobs keep their attempt and idempotency key (the create is repeated, so a
+        provider that honours the key cannot bill twice). Every other job gets a fresh attempt
+        budget: ``attempt_base`` moves up to the current attempt. Jobs named in ``job_ids`` are
+        taken from any state where no task is in flight. Without states or ids: failed jobs.
+        """
+        wanted = {s.value for s in states}
+        ids = list(job_ids)
+        if not wanted and not ids:
+            wanted = {JobState.FAILED.value}
+        if ids:
+            movable = [s.value for s in JobState if s.value not in
+                       ("submitting", "submitted", "running", "pending")]
+            wanted = wanted or set(movable)
+        clauses = [f"state IN ({','.join('?' * len(wanted))})"]
+        params: list[Any] = [run_id, *sorted(wanted)]
+        if ids:
+            clauses.append(f"job_id IN ({','.join('?' * len(ids))})")
+            params.extend(ids)
+        where = "run_id = ? AND " + " AND ".join(clauses)
+        rows = await self._fetchall(f"SELECT job_id, state FROM jobs WHERE {where}", params)
+        fresh = (
+            "UPDATE jobs SET state = 'pending', attempt_base = attempt, idempotency_key = NULL,"
+            " task_id = NULL, progress = NULL, video_url = NULL, error_code = NULL,"
+            " error_message = NULL, retryable = NULL, reserved_usd = 0, updated_at = ?"
+            " WHERE run_id = ? AND job_id = ?"
+        )
+        again = (
+            "UPDATE jobs SET state = 'pending', error_code = NULL, error_message = NULL,"
+            " updated_at = ? WHERE run_id = ? AND job_id = ?"
+        )
+        statements: list[tuple[str, Iterable[Any]]] = []
+        for job_id, state in rows:
+            sql = again if state == JobState.UNKNOWN.value else fresh
+            statements.append((sql, (now, run_id, job_id)))
+            statements.append(_event(run_id, job_id, now, "job.retry_requested",
+                                     {"from": state}))
+        if statements:
+            await self._write(statements, durable=True)
+        return len(rows)
 
     async def get_job(self, run_id: str, job_id: str) -> JobRow | None:
         """One job, or None."""

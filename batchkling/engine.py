@@ -1,0 +1,568 @@
+"""The run engine: submit, poll, download — every job state change checkpointed first.
+
+One task group per run. A submitter walks the pending jobs in manifest order, takes a slot and
+a turn at the create rate, and starts ``_submit`` for the job; ``_submit`` commits the intent,
+creates the task and commits its id, shielded from cancellation so the outcome of a create that
+left the machine is always recorded. A tracker per task polls on the planner's schedule until
+the task ends or its deadline passes, then downloads outside the slot. A job's failure is
+recorded on the job and never cancels its siblings.
+
+Where each state change happens, in this file:
+``pending → submitting → submitted`` in :meth:`Engine._submit`, ``running / succeeded / failed /
+timed_out`` in :meth:`Engine._track`, ``downloaded`` in :meth:`Engine._fetch`, and the resume
+reconciliation of ``submitting`` in :meth:`Engine._reconcile`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+
+from batchkling.clock import Clock
+from batchkling.download import DownloadPolicy, ExpiredURL, download
+from batchkling.errors import (
+    AccountBlocked,
+    AmbiguousCreate,
+    DownloadError,
+    ProviderError,
+    RateLimited,
+    SlotsExhausted,
+    TaskFailed,
+    TransientError,
+    UnsafeURL,
+)
+from batchkling.limits import RateGate, SlotPool, full_jitter
+from batchkling.logs import get_logger
+from batchkling.models import IN_FLIGHT, JobSpec, JobState
+from batchkling.polling import PollPlanner
+from batchkling.providers.base import Phase, Provider, TaskStatus
+from batchkling.store import JobRow, Store
+
+_DOWNLOAD_TRIES = 3
+# Consecutive create failures of a kind that proves nothing was made (connection refused,
+# 5xx with no task) before the run stops creating: with backoff capped at a minute, several
+# minutes of an unreachable provider.
+_MAX_CREATE_FAILURES = 12
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """How one invocation drives a run (from the manifest's limits, output and budget)."""
+
+    max_in_flight: int = 5
+    submit_rate: float = 2.0
+    task_timeout: float = 2700.0
+    max_attempts: int = 2
+    max_usd: float | None = None
+    download: bool = True
+    on_unknown: str = "wait"
+    min_poll_interval: float = 5.0
+    max_poll_interval: float = 120.0
+    download_concurrency: int = 4
+    max_video_bytes: int = 500 * 1024 * 1024
+    allow_private_urls: bool = False
+    trusted_hosts: frozenset[str] = frozenset()
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+
+
+@dataclass(slots=True)
+class StopState:
+    """Why creates stopped, if they did; the orchestrator turns it into an exit code."""
+
+    reason: str | None = None
+    kind: str | None = None  # "account", "budget", "interrupted"
+
+
+def idempotency_key(nonce: str, job_id: str, attempt: int) -> str:
+    """A key unique per run, job and attempt — and per account, thanks to the run's nonce."""
+    digest = hashlib.sha256(job_id.encode()).hexdigest()[:16]
+    return f"bk-{nonce}-{digest}-{attempt}"
+
+
+def _group(spec: JobSpec) -> str:
+    return f"{spec.model}/{spec.duration}/{spec.mode or '-'}"
+
+
+class Engine:
+    """Drives the non-terminal jobs of one run to an end state. One use per invocation."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        provider: Provider,
+        run_id: str,
+        nonce: str,
+        options: EngineOptions,
+        run_dir: Path,
+        clock: Clock,
+        http: httpx.AsyncClient,
+        estimate_usd: Callable[[JobSpec], float],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.provider = provider
+        self.run_id = run_id
+        self.nonce = nonce
+        self.opts = options
+        self.videos = run_dir / "videos"
+        self.clock = clock
+        self.http = http
+        self.estimate_usd = estimate_usd
+        self.rng = rng or random.Random()
+        self.slots = SlotPool(options.max_in_flight)
+        self.create_gate = RateGate(options.submit_rate, clock)
+        self.poll_gate = RateGate(None, clock)
+        self.planner = PollPlanner(min_interval=options.min_poll_interval,
+                                   max_interval=options.max_poll_interval, rng=self.rng)
+        self.downloads = anyio.CapacityLimiter(options.download_concurrency)
+        self.policy = DownloadPolicy(max_bytes=options.max_video_bytes,
+                                     allow_private=options.allow_private_urls,
+                                     trusted_hosts=options.trusted_hosts)
+        self.stop = StopState()
+        self.log = get_logger(run_id=run_id)
+        self.polls = 0
+        # Jobs put back to pending behind the submitter's cursor (requeued or retried).
+        self._back: deque[str] = deque()
+        # Budget held for jobs between the submitter's check and their intent commit.
+        self._held: dict[str, float] = {}
+        self._active = 0  # submits and trackers alive: the submitter waits for them to drain
+        self._wake = anyio.Event()
+        self._committed_usd = 0.0
+        self._create_failures = 0
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+
+    def _poke(self) -> None:
+        self._wake.set()
+        self._wake = anyio.Event()
+
+    def stop_creating(self, reason: str, kind: str) -> None:
+        """Stop starting new tasks; in-flight ones are still tracked and downloaded."""
+        if self.stop.reason is None:
+            self.stop.reason, self.stop.kind = reason, kind
+            self.log.warning("run.creates_stopped", reason=reason, kind=kind)
+        self._poke()
+
+    async def _set(self, job: JobRow | str, state: JobState, event: str, *,
+                   durable: bool = False, **fields: Any) -> None:
+        job_id = job if isinstance(job, str) else job.job_id
+        # A transition's write must land even while the run is being cancelled.
+        with anyio.CancelScope(shield=True):
+            await self.store.transition(self.run_id, job_id, state, now=self.clock.wall(),
+                                        event=event, durable=durable, **fields)
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._tg is not None
+        self._active += 1
+
+        async def wrapper() -> None:
+            try:
+                await fn(*args)
+            finally:
+                self._active -= 1
+                self._poke()
+
+        self._tg.start_soon(wrapper)
+
+    # ---- the run -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Reconcile, adopt in-flight tasks, submit pending jobs, and wait for all to end."""
+        _spent, self._committed_usd = await self.store.money(self.run_id)
+        await self._reconcile()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await self._adopt()
+            await self._submitter()
+        self._tg = None
+
+    async def _reconcile(self) -> None:
+        """Settle jobs a killed process left in ``submitting``: never blind-resubmit them."""
+        after = -1
+        while rows := await self.store.jobs_in(self.run_id, [JobState.SUBMITTING],
+                                               after_seq=after):
+            after = rows[-1].seq
+            for job in rows:
+                await self._settle_ambiguous(job, "the previous process stopped during a create")
+
+    async def _settle_ambiguous(self, job: JobRow, why: str) -> None:
+        key = job.idempotency_key or ""
+        if self.provider.can_lookup:
+            try:
+                found = await self.provider.lookup(key, job.spec)
+            except ProviderError as exc:
+                await self._set(job, JobState.UNKNOWN, "job.unknown", error_code="reconcile",
+                                error_message=f"{why}; lookup failed: {exc}")
+                return
+            if found is None:
+                # No task carries this key, so none was paid for: the same attempt may go again.
+                await self._set(job, JobState.PENDING, "job.reconciled", data={"found": False})
+                self._requeue(job.job_id)
+                return
+            await self._set(job, JobState.SUBMITTED, "job.reconciled", durable=True,
+                            task_id=found.task_id, submitted_at=found.created_at
+                            or self.clock.wall(), data={"found": True})
+            return
+        if self.opts.on_unknown == "resubmit":
+            # The same key again: a gateway that honours Idempotency-Key returns the same task.
+            await self._set(job, JobState.PENDING, "job.resubmit_unknown",
+                            error_message=f"{why}; resubmitting with the same idempotency key")
+            self._requeue(job.job_id)
+            return
+        await self._set(job, JobState.UNKNOWN, "job.unknown", error_code="ambiguous_create",
+                        error_message=f"{why}; the provider offers no lookup, so the task may or"
+                        " may not exist. `batchkling retry RUN --unknown` resubmits it")
+        self.log.warning("job.unknown", job_id=job.job_id, reason=why)
+
+    def _requeue(self, job_id: str) -> None:
+        self._back.append(job_id)
+        self._poke()
+
+    async def _adopt(self) -> None:
+        """Resume tracking tasks that exist already, and downloads that did not finish."""
+        states = [*IN_FLIGHT, JobState.TIMED_OUT]
+        if self.opts.download:
+            states.append(JobState.SUCCEEDED)
+        after = -1
+        while rows := await self.store.jobs_in(self.run_id, states, after_seq=after):
+            after = rows[-1].seq
+            for job in rows:
+                if job.state is JobState.SUCCEEDED:
+                    self._spawn(self._fetch, job, job.video_url)
+                    continue
+                self.slots.take()
+                if job.state is JobState.TIMED_OUT:
+                    await self._set(job, JobState.SUBMITTED, "job.readopted")
+                self._spawn(self._track, job, job.task_id, job.submitted_at)
+
+    async def _next_job(self, cursor: int) -> tuple[JobRow | None, int]:
+        while self._back:
+            row = await self.store.get_job(self.run_id, self._back.popleft())
+            if row is not None and row.state is JobState.PENDING:
+                return row, cursor
+        rows = await self.store.jobs_in(self.run_id, [JobState.PENDING], after_seq=cursor,
+                                        limit=1)
+        if rows:
+            return rows[0], rows[0].seq
+        return None, cursor
+
+    async def _submitter(self) -> None:
+        cursor = -1
+        while True:
+            if self.stop.reason is not None:
+                break
+            wake = self._wake
+            job, cursor = await self._next_job(cursor)
+            if job is None:
+                if self._active == 0 and not self._back:
+                    break
+                await wake.wait()
+                continue
+            if not await self._reserve(job):
+                break
+            await self.slots.acquire()
+            if self.stop.reason is not None:
+                self.slots.release()
+                await self._unreserve(job)
+                break
+            self._spawn(self._submit, job)
+        # Creates have stopped; trackers and downloads finish on their own.
+
+    async def _reserve(self, job: JobRow) -> bool:
+        estimate = self.estimate_usd(job.spec)
+        cap = self.opts.max_usd
+        if cap is not None and self._committed_usd + estimate > cap + 1e-9:
+            self.stop_creating(
+                f"budget reached: ${self._committed_usd:.2f} committed, the next job "
+                f"({job.job_id}, ~${estimate:.2f}) would pass budget.max_usd ${cap:.2f}",
+                "budget",
+            )
+            return False
+        self._committed_usd += estimate
+        self._held[job.job_id] = estimate
+        return True
+
+    async def _unreserve(self, job: JobRow) -> None:
+        self._committed_usd -= self._held.pop(job.job_id, 0.0)
+
+    # ---- create --------------------------------------------------------------------------
+
+    async def _submit(self, job: JobRow) -> None:
+        spec = job.spec
+        reuse = job.idempotency_key is not None
+        number = job.attempt if reuse else job.attempt + 1
+        key = job.idempotency_key if reuse else idempotency_key(self.nonce, job.job_id, number)
+        assert key is not None
+        estimate = self._held.get(job.job_id, 0.0)
+        log = self.log.bind(job_id=job.job_id, attempt=number)
+        await self.create_gate.wait()
+        if self.stop.reason is not None:
+            self.slots.release()
+            await self._unreserve(job)
+            return
+        # From the intent commit to the task-id commit nothing may interrupt: a create that
+        # left the machine must have its outcome recorded.
+        with anyio.CancelScope(shield=True):
+            await self._set(
+                job, JobState.SUBMITTING, "job.submitting", durable=True,
+                new_attempt=None if reuse else (number, key, job.fingerprint),
+                reserved_usd=estimate, error_code=None, error_message=None,
+            )
+            self._held.pop(job.job_id, None)
+            try:
+                task_id = await self.provider.create(spec, key)
+            except ProviderError as exc:
+                self.slots.release()
+                await self._create_failed(job, exc, estimate, log)
+                return
+            submitted_at = self.clock.wall()
+            await self._set(job, JobState.SUBMITTED, "job.submitted", durable=True,
+                            task_id=task_id, submitted_at=submitted_at,
+                            data={"task_id": task_id})
+        self._create_failures = 0
+        self.slots.created()
+        log.info("job.submitted", task_id=task_id)
+        await self._track(job, task_id, submitted_at)
+
+    async def _create_failed(self, job: JobRow, exc: ProviderError, estimate: float,
+                             log: Any) -> None:
+        """Decide what a refused or unanswered create means for the job and the run."""
+        err: dict[str, Any] = {"error_code": exc.code or type(exc).__name__,
+                               "error_message": exc.message}
+        if isinstance(exc, SlotsExhausted | RateLimited | TransientError | AccountBlocked):
+            # No task was made: the same attempt (same key) goes again later.
+            self._committed_usd -= estimate
+            await self._set(job, JobState.PENDING, "job.requeued", reserved_usd=0, **err)
+            self._create_failures += 1
+            if isinstance(exc, SlotsExhausted):
+                self.slots.rejected()
+                self.create_gate.pause(self._backoff(self._create_failures, low=0.5))
+                log.info("job.requeued", reason="slots", limit=self.slots.limit)
+            elif isinstance(exc, RateLimited):
+                wait = exc.retry_after
+                self.create_gate.pause(wait if wait is not None
+                                       else self._backoff(self._create_failures))
+                log.info("job.requeued", reason="rate_limited", retry_after=wait)
+            elif isinstance(exc, AccountBlocked):
+                self.stop_creating(f"the provider refused the account: {exc.message}", "account")
+            elif self._create_failures >= _MAX_CREATE_FAILURES:
+                self.stop_creating(f"the provider could not be reached for "
+                                   f"{self._create_failures} creates in a row: {exc.message}",
+                                   "unreachable")
+            else:
+                self.create_gate.pause(self._backoff(self._create_failures))
+                log.info("job.requeued", reason="transient", error=exc.message)
+            self._requeue(job.job_id)
+            return
+        if isinstance(exc, AmbiguousCreate):
+            # The task may exist and bill: its reservation stays committed.
+            log.warning("job.ambiguous_create", error=exc.message)
+            fresh = await self.store.get_job(self.run_id, job.job_id)
+            await self._settle_ambiguous(fresh or job, f"the create got no clear answer "
+                                         f"({exc.message})")
+            return
+        assert isinstance(exc, TaskFailed)
+        self._committed_usd -= estimate
+        await self._finish_attempt(job, retryable=exc.retryable, reserved_usd=0, **err)
+
+    async def _finish_attempt(self, job: JobRow, *, retryable: bool, **fields: Any) -> None:
+        """A task (or create) failed: a new attempt if allowed, else the job fails."""
+        current = await self.store.get_job(self.run_id, job.job_id)
+        attempts = (current or job).attempt - (current or job).attempt_base
+        if retryable and attempts < self.opts.max_attempts:
+            await self._set(job, JobState.PENDING, "job.retrying", idempotency_key=None,
+                            retryable=1, **fields)
+            self.log.info("job.retrying", job_id=job.job_id, attempt=attempts,
+                          error=fields.get("error_message"))
+            self._requeue(job.job_id)
+            return
+        await self._set(job, JobState.FAILED, "job.failed", retryable=int(retryable), **fields)
+        self.log.warning("job.failed", job_id=job.job_id, error_code=fields.get("error_code"),
+                         error=fields.get("error_message"))
+
+    def _backoff(self, failures: int, *, low: float = 0.0) -> float:
+        return low + full_jitter(failures, base=self.opts.backoff_base,
+                                 cap=self.opts.backoff_cap, rng=self.rng)
+
+    # ---- poll ----------------------------------------------------------------------------
+
+    async def _track(self, job: JobRow, task_id: str | None, submitted_at: float | None) -> None:
+        """Poll one task to its end (or deadline); its slot is released when it ends."""
+        assert task_id is not None
+        spec = job.spec
+        group = _group(spec)
+        started = submitted_at or self.clock.wall()
+        mono_start = self.clock.monotonic() - max(0.0, self.clock.wall() - started)
+        deadline = self.clock.monotonic() + self.opts.task_timeout
+        polls, progress, hint, errors, running = 0, None, None, 0, False
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.slots.release()
+
+        try:
+            while True:
+                elapsed = self.clock.monotonic() - mono_start
+                delay = self.planner.next_delay(group, elapsed=elapsed, progress=progress,
+                                                polls=polls, hint=hint)
+                if errors:
+                    delay = max(delay, self._backoff(errors, low=self.opts.min_poll_interval))
+                remaining = deadline - self.clock.monotonic()
+                if remaining <= 0:
+                    release()
+                    await self._set(job, JobState.TIMED_OUT, "job.timed_out",
+                                    error_code="timed_out",
+                                    error_message=f"no result after {self.opts.task_timeout:.0f}s"
+                                    " of polling; the task may still finish: `resume` polls it "
+                                    "again")
+                    self.log.warning("job.timed_out", job_id=job.job_id, task_id=task_id)
+                    return
+                await self.clock.sleep(min(delay, remaining))
+                await self.poll_gate.wait()
+                polls += 1
+                self.polls += 1
+                try:
+                    status = await self.provider.status(task_id, spec)
+                except RateLimited as exc:
+                    self.poll_gate.pause(exc.retry_after or self._backoff(errors + 1))
+                    errors += 1
+                    continue
+                except ProviderError as exc:
+                    errors += 1
+                    if errors in (1, 10) or errors % 50 == 0:
+                        self.log.info("job.poll_failed", job_id=job.job_id, error=exc.message,
+                                      consecutive=errors)
+                    continue
+                errors = 0
+                progress, hint = status.progress, status.poll_after
+                if status.phase is Phase.SUCCEEDED:
+                    release()
+                    # Our own clock, not the provider's whole-second timestamps, teaches the
+                    # planner: it is what the next poll is scheduled on.
+                    self.planner.observe(group, self.clock.monotonic() - mono_start)
+                    await self._succeeded(job, status, started)
+                    return
+                if status.phase is Phase.FAILED:
+                    release()
+                    await self._task_failed(job, status)
+                    return
+                if status.phase is Phase.RUNNING and not running:
+                    running = True
+                    await self._set(job, JobState.RUNNING, "job.running")
+        finally:
+            release()
+
+    async def _succeeded(self, job: JobRow, status: TaskStatus, started: float) -> None:
+        completed = status.completed_at or self.clock.wall()
+        render = max(0.0, completed - (status.created_at or started))
+        await self._settle_cost(job, status.cost_usd)
+        # Without a reported price (Kling reports units) the estimate stays as the best guess.
+        settled: dict[str, Any] = {"reserved_usd": 0} if status.cost_usd is not None else {}
+        await self._set(job, JobState.SUCCEEDED, "job.succeeded", video_url=status.video_url,
+                        cost_usd=status.cost_usd, cost_units=status.cost_units,
+                        completed_at=completed, render_seconds=render, **settled)
+        self.log.info("job.succeeded", job_id=job.job_id, render_seconds=round(render, 1),
+                      cost_usd=status.cost_usd)
+        if self.opts.download:
+            await self._fetch(job, status.video_url)
+
+    async def _settle_cost(self, job: JobRow, cost: float | None) -> None:
+        if cost is None:
+            return
+        current = await self.store.get_job(self.run_id, job.job_id)
+        reserved = current.reserved_usd if current else 0.0
+        self._committed_usd += cost - reserved
+
+    async def _task_failed(self, job: JobRow, status: TaskStatus) -> None:
+        current = await self.store.get_job(self.run_id, job.job_id)
+        reserved = current.reserved_usd if current else 0.0
+        # A failed task is usually not billed; what the provider reports replaces the hold.
+        self._committed_usd += (status.cost_usd or 0.0) - reserved
+        await self._finish_attempt(
+            job, retryable=status.retryable, error_code=status.error_code,
+            error_message=status.error_message, cost_usd=status.cost_usd,
+            cost_units=status.cost_units, reserved_usd=0,
+            completed_at=status.completed_at or self.clock.wall(),
+        )
+
+    # ---- download ------------------------------------------------------------------------
+
+    async def _fetch(self, job: JobRow, url: str | None) -> None:
+        """Download a finished video; never resubmits the render."""
+        dest = self.videos / f"{job.job_id}.mp4"
+        refreshed = False
+        tries = 0
+        async with self.downloads:
+            while True:
+                tries += 1
+                try:
+                    if url is None:
+                        raise ExpiredURL("the provider gave no result URL")
+                    result = await download(self.http, url, dest, self.policy)
+                except UnsafeURL as exc:
+                    await self._set(job, JobState.FAILED, "job.failed", error_code="unsafe_url",
+                                    error_message=str(exc), retryable=0)
+                    self.log.warning("job.download_refused", job_id=job.job_id, error=str(exc))
+                    return
+                except ExpiredURL as exc:
+                    if refreshed:
+                        await self._download_failed(job, str(exc))
+                        return
+                    refreshed = True
+                    url = await self._fresh_url(job, url)
+                    continue
+                except DownloadError as exc:
+                    if tries >= _DOWNLOAD_TRIES:
+                        await self._download_failed(job, str(exc))
+                        return
+                    self.log.info("job.download_retry", job_id=job.job_id, error=str(exc))
+                    await self.clock.sleep(self._backoff(tries, low=0.2))
+                    continue
+                break
+        await self._set(job, JobState.DOWNLOADED, "job.downloaded", video_path=str(result.path),
+                        video_size=result.size, video_sha256=result.sha256, error_code=None,
+                        error_message=None)
+        self.log.info("job.downloaded", job_id=job.job_id, bytes=result.size)
+
+    async def _fresh_url(self, job: JobRow, old: str | None) -> str | None:
+        current = await self.store.get_job(self.run_id, job.job_id)
+        task_id = current.task_id if current else job.task_id
+        if task_id is None:
+            return old
+        try:
+            status = await self.provider.status(task_id, job.spec)
+        except ProviderError:
+            return old
+        if status.video_url and status.video_url != old:
+            await self._set(job, JobState.SUCCEEDED, "job.url_refreshed",
+                            video_url=status.video_url)
+            return status.video_url
+        return old
+
+    async def _download_failed(self, job: JobRow, message: str) -> None:
+        # The render is paid for and may still be fetched: stay `succeeded`, resumable.
+        await self._set(job, JobState.SUCCEEDED, "job.download_failed",
+                        error_code="download_failed", error_message=message)
+        self.log.warning("job.download_failed", job_id=job.job_id, error=message)
+
+
+def select_states(spec: Mapping[str, bool]) -> list[JobState]:
+    """Map retry flags (``failed``, ``unknown``, ``timed_out``) to states."""
+    names = {"failed": JobState.FAILED, "unknown": JobState.UNKNOWN,
+             "timed_out": JobState.TIMED_OUT}
+    return [state for flag, state in names.items() if spec.get(flag)]

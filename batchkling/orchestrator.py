@@ -1,0 +1,366 @@
+"""The library entry point: one run of a manifest, from the store to a summary.
+
+    async with Orchestrator(load_manifest("spring.yaml"), workdir="jobs") as orch:
+        summary = await orch.run()
+
+The orchestrator owns everything around the engine: the run record and its manifest snapshot,
+the single-runner lease and its heartbeat, syncing an edited manifest into the jobs table,
+building the provider from environment credentials, the results CSV, and the summary whose
+``exit_code`` the CLI returns.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import date
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+
+from batchkling.clock import Clock, SystemClock
+from batchkling.engine import Engine, EngineOptions
+from batchkling.errors import BatchklingError, ConfigError
+from batchkling.logs import get_logger, redactor, run_log
+from batchkling.models import JobState, RunSummary
+from batchkling.providers.base import Provider
+from batchkling.results import csv_status, write_results
+from batchkling.store import RunRow, Store
+
+if TYPE_CHECKING:
+    from batchkling.manifest import Manifest, RunConfig
+
+EXIT_OK, EXIT_FAILED, EXIT_INCOMPLETE, EXIT_ACCOUNT, EXIT_INTERRUPTED = 0, 1, 3, 4, 130
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_HEARTBEAT = 5.0
+_STALE_AFTER = 30.0
+
+
+def resolve_run_id(template: str, today: date | None = None) -> str:
+    """Expand ``{date}`` (local date, YYYY-MM-DD) and check the id is a safe folder name."""
+    run_id = template.replace("{date}", (today or date.today()).isoformat())
+    if not _RUN_ID.match(run_id) or ".." in run_id:
+        raise ConfigError(
+            f"run id {run_id!r} is not a safe folder name: use letters, digits, '.', '_', '-'"
+        )
+    return run_id
+
+
+def default_workdir() -> Path:
+    """``$BATCHKLING_HOME`` or ``./jobs``."""
+    return Path(os.environ.get("BATCHKLING_HOME") or "jobs")
+
+
+def _private_host(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return not ipaddress.ip_address(host).is_global
+    except ValueError:
+        return False
+
+
+class Orchestrator:
+    """Runs (or resumes, or retries) one run id. Use as an async context manager, once."""
+
+    def __init__(
+        self,
+        manifest: Manifest | None = None,
+        *,
+        run_id: str | None = None,
+        workdir: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        base_url: str | None = None,
+        simulated: bool = False,
+        max_in_flight: int | None = None,
+        min_poll_interval: float | None = None,
+        time_scale: float = 1.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Clock | None = None,
+        store: Store | None = None,
+        provider: Provider | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if manifest is None and run_id is None:
+            raise ConfigError("give a manifest, or the run id of an existing run")
+        self.manifest = manifest
+        self.run_id = resolve_run_id(run_id or (manifest.name if manifest else ""))
+        self.workdir = Path(workdir) if workdir is not None else default_workdir()
+        self.run_dir = self.workdir / self.run_id
+        self.env = os.environ if env is None else env
+        self.base_url_override = base_url
+        self.simulated = simulated
+        self.max_in_flight = max_in_flight
+        self.min_poll_interval = min_poll_interval
+        # > 1 against a simulator that renders faster than real time: deadlines shrink with it.
+        self.time_scale = time_scale
+        self.transport = transport
+        self.clock = clock or SystemClock()
+        self._own_store = store is None
+        self.store = store or Store(self.workdir / "batchkling.db")
+        self._provider = provider
+        self._rng = random.Random(seed)
+        self._owner = uuid.uuid4().hex
+        self._engine: Engine | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._interrupted = False
+        self._entered = False
+        self._closed = False
+        self.log = get_logger(run_id=self.run_id)
+
+    async def __aenter__(self) -> Orchestrator:
+        if self._entered or self._closed:
+            raise BatchklingError("an Orchestrator runs once; make a new one")
+        self._entered = True
+        await self.store.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close what this orchestrator opened; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._own_store:
+            await self.store.aclose()
+
+    def interrupt(self) -> None:
+        """Stop creating and wind down now (first Ctrl-C); remote tasks keep running."""
+        self._interrupted = True
+        if self._engine is not None:
+            self._engine.stop_creating("interrupted", "interrupted")
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # ---- entry points --------------------------------------------------------------------
+
+    async def run(self) -> RunSummary:
+        """Start the run, or continue it with the manifest's current content."""
+        manifest = self.manifest
+        if manifest is None:
+            return await self.resume()
+        existing = await self.store.get_run(self.run_id)
+        if existing is not None and existing.simulated != self.simulated:
+            where = "the simulator" if existing.simulated else "the real provider"
+            raise ConfigError(f"run {self.run_id!r} was started against {where}; "
+                              "pick another --run-id for this one")
+        config_json, source_text = _snapshot(manifest)
+        base_url = self.base_url_override or manifest.provider.base_url
+        await self.store.save_run(
+            self.run_id, manifest_path=str(manifest.source_path),
+            manifest_text=source_text, config_json=config_json,
+            provider=manifest.provider.name, base_url=base_url, simulated=self.simulated,
+            now=self.clock.wall(),
+        )
+        return await self._drive(sync=manifest)
+
+    async def resume(self) -> RunSummary:
+        """Continue an existing run from its snapshot; no manifest file needed."""
+        await self.store.require_run(self.run_id)
+        return await self._drive(sync=None)
+
+    async def retry(self, states: Sequence[JobState], job_ids: Sequence[str] = ()) -> RunSummary:
+        """Put the chosen finished jobs back to pending, then resume.
+
+        Failed and timed-out jobs get a new attempt (a new task); ``unknown`` jobs are created
+        again with their original idempotency key, so a provider that honours it returns the
+        task it may already have made instead of billing a second one.
+        """
+        await self.store.require_run(self.run_id)
+        await self._lease()
+        try:
+            changed = await self.store.reset_for_retry(self.run_id, states=states,
+                                                       job_ids=job_ids, now=self.clock.wall())
+        finally:
+            await self.store.release_lease(self.run_id, self._owner)
+        self.log.info("run.retry", jobs=changed, states=[s.value for s in states],
+                      job_ids=list(job_ids))
+        return await self._drive(sync=None)
+
+    # ---- the shared path -----------------------------------------------------------------
+
+    async def _lease(self) -> None:
+        await self.store.acquire_lease(self.run_id, self._owner, now=self.clock.wall(),
+                                       stale_after=_STALE_AFTER)
+
+    async def _drive(self, *, sync: Manifest | None) -> RunSummary:
+        run = await self.store.require_run(self.run_id)
+        config = _config_from(run)
+        await self._lease()
+        try:
+            with run_log(self.run_dir / "run.log"):
+                if sync is not None:
+                    await self._sync(sync)
+                return await self._execute(run, config)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.store.release_lease(self.run_id, self._owner)
+
+    async def _sync(self, manifest: Manifest) -> None:
+        known = await self.store.job_index(self.run_id)
+        added, changed, reordered = [], [], []
+        seen: set[str] = set()
+        for seq, spec in enumerate(manifest.expand()):
+            seen.add(spec.job_id)
+            previous = known.get(spec.job_id)
+            if previous is None:
+                added.append((seq, spec))
+            elif previous[0] != spec.fingerprint and previous[1] not in (
+                JobState.SUBMITTING, JobState.SUBMITTED, JobState.RUNNING
+            ):
+                changed.append((seq, spec))
+            else:
+                reordered.append((seq, spec.job_id))
+        removed = [job_id for job_id in known if job_id not in seen]
+        await self.store.sync_jobs(self.run_id, added=added, changed=changed,
+                                   reordered=reordered, removed=removed, now=self.clock.wall())
+        if added or changed or removed:
+            self.log.info("run.synced", added=len(added), changed=len(changed),
+                          removed=len(removed))
+
+    async def _execute(self, run: RunRow, config: RunConfig) -> RunSummary:
+        options = self._options(run, config)
+        provider = self._provider or self._build_provider(run, config)
+        async with httpx.AsyncClient(transport=self.transport, timeout=httpx.Timeout(
+                120.0, connect=10.0), headers={"User-Agent": "batchkling/0.1"}) as http:
+            from batchkling.pricing import estimate_usd
+
+            def estimate(spec: Any) -> float:
+                return estimate_usd(spec, config.pricing)
+
+            engine = Engine(store=self.store, provider=provider, run_id=self.run_id,
+                            nonce=run.nonce, options=options, run_dir=self.run_dir,
+                            clock=self.clock, http=http, estimate_usd=estimate, rng=self._rng)
+            self._engine = engine
+            self.log.info("run.started", provider=run.provider, simulated=run.simulated,
+                          max_in_flight=options.max_in_flight)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._heartbeat)
+                    with anyio.CancelScope() as scope:
+                        self._scope = scope
+                        if self._interrupted:
+                            scope.cancel()
+                        await engine.run()
+                    tg.cancel_scope.cancel()
+            finally:
+                self._scope = None
+                with anyio.CancelScope(shield=True):
+                    if self._provider is None:
+                        await provider.aclose()
+        with anyio.CancelScope(shield=True):
+            summary = await self._finish(engine, options)
+        return summary
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self.clock.sleep(_HEARTBEAT)
+            await self.store.heartbeat(self.run_id, self._owner, self.clock.wall())
+
+    async def _finish(self, engine: Engine, options: EngineOptions) -> RunSummary:
+        csv_path = await write_results(self.store, self.run_id, self.run_dir / "results.csv",
+                                       download=options.download)
+        counts = await self.store.counts(self.run_id)
+        by_status: dict[str, int] = {}
+        for job_state, n in counts.items():
+            key = csv_status(job_state, download=options.download)
+            by_status[key] = by_status.get(key, 0) + n
+        spent, _ = await self.store.money(self.run_id)
+        stop = engine.stop
+        if self._interrupted:
+            code, state = EXIT_INTERRUPTED, "interrupted"
+        elif stop.kind == "account":
+            code, state = EXIT_ACCOUNT, "stopped"
+        elif any(by_status.get(s) for s in ("pending", "unknown", "timed_out")):
+            code, state = EXIT_INCOMPLETE, "incomplete"
+        elif by_status.get("failed"):
+            code, state = EXIT_FAILED, "finished"
+        else:
+            code, state = EXIT_OK, "finished"
+        reason = "interrupted" if self._interrupted else stop.reason
+        await self.store.set_run_state(self.run_id, state, reason, self.clock.wall())
+        self.log.info("run.finished", state=state, exit_code=code, counts=by_status,
+                      cost_usd=round(spent, 4), polls=engine.polls, stop_reason=reason,
+                      peak_in_flight=engine.slots.peak, slot_limit=engine.slots.limit)
+        return RunSummary(run_id=self.run_id, counts=by_status, cost_usd=spent,
+                          stop_reason=reason, exit_code=code, results_csv=str(csv_path))
+
+    # ---- configuration -------------------------------------------------------------------
+
+    def _options(self, run: RunRow, config: RunConfig) -> EngineOptions:
+        host = urlsplit(run.base_url).hostname or ""
+        trusted: set[str] = set()
+        if _private_host(host) or self.transport is not None:
+            # The provider itself is local (the simulator, or an in-process test app): its own
+            # result URLs are local too.
+            trusted.add(host)
+        limits = config.limits
+        return EngineOptions(
+            max_in_flight=self.max_in_flight or limits.max_in_flight,
+            submit_rate=limits.submit_rate,
+            task_timeout=limits.task_timeout / self.time_scale,
+            max_attempts=limits.max_attempts,
+            max_usd=config.budget.max_usd,
+            download=config.output.download,
+            on_unknown=config.on_unknown,
+            min_poll_interval=self.min_poll_interval or 5.0 / self.time_scale,
+            max_poll_interval=120.0 / self.time_scale,
+            allow_private_urls=config.output.allow_private_urls,
+            max_video_bytes=int(config.output.max_video_mb * 1024 * 1024),
+            trusted_hosts=frozenset(trusted),
+        )
+
+    def _secret(self, variable: str | None, what: str) -> str:
+        if not variable:
+            raise ConfigError(f"the manifest names no environment variable for the {what}")
+        value = self.env.get(variable, "").strip()
+        if not value:
+            raise ConfigError(f"environment variable {variable} is not set: export the {what} "
+                              f"there (it is never read from the manifest)")
+        redactor.register(value)
+        return value
+
+    def _build_provider(self, run: RunRow, config: RunConfig) -> Provider:
+        spec = config.provider
+        if run.provider == "imarouter":
+            from batchkling.providers.imarouter import ImaRouterProvider
+
+            key = self._secret(spec.api_key_env, "ImaRouter API key")
+            return ImaRouterProvider(run.base_url, key, transport=self.transport)
+        raise ConfigError(f"provider {run.provider!r} is not supported by this version")
+
+
+def _config_from(run: RunRow) -> RunConfig:
+    from batchkling.manifest import RunConfig
+
+    try:
+        return RunConfig.model_validate_json(run.config_json)
+    except ValueError as exc:
+        raise BatchklingError(
+            f"the stored manifest snapshot of run {run.run_id!r} cannot be read by this "
+            f"version of batchkling: {exc}"
+        ) from exc
+
+
+def _snapshot(manifest: Manifest) -> tuple[str, str | None]:
+    """The run settings as JSON (enough to resume without the file) and the file's text."""
+    from batchkling.manifest import RunConfig
+
+    fields = set(RunConfig.model_fields)
+    config = RunConfig.model_validate(manifest.model_dump(include=fields))
+    try:
+        text: str | None = Path(manifest.source_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = None
+    return config.model_dump_json(), text
