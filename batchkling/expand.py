@@ -444,7 +444,9 @@ class _Expander:
         model = out["model"]
         if model.endswith("-master") and out.get("mode") is not None:
             prov = fields["mode"][1]
-            if prov is not None:  # the built-in default is dropped silently
+            # Only a mode written on the job itself is worth a warning: a built-in or `defaults`
+            # mode was meant for the other models and is dropped silently.
+            if prov is not None and prov[0] != "defaults":
                 self.warnings.add(
                     ("master", prov, model),
                     prov,
@@ -698,16 +700,33 @@ class _MatrixExpansion:
             yield line, variables, axis_fields
 
     def _build(
-        self, line: int | None, variables: dict[str, str], extra: Fields, label: str
+        self,
+        line: int | None,
+        variables: dict[str, str],
+        extra: Fields,
+        label: str,
+        job_id: tuple[str, DataPath] | None = None,
     ) -> None:
         origin = _Origin(label, self.csv_name, line, variables)
         fields = {**self.base, **extra} if extra else self.base
-        self.x.build(fields, variables, self.entry.id, (*self.prefix, "id"), origin, self.entry.id)
+        id_raw, id_prov = job_id or (self.entry.id, (*self.prefix, "id"))
+        self.x.build(fields, variables, id_raw, id_prov, origin, self.entry.id)
 
     def _include(self, j: int, include: dict[str, Any]) -> None:
         prov: DataPath = (*self.prefix, "include", j)
         field_keys = [k for k in include if k in FIELDS]
-        unknown = [k for k in include if k not in FIELDS and k not in self.names]
+        # An include may name its own id (a template too): it often differs from its siblings
+        # in a field that is not in the id template, e.g. duration: 10.
+        own_id = include.get("id")
+        unknown = [k for k in include if k not in (*FIELDS, "id") and k not in self.names]
+        if own_id is not None and not isinstance(own_id, str):
+            self.x.errors.add(("incid", prov), (*prov, "id"), "include id must be a string")
+            return
+        bad_values = [k for k in include if k in self.names and isinstance(include[k], dict | list)]
+        for key in bad_values:
+            self.x.errors.add(
+                ("incval", prov, key), (*prov, key), f"variable '{key}' needs a single value"
+            )
         for key in unknown:
             self.x.errors.add(
                 ("inckey", prov, key),
@@ -723,7 +742,7 @@ class _MatrixExpansion:
                 problems_from_validation(exc, sub, self.x.source, prefix=prov)
             )
             return
-        if unknown:
+        if unknown or bad_values:
             return
         given = {k: as_text(v) for k, v in include.items() if k in self.names}
         # Complete from the first combination with the same row/vars values; axis values the
@@ -745,4 +764,10 @@ class _MatrixExpansion:
             if n in given or n in base_vars
         }
         overrides: Fields = {k: (getattr(typed, k), (*prov, k)) for k in field_keys}
-        self._build(line, variables, {**axis_fields, **overrides}, f"{self.label}.include[{j}]")
+        self._build(
+            line,
+            variables,
+            {**axis_fields, **overrides},
+            f"{self.label}.include[{j}]",
+            (own_id, (*prov, "id")) if own_id is not None else None,
+        )

@@ -282,9 +282,9 @@ class MatrixEntry(JobFields):
     )
     include: list[Annotated[dict[str, Any], Field(min_length=1)]] = Field(
         default_factory=list,
-        description="Extra combinations appended after the product; may "
-        "set job fields too (e.g. duration: 10). Missing variables are taken from the first "
-        "combination that agrees with the entry.",
+        description="Extra combinations appended after the product. An entry may set job "
+        "fields (e.g. duration: 10) and its own id; variables it does not name are taken from "
+        "the first combination with the same vars/vars_from values.",
     )
 
 

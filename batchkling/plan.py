@@ -144,7 +144,11 @@ def print_plan(path: Path, *, as_json: bool, max_in_flight: int | None) -> None:
         # Written directly: one machine-readable document, no wrapping or highlighting.
         sys.stdout.write(json.dumps(plan_document(plan), ensure_ascii=False) + "\n")
         return
-    _print_human(plan, Console(highlight=False))
+    # A terminal gets its own width; a file or pipe gets room for long ids on one line.
+    out = Console(highlight=False)
+    if not out.is_terminal:
+        out = Console(highlight=False, width=160)
+    _print_human(plan, out)
 
 
 def _rows(
@@ -164,7 +168,10 @@ def _print_human(plan: Plan, out: Console) -> None:
     specs = m.specs
     table = Table(title=f"{m.name}: {len(specs):,} job{'s' if len(specs) != 1 else ''}")
     for column in ("#", "id", "kind", "model", "dur", "size", "mode"):
-        table.add_column(column, no_wrap=column != "id")
+        if column == "id":
+            table.add_column(column, overflow="fold", min_width=12)  # ids are shown whole
+        else:
+            table.add_column(column, no_wrap=True)
     table.add_column("est. USD", justify="right")
     for row in _rows(specs, plan.costs):
         if isinstance(row, int):
