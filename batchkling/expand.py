@@ -238,15 +238,18 @@ class _Sink:
         self._counts: dict[Any, int] = {}
         self._first: dict[Any, Problem] = {}
 
-    def add(self, key: Any, prov: Prov, message: str, *, cap: int = _CAP) -> None:
+    def add(self, key: Any, prov: Prov, message: str, *, once: bool = False) -> None:
+        """Record a problem; ``once`` for one that does not depend on the job (shown once)."""
         count = self._counts.get(key, 0) + 1
         self._counts[key] = count
-        if count <= cap:
+        if count == 1 or (count <= _CAP and not once):
             problem = self.source.problem(prov or (), message)
             self.items.append(problem)
-            self._first.setdefault(key, problem)
+            if not once:
+                self._first.setdefault(key, problem)
 
     def finish(self) -> list[Problem]:
+        """The problems, with a "... and N more" line for each one repeated past the cap."""
         out = list(self.items)
         for key, count in self._counts.items():
             first = self._first.get(key)
@@ -320,7 +323,7 @@ class _Expander:
                 tpl = exc
             self._templates[raw] = tpl
         if isinstance(tpl, TemplateError):
-            self.errors.add(("syntax", prov, raw), prov, f"template error: {tpl}")
+            self.errors.add(("syntax", prov, raw), prov, f"template error: {tpl}", once=True)
             return None
         if tpl.constant is not None:
             return tpl.constant
@@ -339,13 +342,13 @@ class _Expander:
                 f"(used by {origin.label}; write '{{{{' and '}}}}' for literal braces)"
             )
         else:
-            where = f" (from {origin.csv}: no such column)" if origin.csv else ""
+            where = f": not a column of {origin.csv} nor a variable" if origin.csv else ""
             available = ", ".join(variables) or "none"
             message = (
-                f"unknown template variable '{{{name}}}'{suggest(name, list(variables))}"
-                f"{where}; available: {available}"
+                f"unknown template variable '{{{name}}}'{where}{suggest(name, list(variables))}; "
+                f"available: {available}"
             )
-        self.errors.add(("var", prov, name), prov, message)
+        self.errors.add(("var", prov, name), prov, message, once=True)
 
     def render_nested(
         self, value: Any, variables: Mapping[str, str], prov: Prov, origin: _Origin
@@ -452,7 +455,7 @@ class _Expander:
                     prov,
                     f"mode '{out['mode']}' is ignored by {model} (the *-master models "
                     f"have one mode); dropped for job '{job_id}'",
-                    cap=1,
+                    once=True,
                 )
             out["mode"] = None
         ok = self._provider_rules(out, fields, job_id) and ok
@@ -525,8 +528,8 @@ class _Expander:
             self.errors.add(
                 ("image", prov, raw),
                 prov,
-                f"{name}: {problem} (job '{job_id}' from {origin.label})",
-                cap=1,
+                f"{problem} (job '{job_id}' from {origin.label})",
+                once=True,
             )
             return None
         return value, sha
@@ -579,7 +582,7 @@ class _Expander:
                     prov,
                     f"{message}: ImaRouter passes it to Kling, which may reject "
                     f"the task (job '{job_id}')",
-                    cap=1,
+                    once=True,
                 )
         return not broken or self.provider != "kling"
 
@@ -612,8 +615,6 @@ class _MatrixExpansion:
         if not self._load_rows() or not self._check_names():
             return
         excludes = self._excludes()
-        if excludes is None:
-            return
         hits = [0] * len(excludes)
         for line, variables, axis_fields in self._combinations():
             matched = [
@@ -668,8 +669,10 @@ class _MatrixExpansion:
         self.names = list(seen)
         return ok
 
-    def _excludes(self) -> list[tuple[tuple[str, str], ...]] | None:
-        out, ok = [], True
+    def _excludes(self) -> list[tuple[tuple[str, str], ...]]:
+        # An entry with an unknown key is reported and kept: it can match nothing, and the rest
+        # of the matrix still expands so its other problems are found in the same run.
+        out = []
         for i, entry in enumerate(self.entry.exclude):
             for key in entry:
                 if key not in self.names:
@@ -680,9 +683,8 @@ class _MatrixExpansion:
                         f"exclude key '{key}' is not a variable of this matrix"
                         f"{suggest(key, self.names)}; variables: {', '.join(self.names)}",
                     )
-                    ok = False
             out.append(tuple(entry.items()))
-        return out if ok else None
+        return out
 
     def _combinations(self) -> Iterator[tuple[int | None, dict[str, str], Fields]]:
         var_items = list(self.entry.vars.items())

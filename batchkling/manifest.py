@@ -12,6 +12,7 @@ cheaply and without pydantic, after expansion (see :mod:`batchkling.expand`).
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from batchkling.models import JobSpec
 from batchkling.yamlsource import (
     DataPath,
     LoadedYAML,
+    data_path,
     decode_source,
     load_yaml,
     problems_from_validation,
@@ -288,26 +290,56 @@ class MatrixEntry(JobFields):
     )
 
 
+def _env_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected the name of an environment variable; found {show(value)}")
+    looks_like_key = value.startswith(("sk-", "eyJ")) or (
+        len(value) >= 24 and any(c.isdigit() for c in value) and any(c.islower() for c in value)
+    )
+    if looks_like_key:
+        raise ValueError(
+            "this looks like a key itself: put the key in the environment and "
+            "name the variable here (e.g. IMAROUTER_API_KEY)"
+        )
+    if not _ENV_RE.match(value):
+        raise ValueError(f"expected the name of an environment variable; found {value!r}")
+    return value
+
+
+def _base_url(value: Any) -> str:
+    if isinstance(value, str) and re.match(r"^https?://[^/\s]+", value):
+        return value.rstrip("/")
+    raise ValueError(f"base_url must be an http(s) URL; found {show(value)}")
+
+
+EnvName = Annotated[
+    str, PlainValidator(_env_name), WithJsonSchema({"type": "string", "pattern": _ENV_RE.pattern})
+]
+BaseURL = Annotated[
+    str, PlainValidator(_base_url), WithJsonSchema({"type": "string", "pattern": "^https?://"})
+]
+
+
 class ProviderConfig(_Strict):
     """Which API to call and where the credentials live (names of environment variables only)."""
 
     name: Literal["imarouter", "kling"] = Field(
         default="imarouter", description="imarouter or kling."
     )
-    base_url: str = Field(
+    base_url: BaseURL = Field(
         default=DEFAULT_BASE_URL["imarouter"],
         description="API root; default depends on name (kling: https://api-singapore.klingai.com).",
     )
-    api_key_env: str | None = Field(
+    api_key_env: EnvName | None = Field(
         default=None,
         description="Environment variable holding the bearer "
         "key (default IMAROUTER_API_KEY for imarouter).",
     )
-    access_key_env: str | None = Field(
+    access_key_env: EnvName | None = Field(
         default=None,
         description="kling: variable holding the access key (default KLING_ACCESS_KEY).",
     )
-    secret_key_env: str | None = Field(
+    secret_key_env: EnvName | None = Field(
         default=None,
         description="kling: variable holding the secret key (default KLING_SECRET_KEY).",
     )
@@ -330,12 +362,6 @@ class ProviderConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if not re.match(r"^https?://[^/\s]+", self.base_url):
-            raise ValueError(f"base_url must be an http(s) URL; found {self.base_url!r}")
-        for key in ("api_key_env", "access_key_env", "secret_key_env"):
-            value = getattr(self, key)
-            if value is not None:
-                _check_env_name(key, value)
         pair = (self.access_key_env is not None, self.secret_key_env is not None)
         if self.name == "imarouter" and any(pair):
             raise ValueError(
@@ -352,19 +378,6 @@ class ProviderConfig(_Strict):
                     "give either api_key_env or access_key_env+secret_key_env, not both"
                 )
         return self
-
-
-def _check_env_name(field: str, value: str) -> None:
-    looks_like_key = value.startswith(("sk-", "eyJ")) or (
-        len(value) >= 24 and any(c.isdigit() for c in value) and any(c.islower() for c in value)
-    )
-    if looks_like_key:
-        raise ValueError(
-            f"{field} looks like a key itself: put the key in the environment and "
-            "name the variable here (e.g. IMAROUTER_API_KEY)"
-        )
-    if not _ENV_RE.match(value):
-        raise ValueError(f"{field} must name an environment variable; found {value!r}")
 
 
 class Limits(_Strict):
@@ -415,14 +428,27 @@ def _price_key(value: Any) -> str:
 PriceKey = Annotated[str, PlainValidator(_price_key), WithJsonSchema({"type": "string"})]
 
 
+def _slug(value: Any) -> str:
+    if isinstance(value, str) and _NAME_RE.match(value):
+        return value
+    text = str(value) if isinstance(value, str | int | float) else ""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:64] or "my-run"
+    raise ValueError(
+        "name must be a slug (lowercase letters, digits, '.', '_', '-'; at most 64): "
+        f"found {show(value)}; try {slug!r}"
+    )
+
+
+Slug = Annotated[
+    str, PlainValidator(_slug), WithJsonSchema({"type": "string", "pattern": _NAME_RE.pattern})
+]
+
+
 class RunConfig(_Strict):
     """Everything a run needs after expansion; snapshotted so resume needs no manifest file."""
 
     version: Literal[1] = Field(description="Manifest format version: 1.")
-    name: str = Field(
-        description="Slug naming the run (the default run id).",
-        json_schema_extra={"pattern": _NAME_RE.pattern},
-    )
+    name: Slug = Field(description="Slug naming the run (the default run id).")
     provider: ProviderConfig = Field(default_factory=ProviderConfig)
     limits: Limits = Field(default_factory=Limits)
     budget: Budget = Field(default_factory=Budget)
@@ -436,16 +462,6 @@ class RunConfig(_Strict):
         description="USD per video second overriding the built-in estimate: keys "
         "'<model>' or '<model>:<mode>'.",
     )
-
-    @model_validator(mode="after")
-    def _check_name(self) -> Self:
-        if not _NAME_RE.match(self.name):
-            slug = re.sub(r"[^a-z0-9._-]+", "-", self.name.lower()).strip("-._")[:64] or "my-run"
-            raise ValueError(
-                f"name must be a slug (lowercase letters, digits, '.', '_', '-'; "
-                f"at most 64): found {self.name!r}; try {slug!r}"
-            )
-        return self
 
 
 class Manifest(RunConfig):
@@ -568,7 +584,9 @@ def _validate_and_expand(loaded: LoadedYAML, source_path: Path) -> Manifest:
             )
         ]
         # Keep going with the parts that are valid, so one run reports every problem.
-        salvaged = _salvage(JobFields, data.get("defaults") or {}, ("defaults",), loaded)
+        salvaged = _salvage(
+            JobFields, data.get("defaults") or {}, ("defaults",), loaded, prune_values=True
+        )
         defaults = salvaged or JobFields()
         jobs = _salvage_list(JobEntry, data.get("jobs"), "jobs", loaded)
         matrices = _salvage_list(MatrixEntry, data.get("matrices"), "matrices", loaded)
@@ -615,13 +633,45 @@ def _secret_hint(problem: Problem) -> Problem:
     return problem
 
 
-def _salvage(model: type[_M], data: Any, path: DataPath, loaded: LoadedYAML) -> _M | None:
+def _salvage(
+    model: type[_M], data: Any, path: DataPath, loaded: LoadedYAML, *, prune_values: bool = False
+) -> _M | None:
+    """Validate a part after removing what is already reported, so the rest can be expanded.
+
+    Unknown keys and bad list items (an axis value, an exclude entry) are removed; a bad field
+    value is removed only when ``prune_values`` (defaults fall back to the built-in values). Any
+    other error drops the whole entry: expanding a guess would report problems that are not there.
+    """
     if any(bad[: len(path)] == path for bad in loaded.bad_paths):
         return None
-    try:
-        return model.model_validate(data)
-    except ValidationError:
-        return None
+    current = copy.deepcopy(data)
+    for _ in range(5):
+        try:
+            return model.model_validate(current)
+        except ValidationError as exc:
+            removable: list[DataPath] = []
+            for error in exc.errors():
+                where, _ = data_path(error["loc"], current, error["type"] == "missing")
+                prunable = error["type"] == "extra_forbidden" or (
+                    where and (isinstance(where[-1], int) or prune_values)
+                )
+                if error["type"] == "missing" or not prunable:
+                    return None
+                removable.append(where)
+            _prune(current, removable)
+    return None
+
+
+def _prune(data: Any, paths: list[DataPath]) -> None:
+    # Deepest and highest list index first, so earlier deletions do not shift later ones.
+    def order(path: DataPath) -> list[str]:
+        return [f"{p:012d}" if isinstance(p, int) else f"~{p}" for p in path]
+
+    for path in sorted(set(paths), key=order, reverse=True):
+        parent = data
+        for part in path[:-1]:
+            parent = parent[part]
+        del parent[path[-1]]
 
 
 def _salvage_list(model: type[_M], data: Any, key: str, loaded: LoadedYAML) -> list[tuple[int, _M]]:

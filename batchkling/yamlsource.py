@@ -355,7 +355,7 @@ def problems_from_validation(
     """
     out: list[Problem] = []
     for error in err.errors():
-        path, is_key = _data_path(error["loc"], data, error["type"] == "missing")
+        path, is_key = data_path(error["loc"], data, error["type"] == "missing")
         full = (*prefix, *path)
         if skip and any(full[: len(bad)] == bad for bad in skip):
             continue
@@ -372,7 +372,8 @@ def _child(cur: Any, part: int | str) -> tuple[bool, Any]:
     return False, None
 
 
-def _data_path(loc: tuple[int | str, ...], data: Any, missing: bool) -> tuple[DataPath, bool]:
+def data_path(loc: tuple[int | str, ...], data: Any, missing: bool) -> tuple[DataPath, bool]:
+    """The data path of a pydantic error location (internal parts dropped); is it a key?"""
     path: list[str | int] = []
     cur, is_key = data, False
     for i, part in enumerate(loc):
