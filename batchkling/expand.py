@@ -342,10 +342,14 @@ class _Expander:
                 f"(used by {origin.label}; write '{{{{' and '}}}}' for literal braces)"
             )
         else:
-            where = f": not a column of {origin.csv} nor a variable" if origin.csv else ""
+            where = (
+                f": not a column of {origin.csv} nor a variable of this matrix"
+                if origin.csv
+                else ""
+            )
             available = ", ".join(variables) or "none"
             message = (
-                f"unknown template variable '{{{name}}}'{where}{suggest(name, list(variables))}; "
+                f"unknown template variable '{{{name}}}'{suggest(name, list(variables))}{where}; "
                 f"available: {available}"
             )
         self.errors.add(("var", prov, name), prov, message, once=True)

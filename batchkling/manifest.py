@@ -638,9 +638,10 @@ def _salvage(
 ) -> _M | None:
     """Validate a part after removing what is already reported, so the rest can be expanded.
 
-    Unknown keys and bad list items (an axis value, an exclude entry) are removed; a bad field
-    value is removed only when ``prune_values`` (defaults fall back to the built-in values). Any
-    other error drops the whole entry: expanding a guess would report problems that are not there.
+    Bad list items (an axis value, an exclude entry) and unknown keys in nested mappings (an
+    axis name) are removed; a bad field value is removed only when ``prune_values`` (defaults
+    fall back to the built-in values). Any other error drops the whole entry: expanding a guess
+    would report problems that are not there.
     """
     if any(bad[: len(path)] == path for bad in loaded.bad_paths):
         return None
@@ -652,9 +653,10 @@ def _salvage(
             removable: list[DataPath] = []
             for error in exc.errors():
                 where, _ = data_path(error["loc"], current, error["type"] == "missing")
-                prunable = error["type"] == "extra_forbidden" or (
-                    where and (isinstance(where[-1], int) or prune_values)
-                )
+                # An unknown key directly on a job may be a misspelt prompt or image: dropping
+                # it would report "needs a prompt" for nothing, so only nested ones go.
+                nested_extra = error["type"] == "extra_forbidden" and len(where) >= 2
+                prunable = nested_extra or (where and (isinstance(where[-1], int) or prune_values))
                 if error["type"] == "missing" or not prunable:
                     return None
                 removable.append(where)
