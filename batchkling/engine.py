@@ -27,6 +27,7 @@ import anyio
 import anyio.abc
 import httpx
 
+from batchkling import crashpoints
 from batchkling.clock import Clock
 from batchkling.download import DownloadPolicy, ExpiredURL, download
 from batchkling.errors import (
@@ -41,13 +42,14 @@ from batchkling.errors import (
     UnsafeURL,
 )
 from batchkling.limits import RateGate, SlotPool, full_jitter
-from batchkling.logs import get_logger
+from batchkling.logs import get_logger, redactor
 from batchkling.models import IN_FLIGHT, JobSpec, JobState
 from batchkling.polling import PollPlanner
 from batchkling.providers.base import Phase, Provider, TaskStatus
 from batchkling.store import JobRow, Store
 
-_DOWNLOAD_TRIES = 3
+# Downloads are free to repeat; truncations and 5xx are usually passing.
+_DOWNLOAD_TRIES = 5
 # Consecutive create failures of a kind that proves nothing was made (connection refused,
 # 5xx with no task) before the run stops creating: with backoff capped at a minute, several
 # minutes of an unreachable provider.
@@ -158,18 +160,26 @@ class Engine:
     async def _set(self, job: JobRow | str, state: JobState, event: str, *,
                    durable: bool = False, **fields: Any) -> None:
         job_id = job if isinstance(job, str) else job.job_id
+        # Provider messages are stored and exported: a key they quote must not be.
+        fields = {k: redactor.scrub(v) if isinstance(v, str) else v for k, v in fields.items()}
         # A transition's write must land even while the run is being cancelled.
         with anyio.CancelScope(shield=True):
             await self.store.transition(self.run_id, job_id, state, now=self.clock.wall(),
                                         event=event, durable=durable, **fields)
 
-    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+    def _spawn(self, fn: Callable[..., Any], job: JobRow, *args: Any) -> None:
         assert self._tg is not None
         self._active += 1
 
         async def wrapper() -> None:
             try:
-                await fn(*args)
+                await fn(job, *args)
+            except Exception as exc:  # a bug must cost one job's progress, not the run
+                self.log.exception("job.internal_error", job_id=job.job_id)
+                with anyio.CancelScope(shield=True):
+                    await self.store.log_event(self.run_id, job.job_id, self.clock.wall(),
+                                               "job.internal_error",
+                                               {"error": redactor.scrub(repr(exc))})
             finally:
                 self._active -= 1
                 self._poke()
@@ -321,12 +331,14 @@ class Engine:
                 reserved_usd=estimate, error_code=None, error_message=None,
             )
             self._held.pop(job.job_id, None)
+            crashpoints.reached("after_intent")
             try:
                 task_id = await self.provider.create(spec, key)
             except ProviderError as exc:
                 self.slots.release()
                 await self._create_failed(job, exc, estimate, log)
                 return
+            crashpoints.reached("after_create")
             submitted_at = self.clock.wall()
             await self._set(job, JobState.SUBMITTED, "job.submitted", durable=True,
                             task_id=task_id, submitted_at=submitted_at,

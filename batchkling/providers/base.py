@@ -193,9 +193,11 @@ def dig(data: Mapping[str, Any], *path: str | int) -> Any:
         if isinstance(step, int):
             if not isinstance(current, list) or len(current) <= step:
                 return None
-        elif not isinstance(current, Mapping):
+            current = current[step]
+        elif isinstance(current, Mapping):
+            current = current.get(step)
+        else:
             return None
-        current = current[step]
     return current
 
 

@@ -1,0 +1,353 @@
+"""The run engine against the simulator as a real loopback server."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SPEED, TEST_KEY
+
+from batchkling.errors import RunLocked
+from batchkling.manifest import load_manifest
+from batchkling.models import JobState, RunSummary
+from batchkling.orchestrator import Orchestrator
+from batchkling.results import read_results
+from batchkling.simulator import SimulatorServer
+from batchkling.store import Store
+from batchkling.testing import write_manifest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _jobs(n: int, **extra: Any) -> list[dict[str, Any]]:
+    return [{"id": f"job-{i:03d}", "prompt": f"scene number {i}", **extra} for i in range(n)]
+
+
+def _manifest(folder: Path, sim: SimulatorServer, jobs: list[dict[str, Any]],
+              **sections: Any) -> Path:
+    limits = {"max_in_flight": 5, "submit_rate": 50, "task_timeout": "2h", **sections.pop(
+        "limits", {})}
+    return write_manifest(folder, jobs, base_url=sim.base_url, limits=limits, **sections)
+
+
+async def _run(path: Path, workdir: Path, **kwargs: Any) -> RunSummary:
+    manifest = load_manifest(path)
+    async with Orchestrator(manifest, workdir=workdir, time_scale=SPEED, seed=3,
+                            **kwargs) as orch:
+        return await orch.run()
+
+
+async def _again(run_id: str, workdir: Path, action: str = "resume",
+                 **kwargs: Any) -> RunSummary:
+    async with Orchestrator(run_id=run_id, workdir=workdir, time_scale=SPEED, seed=4) as orch:
+        if action == "retry":
+            return await orch.retry(**kwargs)
+        return await orch.resume()
+
+
+def _tasks_per_key(sim: SimulatorServer) -> dict[str, int]:
+    return dict(sim.stats()["creates_by_key"])
+
+
+def _assert_no_duplicates(sim: SimulatorServer) -> None:
+    stats = sim.stats()
+    assert stats["duplicate_keys"] == [], stats["duplicate_keys"]
+    assert stats["creates_without_key"] == 0
+
+
+def _rows(workdir: Path, run_id: str = "test-run") -> list[dict[str, str]]:
+    return read_results(workdir / run_id / "results.csv")
+
+
+def _assert_videos_complete(workdir: Path, rows: list[dict[str, str]]) -> None:
+    for row in rows:
+        if row["status"] != "succeeded":
+            continue
+        data = Path(row["video_path"]).read_bytes()
+        assert data[4:8] == b"ftyp", row["job_id"]
+        assert len(data) > 1000
+    assert not list(workdir.rglob("*.part"))
+
+
+class TestHappyPath:
+    async def test_every_job_is_downloaded_once(self, tmp_path: Path, workdir: Path,
+                                                simulator: Any, api_key: str) -> None:
+        """Ten jobs end downloaded, each with one provider task and a verified MP4."""
+        sim = simulator()
+        summary = await _run(_manifest(tmp_path, sim, _jobs(10)), workdir)
+        assert summary.exit_code == 0
+        assert summary.counts == {"succeeded": 10}
+        rows = _rows(workdir)
+        assert [r["job_id"] for r in rows] == [f"job-{i:03d}" for i in range(10)]
+        assert {r["status"] for r in rows} == {"succeeded"}
+        _assert_videos_complete(workdir, rows)
+        assert len({r["video_sha256"] for r in rows}) == 10
+        assert sim.stats()["creates"] == 10
+        _assert_no_duplicates(sim)
+
+    async def test_slot_limit_is_never_exceeded(self, tmp_path: Path, workdir: Path,
+                                                simulator: Any, api_key: str) -> None:
+        """With max_in_flight 3 the provider never sees more than 3 live tasks."""
+        sim = simulator()
+        path = _manifest(tmp_path, sim, _jobs(12), limits={"max_in_flight": 3})
+        summary = await _run(path, workdir)
+        assert summary.exit_code == 0
+        assert sim.stats()["peak_slots"] <= 3
+
+    async def test_polls_stay_few(self, tmp_path: Path, workdir: Path, simulator: Any,
+                                  api_key: str) -> None:
+        """Adaptive polling needs only a handful of polls per task on average."""
+        sim = simulator()
+        summary = await _run(_manifest(tmp_path, sim, _jobs(20)), workdir)
+        assert summary.exit_code == 0
+        assert sim.stats()["polls"] / 20 <= 6
+
+    async def test_rerun_of_finished_run_submits_nothing(self, tmp_path: Path, workdir: Path,
+                                                         simulator: Any, api_key: str) -> None:
+        """Running a finished, unchanged manifest again creates no task."""
+        sim = simulator()
+        path = _manifest(tmp_path, sim, _jobs(4))
+        assert (await _run(path, workdir)).exit_code == 0
+        assert (await _run(path, workdir)).exit_code == 0
+        assert sim.stats()["creates"] == 4
+
+
+class TestEditedManifest:
+    async def test_only_the_edited_job_is_submitted_again(self, tmp_path: Path, workdir: Path,
+                                                          simulator: Any, api_key: str) -> None:
+        """Editing one job's prompt in a finished run resubmits exactly that job."""
+        sim = simulator()
+        jobs = _jobs(5)
+        assert (await _run(_manifest(tmp_path, sim, jobs), workdir)).exit_code == 0
+        jobs[2]["prompt"] = "a different scene"
+        jobs.append({"id": "job-new", "prompt": "brand new"})
+        assert (await _run(_manifest(tmp_path, sim, jobs), workdir)).exit_code == 0
+        stats = sim.stats()
+        assert stats["creates"] == 7
+        async with Store(workdir / "batchkling.db") as store:
+            attempts = await store.attempts("test-run", "job-002")
+        assert [a["number"] for a in attempts] == [1, 2]
+        assert attempts[0]["fingerprint"] != attempts[1]["fingerprint"]
+
+
+class TestProviderTrouble:
+    async def test_flaky_provider_loses_nothing(self, tmp_path: Path, workdir: Path,
+                                                simulator: Any, api_key: str) -> None:
+        """Under 5xx, drops, rate limits, failures, truncation and expiry: every job ends
+        succeeded or with a reason, and no key ever made two tasks."""
+        sim = simulator("flaky")
+        path = _manifest(tmp_path, sim, _jobs(30), on_unknown="resubmit",
+                         limits={"max_attempts": 3})
+        summary = await _run(path, workdir)
+        rows = _rows(workdir)
+        assert len(rows) == 30
+        for row in rows:
+            assert row["status"] in ("succeeded", "failed"), row
+            if row["status"] == "failed":
+                assert row["error_message"], row
+        assert summary.counts.get("succeeded", 0) >= 20
+        _assert_videos_complete(workdir, rows)
+        _assert_no_duplicates(sim)
+        assert sim.stats()["rejected"]  # faults were really injected
+
+    async def test_quirky_gateway_is_understood(self, tmp_path: Path, workdir: Path,
+                                                simulator: Any, api_key: str) -> None:
+        """Status synonyms, wrapped bodies, "42%" progress, ms timestamps, late URLs and
+        404-after-create all end in downloaded videos."""
+        sim = simulator("quirks")
+        summary = await _run(_manifest(tmp_path, sim, _jobs(12)), workdir)
+        assert summary.exit_code == 0, summary
+        _assert_videos_complete(workdir, _rows(workdir))
+        _assert_no_duplicates(sim)
+
+    async def test_account_slots_below_max_in_flight(self, tmp_path: Path, workdir: Path,
+                                                     simulator: Any, api_key: str) -> None:
+        """An account with 3 slots and a run asking for 10: requeued, not failed, and the
+        effective limit comes down to what the account holds."""
+        sim = simulator(slot_limit=3)
+        path = _manifest(tmp_path, sim, _jobs(24), limits={"max_in_flight": 10})
+        manifest = load_manifest(path)
+        async with Orchestrator(manifest, workdir=workdir, time_scale=SPEED) as orch:
+            summary = await orch.run()
+            engine = orch._engine
+        assert summary.exit_code == 0
+        stats = sim.stats()
+        assert stats["peak_slots"] == 3
+        assert engine is not None and engine.slots.limit <= 4
+        # The first round of rejections teaches the limit; probes after that are rare.
+        assert stats["rejected"].get("slots", 0) < 24
+
+    async def test_rate_limits_are_honoured(self, tmp_path: Path, workdir: Path,
+                                            simulator: Any, api_key: str) -> None:
+        """429s with Retry-After pause creates; no job fails."""
+        sim = simulator(rate_limit_per_s=4, retry_after_s=0.2)
+        path = _manifest(tmp_path, sim, _jobs(16), limits={"submit_rate": 200,
+                                                           "max_in_flight": 16})
+        summary = await _run(path, workdir)
+        assert summary.exit_code == 0
+        assert sim.stats()["rejected"].get("rate_limited", 0) >= 1
+        _assert_no_duplicates(sim)
+
+    async def test_content_policy_failure_is_final(self, tmp_path: Path, workdir: Path,
+                                                   simulator: Any, api_key: str) -> None:
+        """A content-policy failure is not retried, and its reason is in the CSV."""
+        sim = simulator(fail_rate=1.0, fail_reasons=("content_policy",))
+        summary = await _run(_manifest(tmp_path, sim, _jobs(3)), workdir)
+        assert summary.exit_code == 1
+        rows = _rows(workdir)
+        assert {r["status"] for r in rows} == {"failed"}
+        assert all(r["attempts"] == "1" and r["error_message"] for r in rows)
+        assert sim.stats()["creates"] == 3
+
+    async def test_internal_failure_is_retried_as_new_attempts(
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
+        """An internal failure gets a new task, up to max_attempts, each its own attempt."""
+        sim = simulator(fail_rate=1.0, fail_reasons=("internal",))
+        path = _manifest(tmp_path, sim, _jobs(2), limits={"max_attempts": 3})
+        summary = await _run(path, workdir)
+        assert summary.exit_code == 1
+        assert {r["attempts"] for r in _rows(workdir)} == {"3"}
+        assert sim.stats()["creates"] == 6
+        _assert_no_duplicates(sim)
+        async with Store(workdir / "batchkling.db") as store:
+            attempts = await store.attempts("test-run", "job-000")
+        assert len({a["task_id"] for a in attempts}) == 3
+
+    async def test_out_of_credit_stops_creates_then_resume_continues(
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
+        """Out of credit: no create afterwards, in-flight tasks finish, exit 4; after a top-up
+        ``resume`` finishes the rest without paying twice."""
+        sim = simulator(credits_after_creates=3)
+        path = _manifest(tmp_path, sim, _jobs(8), limits={"max_in_flight": 2})
+        summary = await _run(path, workdir)
+        assert summary.exit_code == 4
+        assert "refused the account" in (summary.stop_reason or "")
+        stats = sim.stats()
+        assert stats["creates"] == 3
+        requests_at_stop = stats["create_requests"]
+        assert summary.counts.get("succeeded") == 3
+        sim.update_config(credits_after_creates=None)
+        resumed = await _again("test-run", workdir)
+        assert resumed.exit_code == 0
+        stats = sim.stats()
+        assert stats["creates"] == 8
+        assert stats["create_requests"] == requests_at_stop + 5
+        _assert_no_duplicates(sim)
+
+
+class TestAmbiguousCreates:
+    async def test_unanswered_create_becomes_unknown_not_a_second_task(
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
+        """A 5xx after the task was made is reported `unknown`; nothing is resubmitted."""
+        sim = simulator(create_5xx_after_create_rate=1.0, honor_idempotency_key=False)
+        summary = await _run(_manifest(tmp_path, sim, _jobs(3)), workdir)
+        assert summary.exit_code == 3
+        assert {r["status"] for r in _rows(workdir)} == {"unknown"}
+        assert sim.stats()["creates"] == 3
+        _assert_no_duplicates(sim)
+
+    async def test_retry_unknown_reuses_the_key(self, tmp_path: Path, workdir: Path,
+                                                simulator: Any, api_key: str) -> None:
+        """`retry --unknown` sends the same idempotency key: a provider that honours it
+        returns the task it already made, so nothing is paid twice."""
+        sim = simulator(create_5xx_after_create_rate=1.0)
+        assert (await _run(_manifest(tmp_path, sim, _jobs(3)), workdir)).exit_code == 3
+        sim.update_config(create_5xx_after_create_rate=0.0)
+        summary = await _again("test-run", workdir, "retry", states=[JobState.UNKNOWN])
+        assert summary.exit_code == 0
+        stats = sim.stats()
+        assert stats["creates"] == 3
+        assert stats["replays"] == 3
+        _assert_no_duplicates(sim)
+
+
+class TestDownloads:
+    async def test_failed_downloads_never_rerender(
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
+        """URLs that are always expired and bodies that are often truncated: the paid renders
+        stay `succeeded` with the reason, nothing is re-rendered, and `resume` fetches them
+        once the provider behaves."""
+        sim = simulator(download_truncate_rate=0.5, url_ttl_s=0.0001)
+        summary = await _run(_manifest(tmp_path, sim, _jobs(8)), workdir)
+        assert summary.exit_code == 3
+        rows = _rows(workdir)
+        assert {r["status"] for r in rows} == {"pending"}
+        assert all("expired" in r["error_message"] for r in rows)
+        assert not list(workdir.rglob("*.mp4*"))
+        polls_before = sim.stats()["polls"]
+        sim.update_config(url_ttl_s=None)
+        resumed = await _again("test-run", workdir)
+        assert resumed.exit_code == 0
+        _assert_videos_complete(workdir, _rows(workdir))
+        stats = sim.stats()
+        assert stats["creates"] == 8
+        assert stats["polls"] - polls_before <= 8  # at most one URL refresh per job
+
+
+class TestInterruptAndLease:
+    async def test_interrupt_then_resume_pays_once(self, tmp_path: Path, workdir: Path,
+                                                   simulator: Any, api_key: str) -> None:
+        """An interrupt stops creating and exits 130; resume adopts the in-flight tasks."""
+        sim = simulator()
+        manifest = load_manifest(_manifest(tmp_path, sim, _jobs(10),
+                                           limits={"max_in_flight": 3, "submit_rate": 5}))
+        async with Orchestrator(manifest, workdir=workdir, time_scale=SPEED) as orch:
+            import anyio
+
+            async with anyio.create_task_group() as tg:
+                async def stop_soon() -> None:
+                    while sim.stats()["creates"] < 2:
+                        await anyio.sleep(0.01)
+                    orch.interrupt()
+
+                tg.start_soon(stop_soon)
+                summary = await orch.run()
+        assert summary.exit_code == 130
+        first = sim.stats()["creates"]
+        assert 2 <= first < 10
+        resumed = await _again("test-run", workdir)
+        assert resumed.exit_code == 0
+        assert sim.stats()["creates"] == 10
+        _assert_no_duplicates(sim)
+
+    async def test_second_runner_is_refused(self, tmp_path: Path, workdir: Path) -> None:
+        """A live lease holder (this very process) locks the run against another runner."""
+        async with Store(workdir / "batchkling.db") as store:
+            await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
+                                 provider="imarouter", base_url="http://x", simulated=False,
+                                 now=100.0)
+            await store.acquire_lease("r", "owner-a", now=100.0, stale_after=30)
+            with pytest.raises(RunLocked, match="being run by process"):
+                await store.acquire_lease("r", "owner-b", now=101.0, stale_after=30)
+
+    async def test_stale_lease_is_taken_over(self, tmp_path: Path, workdir: Path) -> None:
+        """A lease whose process is gone, or whose heartbeat is old, is taken over."""
+        async with Store(workdir / "batchkling.db") as store:
+            await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
+                                 provider="imarouter", base_url="http://x", simulated=False,
+                                 now=100.0)
+            await store.acquire_lease("r", "owner-a", now=100.0, stale_after=30)
+            await store.db.execute("UPDATE runs SET lease_pid = 2147483000")  # no such process
+            await store.acquire_lease("r", "owner-b", now=101.0, stale_after=30)
+            await store.acquire_lease("r", "owner-c", now=200.0, stale_after=30)  # heartbeat old
+            run = await store.require_run("r")
+            assert run.lease_owner == "owner-c"
+
+
+class TestSecrets:
+    async def test_key_never_reaches_disk(self, tmp_path: Path, workdir: Path,
+                                          simulator: Any, api_key: str) -> None:
+        """The API key appears in no file batchkling writes: DB, WAL, CSV, run.log."""
+        sim = simulator("flaky")
+        await _run(_manifest(tmp_path, sim, _jobs(6), on_unknown="resubmit"), workdir)
+        needle = TEST_KEY.encode()
+        files = [p for p in workdir.rglob("*") if p.is_file()]
+        assert any(p.name == "run.log" for p in files)
+        for path in files:
+            assert needle not in path.read_bytes(), path
+        con = sqlite3.connect(workdir / "batchkling.db")
+        dump = "\n".join(con.iterdump())
+        con.close()
+        assert TEST_KEY not in dump
