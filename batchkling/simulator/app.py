@@ -21,6 +21,8 @@ from batchkling.simulator.media import serve_file
 from batchkling.simulator.responses import json_response, read_json
 from batchkling.simulator.state import SimState
 
+_INBOX_MAX = 10_000
+
 
 class _SlowResponses:
     """Adds ``slow_response_s`` real seconds before every provider answer (not the controls)."""
@@ -61,6 +63,19 @@ async def _config(request: Request) -> Response:
     return json_response(sim.config.as_dict())
 
 
+async def _callback_sink(request: Request) -> Response:
+    """``/_sim/callback-sink``: POST stores a JSON body, GET lists them (a ready callback_url)."""
+    sim: SimState = request.app.state.sim
+    if request.method == "POST":
+        try:
+            sim.callback_inbox.append(await read_json(request))
+        except ValueError as exc:
+            return json_response({"error": str(exc)}, 400)
+        del sim.callback_inbox[:-_INBOX_MAX]
+        return json_response({"ok": True})
+    return json_response(sim.callback_inbox)
+
+
 async def _health(request: Request) -> Response:
     """``GET /_sim/health``: the server is up."""
     return json_response({"ok": True})
@@ -90,6 +105,7 @@ def create_app(config: SimConfig, *, clock: Callable[[], float] | None = None) -
         Route("/_sim/tasks", _tasks, methods=["GET"]),
         Route("/_sim/config", _config, methods=["GET", "POST"]),
         Route("/_sim/health", _health, methods=["GET"]),
+        Route("/_sim/callback-sink", _callback_sink, methods=["GET", "POST"]),
         Route("/_sim/files/{name}", serve_file, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,

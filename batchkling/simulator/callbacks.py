@@ -16,10 +16,15 @@ import anyio
 import httpx
 
 from batchkling.simulator import imarouter, kling
-from batchkling.simulator.state import COMPLETED, FAILED, SimState, Task
+from batchkling.simulator.state import COMPLETED, FAILED, IN_PROGRESS, QUEUED, SimState, Task
 
 CALLBACK_TICK_S = 0.1
+_STEPS = [QUEUED, IN_PROGRESS]
 _log = logging.getLogger("batchkling.simulator")
+
+
+def _step_start(task: Task, step: str) -> float:
+    return task.created_sim if step == QUEUED else task.started_sim
 
 
 def _payload(sim: SimState, task: Task, now: float, base: str) -> Any:
@@ -40,7 +45,7 @@ async def _post(sim: SimState, client: httpx.AsyncClient, url: str, payload: Any
 
 
 async def deliver_due(sim: SimState, client: httpx.AsyncClient) -> int:
-    """POST every status change not yet reported; returns how many callbacks were attempted."""
+    """POST every status change not yet reported; returns how many callbacks were sent or tried."""
     if not sim.config.callbacks or not sim.callback_pending:
         return 0
     now = sim.sim_now()
@@ -49,11 +54,17 @@ async def deliver_due(sim: SimState, client: httpx.AsyncClient) -> int:
         state = sim.status(task, now)
         if state == task.last_callback:
             continue
+        assert task.callback_url is not None  # only such tasks are registered
+        # Report every change in order, even one shorter than a tick, as Kling would have.
+        path = _STEPS[: _STEPS.index(state) + 1] if state in _STEPS else [*_STEPS, state]
+        seen = path.index(task.last_callback) + 1 if task.last_callback in path else 0
+        for step in path[seen:]:
+            at = now if step == state else _step_start(task, step)
+            if sim.status(task, at) == step:
+                due.append((task.callback_url, _payload(sim, task, at, base)))
         task.last_callback = state
         if state in (COMPLETED, FAILED):
             del sim.callback_pending[task_id]
-        assert task.callback_url is not None  # only such tasks are registered
-        due.append((task.callback_url, _payload(sim, task, now, base)))
     limiter = anyio.CapacityLimiter(16)
 
     async def send(url: str, payload: Any) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -31,6 +30,7 @@ from batchkling.simulator.responses import (
     base_url,
     bearer,
     dropped_json,
+    hold,
     json_response,
     read_json,
     retry_after,
@@ -228,7 +228,7 @@ async def create(request: Request) -> Response:
         return error(faults.status_after, "upstream_error", "Upstream service error; try again")
     if faults.hang:
         sim.reject("hung_after_create")
-        await anyio.sleep(cfg.hang_s)
+        await hold(request, cfg.hang_s)
     obj = video_object(sim, task, task.created_sim, base, observe=False)
     return json_response(obj)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-import anyio
 import jwt
 from jwt.algorithms import HMACAlgorithm
 from jwt.utils import base64url_decode
@@ -32,6 +31,7 @@ from batchkling.simulator.responses import (
     base_url,
     bearer,
     dropped_json,
+    hold,
     json_response,
     read_json,
     retry_after,
@@ -241,7 +241,7 @@ async def create(request: Request) -> Response:
         return fail(sim, _server_error(faults.status_after), "server_error_after_create")
     if faults.hang:
         sim.reject("hung_after_create")
-        await anyio.sleep(cfg.hang_s)
+        await hold(request, cfg.hang_s)
     data = task_data(sim, task, task.created_sim, base)
     for late in ("task_result", "task_status_msg"):
         data.pop(late)

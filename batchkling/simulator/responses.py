@@ -6,6 +6,7 @@ import json
 import logging
 from typing import Any
 
+import anyio
 import httpx
 from starlette.requests import Request
 from starlette.responses import Response
@@ -55,6 +56,15 @@ def dropped_json(data: Any) -> Response:
     """Headers and half of a JSON body, then a closed connection."""
     body = json_bytes(data)
     return BrokenResponse(body, len(body) // 2, media_type="application/json")
+
+
+async def hold(request: Request, seconds: float) -> None:
+    """Wait up to ``seconds`` real seconds, less if the client hangs up first (it timed out)."""
+    deadline = anyio.current_time() + seconds
+    while (left := deadline - anyio.current_time()) > 0:
+        await anyio.sleep(min(left, 0.1))
+        if await request.is_disconnected():
+            return
 
 
 def base_url(request: Request) -> str:

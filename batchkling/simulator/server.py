@@ -34,6 +34,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
+        sock.listen(2048)  # connect()s queue from now on, even before uvicorn accepts
     except OSError as exc:
         raise BatchklingError(f"simulator cannot listen on {host}:{port}: {exc.strerror or exc}"
                               ) from exc

@@ -91,6 +91,7 @@ class SimState:
         # Tasks with a callback_url whose terminal status has not been POSTed yet, with the
         # origin their creator used (result URLs in callbacks must point where it can reach).
         self.callback_pending: dict[str, tuple[Task, str]] = {}
+        self.callback_inbox: list[Any] = []  # what /_sim/callback-sink received
         self._seed_streams()
         self._tokens, self._tokens_at = 0.0, c
         self._reset_bucket()
