@@ -607,6 +607,8 @@ def _validate_and_expand(loaded: LoadedYAML, source_path: Path) -> Manifest:
         base_dir=source_path.parent,
     )
     problems += result.problems
+    if not problems and not result.specs:
+        problems.append(source.problem((), "the manifest expands to no jobs (all excluded?)"))
     if problems or manifest is None:
         raise ManifestError(sort_problems(problems, source.file))
     manifest._source_path = source_path
