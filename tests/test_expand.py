@@ -300,8 +300,8 @@ class TestFingerprints:
               - id: "{img}-{n}"
                 prompt: x
                 image: "{img}.jpg"
-                vars: {img: [a, b, c], n: [%s]}
-            """ % ", ".join(str(i) for i in range(200)))
+                vars: {img: [a, b, c], n: NUMBERS}
+            """.replace("NUMBERS", str(list(range(200)))))
         assert len(load_manifest(path).specs) == 600
         assert sorted(p.name for p in calls) == ["a.jpg", "b.jpg", "c.jpg"]
 
@@ -313,8 +313,8 @@ class TestFingerprints:
             matrices:
               - id: "same"
                 prompt: x
-                vars: {n: [%s]}
-            """ % ", ".join(str(i) for i in range(1000)))
+                vars: {n: NUMBERS}
+            """.replace("NUMBERS", str(list(range(1000)))))
         with pytest.raises(ManifestError) as info:
             load_manifest(path)
         assert len(info.value.problems) == 4
