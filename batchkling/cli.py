@@ -21,6 +21,7 @@ from batchkling.errors import (
     RunLocked,
     RunNotFound,
     StoreError,
+    unwrapped_groups,
 )
 
 EXIT_OK = 0
@@ -40,6 +41,12 @@ WORKDIR = click.option(
     "--workdir", type=click.Path(file_okay=False, path_type=Path), envvar="BATCHKLING_HOME",
     default=Path("jobs"), show_default=True, show_envvar=True,
     help="Where the state DB and run folders live.",
+)
+
+SPEED = click.option(
+    "--speed", type=click.FloatRange(min=1), default=None,
+    help="How much faster than real renders are: with --simulate (default 60), or for a "
+    "simulator started with `batchkling simulate --speed X`. Polls and deadlines shrink with it.",
 )
 
 
@@ -74,11 +81,20 @@ def _errors_to_exit_codes() -> Iterator[None]:
         _fail(str(exc), EXIT_INCOMPLETE)
     except BatchklingError as exc:
         _fail(str(exc), EXIT_FAILED_JOBS)
+    except Exception as exc:
+        if os.environ.get("BATCHKLING_DEBUG"):
+            raise
+        from batchkling.logs import redactor
+
+        _fail(f"internal error: {redactor.scrub(f'{type(exc).__name__}: {exc}')} — this is a "
+              "bug; set BATCHKLING_DEBUG=1 to see the traceback and please report it. The "
+              "state database is consistent: `resume` continues the run.", EXIT_FAILED_JOBS)
 
 
 def _run_async(fn: Callable[[], Awaitable[_T]]) -> _T:
     # aiosqlite is asyncio-only, so the backend is fixed.
-    return anyio.run(fn, backend="asyncio")
+    with unwrapped_groups():
+        return anyio.run(fn, backend="asyncio")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -167,9 +183,9 @@ def _finish(summary: Any) -> NoReturn:
     sys.exit(summary.exit_code)
 
 
-def _sim_options(simulated: bool, speed: float) -> dict[str, Any]:
-    # Compressed time: polls and the task deadline shrink with the renders.
-    return {"time_scale": speed} if simulated else {}
+def _speed(speed: float | None, simulated: bool) -> float:
+    return speed if speed is not None else (SIMULATE_SPEED if simulated else 1.0)
+
 
 
 @cli.command()
@@ -178,12 +194,11 @@ def _sim_options(simulated: bool, speed: float) -> dict[str, Any]:
 @WORKDIR
 @click.option("--simulate", is_flag=True,
               help="Run against the built-in simulator: no account, nothing billed.")
-@click.option("--speed", type=click.FloatRange(min=1), default=SIMULATE_SPEED, show_default=True,
-              help="With --simulate: how much faster than real renders are.")
+@SPEED
 @click.option("--max-in-flight", type=click.IntRange(min=1, max=1000),
               help="Override limits.max_in_flight.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation on a terminal.")
-def run(manifest: Path, run_id: str | None, workdir: Path, simulate: bool, speed: float,
+def run(manifest: Path, run_id: str | None, workdir: Path, simulate: bool, speed: float | None,
         max_in_flight: int | None, yes: bool) -> None:
     """Run MANIFEST: submit, poll, download. Re-running an unfinished run resumes it."""
     from batchkling.manifest import load_manifest
@@ -200,18 +215,18 @@ def run(manifest: Path, run_id: str | None, workdir: Path, simulate: bool, speed
             click.confirm(f"{len(loaded.expand())} jobs, about ${total:.2f} if all are new "
                           "(finished jobs are never paid twice). Start?", abort=True, err=True)
         _configure_console()
-        with _simulator(simulate, speed) as sim_url:
+        scale = _speed(speed, simulate)
+        with _simulator(simulate, scale) as sim_url:
             env = _simulated_env(loaded) if simulate else None
             summary = _run_async(lambda: _drive(
                 lambda: Orchestrator(loaded, run_id=run_id, workdir=workdir, env=env,
                                      base_url=sim_url, simulated=simulate,
-                                     max_in_flight=max_in_flight,
-                                     **_sim_options(simulate, speed)),
+                                     max_in_flight=max_in_flight, time_scale=scale),
                 lambda orch: orch.run()))
     _finish(summary)
 
 
-def _resume_like(run_id: str, workdir: Path, speed: float,
+def _resume_like(run_id: str, workdir: Path, speed: float | None,
                  action: Callable[[Any], Awaitable[Any]]) -> NoReturn:
     from batchkling.orchestrator import Orchestrator
     from batchkling.store import Store
@@ -231,11 +246,11 @@ def _resume_like(run_id: str, workdir: Path, speed: float,
             from batchkling.orchestrator import _config_from
 
             env = _simulated_env(_config_from(stored))
-        with _simulator(simulated, speed) as sim_url:
+        scale = _speed(speed, simulated)
+        with _simulator(simulated, scale) as sim_url:
             summary = _run_async(lambda: _drive(
                 lambda: Orchestrator(run_id=run_id, workdir=workdir, env=env,
-                                     base_url=sim_url, simulated=simulated,
-                                     **_sim_options(simulated, speed)),
+                                     base_url=sim_url, simulated=simulated, time_scale=scale),
                 action))
     _finish(summary)
 
@@ -243,8 +258,8 @@ def _resume_like(run_id: str, workdir: Path, speed: float,
 @cli.command()
 @click.argument("run_id")
 @WORKDIR
-@click.option("--speed", type=click.FloatRange(min=1), default=SIMULATE_SPEED, hidden=True)
-def resume(run_id: str, workdir: Path, speed: float) -> None:
+@SPEED
+def resume(run_id: str, workdir: Path, speed: float | None) -> None:
     """Continue RUN_ID from its checkpoint; the manifest file is not needed."""
     _resume_like(run_id, workdir, speed, lambda orch: orch.resume())
 
@@ -257,9 +272,9 @@ def resume(run_id: str, workdir: Path, speed: float) -> None:
               help="Resubmit jobs whose create had no clear answer (same idempotency key).")
 @click.option("--timed-out", is_flag=True, help="Give up waiting on timed-out tasks; new tasks.")
 @click.option("--job", "job_ids", multiple=True, metavar="ID", help="Only these jobs (repeat).")
-@click.option("--speed", type=click.FloatRange(min=1), default=SIMULATE_SPEED, hidden=True)
+@SPEED
 def retry(run_id: str, workdir: Path, failed: bool, unknown: bool, timed_out: bool,
-          job_ids: tuple[str, ...], speed: float) -> None:
+          job_ids: tuple[str, ...], speed: float | None) -> None:
     """Resubmit finished-but-unsuccessful jobs of RUN_ID, then continue the run."""
     from batchkling.engine import select_states
 

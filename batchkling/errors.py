@@ -24,6 +24,8 @@ Foreign exceptions (httpx, sqlite3, OSError) are translated at the boundary with
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -143,3 +145,29 @@ class AmbiguousCreate(ProviderError):
 
 class TransientError(ProviderError):
     """A request failed in a way that is safe to repeat."""
+
+
+@contextmanager
+def unwrapped_groups() -> Iterator[None]:
+    """Re-raise a task group's exception group as the batchkling error inside it, if any."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        found = unwrap_group(group)
+        if found is group:
+            raise
+        raise found from None
+
+
+def unwrap_group(exc: BaseException) -> BaseException:
+    """The batchkling error inside a task group's exception group, else ``exc`` itself.
+
+    Task groups wrap what their tasks raise; callers of batchkling should see the
+    :class:`BatchklingError` that ended the run, not the structure of its concurrency.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = unwrap_group(inner)
+            if isinstance(found, BatchklingError):
+                return found
+    return exc

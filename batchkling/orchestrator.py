@@ -28,7 +28,7 @@ import httpx
 
 from batchkling.clock import Clock, SystemClock
 from batchkling.engine import Engine, EngineOptions
-from batchkling.errors import BatchklingError, ConfigError
+from batchkling.errors import BatchklingError, ConfigError, unwrapped_groups
 from batchkling.logs import get_logger, redactor, run_log
 from batchkling.models import JobState, RunSummary
 from batchkling.providers.base import Provider
@@ -195,6 +195,10 @@ class Orchestrator:
                                        stale_after=_STALE_AFTER)
 
     async def _drive(self, *, sync: Manifest | None) -> RunSummary:
+        with unwrapped_groups():
+            return await self._drive_locked(sync=sync)
+
+    async def _drive_locked(self, *, sync: Manifest | None) -> RunSummary:
         run = await self.store.require_run(self.run_id)
         config = _config_from(run)
         await self._lease()
