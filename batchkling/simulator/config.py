@@ -174,6 +174,10 @@ def _check(cfg: SimConfig) -> None:
         raise ValueError(f"rate_limit_per_s must be > 0 or null, got {cfg.rate_limit_per_s}")
     if cfg.slot_limit is not None and cfg.slot_limit < 1:
         raise ValueError(f"slot_limit must be ≥ 1 or null, got {cfg.slot_limit}")
+    for name in ("url_ttl_s", "poll_after_s", "credits_after_creates"):
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be ≥ 0 or null, got {value}")
     for name in ("render_median_s", "render_sigma", "queue_s", "hang_s", "slow_response_s",
                  "retry_after_s", "quirk_404_after_create_s"):
         if getattr(cfg, name) < 0:
