@@ -18,6 +18,7 @@ microseconds, and a repeated problem is reported a few times, then counted.
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import os
 import re
@@ -67,6 +68,7 @@ class TemplateError(ValueError):
     """A template string that cannot be read (unclosed brace, bad placeholder)."""
 
 
+@functools.lru_cache(maxsize=4096)  # a matrix slugs the same few axis values over and over
 def _slug(value: str) -> str:
     # ':' → 'x' so an aspect ratio reads naturally in a file name: 16:9 → 16x9.
     return re.sub(r"[^A-Za-z0-9._-]+", "-", value.replace(":", "x")).strip("-").lower()
@@ -76,36 +78,50 @@ _FILTERS: dict[str, Callable[[str], str]] = {"slug": _slug, "lower": str.lower, 
 _PLACEHOLDER = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?::\s*([a-z]+)\s*)?")
 
 
+class _Filtered(dict[str, str]):
+    """The variables plus ``"name|filter"`` keys, computed on first use (see Template.fmt)."""
+
+    def __missing__(self, key: str) -> str:
+        name, _, flt = key.partition("|")
+        if not flt:
+            raise KeyError(key)  # the caller reports the missing variable
+        value = _FILTERS[flt](self[name])
+        self[key] = value
+        return value
+
+
 @dataclass(frozen=True, slots=True)
 class Template:
-    """A compiled template: literal text and ``(variable, filter)`` placeholders."""
+    """A compiled template.
 
-    parts: tuple[str | tuple[str, str | None], ...]
+    ``fmt`` is a ``str.format_map`` string (rendering runs in C, which matters at 100,000 jobs):
+    literal braces are doubled and ``{name:slug}`` becomes the key ``{name|slug}``.
+    """
+
+    fmt: str
+    filtered: bool
     constant: str | None  # the rendered text when there is no placeholder
 
     def render(self, variables: Mapping[str, str]) -> str:
         """Fill in the placeholders; a missing variable raises KeyError naming it."""
-        out = []
-        for part in self.parts:
-            if isinstance(part, str):
-                out.append(part)
-            else:
-                value = variables[part[0]]
-                out.append(_FILTERS[part[1]](value) if part[1] else value)
-        return "".join(out)
+        if self.constant is not None:
+            return self.constant
+        return self.fmt.format_map(_Filtered(variables) if self.filtered else variables)
 
 
 def compile_template(text: str) -> Template:
     """Parse ``{name}`` / ``{name:slug}`` placeholders; ``{{`` and ``}}`` are literal braces."""
     if "{" not in text and "}" not in text:
-        return Template((text,), text)
-    parts: list[str | tuple[str, str | None]] = []
-    buf: list[str] = []
+        return Template(text, False, text)
+    out: list[str] = []
+    literal: list[str] = []
+    placeholders = filtered = 0
     i = 0
     while i < len(text):
         char = text[i]
         if text.startswith(("{{", "}}"), i):
-            buf.append(char)
+            out.append(char * 2)
+            literal.append(char)
             i += 2
         elif char == "{":
             end = text.find("}", i)
@@ -116,24 +132,20 @@ def compile_template(text: str) -> Template:
                     f"bad placeholder {shown!r}: write {{name}} or {{name:slug}} "
                     "(filters: slug, lower, upper), or '{{' for a literal brace"
                 )
-            if buf:
-                parts.append("".join(buf))
-                buf = []
-            parts.append((match.group(1), match.group(2)))
+            name, flt = match.group(1), match.group(2)
+            out.append(f"{{{name}|{flt}}}" if flt else f"{{{name}}}")
+            placeholders += 1
+            filtered += bool(flt)
             i = end + 1
         elif char == "}":
             raise TemplateError(
                 f"single '}}' at character {i + 1}: write '}}}}' for a literal brace"
             )
         else:
-            buf.append(char)
+            out.append(char)
+            literal.append(char)
             i += 1
-    if buf:
-        parts.append("".join(buf))
-    static = all(isinstance(p, str) for p in parts)
-    return Template(
-        tuple(parts), "".join(p for p in parts if isinstance(p, str)) if static else None
-    )
+    return Template("".join(out), bool(filtered), None if placeholders else "".join(literal))
 
 
 # -- vars_from CSV ------------------------------------------------------------------------------
@@ -386,9 +398,20 @@ class _Expander:
         """Render, check and append one job; report problems instead when it is not valid."""
         out: dict[str, Any] = {}
         ok = True
+        templates = self._templates
         for name, (value, prov) in fields.items():
-            if isinstance(value, str):
-                value = self.render(value, variables, prov, origin)
+            if type(value) is str:
+                tpl = templates.get(value)
+                # Fast path: most fields of most jobs are constants or already compiled.
+                if type(tpl) is Template and tpl.constant is None:
+                    try:
+                        value = tpl.render(variables)
+                    except KeyError:
+                        value = self.render(value, variables, prov, origin)  # reports it
+                elif type(tpl) is Template:
+                    value = tpl.constant
+                else:
+                    value = self.render(value, variables, prov, origin)
                 ok = ok and value is not None
             elif name in ("metadata", "camera_control"):
                 value = self.render_nested(value, variables, prov, origin)
