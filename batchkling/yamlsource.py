@@ -30,6 +30,7 @@ DataPath = tuple[str | int, ...]
 
 _STD = "tag:yaml.org,2002:"
 _MAX_NODES = 2_000_000  # an alias bomb must end as a problem, not as an out-of-memory kill
+_MAX_REPEATS = 100_000  # values built again through aliases; real anchors repeat a few times
 
 
 class _CoreResolver(yaml.resolver.BaseResolver):
@@ -204,6 +205,8 @@ class _Builder:
         self.bad_paths: set[DataPath] = set()
         self._count = 0
         self._active: set[int] = set()
+        self._built: set[int] = set()
+        self._repeats = 0
 
     def _bad(self, path: DataPath, node: Node, message: str) -> None:
         self.bad_paths.add(path)
@@ -212,7 +215,11 @@ class _Builder:
 
     def build(self, node: Node, path: DataPath) -> Any:
         self._count += 1
-        if self._count > _MAX_NODES:
+        if id(node) in self._built:
+            self._repeats += 1
+        else:
+            self._built.add(id(node))
+        if self._count > _MAX_NODES or self._repeats > _MAX_REPEATS:
             raise _TooBig
         self.source.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, ScalarNode):

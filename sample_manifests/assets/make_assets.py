@@ -1,4 +1,4 @@
-"""Regenerate the sample images (run from anywhere: ``python sample_manifests/assets/make_assets.py``).
+"""Regenerate the sample images: ``python sample_manifests/assets/make_assets.py``.
 
 They are synthetic on purpose: small (well under 100 KB), real JPEG files that pass Kling's
 input rules (≥300 px per side, aspect within 1:2.5..2.5:1), so the samples run on a fresh clone.
