@@ -1,5 +1,7 @@
 """batchkling: YAML manifests of Kling video jobs to finished, downloaded videos — exactly once."""
 
+from typing import TYPE_CHECKING, Any
+
 from batchkling.errors import (
     AccountBlocked,
     AmbiguousCreate,
@@ -20,6 +22,27 @@ from batchkling.errors import (
 )
 from batchkling.models import JobKind, JobSpec, JobState, RunSummary
 
+if TYPE_CHECKING:
+    from batchkling.manifest import Manifest, load_manifest
+    from batchkling.orchestrator import Orchestrator
+
+# The run machinery (httpx, aiosqlite, pydantic models) loads on first use, so the command line
+# starts fast and `import batchkling` stays cheap.
+_LAZY = {
+    "Manifest": "batchkling.manifest",
+    "load_manifest": "batchkling.manifest",
+    "Orchestrator": "batchkling.orchestrator",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'batchkling' has no attribute {name!r}")
+
+
 __all__ = [
     "AccountBlocked",
     "AmbiguousCreate",
@@ -29,7 +52,9 @@ __all__ = [
     "JobKind",
     "JobSpec",
     "JobState",
+    "Manifest",
     "ManifestError",
+    "Orchestrator",
     "Problem",
     "ProviderError",
     "RateLimited",
@@ -41,4 +66,5 @@ __all__ = [
     "TaskFailed",
     "TransientError",
     "UnsafeURL",
+    "load_manifest",
 ]

@@ -103,7 +103,9 @@ async def download(client: httpx.AsyncClient, url: str, dest: Path,
     for _ in range(_MAX_REDIRECTS + 1):
         await check_url(current, policy)
         try:
-            async with client.stream("GET", current, follow_redirects=False) as response:
+            # identity: the bytes we hash and count are the bytes Content-Length speaks of.
+            async with client.stream("GET", current, follow_redirects=False,
+                                     headers={"Accept-Encoding": "identity"}) as response:
                 if response.is_redirect:
                     location = response.headers.get("location")
                     if not location:
@@ -158,7 +160,7 @@ async def _save(response: httpx.Response, part: Path, dest: Path,
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Chunks land in the page cache in microseconds; only the fsync below is worth a thread.
         with open(part, "wb") as out:  # noqa: ASYNC230
-            async for chunk in response.aiter_raw(_CHUNK):
+            async for chunk in response.aiter_bytes(_CHUNK):
                 size += len(chunk)
                 if size > policy.max_bytes:
                     raise DownloadError(

@@ -359,12 +359,8 @@ def _config_from(run: RunRow) -> RunConfig:
 
 def _snapshot(manifest: Manifest) -> tuple[str, str | None]:
     """The run settings as JSON (enough to resume without the file) and the file's text."""
-    from batchkling.manifest import RunConfig
-
-    fields = set(RunConfig.model_fields)
-    config = RunConfig.model_validate(manifest.model_dump(include=fields))
     try:
         text: str | None = Path(manifest.source_path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         text = None
-    return config.model_dump_json(), text
+    return manifest.run_config().model_dump_json(), text

@@ -108,7 +108,8 @@ _JOB_COLUMNS = frozenset(
     {
         "attempt", "attempt_base", "idempotency_key", "task_id", "progress", "video_url",
         "video_path", "video_size", "video_sha256", "cost_usd", "cost_units", "reserved_usd",
-        "error_code", "error_message", "retryable", "submitted_at", "completed_at", "render_seconds",
+        "error_code", "error_message", "retryable", "submitted_at", "completed_at",
+        "render_seconds",
     }
 )
 #: Columns of ``attempts`` mirrored from a transition onto the job's current attempt.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import shutil
 import tempfile
 import textwrap
@@ -191,7 +192,12 @@ class TestIncludeExclude:
 
 # -- property tests ------------------------------------------------------------------------------
 
-_token = st.text("abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=4)
+# The test writes YAML with PyYAML (YAML 1.1), which leaves e.g. `0e0` or `0o7` unquoted; the
+# manifest loader reads YAML 1.2, where those are numbers. Only tokens that stay strings in both
+# round-trip as text, so numeric-looking tokens are left out of the generator.
+_YAML12_NUMBER = re.compile(r"^[-+]?(?:\d+(?:e\d+)?|0o[0-7]+|0x[0-9a-f]+|\d*\.\d*(?:e\d+)?)$")
+_token = st.text("abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=4).filter(
+    lambda s: s.isdigit() or not _YAML12_NUMBER.match(s))
 
 
 @st.composite

@@ -1,0 +1,68 @@
+"""The results CSV: statuses, columns, escaping, atomic writes."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from batchkling.models import JobSpec, JobState
+from batchkling.results import COLUMNS, csv_status, escape_cell, read_results, write_results
+from batchkling.store import Store
+
+
+@pytest.mark.parametrize("text", ["=1+1", "+cmd", "-2", "@SUM(A1)", "\tx", "\rx"])
+def test_formula_cells_are_escaped(text: str) -> None:
+    """Cells a spreadsheet would run as formulas are prefixed with a quote."""
+    assert escape_cell(text) == "'" + text
+
+
+def test_plain_cells_pass() -> None:
+    """Ordinary text and numbers are unchanged."""
+    assert escape_cell("a cat") == "a cat"
+    assert escape_cell(3) == 3
+
+
+@pytest.mark.parametrize(("state", "download", "expected"), [
+    (JobState.DOWNLOADED, True, "succeeded"),
+    (JobState.SUCCEEDED, False, "succeeded"),
+    (JobState.SUCCEEDED, True, "pending"),
+    (JobState.RUNNING, True, "pending"),
+    (JobState.SUBMITTING, True, "pending"),
+    (JobState.FAILED, True, "failed"),
+    (JobState.TIMED_OUT, True, "timed_out"),
+    (JobState.UNKNOWN, True, "unknown"),
+    (JobState.SKIPPED, True, "skipped"),
+])
+def test_status_vocabulary(state: JobState, download: bool, expected: str) -> None:
+    """Every DB state maps to one of the six documented CSV statuses."""
+    assert csv_status(state, download=download) == expected
+
+
+async def test_csv_has_columns_vars_and_escaping(tmp_path: Path) -> None:
+    """Documented columns, then var.* columns; hostile text is neutralised."""
+    async with Store(tmp_path / "db.sqlite") as store:
+        await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
+                             provider="imarouter", base_url="http://x", simulated=False,
+                             now=1.0)
+        specs = [
+            JobSpec(job_id="a", model="kling-v2-6", prompt="=HYPERLINK(\"http://evil\")",
+                    duration=5, size="16:9", variables={"product": "watch", "size": "16:9"}),
+            JobSpec(job_id="b", model="kling-v2-6", prompt="fine", duration=5, size="1:1"),
+        ]
+        await store.sync_jobs("r", added=list(enumerate(specs)), changed=[], reordered=[],
+                              removed=[], now=1.0)
+        await store.transition("r", "b", JobState.FAILED, now=2.0, event="job.failed",
+                               error_message="-bad things", error_code="@x")
+        dest = await write_results(store, "r", tmp_path / "out" / "results.csv", download=True)
+    with open(dest, newline="") as fh:
+        header = next(csv.reader(fh))
+    assert tuple(header[: len(COLUMNS)]) == COLUMNS
+    assert header[len(COLUMNS):] == ["var.product", "var.size"]
+    rows = read_results(dest)
+    assert rows[0]["prompt"].startswith("'=")
+    assert rows[0]["var.product"] == "watch"
+    assert rows[1]["error_message"] == "'-bad things" and rows[1]["error_code"] == "'@x"
+    assert rows[1]["status"] == "failed"
+    assert not list((tmp_path / "out").glob(".results-*"))

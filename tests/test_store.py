@@ -1,0 +1,97 @@
+"""The checkpoint store: transitions with history, retry resets, schema versioning."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from batchkling.errors import StoreError
+from batchkling.models import JobSpec, JobState
+from batchkling.store import Store
+
+
+def _spec(job_id: str, prompt: str = "p") -> JobSpec:
+    return JobSpec(job_id=job_id, model="kling-v2-6", prompt=prompt, duration=5, size="16:9")
+
+
+async def _store_with_jobs(path: Path, *ids: str) -> Store:
+    store = Store(path)
+    await store.open()
+    await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
+                         provider="imarouter", base_url="http://x", simulated=False, now=1.0)
+    await store.sync_jobs("r", added=[(i, _spec(j)) for i, j in enumerate(ids)], changed=[],
+                          reordered=[], removed=[], now=1.0)
+    return store
+
+
+class TestTransitions:
+    async def test_attempts_keep_history(self, tmp_path: Path) -> None:
+        """Each attempt is its own row; a retry never overwrites the previous task."""
+        store = await _store_with_jobs(tmp_path / "db", "a")
+        for number in (1, 2):
+            await store.transition("r", "a", JobState.SUBMITTING, now=2.0, event="e",
+                                   new_attempt=(number, f"key-{number}", "fp"))
+            await store.transition("r", "a", JobState.SUBMITTED, now=3.0, event="e",
+                                   task_id=f"task-{number}", submitted_at=3.0)
+            await store.transition("r", "a", JobState.FAILED, now=4.0, event="e",
+                                   error_message=f"boom {number}")
+        attempts = await store.attempts("r", "a")
+        assert [(a["task_id"], a["error_message"]) for a in attempts] == [
+            ("task-1", "boom 1"), ("task-2", "boom 2")]
+        job = await store.get_job("r", "a")
+        assert job is not None and job.attempt == 2 and job.task_id == "task-2"
+        assert await store.integrity_check() == "ok"
+        await store.aclose()
+
+    async def test_retry_resets(self, tmp_path: Path) -> None:
+        """Failed jobs get a fresh attempt budget and key; unknown ones keep their key."""
+        store = await _store_with_jobs(tmp_path / "db", "f", "u", "d")
+        await store.transition("r", "f", JobState.FAILED, now=2, event="e", attempt=2,
+                               idempotency_key="kf")
+        await store.transition("r", "u", JobState.UNKNOWN, now=2, event="e", attempt=1,
+                               idempotency_key="ku")
+        await store.transition("r", "d", JobState.DOWNLOADED, now=2, event="e")
+        changed = await store.reset_for_retry("r", states=[JobState.FAILED, JobState.UNKNOWN],
+                                              job_ids=[], now=3)
+        assert changed == 2
+        f, u, d = [await store.get_job("r", j) for j in "fud"]
+        assert f is not None and f.state is JobState.PENDING and f.attempt_base == 2
+        assert f.idempotency_key is None
+        assert u is not None and u.state is JobState.PENDING and u.idempotency_key == "ku"
+        assert d is not None and d.state is JobState.DOWNLOADED
+        await store.aclose()
+
+    async def test_removed_jobs_are_skipped_but_videos_kept(self, tmp_path: Path) -> None:
+        """A job dropped from the manifest is skipped unless it was already downloaded."""
+        store = await _store_with_jobs(tmp_path / "db", "keep", "gone", "done")
+        await store.transition("r", "done", JobState.DOWNLOADED, now=2, event="e")
+        await store.sync_jobs("r", added=[], changed=[], reordered=[],
+                              removed=["gone", "done"], now=3)
+        counts = await store.counts("r")
+        assert counts == {JobState.PENDING: 1, JobState.SKIPPED: 1, JobState.DOWNLOADED: 1}
+        await store.aclose()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A database from a newer batchkling is not touched."""
+    path = tmp_path / "db"
+    async with Store(path):
+        pass
+    con = sqlite3.connect(path)
+    con.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="newer batchkling"):
+        await Store(path).open()
+
+
+async def test_closed_store_refuses_reuse(tmp_path: Path) -> None:
+    """A closed store cannot be reopened by accident."""
+    store = Store(tmp_path / "db")
+    await store.open()
+    await store.aclose()
+    await store.aclose()  # idempotent
+    with pytest.raises(StoreError):
+        await store.open()
