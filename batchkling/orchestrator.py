@@ -342,6 +342,19 @@ class Orchestrator:
 
             key = self._secret(spec.api_key_env, "ImaRouter API key")
             return ImaRouterProvider(run.base_url, key, transport=self.transport)
+        if run.provider == "kling":
+            from batchkling.providers.kling import KlingProvider
+
+            if spec.api_key_env:
+                return KlingProvider(run.base_url, api_key=self._secret(
+                    spec.api_key_env, "Kling API key"), transport=self.transport,
+                    clock=self.clock)
+            return KlingProvider(
+                run.base_url,
+                access_key=self._secret(spec.access_key_env, "Kling access key"),
+                secret_key=self._secret(spec.secret_key_env, "Kling secret key"),
+                transport=self.transport, clock=self.clock,
+            )
         raise ConfigError(f"provider {run.provider!r} is not supported by this version")
 
 
