@@ -10,6 +10,8 @@ its fingerprint and an edited one does not.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ MAX_BYTES = 10 * 1024 * 1024
 MIN_SIDE = 300
 MAX_ASPECT = 2.5
 FORMATS = {"JPEG": "jpg", "PNG": "png"}
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,3 +101,31 @@ class ImageCache:
             self._by_path[path] = found
             self.checked += 1
         return found
+
+
+def resolve_image(
+    raw: str, base_dir: Path, cache: ImageCache
+) -> tuple[str | None, str | None, str | None]:
+    """A manifest's image as ``(location, sha256, None)``, or ``(None, None, problem)``.
+
+    An http(s) URL is sent as is and never fetched here; anything else is a path relative to
+    ``base_dir`` (or absolute), checked and hashed through ``cache``.
+    """
+    scheme = _SCHEME_RE.match(raw)
+    if scheme:
+        if scheme.group(1).lower() in ("http", "https") and re.match(r"(?i)^https?://[^/\s]+", raw):
+            return raw, None, None
+        return (
+            None,
+            None,
+            f"unsupported image location {raw!r}: use a path relative to the manifest or an "
+            "http(s) URL",
+        )
+    path = Path(raw)
+    absolute = Path(os.path.abspath(path if path.is_absolute() else base_dir / path))
+    check = cache.check(absolute)
+    return (
+        (str(absolute), check.sha256, None)
+        if check.problem is None
+        else (None, None, check.problem)
+    )

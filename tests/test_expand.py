@@ -18,8 +18,8 @@ from PIL import Image
 
 import batchkling.images
 from batchkling.errors import ManifestError
-from batchkling.expand import TemplateError, compile_template
 from batchkling.manifest import load_manifest
+from batchkling.templates import TemplateError, compile_template
 
 
 def write(folder: Path, body: str, name: str = "m.yaml") -> Path:
