@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from batchkling.errors import Problem
 from batchkling.jobbuilder import Fields, JobBuilder, Origin
-from batchkling.manifest import BUILTIN_DEFAULTS, JobEntry, JobFields, MatrixEntry
+from batchkling.manifest_jobs import BUILTIN_DEFAULTS, JobEntry, JobFields, MatrixEntry
 from batchkling.models import JobSpec
 from batchkling.templates import as_text
 from batchkling.templates import compile_template as compile_template  # bench_expand imports it

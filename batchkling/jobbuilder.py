@@ -19,7 +19,7 @@ from typing import Any
 
 from batchkling.errors import Problem
 from batchkling.images import ImageCache, resolve_image
-from batchkling.manifest import MAX_PROMPT, MODELS, MODES, SIZES, SOUNDS
+from batchkling.manifest_jobs import MAX_PROMPT, MODELS, MODES, SIZES, SOUNDS
 from batchkling.models import JobSpec
 from batchkling.templates import Template, TemplateError, compile_template
 from batchkling.yamlsource import DataPath, SourceMap, suggest

@@ -1,37 +1,28 @@
-"""The manifest language: pydantic models of a manifest, and ``load_manifest``.
+"""The manifest language: the :class:`Manifest` and :class:`RunConfig` models, ``load_manifest``.
 
 Two layers. :class:`RunConfig` is everything the engine needs once jobs are expanded; it is what
 a run snapshots (``manifest.run_config().model_dump_json()``) and rehydrates on resume with
 ``RunConfig.model_validate_json``. :class:`Manifest` adds what a person writes to describe jobs
 (``defaults``, ``jobs``, ``matrices``) and carries the expanded :class:`JobSpec` tuple.
 
-Every model forbids unknown keys: a typo is an error with a suggestion, never silently ignored.
-Fields that may hold ``{var}`` templates accept a template string here and are checked again,
-cheaply and without pydantic, after expansion (see :mod:`batchkling.expand`).
+The sections live next door: job fields, jobs and matrices in :mod:`batchkling.manifest_jobs`,
+provider, limits, budget and output in :mod:`batchkling.manifest_settings`. Loading validates
+what is written, keeps going with the valid parts so that one run reports every problem, and
+expands the jobs (:mod:`batchkling.expand`).
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    PlainValidator,
-    PrivateAttr,
-    ValidationError,
-    WithJsonSchema,
-    model_validator,
-)
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
 from batchkling.errors import ManifestError, Problem
+from batchkling.manifest_jobs import Axes, JobEntry, JobFields, MatrixEntry, StrictModel
+from batchkling.manifest_settings import Budget, Limits, Output, PriceKey, ProviderConfig, Slug
 from batchkling.models import JobSpec
 from batchkling.yamlsource import (
     DataPath,
@@ -41,410 +32,12 @@ from batchkling.yamlsource import (
     load_yaml,
     problems_from_validation,
     show,
-    suggest,
 )
 
-MODELS = (
-    "kling-v1",
-    "kling-v1-6",
-    "kling-v2-master",
-    "kling-v2-1-master",
-    "kling-v2-5-turbo",
-    "kling-v2-6",
-    "kling-video-o1",
-)
-SIZES = ("1:1", "16:9", "9:16")
-MODES = ("std", "pro")
-DURATIONS = (5, 10)
-SOUNDS = ("on", "off")
-MAX_PROMPT = 2500
-#: What a job gets when neither ``defaults`` nor the job says otherwise.
-BUILTIN_DEFAULTS: dict[str, Any] = {
-    "model": "kling-v2-6",
-    "duration": 5,
-    "size": "16:9",
-    "mode": "std",
-}
-DEFAULT_BASE_URL = {
-    "imarouter": "https://api.imarouter.com",
-    "kling": "https://api-singapore.klingai.com",
-}
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 _M = TypeVar("_M", bound=BaseModel)
-_TEMPLATE_SCHEMA = {"type": "string", "pattern": r"\{[A-Za-z_]"}
 
 
-def is_template(value: str) -> bool:
-    """True when ``value`` holds a ``{var}`` placeholder (``{{`` is an escaped brace)."""
-    return "{" in value.replace("{{", "")
-
-
-def _choice(allowed: tuple[str, ...], what: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if isinstance(value, str) and (value in allowed or is_template(value)):
-            return value
-        hint = suggest(value, allowed) if isinstance(value, str) else ""
-        raise ValueError(f"{what} must be one of {', '.join(allowed)}; found {show(value)}{hint}")
-
-    return check
-
-
-def _enum_schema(allowed: tuple[str, ...]) -> WithJsonSchema:
-    return WithJsonSchema({"anyOf": [{"enum": list(allowed)}, _TEMPLATE_SCHEMA]})
-
-
-def _duration(value: Any) -> int:
-    if isinstance(value, str) and value.strip() in ("5", "10"):
-        return int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value in DURATIONS:
-        return value
-    raise ValueError(f"duration must be 5 or 10 (seconds); found {show(value)}")
-
-
-def _sound(value: Any) -> str:
-    if isinstance(value, bool):  # `sound: true` means on; YAML 1.1 habits die hard
-        return "on" if value else "off"
-    return _choice(SOUNDS, "sound")(value)
-
-
-def _text(value: Any) -> str:
-    """A variable value: any scalar, kept as text (``5`` → ``"5"``, ``true`` → ``"true"``)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | int | float):
-        return str(value)
-    raise ValueError(f"expected a single value (text or number); found {show(value)}")
-
-
-def _var_name(value: Any) -> str:
-    if isinstance(value, str) and _VAR_RE.match(value):
-        return value
-    raise ValueError(f"variable names are letters, digits and '_' (not first); found {show(value)}")
-
-
-def _as_list(value: Any) -> Any:
-    return value if isinstance(value, list) else [value]
-
-
-def _seconds(value: Any) -> Any:
-    """``45m``, ``90s``, ``2h``, ``1h30m`` or a number of seconds → seconds."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        match = _DURATION_RE.match(text)
-        if text and match and any(match.groups()):
-            h, m, s = (float(g) if g else 0.0 for g in match.groups())
-            return h * 3600 + m * 60 + s
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(
-                f"expected seconds or a duration like 45m, 90s, 2h, 1h30m; found {show(value)}"
-            ) from None
-    return value
-
-
-ModelName = Annotated[str, PlainValidator(_choice(MODELS, "model")), _enum_schema(MODELS)]
-Size = Annotated[str, PlainValidator(_choice(SIZES, "size")), _enum_schema(SIZES)]
-Mode = Annotated[str, PlainValidator(_choice(MODES, "mode")), _enum_schema(MODES)]
-Sound = Annotated[str, PlainValidator(_sound), _enum_schema(SOUNDS)]
-Duration = Annotated[int, PlainValidator(_duration), WithJsonSchema({"enum": [5, 10]})]
-Text = Annotated[
-    str, PlainValidator(_text), WithJsonSchema({"type": ["string", "number", "boolean"]})
-]
-VarName = Annotated[
-    str, PlainValidator(_var_name), WithJsonSchema({"type": "string", "pattern": _VAR_RE.pattern})
-]
-Seconds = Annotated[
-    float,
-    BeforeValidator(_seconds),
-    Field(gt=0, le=7 * 86400),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "number", "exclusiveMinimum": 0},
-                {"type": "string", "pattern": _DURATION_RE.pattern},
-            ]
-        }
-    ),
-]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class JobFields(_Strict):
-    """Request fields of a job. Any string may use {var} templates inside a matrix."""
-
-    model: ModelName | None = Field(default=None, description="Kling model. Default kling-v2-6.")
-    prompt: str | None = Field(
-        default=None,
-        description="What to render; at most 2,500 characters.",
-        json_schema_extra={"maxLength": MAX_PROMPT},
-    )
-    negative_prompt: str | None = Field(
-        default=None,
-        description="What to avoid; at most 2,500 characters.",
-        json_schema_extra={"maxLength": MAX_PROMPT},
-    )
-    duration: Duration | None = Field(
-        default=None, description="Video length in seconds: 5 or 10. Default 5."
-    )
-    size: Size | None = Field(
-        default=None, description="Aspect ratio: 1:1, 16:9 or 9:16. Default 16:9."
-    )
-    mode: Mode | None = Field(
-        default=None, description="std or pro (ignored by *-master models). Default std."
-    )
-    image: str | None = Field(
-        default=None,
-        description="First frame: a path relative to the manifest, or an "
-        "http(s) URL. Local files: jpg/png, ≤10 MB, ≥300 px, aspect 1:2.5..2.5:1.",
-    )
-    image_tail: str | None = Field(
-        default=None, description="Last frame (first-last-frame video); needs image."
-    )
-    cfg_scale: float | None = Field(
-        default=None,
-        ge=0,
-        le=1,
-        description="Prompt adherence 0..1 (Kling API: not on kling-v2* models).",
-    )
-    camera_control: dict[str, Any] | None = Field(
-        default=None, description="Kling camera_control object, passed through as given."
-    )
-    sound: Sound | None = Field(
-        default=None, description="on/off: generate audio (kling-v2-6, kling-video-o1)."
-    )
-    metadata: dict[str, Any] | None = Field(
-        default=None, description="Extra provider fields, passed through."
-    )
-
-
-class JobEntry(JobFields):
-    """One explicit job."""
-
-    id: str = Field(description="Job id: letters, digits, '.', '_', '-' (a file name).")
-
-
-class Axes(_Strict):
-    """Job fields to vary; every value becomes a job (cartesian product, in the order written)."""
-
-    model: list[ModelName] | None = Field(default=None, min_length=1)
-    prompt: list[str] | None = Field(default=None, min_length=1)
-    negative_prompt: list[str] | None = Field(default=None, min_length=1)
-    duration: list[Duration] | None = Field(default=None, min_length=1)
-    size: list[Size] | None = Field(default=None, min_length=1)
-    mode: list[Mode] | None = Field(default=None, min_length=1)
-    image: list[str] | None = Field(default=None, min_length=1)
-    image_tail: list[str] | None = Field(default=None, min_length=1)
-    cfg_scale: list[Annotated[float, Field(ge=0, le=1)]] | None = Field(default=None, min_length=1)
-    camera_control: list[dict[str, Any]] | None = Field(default=None, min_length=1)
-    sound: list[Sound] | None = Field(default=None, min_length=1)
-    _order: tuple[str, ...] = PrivateAttr(default=())
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _keep_written_order(cls, data: Any, handler: Callable[[Any], Self]) -> Self:
-        # Field order is the class's; expansion order must be the order the user wrote.
-        axes = handler(data)
-        if isinstance(data, dict):
-            axes._order = tuple(k for k in data if k in cls.model_fields)
-        return axes
-
-    def items(self) -> list[tuple[str, list[Any]]]:
-        """(field, values) pairs in the order they were written."""
-        order = self._order or tuple(k for k in type(self).model_fields if getattr(self, k))
-        return [(name, list(getattr(self, name))) for name in order]
-
-
-class MatrixEntry(JobFields):
-    """A family of jobs: vars_from rows × vars × axes, minus exclude, plus include."""
-
-    id: str = Field(
-        description="Job id template, e.g. '{product}-{size:slug}-{mode}'; must give a "
-        "unique safe file name for every job."
-    )
-    vars: dict[VarName, Annotated[list[Text], BeforeValidator(_as_list)]] = Field(
-        default_factory=dict, description="Template variables: name → list of values."
-    )
-    vars_from: str | None = Field(
-        default=None,
-        description="CSV file (relative to the manifest): the "
-        "header names variables, each row is one set of values.",
-    )
-    axes: Axes | None = Field(
-        default=None, description="Job fields to vary; values are also variables."
-    )
-    exclude: list[Annotated[dict[VarName, Text], Field(min_length=1)]] = Field(
-        default_factory=list, description="Drop combinations matching all keys of an entry."
-    )
-    include: list[Annotated[dict[str, Any], Field(min_length=1)]] = Field(
-        default_factory=list,
-        description="Extra combinations appended after the product. An entry may set job "
-        "fields (e.g. duration: 10) and its own id; variables it does not name are taken from "
-        "the first combination with the same vars/vars_from values.",
-    )
-
-
-def _env_name(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected the name of an environment variable; found {show(value)}")
-    looks_like_key = value.startswith(("sk-", "eyJ")) or (
-        len(value) >= 24 and any(c.isdigit() for c in value) and any(c.islower() for c in value)
-    )
-    if looks_like_key:
-        raise ValueError(
-            "this looks like a key itself: put the key in the environment and "
-            "name the variable here (e.g. IMAROUTER_API_KEY)"
-        )
-    if not _ENV_RE.match(value):
-        raise ValueError(f"expected the name of an environment variable; found {value!r}")
-    return value
-
-
-def _base_url(value: Any) -> str:
-    if isinstance(value, str) and re.match(r"^https?://[^/\s]+", value):
-        return value.rstrip("/")
-    raise ValueError(f"base_url must be an http(s) URL; found {show(value)}")
-
-
-EnvName = Annotated[
-    str, PlainValidator(_env_name), WithJsonSchema({"type": "string", "pattern": _ENV_RE.pattern})
-]
-BaseURL = Annotated[
-    str, PlainValidator(_base_url), WithJsonSchema({"type": "string", "pattern": "^https?://"})
-]
-
-
-class ProviderConfig(_Strict):
-    """Which API to call and where the credentials live (names of environment variables only)."""
-
-    name: Literal["imarouter", "kling"] = Field(
-        default="imarouter", description="imarouter or kling."
-    )
-    base_url: BaseURL = Field(
-        default=DEFAULT_BASE_URL["imarouter"],
-        description="API root; default depends on name (kling: https://api-singapore.klingai.com).",
-    )
-    api_key_env: EnvName | None = Field(
-        default=None,
-        description="Environment variable holding the bearer "
-        "key (default IMAROUTER_API_KEY for imarouter).",
-    )
-    access_key_env: EnvName | None = Field(
-        default=None,
-        description="kling: variable holding the access key (default KLING_ACCESS_KEY).",
-    )
-    secret_key_env: EnvName | None = Field(
-        default=None,
-        description="kling: variable holding the secret key (default KLING_SECRET_KEY).",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fill_defaults(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        name = data.get("name", "imarouter")
-        if name in DEFAULT_BASE_URL:
-            data.setdefault("base_url", DEFAULT_BASE_URL[name])
-        keys = ("api_key_env", "access_key_env", "secret_key_env")
-        if name == "imarouter":
-            data.setdefault("api_key_env", "IMAROUTER_API_KEY")
-        elif name == "kling" and all(data.get(k) is None for k in keys):
-            data.update(access_key_env="KLING_ACCESS_KEY", secret_key_env="KLING_SECRET_KEY")
-        return data
-
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        pair = (self.access_key_env is not None, self.secret_key_env is not None)
-        if self.name == "imarouter" and any(pair):
-            raise ValueError(
-                "access_key_env/secret_key_env are for provider kling; imarouter uses api_key_env"
-            )
-        if self.name == "kling":
-            if pair[0] != pair[1]:
-                raise ValueError(
-                    "kling needs both access_key_env and secret_key_env "
-                    "(or api_key_env alone for a single-key account)"
-                )
-            if all(pair) and self.api_key_env is not None:
-                raise ValueError(
-                    "give either api_key_env or access_key_env+secret_key_env, not both"
-                )
-        return self
-
-
-class Limits(_Strict):
-    """How hard the run may push the provider."""
-
-    max_in_flight: int = Field(
-        default=5, ge=1, le=1000, description="Provider task slots this run may hold."
-    )
-    submit_rate: float = Field(default=2.0, gt=0, le=1000, description="Creates per second.")
-    task_timeout: Seconds = Field(
-        default=2700.0,
-        description="Poll deadline per task: seconds or a duration like 45m, 90s, 2h, 1h30m.",
-    )
-    max_attempts: int = Field(default=2, ge=1, le=10, description="Provider-side failures retried.")
-
-
-class Budget(_Strict):
-    """Spending cap."""
-
-    max_usd: float | None = Field(
-        default=None,
-        ge=0,
-        description="Stop creating before this would be "
-        "exceeded (estimates reserved, actual cost settled).",
-    )
-
-
-class Output(_Strict):
-    """What happens to finished videos."""
-
-    download: bool = Field(default=True, description="Download each finished video.")
-    allow_private_urls: bool = Field(
-        default=False, description="Allow result URLs on private addresses."
-    )
-    max_video_mb: float = Field(default=500, gt=0, description="Refuse downloads larger than this.")
-
-
-def _price_key(value: Any) -> str:
-    model, _, mode = str(value).partition(":")
-    if model in MODELS and mode in ("", *MODES):
-        return str(value)
-    raise ValueError(
-        f"price keys are '<model>' or '<model>:<mode>' (mode std|pro); "
-        f"found {show(value)}{suggest(model, MODELS)}"
-    )
-
-
-PriceKey = Annotated[str, PlainValidator(_price_key), WithJsonSchema({"type": "string"})]
-
-
-def _slug(value: Any) -> str:
-    if isinstance(value, str) and _NAME_RE.match(value):
-        return value
-    text = str(value) if isinstance(value, str | int | float) else ""
-    slug = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:64] or "my-run"
-    raise ValueError(
-        "name must be a slug (lowercase letters, digits, '.', '_', '-'; at most 64): "
-        f"found {show(value)}; try {slug!r}"
-    )
-
-
-Slug = Annotated[
-    str, PlainValidator(_slug), WithJsonSchema({"type": "string", "pattern": _NAME_RE.pattern})
-]
-
-
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     """Everything a run needs after expansion; snapshotted so resume needs no manifest file."""
 
     version: Literal[1] = Field(description="Manifest format version: 1.")
@@ -566,7 +159,7 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
 
 
 def _validate_and_expand(loaded: LoadedYAML, source_path: Path) -> Manifest:
-    # Imported here: expand builds on the models defined in this module.
+    # Imported here: expansion loads Pillow, which `schema` and resume (RunConfig) do not need.
     from batchkling.expand import expand_manifest
 
     data, source = loaded.data, loaded.source

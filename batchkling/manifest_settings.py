@@ -1,0 +1,210 @@
+"""The run settings of a manifest: provider, limits, budget, output, and their value types.
+
+These sections, with ``name`` and ``pricing``, make up :class:`~batchkling.manifest.RunConfig`,
+which a run snapshots so that resume needs no manifest file. Credentials never appear here: a
+manifest names the environment variables that hold them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BeforeValidator, Field, PlainValidator, WithJsonSchema, model_validator
+
+from batchkling.manifest_jobs import MODELS, MODES, StrictModel
+from batchkling.yamlsource import show, suggest
+
+DEFAULT_BASE_URL = {
+    "imarouter": "https://api.imarouter.com",
+    "kling": "https://api-singapore.klingai.com",
+}
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def _seconds(value: Any) -> Any:
+    """``45m``, ``90s``, ``2h``, ``1h30m`` or a number of seconds → seconds."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        match = _DURATION_RE.match(text)
+        if text and match and any(match.groups()):
+            h, m, s = (float(g) if g else 0.0 for g in match.groups())
+            return h * 3600 + m * 60 + s
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(
+                f"expected seconds or a duration like 45m, 90s, 2h, 1h30m; found {show(value)}"
+            ) from None
+    return value
+
+
+Seconds = Annotated[
+    float,
+    BeforeValidator(_seconds),
+    Field(gt=0, le=7 * 86400),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0},
+                {"type": "string", "pattern": _DURATION_RE.pattern},
+            ]
+        }
+    ),
+]
+
+
+def _env_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected the name of an environment variable; found {show(value)}")
+    looks_like_key = value.startswith(("sk-", "eyJ")) or (
+        len(value) >= 24 and any(c.isdigit() for c in value) and any(c.islower() for c in value)
+    )
+    if looks_like_key:
+        raise ValueError(
+            "this looks like a key itself: put the key in the environment and "
+            "name the variable here (e.g. IMAROUTER_API_KEY)"
+        )
+    if not _ENV_RE.match(value):
+        raise ValueError(f"expected the name of an environment variable; found {value!r}")
+    return value
+
+
+def _base_url(value: Any) -> str:
+    if isinstance(value, str) and re.match(r"^https?://[^/\s]+", value):
+        return value.rstrip("/")
+    raise ValueError(f"base_url must be an http(s) URL; found {show(value)}")
+
+
+EnvName = Annotated[
+    str, PlainValidator(_env_name), WithJsonSchema({"type": "string", "pattern": _ENV_RE.pattern})
+]
+BaseURL = Annotated[
+    str, PlainValidator(_base_url), WithJsonSchema({"type": "string", "pattern": "^https?://"})
+]
+
+
+class ProviderConfig(StrictModel):
+    """Which API to call and where the credentials live (names of environment variables only)."""
+
+    name: Literal["imarouter", "kling"] = Field(
+        default="imarouter", description="imarouter or kling."
+    )
+    base_url: BaseURL = Field(
+        default=DEFAULT_BASE_URL["imarouter"],
+        description="API root; default depends on name (kling: https://api-singapore.klingai.com).",
+    )
+    api_key_env: EnvName | None = Field(
+        default=None,
+        description="Environment variable holding the bearer "
+        "key (default IMAROUTER_API_KEY for imarouter).",
+    )
+    access_key_env: EnvName | None = Field(
+        default=None,
+        description="kling: variable holding the access key (default KLING_ACCESS_KEY).",
+    )
+    secret_key_env: EnvName | None = Field(
+        default=None,
+        description="kling: variable holding the secret key (default KLING_SECRET_KEY).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        name = data.get("name", "imarouter")
+        if name in DEFAULT_BASE_URL:
+            data.setdefault("base_url", DEFAULT_BASE_URL[name])
+        keys = ("api_key_env", "access_key_env", "secret_key_env")
+        if name == "imarouter":
+            data.setdefault("api_key_env", "IMAROUTER_API_KEY")
+        elif name == "kling" and all(data.get(k) is None for k in keys):
+            data.update(access_key_env="KLING_ACCESS_KEY", secret_key_env="KLING_SECRET_KEY")
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        pair = (self.access_key_env is not None, self.secret_key_env is not None)
+        if self.name == "imarouter" and any(pair):
+            raise ValueError(
+                "access_key_env/secret_key_env are for provider kling; imarouter uses api_key_env"
+            )
+        if self.name == "kling":
+            if pair[0] != pair[1]:
+                raise ValueError(
+                    "kling needs both access_key_env and secret_key_env "
+                    "(or api_key_env alone for a single-key account)"
+                )
+            if all(pair) and self.api_key_env is not None:
+                raise ValueError(
+                    "give either api_key_env or access_key_env+secret_key_env, not both"
+                )
+        return self
+
+
+class Limits(StrictModel):
+    """How hard the run may push the provider."""
+
+    max_in_flight: int = Field(
+        default=5, ge=1, le=1000, description="Provider task slots this run may hold."
+    )
+    submit_rate: float = Field(default=2.0, gt=0, le=1000, description="Creates per second.")
+    task_timeout: Seconds = Field(
+        default=2700.0,
+        description="Poll deadline per task: seconds or a duration like 45m, 90s, 2h, 1h30m.",
+    )
+    max_attempts: int = Field(default=2, ge=1, le=10, description="Provider-side failures retried.")
+
+
+class Budget(StrictModel):
+    """Spending cap."""
+
+    max_usd: float | None = Field(
+        default=None,
+        ge=0,
+        description="Stop creating before this would be "
+        "exceeded (estimates reserved, actual cost settled).",
+    )
+
+
+class Output(StrictModel):
+    """What happens to finished videos."""
+
+    download: bool = Field(default=True, description="Download each finished video.")
+    allow_private_urls: bool = Field(
+        default=False, description="Allow result URLs on private addresses."
+    )
+    max_video_mb: float = Field(default=500, gt=0, description="Refuse downloads larger than this.")
+
+
+def _price_key(value: Any) -> str:
+    model, _, mode = str(value).partition(":")
+    if model in MODELS and mode in ("", *MODES):
+        return str(value)
+    raise ValueError(
+        f"price keys are '<model>' or '<model>:<mode>' (mode std|pro); "
+        f"found {show(value)}{suggest(model, MODELS)}"
+    )
+
+
+PriceKey = Annotated[str, PlainValidator(_price_key), WithJsonSchema({"type": "string"})]
+
+
+def _run_name(value: Any) -> str:
+    if isinstance(value, str) and _NAME_RE.match(value):
+        return value
+    text = str(value) if isinstance(value, str | int | float) else ""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:64] or "my-run"
+    raise ValueError(
+        "name must be a slug (lowercase letters, digits, '.', '_', '-'; at most 64): "
+        f"found {show(value)}; try {slug!r}"
+    )
+
+
+Slug = Annotated[
+    str, PlainValidator(_run_name), WithJsonSchema({"type": "string", "pattern": _NAME_RE.pattern})
+]
