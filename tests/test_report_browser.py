@@ -1,0 +1,263 @@
+"""The contact sheet in a real headless Chromium: filters, grouping, sorting, search, no errors.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` and ``selenium`` from PyPI; CI installs all
+three, so these tests only skip on a machine without them. Set ``BATCHKLING_REPORT_SCREENSHOT``
+to a path to also save a full-page screenshot of the 24-job report at 1440 px wide (this is how
+``docs/report.png`` is made).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_report import HOSTILE, build_matrix_run
+
+from batchkling.report import write_report
+from batchkling.store import Store
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+try:
+    import selenium  # noqa: F401  (only probing whether it is installed)
+
+    HAVE_SELENIUM = True
+except ImportError:
+    HAVE_SELENIUM = False
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not HAVE_SELENIUM, reason="selenium is not installed (pip install "
+                       "selenium); CI installs it so this never skips there"),
+    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
+                       reason="no chromium/chromedriver binary (apt-get install chromium "
+                       "chromium-driver); CI installs them so this never skips there"),
+]
+
+#: Flags for a quiet, offline, throwaway browser.
+FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--no-first-run", "--mute-audio", "--window-size=1440,900")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 24-job matrix run with real clips, its report written."""
+    workdir = tmp_path_factory.mktemp("jobs")
+
+    async def build() -> Path:
+        run_dir = await build_matrix_run(workdir)
+        async with Store(workdir / "batchkling.db") as store:
+            return await write_report(store, "spring-ads", run_dir / "report.html")
+
+    return asyncio.run(build())
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # The page's script runs at the end of <body>: no need to wait for every clip to load.
+    options.page_load_strategy = "eager"
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    # Collect uncaught errors from the first script on, before the page's own code runs.
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": (
+        "window.__errors = [];"
+        "window.addEventListener('error', function (e) { window.__errors.push(String("
+        "e.message || (e.target && e.target.src) || e)); }, true);"
+    )})
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def page(browser: Any, report: Path) -> Iterator[Any]:
+    """The report freshly loaded; afterwards, asserts the console stayed clean."""
+    browser.get(report.as_uri())
+    browser.get_log("browser")  # drop anything left from an earlier test
+    yield browser
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == []
+    assert browser.execute_script("return window.__errors") == []
+
+
+def visible_ids(driver: Any) -> list[str]:
+    """Job ids of the cards a person can see, in page order."""
+    return list(driver.execute_script(
+        "return Array.from(document.querySelectorAll('article.card'))"
+        ".filter(c => c.offsetParent !== null).map(c => c.dataset.job);"))
+
+
+def headings(driver: Any) -> list[str]:
+    """The visible group headings' first line (the group name)."""
+    return list(driver.execute_script(
+        "return Array.from(document.querySelectorAll('section.group'))"
+        ".filter(s => !s.hidden).map(s => s.querySelector('h2').firstChild.textContent);"))
+
+
+def choose(driver: Any, select_id: str, value: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element(By.ID, select_id)).select_by_value(value)
+
+
+def chip(driver: Any, status: str) -> Any:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, f"label.chip.st-{status}")
+
+
+class TestReportInBrowser:
+    def test_every_card_shows_without_errors(self, page: Any) -> None:
+        """All 24 cards render, grouped by product, and the script reports what it shows."""
+        from selenium.webdriver.common.by import By
+
+        assert len(visible_ids(page)) == 24
+        assert headings(page) == ["product: watch", "product: sneaker", "product: perfume",
+                                  "product: headphones"]
+        assert page.find_element(By.ID, "shown").text == "showing 24 of 24"
+
+    def test_videos_load_from_relative_paths(self, page: Any) -> None:
+        """The players find their clips next to the page and read their first frame."""
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(page, 10).until(lambda d: d.execute_script(
+            "return Array.from(document.querySelectorAll('video'))"
+            ".every(v => v.readyState >= 1);"))
+        sizes = page.execute_script(
+            "return Array.from(document.querySelectorAll('video'))"
+            ".map(v => [v.closest('article').dataset.job, v.videoWidth, v.videoHeight]);")
+        assert len(sizes) == 16
+        shape = {job: (w, h) for job, w, h in sizes}
+        w, h = shape["watch-9x16-std"]
+        assert h > w
+        w, h = shape["watch-16x9-std"]
+        assert w > h
+
+    def test_status_chip_hides_and_shows_cards(self, page: Any) -> None:
+        """Unticking a status hides exactly its cards; ticking it again brings them back."""
+        chip(page, "succeeded").click()
+        shown = visible_ids(page)
+        assert len(shown) == 7
+        statuses = page.execute_script(
+            "return Array.from(document.querySelectorAll('article.card'))"
+            ".filter(c => c.offsetParent !== null).map(c => c.dataset.status);")
+        assert "succeeded" not in statuses
+        assert "product: watch" not in headings(page)  # every watch job succeeded
+        chip(page, "succeeded").click()
+        assert len(visible_ids(page)) == 24
+
+    def test_group_by_size_then_status(self, page: Any) -> None:
+        """Grouping by size gives one section per size; by status, in the fixed order."""
+        choose(page, "group", "var:size")
+        assert headings(page) == ["size: 16:9", "size: 9:16", "size: 1:1"]
+        assert len(visible_ids(page)) == 24
+        choose(page, "group", "status")
+        assert headings(page) == ["status: succeeded", "status: failed", "status: timed_out",
+                                  "status: unknown", "status: pending"]
+        choose(page, "group", "")
+        assert headings(page) == ["All jobs"]
+
+    def test_sort_within_groups_and_reverse(self, page: Any) -> None:
+        """Sorting by mode puts std before pro inside each product; ↑/↓ reverses it."""
+        from selenium.webdriver.common.by import By
+
+        choose(page, "sort", "var:mode")
+        watch = [j for j in visible_ids(page) if j.startswith("watch-")]
+        assert watch == ["watch-16x9-pro", "watch-9x16-pro", "watch-1x1-pro",
+                         "watch-16x9-std", "watch-9x16-std", "watch-1x1-std"]
+        page.find_element(By.ID, "dir").click()
+        watch = [j for j in visible_ids(page) if j.startswith("watch-")]
+        assert watch[:3] == ["watch-16x9-std", "watch-9x16-std", "watch-1x1-std"]
+        choose(page, "sort", "seq")
+
+    def test_search_filters_cards(self, page: Any) -> None:
+        """Typing filters on prompt, id and error text; no match shows a message."""
+        from selenium.webdriver.common.by import By
+
+        box = page.find_element(By.ID, "q")
+        box.send_keys("content_policy")
+        assert sorted(visible_ids(page)) == ["perfume-16x9-pro", "sneaker-9x16-pro"]
+        box.clear()
+        box.send_keys("aero 9x16")
+        assert sorted(visible_ids(page)) == ["sneaker-9x16-pro", "sneaker-9x16-std"]
+        box.clear()
+        box.send_keys("no such thing")
+        assert visible_ids(page) == []
+        assert page.find_element(By.ID, "empty").is_displayed()
+
+    def test_problem_reason_filters_to_its_jobs(self, page: Any) -> None:
+        """Clicking a reason in the summary shows just the jobs that failed that way."""
+        from selenium.webdriver.common.by import By
+
+        page.find_element(By.CSS_SELECTOR, "button.reason[data-query=RENDER_ERROR]").click()
+        assert visible_ids(page) == ["perfume-1x1-std"]
+
+    def test_view_survives_a_reload(self, page: Any) -> None:
+        """Filters, grouping and search live in the URL fragment, so a reload keeps them."""
+        from selenium.webdriver.common.by import By
+
+        choose(page, "group", "var:mode")
+        chip(page, "failed").click()
+        page.find_element(By.ID, "q").send_keys("sneaker")
+        page.refresh()
+        assert headings(page) == ["mode: std", "mode: pro"]
+        assert page.find_element(By.ID, "q").get_attribute("value") == "sneaker"
+        assert len(visible_ids(page)) == 5
+
+    def test_hostile_prompt_is_text(self, page: Any) -> None:
+        """Markup in a prompt is shown literally and never runs."""
+        from selenium.common.exceptions import NoAlertPresentException
+        from selenium.webdriver.common.by import By
+
+        prompt = page.find_element(By.CSS_SELECTOR, "article[data-job='watch-1x1-pro'] .prompt")
+        assert prompt.text.startswith(HOSTILE)
+        with pytest.raises(NoAlertPresentException):
+            page.switch_to.alert.text  # noqa: B018  (reading it is how selenium probes)
+        assert page.execute_script("return document.querySelectorAll('main script').length") == 0
+
+
+def test_screenshot(browser: Any, report: Path) -> None:
+    """With BATCHKLING_REPORT_SCREENSHOT set, save the whole page as a PNG for the docs."""
+    import base64
+
+    target = os.environ.get("BATCHKLING_REPORT_SCREENSHOT")
+    if not target:
+        pytest.skip("set BATCHKLING_REPORT_SCREENSHOT=docs/report.png to refresh the screenshot")
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(report.as_uri())
+    height = int(browser.execute_script("return document.documentElement.scrollHeight"))
+    # Chromium paints video frames only inside the window: make the window the whole page.
+    browser.set_window_size(1440, height + 200)
+    try:
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(
+            "return Array.from(document.querySelectorAll('video'))"
+            ".every(v => v.readyState >= 2);"))
+        shot = browser.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": 1440, "height": height, "scale": 1},
+        })
+    finally:
+        browser.set_window_size(1440, 900)
+    # A 256-colour palette keeps the PNG small enough for the repository; text stays sharp.
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGB")
+    image.quantize(colors=256, dither=Image.Dither.NONE).save(target, optimize=True)
