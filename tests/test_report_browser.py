@@ -1,9 +1,9 @@
 """The contact sheet in a real headless Chromium: filters, grouping, sorting, search, no errors.
 
-Needs Debian's ``chromium`` and ``chromium-driver`` and ``selenium`` from PyPI; CI installs all
-three, so these tests only skip on a machine without them. Set ``BATCHKLING_REPORT_SCREENSHOT``
-to a path to also save a full-page screenshot of the 24-job report at 1440 px wide (this is how
-``docs/report.png`` is made).
+Needs Debian's ``chromium`` and ``chromium-driver`` and ``selenium`` from PyPI. CI installs all
+three and sets ``BATCHKLING_REQUIRE_BROWSER=1``, which turns the skip into a failure. Set
+``BATCHKLING_REPORT_SCREENSHOT`` to a path to also save a full-page screenshot of the 24-job
+report at 1440 px wide (this is how ``docs/report.png`` is made).
 """
 
 from __future__ import annotations
@@ -31,13 +31,18 @@ try:
 except ImportError:
     HAVE_SELENIUM = False
 
+MISSING = [reason for reason, missing in (
+    ("selenium is not installed (pip install selenium)", not HAVE_SELENIUM),
+    ("no chromium binary (apt-get install chromium)", CHROMIUM is None),
+    ("no chromedriver binary (apt-get install chromium-driver)", CHROMEDRIVER is None),
+) if missing]
+if MISSING and os.environ.get("BATCHKLING_REQUIRE_BROWSER"):
+    # CI sets this so that a broken install fails loudly instead of skipping quietly.
+    pytest.fail("; ".join(MISSING), pytrace=False)
+
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not HAVE_SELENIUM, reason="selenium is not installed (pip install "
-                       "selenium); CI installs it so this never skips there"),
-    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                       reason="no chromium/chromedriver binary (apt-get install chromium "
-                       "chromium-driver); CI installs them so this never skips there"),
+    pytest.mark.skipif(bool(MISSING), reason="; ".join(MISSING) + " (CI installs them)"),
 ]
 
 #: Flags for a quiet, offline, throwaway browser.
