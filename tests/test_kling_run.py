@@ -303,7 +303,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path, workdir: Path,
                                                simulator: Any) -> None:
     """SIGKILLed a dozen times mid-run and resumed: every job ends downloaded from one task,
     none `unknown`, no key paid twice — with a simulator that ignores idempotency keys."""
-    sim = simulator(speed=CLI_SPEED, honor_idempotency_key=False)
+    # Slow answers widen the window in which a kill leaves a create unanswered (`submitting`).
+    sim = simulator(speed=CLI_SPEED, honor_idempotency_key=False, slow_response_s=0.1)
     n = 40
     manifest = _manifest(tmp_path, sim, _jobs(n), name="killme", max_in_flight=6,
                          submit_rate=40)
