@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 
@@ -67,6 +68,8 @@ class JobSpec:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     variables: Mapping[str, str] = field(default_factory=dict)
     group: str | None = None
+    # Filled in on first read of ``fingerprint``; not a value of the job (no init, eq or repr).
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def kind(self) -> JobKind:
@@ -101,15 +104,19 @@ class JobSpec:
     @property
     def fingerprint(self) -> str:
         """Hash of the canonical request; local images count by content, not by path."""
-        blob = json.dumps(self.request(), sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+        found = self._fingerprint
+        if found is None:
+            blob = _canonical_json(self.request())
+            found = hashlib.sha256(blob.encode()).hexdigest()[:32]
+            object.__setattr__(self, "_fingerprint", found)  # frozen: a cache, not a change
+        return found
 
     def to_json(self) -> str:
         """Serialise for the checkpoint store."""
         data = {
             name: getattr(self, name)
-            for name in self.__dataclass_fields__
-            if getattr(self, name) not in (None, {}, ())
+            for name, spec_field in self.__dataclass_fields__.items()
+            if spec_field.init and getattr(self, name) not in (None, {}, ())
         }
         data["metadata"] = dict(self.metadata)
         data["variables"] = dict(self.variables)
@@ -121,6 +128,29 @@ class JobSpec:
     def from_json(cls, blob: str) -> JobSpec:
         """Inverse of :meth:`to_json`."""
         return cls(**json.loads(blob))
+
+
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _canonical_json(request: Mapping[str, Any]) -> str:
+    """``json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)``, faster.
+
+    The same text, which a fingerprint hashes, so it must never change for the same request: the
+    top-level strings and ints that make up almost every request are encoded by the functions
+    ``json`` itself uses for them, anything else by an encoder with the settings above.
+    """
+    items = [f"{encode_basestring_ascii(k)}:{_json_value(v)}" for k, v in sorted(request.items())]
+    return "{" + ",".join(items) + "}"
+
+
+def _json_value(value: Any) -> str:
+    # Exact types only: a bool is an int, and json writes it as true/false.
+    if type(value) is str:
+        return encode_basestring_ascii(value)
+    if type(value) is int:
+        return int.__repr__(value)
+    return _ENCODER.encode(value)
 
 
 def _content_ref(source: str | None, sha256: str | None) -> str | None:
