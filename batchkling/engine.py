@@ -157,15 +157,15 @@ class Engine:
             self.log.warning("run.creates_stopped", reason=reason, kind=kind)
         self._poke()
 
-    async def _set(self, job: JobRow | str, state: JobState, event: str, *,
-                   durable: bool = False, **fields: Any) -> None:
+    async def _set(self, job: JobRow | str, state: JobState, event: str,
+                   **fields: Any) -> None:
         job_id = job if isinstance(job, str) else job.job_id
         # Provider messages are stored and exported: a key they quote must not be.
         fields = {k: redactor.scrub(v) if isinstance(v, str) else v for k, v in fields.items()}
         # A transition's write must land even while the run is being cancelled.
         with anyio.CancelScope(shield=True):
             await self.store.transition(self.run_id, job_id, state, now=self.clock.wall(),
-                                        event=event, durable=durable, **fields)
+                                        event=event, **fields)
 
     def _spawn(self, fn: Callable[..., Any], job: JobRow, *args: Any) -> None:
         assert self._tg is not None
@@ -207,7 +207,8 @@ class Engine:
             for job in rows:
                 await self._settle_ambiguous(job, "the previous process stopped during a create")
 
-    async def _settle_ambiguous(self, job: JobRow, why: str) -> None:
+    async def _settle_ambiguous(self, job: JobRow, why: str) -> TaskStatus | None:
+        """Reconcile a create of unknown outcome; return the task when a lookup found it."""
         key = job.idempotency_key or ""
         if self.provider.can_lookup:
             try:
@@ -215,26 +216,27 @@ class Engine:
             except ProviderError as exc:
                 await self._set(job, JobState.UNKNOWN, "job.unknown", error_code="reconcile",
                                 error_message=f"{why}; lookup failed: {exc}")
-                return
+                return None
             if found is None:
                 # No task carries this key, so none was paid for: the same attempt may go again.
                 await self._set(job, JobState.PENDING, "job.reconciled", data={"found": False})
                 self._requeue(job.job_id)
-                return
-            await self._set(job, JobState.SUBMITTED, "job.reconciled", durable=True,
+                return None
+            await self._set(job, JobState.SUBMITTED, "job.reconciled",
                             task_id=found.task_id, submitted_at=found.created_at
                             or self.clock.wall(), data={"found": True})
-            return
+            return found
         if self.opts.on_unknown == "resubmit":
             # The same key again: a gateway that honours Idempotency-Key returns the same task.
             await self._set(job, JobState.PENDING, "job.resubmit_unknown",
                             error_message=f"{why}; resubmitting with the same idempotency key")
             self._requeue(job.job_id)
-            return
+            return None
         await self._set(job, JobState.UNKNOWN, "job.unknown", error_code="ambiguous_create",
                         error_message=f"{why}; the provider offers no lookup, so the task may or"
                         " may not exist. `batchkling retry RUN --unknown` resubmits it")
         self.log.warning("job.unknown", job_id=job.job_id, reason=why)
+        return None
 
     def _requeue(self, job_id: str) -> None:
         self._back.append(job_id)
@@ -326,8 +328,8 @@ class Engine:
         # left the machine must have its outcome recorded.
         with anyio.CancelScope(shield=True):
             await self._set(
-                job, JobState.SUBMITTING, "job.submitting", durable=True,
-                new_attempt=None if reuse else (number, key, job.fingerprint),
+                job, JobState.SUBMITTING, "job.submitting",
+                new_attempt=None if reuse else (number, key),
                 reserved_usd=estimate, error_code=None, error_message=None,
             )
             self._held.pop(job.job_id, None)
@@ -340,7 +342,7 @@ class Engine:
                 return
             crashpoints.reached("after_create")
             submitted_at = self.clock.wall()
-            await self._set(job, JobState.SUBMITTED, "job.submitted", durable=True,
+            await self._set(job, JobState.SUBMITTED, "job.submitted",
                             task_id=task_id, submitted_at=submitted_at,
                             data={"task_id": task_id})
         self._create_failures = 0
@@ -381,9 +383,15 @@ class Engine:
         if isinstance(exc, AmbiguousCreate):
             # The task may exist and bill: its reservation stays committed.
             log.warning("job.ambiguous_create", error=exc.message)
-            fresh = await self.store.get_job(self.run_id, job.job_id)
-            await self._settle_ambiguous(fresh or job, f"the create got no clear answer "
-                                         f"({exc.message})")
+            fresh = await self.store.get_job(self.run_id, job.job_id) or job
+            found = await self._settle_ambiguous(
+                fresh, f"the create got no clear answer ({exc.message})")
+            if found is not None:
+                # The lookup found the task: it exists, holds an account slot and renders, so
+                # it is tracked now like any created task rather than at the next resume.
+                self.slots.take()
+                self._spawn(self._track, fresh, found.task_id,
+                            found.created_at or self.clock.wall())
             return
         assert isinstance(exc, TaskFailed)
         self._committed_usd -= estimate

@@ -1,9 +1,12 @@
 """The SQLite checkpoint store: the single source of truth for runs, jobs, attempts and events.
 
-Every job state change is one transaction. The create intent (``submitting``) and the task-id
-commit run with ``PRAGMA synchronous=FULL`` so that a power cut cannot lose the fact that a paid
-task may exist; the other transitions use WAL's ``NORMAL``, which can lose the last moments of
-progress but never corrupts the file, and everything lost that way is re-learnt by polling.
+Every job state change is one ``UPDATE`` of its ``jobs`` row — a single statement, so a single
+atomic transaction — and triggers do the rest inside it: a new attempt number inserts the
+attempt's row, and every transition mirrors the attempt's fields and appends an event. One
+statement also means one hop to aiosqlite's thread per transition, which is most of the store's
+CPU cost. Commits use ``PRAGMA synchronous=FULL`` (WAL): once a transition returns, it survives a
+power cut, which is what the create intent and the task-id commit need and what the others get
+for the price of an fsync in the database thread.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     completed_at REAL,
     render_seconds REAL,
     updated_at REAL NOT NULL,
+    last_event TEXT,
+    last_event_data TEXT,
     PRIMARY KEY (run_id, job_id)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (run_id, state, seq);
@@ -101,6 +106,27 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT
 );
 CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, id);
+-- Transitions set jobs.last_event; only they fire these (resets and syncs do not touch history).
+CREATE TRIGGER IF NOT EXISTS job_new_attempt AFTER UPDATE OF last_event ON jobs
+WHEN NEW.attempt > OLD.attempt
+BEGIN
+    INSERT INTO attempts (run_id, job_id, number, idempotency_key, fingerprint, state, task_id,
+                          submitted_at, completed_at, cost_usd, cost_units, error_code,
+                          error_message)
+    VALUES (NEW.run_id, NEW.job_id, NEW.attempt, NEW.idempotency_key, NEW.fingerprint,
+            NEW.state, NEW.task_id, NEW.submitted_at, NEW.completed_at, NEW.cost_usd,
+            NEW.cost_units, NEW.error_code, NEW.error_message);
+END;
+CREATE TRIGGER IF NOT EXISTS job_transition AFTER UPDATE OF last_event ON jobs
+BEGIN
+    UPDATE attempts SET state = NEW.state, task_id = NEW.task_id,
+        submitted_at = NEW.submitted_at, completed_at = NEW.completed_at,
+        cost_usd = NEW.cost_usd, cost_units = NEW.cost_units, error_code = NEW.error_code,
+        error_message = NEW.error_message
+    WHERE run_id = NEW.run_id AND job_id = NEW.job_id AND number = NEW.attempt;
+    INSERT INTO events (run_id, job_id, at, event, data)
+    VALUES (NEW.run_id, NEW.job_id, NEW.updated_at, NEW.last_event, NEW.last_event_data);
+END;
 """
 
 #: Columns of ``jobs`` a transition may set.
@@ -112,12 +138,10 @@ _JOB_COLUMNS = frozenset(
         "render_seconds",
     }
 )
-#: Columns of ``attempts`` mirrored from a transition onto the job's current attempt.
-_ATTEMPT_COLUMNS = frozenset(
-    {
-        "task_id", "submitted_at", "completed_at", "cost_usd", "cost_units", "error_code",
-        "error_message",
-    }
+#: Job columns that describe one attempt: a new attempt starts with them empty.
+_FRESH_ATTEMPT = (
+    "task_id", "progress", "video_url", "submitted_at", "completed_at", "render_seconds",
+    "cost_usd", "cost_units", "error_code", "error_message", "retryable",
 )
 
 
@@ -230,7 +254,7 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = await aiosqlite.connect(self.path, isolation_level=None, timeout=30)
             await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA synchronous=FULL")
             await db.execute("PRAGMA foreign_keys=ON")
             await db.executescript(_SCHEMA)
             async with db.execute("SELECT value FROM meta WHERE key='schema_version'") as cur:
@@ -264,28 +288,25 @@ class Store:
             raise StoreError("the store is not open")
         return self._db
 
-    async def _write(
-        self, statements: Iterable[tuple[str, Iterable[Any]]], *, durable: bool = False
-    ) -> None:
-        """Run statements as one transaction; ``durable`` fsyncs the commit (synchronous=FULL)."""
+    async def _write(self, statements: Iterable[tuple[str, Iterable[Any]]]) -> None:
+        """Run statements as one transaction (a lone statement is its own transaction)."""
         db = self.db
+        batch = list(statements)
         async with self._lock:
             try:
-                if durable:
-                    await db.execute("PRAGMA synchronous=FULL")
+                if len(batch) == 1:
+                    sql, params = batch[0]
+                    await db.execute(sql, tuple(params))
+                    return
                 await db.execute("BEGIN IMMEDIATE")
                 try:
-                    for sql, params in statements:
+                    for sql, params in batch:
                         await db.execute(sql, tuple(params))
                     await db.execute("COMMIT")
                 except BaseException:
                     with anyio.CancelScope(shield=True):
                         await db.execute("ROLLBACK")
                     raise
-                finally:
-                    if durable:
-                        with anyio.CancelScope(shield=True):
-                            await db.execute("PRAGMA synchronous=NORMAL")
             except sqlite3.Error as exc:
                 raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
 
@@ -342,7 +363,6 @@ class Store:
                      int(simulated), secrets.token_hex(4), now, now),
                 )
             ],
-            durable=True,
         )
 
     async def set_run_state(
@@ -486,7 +506,7 @@ class Store:
                 )
             )
         if statements:
-            await self._write(statements, durable=True)
+            await self._write(statements)
 
     async def reset_for_retry(
         self, run_id: str, *, states: Iterable[JobState], job_ids: Iterable[str], now: float
@@ -530,7 +550,7 @@ class Store:
             statements.append(_event(run_id, job_id, now, "job.retry_requested",
                                      {"from": state}))
         if statements:
-            await self._write(statements, durable=True)
+            await self._write(statements)
         return len(rows)
 
     async def get_job(self, run_id: str, job_id: str) -> JobRow | None:
@@ -609,49 +629,30 @@ class Store:
         *,
         now: float,
         event: str,
-        durable: bool = False,
-        new_attempt: tuple[int, str, str] | None = None,
+        new_attempt: tuple[int, str] | None = None,
         data: Mapping[str, Any] | None = None,
         **fields: Any,
     ) -> None:
-        """Move a job to ``state`` and set ``fields``, in one transaction with its event row.
+        """Move a job to ``state`` and set ``fields``; its event row lands in the same statement.
 
-        ``new_attempt`` = ``(number, idempotency_key, fingerprint)`` opens a new attempt row
-        (the submit intent). Fields that belong to the attempt are mirrored onto the current one.
+        ``new_attempt`` = ``(number, idempotency_key)`` opens a new attempt (the submit intent):
+        the attempt fields start empty, and a trigger inserts the attempt's row. Afterwards the
+        attempt fields of every transition are mirrored onto the current attempt's row.
         """
         unknown = set(fields) - _JOB_COLUMNS
         if unknown:
             raise StoreError(f"unknown job fields {sorted(unknown)}")
-        statements: list[tuple[str, Iterable[Any]]] = []
         if new_attempt is not None:
-            number, key, fingerprint = new_attempt
-            fields = {**fields, "attempt": number, "idempotency_key": key}
-            statements.append(
-                (
-                    "INSERT INTO attempts (run_id, job_id, number, idempotency_key, fingerprint,"
-                    " state) VALUES (?, ?, ?, ?, ?, ?)",
-                    (run_id, job_id, number, key, fingerprint, state.value),
-                )
-            )
-        sets = ", ".join(f"{name} = ?" for name in fields)
-        statements.append(
-            (
-                f"UPDATE jobs SET state = ?, updated_at = ?{', ' + sets if sets else ''}"
-                " WHERE run_id = ? AND job_id = ?",
-                (state.value, now, *fields.values(), run_id, job_id),
-            )
-        )
-        mirrored = {k: v for k, v in fields.items() if k in _ATTEMPT_COLUMNS}
-        attempt_sets = "".join(f", {name} = ?" for name in mirrored)
-        statements.append(
-            (
-                f"UPDATE attempts SET state = ?{attempt_sets} WHERE run_id = ? AND job_id = ?"
-                " AND number = (SELECT attempt FROM jobs WHERE run_id = ? AND job_id = ?)",
-                (state.value, *mirrored.values(), run_id, job_id, run_id, job_id),
-            )
-        )
-        statements.append(_event(run_id, job_id, now, event, data))
-        await self._write(statements, durable=durable)
+            number, key = new_attempt
+            fields = {**dict.fromkeys(_FRESH_ATTEMPT), **fields, "attempt": number,
+                      "idempotency_key": key}
+        blob = json.dumps(dict(data), default=str, separators=(",", ":")) if data else None
+        sets = "".join(f", {name} = ?" for name in fields)
+        await self._write([(
+            f"UPDATE jobs SET state = ?, updated_at = ?, last_event = ?, last_event_data = ?"
+            f"{sets} WHERE run_id = ? AND job_id = ?",
+            (state.value, now, event, blob, *fields.values(), run_id, job_id),
+        )])
 
     async def set_progress(self, run_id: str, job_id: str, progress: float) -> None:
         """Record progress without an event row (it changes on every poll)."""

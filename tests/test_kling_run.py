@@ -189,9 +189,6 @@ class TestFailures:
         retryable = dict(_db(workdir, "SELECT job_id, retryable FROM jobs"))
         assert retryable["policy"] == 0 and retryable["internal"] == 1
 
-    @pytest.mark.xfail(strict=True, reason="engine bug: a live AmbiguousCreate whose lookup "
-                       "finds the task marks it submitted but never tracks it (exit 3 until a "
-                       "resume); fix proposed in the issue #5 report — drop this mark with it")
     async def test_lost_create_answers_are_adopted_by_lookup(
             self, tmp_path: Path, workdir: Path, simulator: Any) -> None:
         """Creates whose answer is a 5xx after the task was made are found by external_task_id

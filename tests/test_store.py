@@ -32,7 +32,7 @@ class TestTransitions:
         store = await _store_with_jobs(tmp_path / "db", "a")
         for number in (1, 2):
             await store.transition("r", "a", JobState.SUBMITTING, now=2.0, event="e",
-                                   new_attempt=(number, f"key-{number}", "fp"))
+                                   new_attempt=(number, f"key-{number}"))
             await store.transition("r", "a", JobState.SUBMITTED, now=3.0, event="e",
                                    task_id=f"task-{number}", submitted_at=3.0)
             await store.transition("r", "a", JobState.FAILED, now=4.0, event="e",
