@@ -136,8 +136,10 @@ class Engine:
         self.polls = 0
         # Jobs put back to pending behind the submitter's cursor (requeued or retried).
         self._back: deque[str] = deque()
-        # Budget held for jobs between the submitter's check and their intent commit.
+        # Budget held per job from the submitter's check until the attempt's cost is settled.
         self._held: dict[str, float] = {}
+        # The next pending jobs in manifest order, fetched a page at a time.
+        self._page: deque[JobRow] = deque()
         self._active = 0  # submits and trackers alive: the submitter waits for them to drain
         self._wake = anyio.Event()
         self._committed_usd = 0.0
@@ -255,6 +257,7 @@ class Engine:
                     self._spawn(self._fetch, job, job.video_url)
                     continue
                 self.slots.take()
+                self._held[job.job_id] = job.reserved_usd
                 if job.state is JobState.TIMED_OUT:
                     await self._set(job, JobState.SUBMITTED, "job.readopted")
                 self._spawn(self._track, job, job.task_id, job.submitted_at)
@@ -264,10 +267,12 @@ class Engine:
             row = await self.store.get_job(self.run_id, self._back.popleft())
             if row is not None and row.state is JobState.PENDING:
                 return row, cursor
-        rows = await self.store.jobs_in(self.run_id, [JobState.PENDING], after_seq=cursor,
-                                        limit=1)
-        if rows:
-            return rows[0], rows[0].seq
+        if not self._page:
+            self._page.extend(await self.store.jobs_in(self.run_id, [JobState.PENDING],
+                                                       after_seq=cursor, limit=200))
+        if self._page:
+            row = self._page.popleft()
+            return row, row.seq
         return None, cursor
 
     async def _submitter(self) -> None:
@@ -320,7 +325,9 @@ class Engine:
         estimate = self._held.get(job.job_id, 0.0)
         log = self.log.bind(job_id=job.job_id, attempt=number)
         await self.create_gate.wait()
-        if self.stop.reason is not None:
+        if self.stop.reason is not None and self.stop.kind != "budget":
+            # The account, the network or the user said stop. A budget stop only refuses new
+            # reservations: this job's money was reserved within the budget.
             self.slots.release()
             await self._unreserve(job)
             return
@@ -332,13 +339,12 @@ class Engine:
                 new_attempt=None if reuse else (number, key),
                 reserved_usd=estimate, error_code=None, error_message=None,
             )
-            self._held.pop(job.job_id, None)
             crashpoints.reached("after_intent")
             try:
                 task_id = await self.provider.create(spec, key)
             except ProviderError as exc:
                 self.slots.release()
-                await self._create_failed(job, exc, estimate, log)
+                await self._create_failed(job, exc, log)
                 return
             crashpoints.reached("after_create")
             submitted_at = self.clock.wall()
@@ -350,14 +356,13 @@ class Engine:
         log.info("job.submitted", task_id=task_id)
         await self._track(job, task_id, submitted_at)
 
-    async def _create_failed(self, job: JobRow, exc: ProviderError, estimate: float,
-                             log: Any) -> None:
+    async def _create_failed(self, job: JobRow, exc: ProviderError, log: Any) -> None:
         """Decide what a refused or unanswered create means for the job and the run."""
         err: dict[str, Any] = {"error_code": exc.code or type(exc).__name__,
                                "error_message": exc.message}
         if isinstance(exc, SlotsExhausted | RateLimited | TransientError | AccountBlocked):
             # No task was made: the same attempt (same key) goes again later.
-            self._committed_usd -= estimate
+            self._committed_usd -= self._held.pop(job.job_id, 0.0)
             await self._set(job, JobState.PENDING, "job.requeued", reserved_usd=0, **err)
             self._create_failures += 1
             if isinstance(exc, SlotsExhausted):
@@ -384,17 +389,20 @@ class Engine:
             # The task may exist and bill: its reservation stays committed.
             log.warning("job.ambiguous_create", error=exc.message)
             fresh = await self.store.get_job(self.run_id, job.job_id) or job
+            # The task may exist and bill: its reservation stays committed until we know.
+            hold = self._held.pop(job.job_id, 0.0)
             found = await self._settle_ambiguous(
                 fresh, f"the create got no clear answer ({exc.message})")
             if found is not None:
                 # The lookup found the task: it exists, holds an account slot and renders, so
                 # it is tracked now like any created task rather than at the next resume.
+                self._held[job.job_id] = hold
                 self.slots.take()
                 self._spawn(self._track, fresh, found.task_id,
                             found.created_at or self.clock.wall())
             return
         assert isinstance(exc, TaskFailed)
-        self._committed_usd -= estimate
+        self._committed_usd -= self._held.pop(job.job_id, 0.0)
         await self._finish_attempt(job, retryable=exc.retryable, reserved_usd=0, **err)
 
     async def _finish_attempt(self, job: JobRow, *, retryable: bool, **fields: Any) -> None:
@@ -502,17 +510,13 @@ class Engine:
             await self._fetch(job, status.video_url)
 
     async def _settle_cost(self, job: JobRow, cost: float | None) -> None:
-        if cost is None:
-            return
-        current = await self.store.get_job(self.run_id, job.job_id)
-        reserved = current.reserved_usd if current else 0.0
-        self._committed_usd += cost - reserved
+        held = self._held.pop(job.job_id, 0.0)
+        if cost is not None:
+            self._committed_usd += cost - held
 
     async def _task_failed(self, job: JobRow, status: TaskStatus) -> None:
-        current = await self.store.get_job(self.run_id, job.job_id)
-        reserved = current.reserved_usd if current else 0.0
         # A failed task is usually not billed; what the provider reports replaces the hold.
-        self._committed_usd += (status.cost_usd or 0.0) - reserved
+        self._committed_usd += (status.cost_usd or 0.0) - self._held.pop(job.job_id, 0.0)
         await self._finish_attempt(
             job, retryable=status.retryable, error_code=status.error_code,
             error_message=status.error_message, cost_usd=status.cost_usd,
