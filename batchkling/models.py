@@ -7,7 +7,6 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from json.encoder import encode_basestring_ascii
 from typing import Any
 
 
@@ -106,7 +105,7 @@ class JobSpec:
         """Hash of the canonical request; local images count by content, not by path."""
         found = self._fingerprint
         if found is None:
-            blob = _canonical_json(self.request())
+            blob = _CANONICAL.encode(self.request())
             found = hashlib.sha256(blob.encode()).hexdigest()[:32]
             object.__setattr__(self, "_fingerprint", found)  # frozen: a cache, not a change
         return found
@@ -130,27 +129,9 @@ class JobSpec:
         return cls(**json.loads(blob))
 
 
-_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
-
-
-def _canonical_json(request: Mapping[str, Any]) -> str:
-    """``json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)``, faster.
-
-    The same text, which a fingerprint hashes, so it must never change for the same request: the
-    top-level strings and ints that make up almost every request are encoded by the functions
-    ``json`` itself uses for them, anything else by an encoder with the settings above.
-    """
-    items = [f"{encode_basestring_ascii(k)}:{_json_value(v)}" for k, v in sorted(request.items())]
-    return "{" + ",".join(items) + "}"
-
-
-def _json_value(value: Any) -> str:
-    # Exact types only: a bool is an int, and json writes it as true/false.
-    if type(value) is str:
-        return encode_basestring_ascii(value)
-    if type(value) is int:
-        return int.__repr__(value)
-    return _ENCODER.encode(value)
+#: ``json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)`` builds this
+#: encoder on every call; one shared instance writes the same text without that set-up.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
 
 
 def _content_ref(source: str | None, sha256: str | None) -> str | None:
