@@ -325,6 +325,27 @@ def export(run_id: str, workdir: Path, output: Path | None) -> None:
     click.echo(str(path))
 
 
+@cli.command()
+@click.argument("run_id")
+@WORKDIR
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the page (default: the run's report.html).")
+def report(run_id: str, workdir: Path, output: Path | None) -> None:
+    """Write RUN_ID's contact sheet: one card per job with its video, grouped by matrix axes."""
+    from batchkling.report import write_report
+    from batchkling.store import Store
+
+    async def go() -> Path:
+        async with Store(workdir / "batchkling.db") as store:
+            return await write_report(store, run_id, output or workdir / run_id / "report.html")
+
+    with _errors_to_exit_codes():
+        if not (workdir / "batchkling.db").exists():
+            raise RunNotFound(f"no runs in {workdir} (no batchkling.db): check --workdir")
+        path = _run_async(go)
+    click.echo(str(path))
+
+
 # ---- plan, schema, simulate --------------------------------------------------------------
 
 

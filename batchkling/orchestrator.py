@@ -32,6 +32,7 @@ from batchkling.errors import BatchklingError, ConfigError, unwrapped_groups
 from batchkling.logs import get_logger, redactor, run_log
 from batchkling.models import JobState, RunSummary
 from batchkling.providers.base import Provider
+from batchkling.report import write_report
 from batchkling.results import csv_status, write_results
 from batchkling.store import RunRow, Store
 
@@ -275,6 +276,11 @@ class Orchestrator:
     async def _finish(self, engine: Engine, options: EngineOptions) -> RunSummary:
         csv_path = await write_results(self.store, self.run_id, self.run_dir / "results.csv",
                                        download=options.download)
+        try:
+            await write_report(self.store, self.run_id, self.run_dir / "report.html")
+        except OSError as exc:
+            # The page is a convenience view; the CSV and the DB are the record.
+            self.log.warning("run.report_failed", error=str(exc))
         counts = await self.store.counts(self.run_id)
         by_status: dict[str, int] = {}
         for job_state, n in counts.items():
