@@ -37,6 +37,7 @@ from batchkling.errors import (
     ProviderError,
     RateLimited,
     SlotsExhausted,
+    StoreError,
     TaskFailed,
     TransientError,
     UnsafeURL,
@@ -176,6 +177,10 @@ class Engine:
         async def wrapper() -> None:
             try:
                 await fn(job, *args)
+            except StoreError as exc:
+                # Without a checkpoint no create may be paid for: stop them all. The job's last
+                # committed state stands, so `resume` continues once the disk is fixed.
+                self.stop_creating(f"the state database failed: {exc}", "store")
             except Exception as exc:  # a bug must cost one job's progress, not the run
                 self.log.exception("job.internal_error", job_id=job.job_id)
                 with anyio.CancelScope(shield=True):

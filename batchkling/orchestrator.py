@@ -309,7 +309,7 @@ class Orchestrator:
     # ---- configuration -------------------------------------------------------------------
 
     def _options(self, run: RunRow, config: RunConfig) -> EngineOptions:
-        host = urlsplit(run.base_url).hostname or ""
+        host = urlsplit(self._base_url(run)).hostname or ""
         trusted: set[str] = set()
         if _private_host(host) or self.transport is not None:
             # The provider itself is local (the simulator, or an in-process test app): its own
@@ -331,6 +331,10 @@ class Orchestrator:
             trusted_hosts=frozenset(trusted),
         )
 
+    def _base_url(self, run: RunRow) -> str:
+        # A simulated run gets a new simulator (and port) on every invocation.
+        return self.base_url_override or run.base_url
+
     def _secret(self, variable: str | None, what: str) -> str:
         if not variable:
             raise ConfigError(f"the manifest names no environment variable for the {what}")
@@ -347,16 +351,16 @@ class Orchestrator:
             from batchkling.providers.imarouter import ImaRouterProvider
 
             key = self._secret(spec.api_key_env, "ImaRouter API key")
-            return ImaRouterProvider(run.base_url, key, transport=self.transport)
+            return ImaRouterProvider(self._base_url(run), key, transport=self.transport)
         if run.provider == "kling":
             from batchkling.providers.kling import KlingProvider
 
             if spec.api_key_env:
-                return KlingProvider(run.base_url, api_key=self._secret(
+                return KlingProvider(self._base_url(run), api_key=self._secret(
                     spec.api_key_env, "Kling API key"), transport=self.transport,
                     clock=self.clock)
             return KlingProvider(
-                run.base_url,
+                self._base_url(run),
                 access_key=self._secret(spec.access_key_env, "Kling access key"),
                 secret_key=self._secret(spec.secret_key_env, "Kling secret key"),
                 transport=self.transport, clock=self.clock,

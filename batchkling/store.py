@@ -28,7 +28,16 @@ import anyio
 from batchkling.errors import RunLocked, RunNotFound, StoreError
 from batchkling.models import JobSpec, JobState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: Steps from each older schema version to the next; ``_SCHEMA`` then adds what is missing
+#: (indexes, triggers) with ``IF NOT EXISTS``. Version 1 had no ``last_event`` columns.
+_MIGRATIONS = {
+    1: """
+        ALTER TABLE jobs ADD COLUMN last_event TEXT;
+        ALTER TABLE jobs ADD COLUMN last_event_data TEXT;
+    """,
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -256,23 +265,30 @@ class Store:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=FULL")
             await db.execute("PRAGMA foreign_keys=ON")
-            await db.executescript(_SCHEMA)
-            async with db.execute("SELECT value FROM meta WHERE key='schema_version'") as cur:
-                row = await cur.fetchone()
-            if row is None:
-                await db.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-            elif int(row[0]) > SCHEMA_VERSION:
-                await db.close()
-                raise StoreError(
-                    f"{self.path} was written by a newer batchkling (schema {row[0]}); "
-                    "upgrade batchkling to use it"
-                )
+            await self._migrate(db)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
         self._db = db
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION`."""
+        await db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        async with db.execute("SELECT value FROM meta WHERE key='schema_version'") as cur:
+            row = await cur.fetchone()
+        version = SCHEMA_VERSION if row is None else int(row[0])
+        if version > SCHEMA_VERSION:
+            await db.close()
+            raise StoreError(
+                f"{self.path} was written by a newer batchkling (schema {version}); "
+                "upgrade batchkling to use it"
+            )
+        steps = "".join(_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
+        # One script, one transaction: a crash mid-upgrade leaves the old schema intact.
+        await db.executescript(
+            f"BEGIN IMMEDIATE; {steps} {_SCHEMA}"
+            f" INSERT OR REPLACE INTO meta (key, value) VALUES"
+            f" ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
+        )
 
     async def aclose(self) -> None:
         """Close the database; idempotent."""

@@ -367,3 +367,27 @@ class TestSecrets:
         dump = "\n".join(con.iterdump())
         con.close()
         assert TEST_KEY not in dump
+
+
+class TestStoreFailure:
+    async def test_a_failing_database_stops_all_creates(
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """When checkpoints cannot be written, no further task is paid for; exit 3."""
+        sim = simulator()
+        path = _manifest(tmp_path, sim, _jobs(8), limits={"max_in_flight": 2, "submit_rate": 5})
+        original = Store.transition
+        calls = {"n": 0}
+
+        async def flaky(self: Store, *args: Any, **kwargs: Any) -> None:
+            calls["n"] += 1
+            if calls["n"] > 6:
+                from batchkling.errors import StoreError
+                raise StoreError("disk I/O error")
+            await original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Store, "transition", flaky)
+        summary = await _run(path, workdir)
+        assert summary.exit_code == 3
+        assert "state database failed" in (summary.stop_reason or "")
+        assert sim.stats()["creates"] <= 3

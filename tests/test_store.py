@@ -95,3 +95,24 @@ async def test_closed_store_refuses_reuse(tmp_path: Path) -> None:
     await store.aclose()  # idempotent
     with pytest.raises(StoreError):
         await store.open()
+
+
+async def test_version_1_database_is_migrated(tmp_path: Path) -> None:
+    """A database written by schema 1 (no last_event columns) is upgraded in place and works."""
+    path = tmp_path / "db"
+    store = await _store_with_jobs(path, "a")
+    await store.aclose()
+    con = sqlite3.connect(path)
+    con.executescript(
+        "DROP TRIGGER job_new_attempt; DROP TRIGGER job_transition;"
+        " ALTER TABLE jobs DROP COLUMN last_event; ALTER TABLE jobs DROP COLUMN last_event_data;"
+        " UPDATE meta SET value = '1' WHERE key = 'schema_version';"
+    )
+    con.close()
+    async with Store(path) as upgraded:
+        await upgraded.transition("r", "a", JobState.SUBMITTING, now=2, event="job.submitting",
+                                  new_attempt=(1, "k1"))
+        assert [a["idempotency_key"] for a in await upgraded.attempts("r", "a")] == ["k1"]
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT value FROM meta").fetchone()[0] == "2"
+    con.close()
