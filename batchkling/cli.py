@@ -111,12 +111,13 @@ def cli() -> None:
 # ---- run, resume, retry ------------------------------------------------------------------
 
 
-def _configure_console(*, quiet: bool = False) -> None:
+def _configure_console() -> None:
     from batchkling.logs import configure_logging
 
+    # A person gets the live display and only warnings as text; cron gets every event as JSON.
     interactive = sys.stderr.isatty()
     configure_logging(console="pretty" if interactive else "json",
-                      level="warning" if quiet else "info")
+                      level="warning" if interactive else "info")
 
 
 def _simulated_env(config: Any) -> dict[str, str]:
@@ -164,6 +165,12 @@ async def _drive(make: Callable[[], Any], action: Callable[[Any], Awaitable[Any]
                         os._exit(EXIT_INTERRUPTED)
 
         tg.start_soon(watch_signals)
+        if sys.stderr.isatty():
+            from rich.console import Console
+
+            from batchkling.progress import show_progress
+
+            tg.start_soon(show_progress, orch, Console(stderr=True))
         summary = await action(orch)
         tg.cancel_scope.cancel()
     return summary

@@ -17,6 +17,7 @@ import random
 import re
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from types import TracebackType
@@ -43,6 +44,20 @@ EXIT_OK, EXIT_FAILED, EXIT_INCOMPLETE, EXIT_ACCOUNT, EXIT_INTERRUPTED = 0, 1, 3,
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HEARTBEAT = 5.0
 _STALE_AFTER = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How a run stands right now (see :meth:`Orchestrator.progress`)."""
+
+    run_id: str
+    counts: Mapping[str, int]
+    in_flight: int
+    slot_limit: int
+    spent_usd: float
+    committed_usd: float
+    elapsed: float
+    stop_reason: str | None
 
 
 def resolve_run_id(template: str, today: date | None = None) -> str:
@@ -113,6 +128,7 @@ class Orchestrator:
         self._engine: Engine | None = None
         self._scope: anyio.CancelScope | None = None
         self._interrupted = False
+        self._started: float | None = None
         self._entered = False
         self._closed = False
         self.log = get_logger(run_id=self.run_id)
@@ -135,6 +151,22 @@ class Orchestrator:
         self._closed = True
         if self._own_store:
             await self.store.aclose()
+
+    async def progress(self) -> Progress:
+        """A snapshot for progress displays: counts by state, slots, money, elapsed time."""
+        counts = await self.store.counts(self.run_id)
+        spent, committed = await self.store.money(self.run_id)
+        engine = self._engine
+        return Progress(
+            run_id=self.run_id,
+            counts={state.value: n for state, n in counts.items()},
+            in_flight=engine.slots.in_use if engine else 0,
+            slot_limit=engine.slots.limit if engine else 0,
+            spent_usd=spent,
+            committed_usd=committed,
+            elapsed=self.clock.monotonic() - self._started if self._started else 0.0,
+            stop_reason=engine.stop.reason if engine else None,
+        )
 
     def interrupt(self) -> None:
         """Stop creating and wind down now (first Ctrl-C); remote tasks keep running."""
@@ -248,6 +280,7 @@ class Orchestrator:
                             nonce=run.nonce, options=options, run_dir=self.run_dir,
                             clock=self.clock, http=http, estimate_usd=estimate, rng=self._rng)
             self._engine = engine
+            self._started = self.clock.monotonic()
             self.log.info("run.started", provider=run.provider, simulated=run.simulated,
                           max_in_flight=options.max_in_flight)
             try:

@@ -1,0 +1,53 @@
+"""The terminal progress display and the progress snapshot it draws from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from conftest import SPEED
+from rich.console import Console
+
+from batchkling.manifest import load_manifest
+from batchkling.orchestrator import Orchestrator, Progress
+from batchkling.progress import render
+from batchkling.testing import write_manifest
+
+
+def _text(progress: Progress) -> str:
+    console = Console(width=120, record=True)
+    console.print(render(progress))
+    return console.export_text()
+
+
+def test_frame_shows_counts_slots_money_and_eta() -> None:
+    """One frame names every non-empty state, the slots, the money and an ETA."""
+    frame = _text(Progress(run_id="spring", counts={"pending": 3, "running": 2, "downloaded": 5,
+                                                     "failed": 1},
+                           in_flight=2, slot_limit=4, spent_usd=1.5, committed_usd=2.25,
+                           elapsed=60, stop_reason=None))
+    assert "spring" in frame and "5/11 downloaded" in frame
+    assert "pending 3" in frame and "running 2" in frame and "failed 1" in frame
+    assert "slots 2/4" in frame and "$1.50" in frame and "$2.25" in frame
+    assert "ETA 1m00s" in frame  # 6 ended in 60 s, 5 left
+
+
+def test_frame_says_why_creates_stopped() -> None:
+    """A stop reason is shown under the counts."""
+    frame = _text(Progress(run_id="r", counts={"pending": 1}, in_flight=0, slot_limit=1,
+                           spent_usd=0, committed_usd=0, elapsed=0,
+                           stop_reason="budget reached"))
+    assert "creates stopped: budget reached" in frame and "ETA —" in frame
+
+
+async def test_snapshot_after_a_run(tmp_path: Path, workdir: Path, simulator: Any,
+                                    api_key: str) -> None:
+    """progress() reports the store's counts and money for the run."""
+    sim = simulator()
+    path = write_manifest(tmp_path, [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}],
+                          base_url=sim.base_url)
+    async with Orchestrator(load_manifest(path), workdir=workdir, time_scale=SPEED) as orch:
+        await orch.run()
+        snapshot = await orch.progress()
+    assert snapshot.counts == {"downloaded": 2}
+    assert snapshot.spent_usd > 0 and snapshot.in_flight == 0
