@@ -29,7 +29,7 @@ def test_frame_shows_counts_slots_money_and_eta() -> None:
     assert "spring" in frame and "5/11 downloaded" in frame
     assert "pending 3" in frame and "running 2" in frame and "failed 1" in frame
     assert "slots 2/4" in frame and "$1.50" in frame and "$2.25" in frame
-    assert "ETA 1m00s" in frame  # 6 ended in 60 s, 5 left
+    assert "ETA 0m50s" in frame  # 6 ended in 60 s: 10 s each, 5 left
 
 
 def test_frame_says_why_creates_stopped() -> None:
