@@ -91,6 +91,12 @@ def _errors_to_exit_codes() -> Iterator[None]:
               "state database is consistent: `resume` continues the run.", EXIT_FAILED_JOBS)
 
 
+def _require_db(workdir: Path) -> None:
+    # Reading commands must not create an empty database in a mistyped folder.
+    if not (workdir / "batchkling.db").exists():
+        raise RunNotFound(f"no runs in {workdir} (no batchkling.db): check --workdir")
+
+
 def _run_async(fn: Callable[[], Awaitable[_T]]) -> _T:
     # aiosqlite is asyncio-only, so the backend is fixed.
     with unwrapped_groups():
@@ -243,8 +249,7 @@ def _resume_like(run_id: str, workdir: Path, speed: float | None,
             return await store.require_run(run_id)
 
     with _errors_to_exit_codes():
-        if not (workdir / "batchkling.db").exists():
-            raise RunNotFound(f"no runs in {workdir} (no batchkling.db): check --workdir")
+        _require_db(workdir)
         stored = _run_async(lookup)
         _configure_console()
         simulated = stored.simulated
@@ -301,9 +306,9 @@ def status(run_id: str | None, workdir: Path, as_json: bool) -> None:
     from batchkling.views import run_status, runs_table
 
     with _errors_to_exit_codes():
+        if run_id:
+            _require_db(workdir)
         if not (workdir / "batchkling.db").exists():
-            if run_id:
-                raise RunNotFound(f"no runs in {workdir} (no batchkling.db): check --workdir")
             data: Any = []
         else:
             data = _run_async(lambda: run_status(workdir, run_id) if run_id
@@ -326,8 +331,7 @@ def export(run_id: str, workdir: Path, output: Path | None) -> None:
     from batchkling.views import export_csv
 
     with _errors_to_exit_codes():
-        if not (workdir / "batchkling.db").exists():
-            raise RunNotFound(f"no runs in {workdir} (no batchkling.db): check --workdir")
+        _require_db(workdir)
         path = _run_async(lambda: export_csv(workdir, run_id, output))
     click.echo(str(path))
 
@@ -347,8 +351,7 @@ def report(run_id: str, workdir: Path, output: Path | None) -> None:
             return await write_report(store, run_id, output or workdir / run_id / "report.html")
 
     with _errors_to_exit_codes():
-        if not (workdir / "batchkling.db").exists():
-            raise RunNotFound(f"no runs in {workdir} (no batchkling.db): check --workdir")
+        _require_db(workdir)
         path = _run_async(go)
     click.echo(str(path))
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchkling.catalog import MAX_PROMPT, MODELS, MODES, SIZES, SOUNDS
 from batchkling.errors import Problem
 from batchkling.images import ImageCache, resolve_image
-from batchkling.manifest_jobs import MAX_PROMPT, MODELS, MODES, SIZES, SOUNDS
 from batchkling.models import JobSpec
 from batchkling.templates import Template, TemplateError, compile_template
 from batchkling.yamlsource import DataPath, SourceMap, suggest

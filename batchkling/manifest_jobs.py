@@ -24,23 +24,10 @@ from pydantic import (
     model_validator,
 )
 
+from batchkling.catalog import DURATIONS, MAX_PROMPT, MODELS, MODES, SIZES, SOUNDS
 from batchkling.templates import VARIABLE_NAME, as_text, is_template
 from batchkling.yamlsource import show, suggest
 
-MODELS = (
-    "kling-v1",
-    "kling-v1-6",
-    "kling-v2-master",
-    "kling-v2-1-master",
-    "kling-v2-5-turbo",
-    "kling-v2-6",
-    "kling-video-o1",
-)
-SIZES = ("1:1", "16:9", "9:16")
-MODES = ("std", "pro")
-DURATIONS = (5, 10)
-SOUNDS = ("on", "off")
-MAX_PROMPT = 2500
 #: What a job gets when neither ``defaults`` nor the job says otherwise.
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "model": "kling-v2-6",

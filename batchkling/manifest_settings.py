@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BeforeValidator, Field, PlainValidator, WithJsonSchema, model_validator
 
-from batchkling.manifest_jobs import MODELS, MODES, StrictModel
+from batchkling.catalog import MODELS, MODES
+from batchkling.manifest_jobs import StrictModel
 from batchkling.yamlsource import show, suggest
 
 DEFAULT_BASE_URL = {

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import httpx
 
@@ -226,7 +226,7 @@ def describe_status(response: httpx.Response, message: str | None) -> str:
     return f"HTTP {response.status_code}" + (f": {snippet}" if snippet else "")
 
 
-def raise_unexpected(response: httpx.Response, *, creating: bool) -> None:
+def raise_unexpected(response: httpx.Response, *, creating: bool) -> NoReturn:
     """A response batchkling cannot read: ambiguous for creates, transient for reads."""
     what = f"unreadable answer from the provider (HTTP {response.status_code}): " + body_snippet(
         response

@@ -137,28 +137,26 @@ class ImaRouterProvider:
         request = self._client.build_request(
             "POST", "/v1/videos", json=body, headers={"Idempotency-Key": key}
         )
-        response = await send(self._client, request, creating=True)
-        payload = parse_json(response)
-        if response.status_code >= 400:
-            self._raise_for(response, payload, creating=True)
-        task = _unwrap(payload)
-        if task is None:
-            raise_unexpected(response, creating=True)
-        assert task is not None
+        task, _response = await self._exchange(request, creating=True)
         return check_task_id(task.get("task_id") or task.get("id"))
 
     async def status(self, task_id: str, spec: JobSpec) -> TaskStatus:
         """Poll a task."""
         request = self._client.build_request("GET", f"/v1/videos/{quote(task_id, safe='')}")
-        response = await send(self._client, request, creating=False)
+        task, response = await self._exchange(request, creating=False)
+        return parse_task(task_id, task, poll_after=poll_hint(response))
+
+    async def _exchange(self, request: httpx.Request, *,
+                        creating: bool) -> tuple[Mapping[str, Any], httpx.Response]:
+        """Send, classify errors, and return the task object the answer carries."""
+        response = await send(self._client, request, creating=creating)
         payload = parse_json(response)
         if response.status_code >= 400:
-            self._raise_for(response, payload, creating=False)
+            self._raise_for(response, payload, creating=creating)
         task = _unwrap(payload)
         if task is None:
-            raise_unexpected(response, creating=False)
-        assert task is not None
-        return parse_task(task_id, task, poll_after=poll_hint(response))
+            raise_unexpected(response, creating=creating)
+        return task, response
 
     async def lookup(self, key: str, spec: JobSpec) -> TaskStatus | None:
         """Not offered by ImaRouter."""

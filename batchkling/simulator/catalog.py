@@ -13,19 +13,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-MODELS = (
-    "kling-v1",
-    "kling-v1-6",
-    "kling-v2-master",
-    "kling-v2-1-master",
-    "kling-v2-5-turbo",
-    "kling-v2-6",
-    "kling-video-o1",
-)
-SIZES = ("1:1", "16:9", "9:16")
-MODES = ("std", "pro")
-DURATIONS = (5, 10)
-PROMPT_MAX = 2500
+# Re-exported (``X as X``) for the API-shape modules.
+from batchkling.catalog import DURATIONS as DURATIONS
+from batchkling.catalog import MAX_PROMPT
+from batchkling.catalog import MODELS as MODELS
+from batchkling.catalog import MODES as MODES
+from batchkling.catalog import SIZES as SIZES
+
+PROMPT_MAX = MAX_PROMPT
 IMAGE_MAX_BYTES = 10 * 1024 * 1024
 
 #: A prompt containing this word is refused at create as a content-policy violation.
