@@ -51,3 +51,34 @@ async def test_snapshot_after_a_run(tmp_path: Path, workdir: Path, simulator: An
         snapshot = await orch.progress()
     assert snapshot.counts == {"downloaded": 2}
     assert snapshot.spent_usd > 0 and snapshot.in_flight == 0
+
+
+async def test_status_and_report_while_a_run_is_going(tmp_path: Path, workdir: Path,
+                                                      simulator: Any, api_key: str) -> None:
+    """`status` and `report` read a live run from another connection without disturbing it."""
+    import anyio
+
+    from batchkling.report import write_report
+    from batchkling.store import Store
+    from batchkling.views import run_status
+
+    sim = simulator(speed=40.0)  # renders of a few seconds: the run is visibly in flight
+    jobs = [{"id": f"j{i}", "prompt": f"shot {i}"} for i in range(6)]
+    path = write_manifest(tmp_path, jobs, base_url=sim.base_url,
+                          limits={"max_in_flight": 3, "submit_rate": 50})
+    seen: dict[str, Any] = {}
+
+    async def look() -> None:
+        while sim.stats()["creates"] < 3:
+            await anyio.sleep(0.02)
+        seen["status"] = await run_status(workdir, "test-run")
+        async with Store(workdir / "batchkling.db") as other:
+            seen["report"] = await write_report(other, "test-run", tmp_path / "live.html")
+
+    async with (Orchestrator(load_manifest(path), workdir=workdir, time_scale=40.0) as orch,
+                anyio.create_task_group() as tg):
+        tg.start_soon(look)
+        summary = await orch.run()
+    assert summary.exit_code == 0 and summary.counts == {"succeeded": 6}
+    assert seen["status"]["state"] == "running" and seen["status"]["in_flight"] >= 1
+    assert "still going" in seen["report"].read_text()
