@@ -133,6 +133,8 @@ class TestRateLimits:
         assert len(in_window) <= (window["end"] - start) / 20.0 + 8 + 1
         stats = vs.stats()
         assert stats["creates"] == 8
+        print(f"#6: {len(limited)} answers 429, {len(in_window)} create requests in "
+              f"{window['end'] - start:.0f} virtual s, {stats['creates']} creates")
         check_invariants(workdir, RUN, stats, jobs=8)
 
     @pytest.mark.xfail(strict=True, reason="bug: the engine pauses creates only after the "
@@ -185,6 +187,8 @@ class TestSlots:
         # rounds of the limit — about one refusal per six creates.
         assert names.count("job.requeued") == stats["rejected"]["slots"]
         assert late <= (n // 2) // 6 + 3, late
+        print(f"#7: {names.count('job.requeued')} slot refusals, {late} after convergence, "
+              f"peak {stats['peak_slots']} slots, {stats['creates']} creates")
 
 
 class TestAccountRevoked:
@@ -224,6 +228,8 @@ class TestAccountRevoked:
         stats = sim.stats()
         assert stats["creates"] == at_switch["creates"]  # zero creates afterwards
         assert stats["create_requests"] - at_switch["requests"] <= 2  # the ones under way
+        print(f"#8 {provider}: revoked after {at_switch['creates']} creates, "
+              f"{stats['create_requests'] - at_switch['requests']} refused create requests after")
         checked = check_invariants(workdir, RUN, stats, provider=provider, jobs=n)
         assert checked.statuses["pending"] >= n - at_switch["creates"]
         sim.update_config(**restore)
@@ -265,6 +271,8 @@ class TestPollFailures:
         assert len(done) == n
         assert all(0 <= at - healed["wall"] <= 126.0 for at in done), (
             [round(at - healed["wall"]) for at in done])
+        print(f"#9 {provider}: {faults} failed polls over 600 virtual s, {stats['polls']} polls, "
+              f"noticed {max(at - healed['wall'] for at in done):.0f} s after the failures ended")
         checked = check_invariants(workdir, RUN, stats, provider=provider, jobs=n)
         assert checked.statuses == {"succeeded": n}
 
@@ -287,6 +295,7 @@ class TestDownloadLimits:
         assert all("over the 1,048-byte limit" in r["error_message"]
                    for r in checked.rows.values())
         assert not list(workdir.rglob("*.mp4"))
+        assert vs.stats()["downloads"] == 5 * n  # tried, refused on Content-Length each time
         summary = await vs.run(vs.manifest(tmp_path, n, output={"max_video_mb": 50}), workdir)
         assert summary.exit_code == 0
         stats = vs.stats()

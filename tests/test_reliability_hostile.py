@@ -246,6 +246,8 @@ class TestHostileProvider:
                     in p.read_bytes()]
         videos = sorted(p.name for p in (workdir / "hostile" / "videos").iterdir())
         assert videos == ["ok.mp4"]
+        print(f"#14: {len(cases)} hostile answers, {len(gateway.requests)} requests, "
+              f"hosts {sorted(hosts)}")
 
 
 class TestFormulaInjection:

@@ -214,6 +214,8 @@ class TestSignals:
         assert took < (1.0 if times == 2 else 5.0), took
         created = sim.stats()["creates"]
         assert 3 <= created < n
+        print(f"#4 {signum.name} x{times}: exit {code} {took:.2f} s after the signal, "
+              f"{created} of {n} created")
         if times == 1:
             assert "stopping: no new tasks" in err
             states = dict(db_query(workdir, "SELECT state, COUNT(*) FROM jobs GROUP BY state"))
