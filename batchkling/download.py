@@ -158,8 +158,12 @@ async def _save(response: httpx.Response, part: Path, dest: Path,
     head = b""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
+        # A leftover or planted .part (a symlink, say) is removed, and the new one is created
+        # exclusively without following links: the bytes land in this file and nowhere else.
+        _discard(part)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         # Chunks land in the page cache in microseconds; only the fsync below is worth a thread.
-        with open(part, "wb") as out:  # noqa: ASYNC230
+        with open(os.open(part, flags, 0o644), "wb") as out:  # noqa: ASYNC230
             async for chunk in response.aiter_bytes(_CHUNK):
                 size += len(chunk)
                 if size > policy.max_bytes:

@@ -202,6 +202,8 @@ class Engine:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await self._adopt()
+            if self.opts.download:
+                tg.start_soon(self._refetch_missing)
             await self._submitter()
         self._tg = None
 
@@ -266,6 +268,23 @@ class Engine:
                 if job.state is JobState.TIMED_OUT:
                     await self._set(job, JobState.SUBMITTED, "job.readopted")
                 self._spawn(self._track, job, job.task_id, job.submitted_at)
+
+    async def _refetch_missing(self) -> None:
+        """Fetch again the videos recorded as downloaded whose file is gone (no new task).
+
+        Runs beside the submitter, so a resume's first create does not wait for these checks.
+        """
+        after = -1
+        while rows := await self.store.jobs_in(self.run_id, [JobState.DOWNLOADED],
+                                               after_seq=after):
+            after = rows[-1].seq
+            for job in rows:
+                if job.video_path and await anyio.Path(job.video_path).is_file():
+                    continue
+                await self._set(job, JobState.SUCCEEDED, "job.video_missing",
+                                error_code="video_missing",
+                                error_message=f"{job.video_path} is gone; downloading it again")
+                self._spawn(self._fetch, job, job.video_url)
 
     async def _next_job(self, cursor: int) -> tuple[JobRow | None, int]:
         while self._back:
@@ -368,7 +387,6 @@ class Engine:
         if isinstance(exc, SlotsExhausted | RateLimited | TransientError | AccountBlocked):
             # No task was made: the same attempt (same key) goes again later.
             self._committed_usd -= self._held.pop(job.job_id, 0.0)
-            await self._set(job, JobState.PENDING, "job.requeued", reserved_usd=0, **err)
             self._create_failures += 1
             if isinstance(exc, SlotsExhausted):
                 self.slots.rejected()
@@ -388,6 +406,9 @@ class Engine:
             else:
                 self.create_gate.pause(self._backoff(self._create_failures))
                 log.info("job.requeued", reason="transient", error=exc.message)
+            # Committed only now: the pause or stop above must hold every other create back
+            # from the moment the answer arrived, not from when the commit lands.
+            await self._set(job, JobState.PENDING, "job.requeued", reserved_usd=0, **err)
             self._requeue(job.job_id)
             return
         if isinstance(exc, AmbiguousCreate):

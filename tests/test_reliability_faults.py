@@ -137,9 +137,6 @@ class TestRateLimits:
               f"{window['end'] - start:.0f} virtual s, {stats['creates']} creates")
         check_invariants(workdir, RUN, stats, jobs=8)
 
-    @pytest.mark.xfail(strict=True, reason="bug: the engine pauses creates only after the "
-                       "requeue is committed; a create whose turn comes during that commit is "
-                       "sent inside the Retry-After window")
     async def test_pause_starts_when_the_429_arrives(self, tmp_path: Path,
                                                      workdir: Path) -> None:
         """A slow state write after a 429 does not let the next create slip out before the
@@ -374,8 +371,6 @@ class TestDisk:
         assert stats["creates"] == n
         assert check_invariants(workdir, RUN, stats, jobs=n).statuses == {"succeeded": n}
 
-    @pytest.mark.xfail(strict=True, reason="bug: a job recorded `downloaded` whose file was "
-                       "deleted stays `succeeded` in the CSV; resume never fetches it again")
     async def test_videos_folder_deleted_mid_run(self, tmp_path: Path, workdir: Path) -> None:
         """The videos folder deleted after some downloads: later downloads recreate it, and a
         resume fetches the lost videos again (from the provider's URL, no new task), so every

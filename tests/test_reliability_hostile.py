@@ -332,9 +332,6 @@ class TestSymlinks:
         assert not (videos / "job-0.mp4").is_symlink()
         check_invariants(workdir, "test-run", sim.stats(), jobs=1)
 
-    @pytest.mark.xfail(strict=True, reason="bug: download opens <job>.mp4.part with a plain "
-                       "open(..., 'wb'), which follows a planted symlink and overwrites its "
-                       "target")
     async def test_planted_part_symlink_is_not_followed(self, tmp_path: Path, workdir: Path,
                                                         simulator: Any) -> None:
         """A symlink planted at a video's .part path is not written through: the file it
