@@ -11,12 +11,10 @@ through escaping still could not run.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import html
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -26,6 +24,7 @@ from urllib.parse import quote
 
 import anyio.to_thread
 
+from batchkling.atomic import atomic_text
 from batchkling.models import JobSpec
 from batchkling.results import csv_status
 from batchkling.store import JobRow, RunRow, Store
@@ -45,14 +44,15 @@ async def write_report(store: Store, run_id: str, dest: Path) -> Path:
     Only reads the store, so it is safe while another process is running the batch.
     """
     run = await store.require_run(run_id)
-    download = _download_enabled(run)
+    download = run.downloads
     spent, _ = await store.money(run_id)
     rows = [job_record(row, download=download) async for row in store.iter_jobs(run_id)]
 
     def finish() -> Path:
         for record in rows:
             record.update(_video_link(record.pop("stored_video"), dest.parent))
-        _write_atomic(dest, render_report(run, rows, spent=spent))
+        with atomic_text(dest) as fh:
+            fh.write(render_report(run, rows, spent=spent))
         return dest
 
     return await anyio.to_thread.run_sync(finish)
@@ -90,28 +90,6 @@ def _video_link(stored: str | None, run_dir: Path) -> dict[str, str | None]:
             rel = os.path.relpath(candidate, run_dir).replace(os.sep, "/")
             return {"video": quote(rel), "video_note": None}
     return {"video": None, "video_note": "video file missing"}
-
-
-def _download_enabled(run: RunRow) -> bool:
-    try:
-        return bool(json.loads(run.config_json).get("output", {}).get("download", True))
-    except (ValueError, AttributeError):
-        return True
-
-
-def _write_atomic(dest: Path, text: str) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # ---- rendering ---------------------------------------------------------------------------

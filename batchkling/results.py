@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from batchkling.atomic import atomic_text
 from batchkling.models import JobState
 from batchkling.store import JobRow, Store
 
@@ -85,27 +83,13 @@ async def write_results(store: Store, run_id: str, dest: Path, *, download: bool
         for name in row.spec.variables:
             var_names.setdefault(f"var.{name}", None)
     header = [*COLUMNS, *var_names]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".csv", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore", restval="")
-            writer.writeheader()
-            async for row in store.iter_jobs(run_id):
-                record = job_record(run_id, row, download=download)
-                writer.writerow({k: escape_cell(v) for k, v in record.items()})
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        _remove(tmp)
-        raise
+    with atomic_text(dest, newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore", restval="")
+        writer.writeheader()
+        async for row in store.iter_jobs(run_id):
+            record = job_record(run_id, row, download=download)
+            writer.writerow({k: escape_cell(v) for k, v in record.items()})
     return dest
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
 
 
 def read_results(path: Path) -> list[dict[str, str]]:

@@ -17,7 +17,6 @@ import secrets
 import socket
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -27,207 +26,22 @@ import anyio
 
 from batchkling.errors import RunLocked, RunNotFound, StoreError
 from batchkling.models import JobSpec, JobState
-
-SCHEMA_VERSION = 2
-
-#: Steps from each older schema version to the next; ``_SCHEMA`` then adds what is missing
-#: (indexes, triggers) with ``IF NOT EXISTS``. Version 1 had no ``last_event`` columns.
-_MIGRATIONS = {
-    1: """
-        ALTER TABLE jobs ADD COLUMN last_event TEXT;
-        ALTER TABLE jobs ADD COLUMN last_event_data TEXT;
-    """,
-}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    manifest_path TEXT,
-    manifest_text TEXT,
-    config_json TEXT NOT NULL,
-    provider TEXT NOT NULL,
-    base_url TEXT NOT NULL,
-    simulated INTEGER NOT NULL DEFAULT 0,
-    nonce TEXT NOT NULL,
-    state TEXT NOT NULL,
-    stop_reason TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    lease_owner TEXT,
-    lease_pid INTEGER,
-    lease_host TEXT,
-    lease_heartbeat REAL
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    run_id TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    spec_json TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempt INTEGER NOT NULL DEFAULT 0,
-    attempt_base INTEGER NOT NULL DEFAULT 0,
-    idempotency_key TEXT,
-    task_id TEXT,
-    progress REAL,
-    video_url TEXT,
-    video_path TEXT,
-    video_size INTEGER,
-    video_sha256 TEXT,
-    cost_usd REAL,
-    cost_units REAL,
-    reserved_usd REAL NOT NULL DEFAULT 0,
-    error_code TEXT,
-    error_message TEXT,
-    retryable INTEGER,
-    submitted_at REAL,
-    completed_at REAL,
-    render_seconds REAL,
-    updated_at REAL NOT NULL,
-    last_event TEXT,
-    last_event_data TEXT,
-    PRIMARY KEY (run_id, job_id)
-);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (run_id, state, seq);
-CREATE TABLE IF NOT EXISTS attempts (
-    run_id TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    number INTEGER NOT NULL,
-    idempotency_key TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    state TEXT NOT NULL,
-    task_id TEXT,
-    submitted_at REAL,
-    completed_at REAL,
-    cost_usd REAL,
-    cost_units REAL,
-    error_code TEXT,
-    error_message TEXT,
-    PRIMARY KEY (run_id, job_id, number)
-);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id TEXT NOT NULL,
-    job_id TEXT,
-    at REAL NOT NULL,
-    event TEXT NOT NULL,
-    data TEXT
-);
-CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, id);
--- Transitions set jobs.last_event; only they fire these (resets and syncs do not touch history).
-CREATE TRIGGER IF NOT EXISTS job_new_attempt AFTER UPDATE OF last_event ON jobs
-WHEN NEW.attempt > OLD.attempt
-BEGIN
-    INSERT INTO attempts (run_id, job_id, number, idempotency_key, fingerprint, state, task_id,
-                          submitted_at, completed_at, cost_usd, cost_units, error_code,
-                          error_message)
-    VALUES (NEW.run_id, NEW.job_id, NEW.attempt, NEW.idempotency_key, NEW.fingerprint,
-            NEW.state, NEW.task_id, NEW.submitted_at, NEW.completed_at, NEW.cost_usd,
-            NEW.cost_units, NEW.error_code, NEW.error_message);
-END;
-CREATE TRIGGER IF NOT EXISTS job_transition AFTER UPDATE OF last_event ON jobs
-BEGIN
-    UPDATE attempts SET state = NEW.state, task_id = NEW.task_id,
-        submitted_at = NEW.submitted_at, completed_at = NEW.completed_at,
-        cost_usd = NEW.cost_usd, cost_units = NEW.cost_units, error_code = NEW.error_code,
-        error_message = NEW.error_message
-    WHERE run_id = NEW.run_id AND job_id = NEW.job_id AND number = NEW.attempt;
-    INSERT INTO events (run_id, job_id, at, event, data)
-    VALUES (NEW.run_id, NEW.job_id, NEW.updated_at, NEW.last_event, NEW.last_event_data);
-END;
-"""
-
-#: Columns of ``jobs`` a transition may set.
-_JOB_COLUMNS = frozenset(
-    {
-        "attempt", "attempt_base", "idempotency_key", "task_id", "progress", "video_url",
-        "video_path", "video_size", "video_sha256", "cost_usd", "cost_units", "reserved_usd",
-        "error_code", "error_message", "retryable", "submitted_at", "completed_at",
-        "render_seconds",
-    }
-)
-#: Job columns that describe one attempt: a new attempt starts with them empty.
-_FRESH_ATTEMPT = (
-    "task_id", "progress", "video_url", "submitted_at", "completed_at", "render_seconds",
-    "cost_usd", "cost_units", "error_code", "error_message", "retryable",
+from batchkling.schema import (
+    FRESH_ATTEMPT,
+    JOB_COLUMNS,
+    JOB_SELECT,
+    MIGRATIONS,
+    RUN_SELECT,
+    SCHEMA,
+    SCHEMA_VERSION,
+    JobRow,
+    RunRow,
+    job_row,
+    run_row,
 )
 
-
-@dataclass(frozen=True, slots=True)
-class RunRow:
-    """A run as stored."""
-
-    run_id: str
-    manifest_path: str | None
-    config_json: str
-    provider: str
-    base_url: str
-    simulated: bool
-    nonce: str
-    state: str
-    stop_reason: str | None
-    created_at: float
-    updated_at: float
-    lease_owner: str | None
-    lease_pid: int | None
-    lease_host: str | None
-    lease_heartbeat: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class JobRow:
-    """A job as stored; ``spec`` parses the canonical request on demand."""
-
-    run_id: str
-    job_id: str
-    seq: int
-    spec_json: str
-    fingerprint: str
-    state: JobState
-    attempt: int
-    attempt_base: int
-    idempotency_key: str | None
-    task_id: str | None
-    progress: float | None
-    video_url: str | None
-    video_path: str | None
-    video_size: int | None
-    video_sha256: str | None
-    cost_usd: float | None
-    cost_units: float | None
-    reserved_usd: float
-    error_code: str | None
-    error_message: str | None
-    retryable: bool | None
-    submitted_at: float | None
-    completed_at: float | None
-    render_seconds: float | None
-    updated_at: float
-
-    @property
-    def spec(self) -> JobSpec:
-        """The job's request, as expanded from the manifest."""
-        return JobSpec.from_json(self.spec_json)
-
-
-_JOB_SELECT = "SELECT " + ", ".join(JobRow.__dataclass_fields__) + " FROM jobs"
-
-
-def _job_row(row: sqlite3.Row | tuple[Any, ...]) -> JobRow:
-    values = list(row)
-    values[5] = JobState(values[5])
-    values[20] = None if values[20] is None else bool(values[20])
-    return JobRow(*values)
-
-
-def _run_row(row: sqlite3.Row | tuple[Any, ...]) -> RunRow:
-    values = list(row)
-    values[5] = bool(values[5])
-    return RunRow(*values)
-
-
-_RUN_SELECT = "SELECT " + ", ".join(RunRow.__dataclass_fields__) + " FROM runs"
+#: The row types live with the schema; they are part of the store's interface.
+__all__ = ["SCHEMA_VERSION", "JobRow", "RunRow", "Store"]
 
 
 class Store:
@@ -282,10 +96,10 @@ class Store:
                 f"{self.path} was written by a newer batchkling (schema {version}); "
                 "upgrade batchkling to use it"
             )
-        steps = "".join(_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
+        steps = "".join(MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
         # One script, one transaction: a crash mid-upgrade leaves the old schema intact.
         await db.executescript(
-            f"BEGIN IMMEDIATE; {steps} {_SCHEMA}"
+            f"BEGIN IMMEDIATE; {steps} {SCHEMA}"
             f" INSERT OR REPLACE INTO meta (key, value) VALUES"
             f" ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
         )
@@ -337,8 +151,8 @@ class Store:
 
     async def get_run(self, run_id: str) -> RunRow | None:
         """The run with this id, or None."""
-        rows = await self._fetchall(f"{_RUN_SELECT} WHERE run_id = ?", (run_id,))
-        return _run_row(rows[0]) if rows else None
+        rows = await self._fetchall(f"{RUN_SELECT} WHERE run_id = ?", (run_id,))
+        return run_row(rows[0]) if rows else None
 
     async def require_run(self, run_id: str) -> RunRow:
         """The run with this id; :class:`RunNotFound` if there is none."""
@@ -349,8 +163,8 @@ class Store:
 
     async def list_runs(self) -> list[RunRow]:
         """Every run, newest first."""
-        rows = await self._fetchall(f"{_RUN_SELECT} ORDER BY created_at DESC")
-        return [_run_row(r) for r in rows]
+        rows = await self._fetchall(f"{RUN_SELECT} ORDER BY created_at DESC")
+        return [run_row(r) for r in rows]
 
     async def save_run(
         self,
@@ -572,9 +386,9 @@ class Store:
     async def get_job(self, run_id: str, job_id: str) -> JobRow | None:
         """One job, or None."""
         rows = await self._fetchall(
-            f"{_JOB_SELECT} WHERE run_id = ? AND job_id = ?", (run_id, job_id)
+            f"{JOB_SELECT} WHERE run_id = ? AND job_id = ?", (run_id, job_id)
         )
-        return _job_row(rows[0]) if rows else None
+        return job_row(rows[0]) if rows else None
 
     async def jobs_in(
         self,
@@ -588,22 +402,22 @@ class Store:
         wanted = [s.value for s in states]
         marks = ",".join("?" * len(wanted))
         rows = await self._fetchall(
-            f"{_JOB_SELECT} WHERE run_id = ? AND state IN ({marks}) AND seq > ?"
+            f"{JOB_SELECT} WHERE run_id = ? AND state IN ({marks}) AND seq > ?"
             " ORDER BY seq LIMIT ?",
             (run_id, *wanted, after_seq, limit),
         )
-        return [_job_row(r) for r in rows]
+        return [job_row(r) for r in rows]
 
     async def iter_jobs(self, run_id: str, page: int = 1000) -> AsyncIterator[JobRow]:
         """Every job of the run in manifest order, without holding them all in memory."""
         after = -1
         while True:
             rows = await self._fetchall(
-                f"{_JOB_SELECT} WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                f"{JOB_SELECT} WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (run_id, after, page),
             )
             for row in rows:
-                yield _job_row(row)
+                yield job_row(row)
             if len(rows) < page:
                 return
             after = rows[-1][2]
@@ -655,12 +469,12 @@ class Store:
         the attempt fields start empty, and a trigger inserts the attempt's row. Afterwards the
         attempt fields of every transition are mirrored onto the current attempt's row.
         """
-        unknown = set(fields) - _JOB_COLUMNS
+        unknown = set(fields) - JOB_COLUMNS
         if unknown:
             raise StoreError(f"unknown job fields {sorted(unknown)}")
         if new_attempt is not None:
             number, key = new_attempt
-            fields = {**dict.fromkeys(_FRESH_ATTEMPT), **fields, "attempt": number,
+            fields = {**dict.fromkeys(FRESH_ATTEMPT), **fields, "attempt": number,
                       "idempotency_key": key}
         blob = json.dumps(dict(data), default=str, separators=(",", ":")) if data else None
         sets = "".join(f", {name} = ?" for name in fields)

@@ -83,8 +83,10 @@ class VirtualClock:
     in-process transport (``httpx.ASGITransport`` or ``httpx.MockTransport``), so every wait in
     the run is on this clock.
 
-    Limits: "quiet" is a heuristic. Work that takes longer than ``idle_checks * idle_real``
-    real seconds without sleeping (a slow disk, a real socket) may see time jump under it —
+    Limits: "quiet" is a heuristic. A round in which the driver's own short real sleep overslept
+    does not count (an overloaded machine may have starved the other threads too), but work that
+    takes longer than ``idle_checks * idle_real`` real seconds without sleeping on an idle
+    machine (a slow disk, a real socket) may still see time jump under it —
     virtual time then runs ahead, it never skips a sleeper's deadline. Real I/O (a loopback
     server, ``anyio.sleep``) does not advance this clock, and a coroutine that waits on it while
     others sleep here can stall the jump. Deterministic given the same order of sleeps; a
@@ -92,7 +94,7 @@ class VirtualClock:
     """
 
     def __init__(self, start: float = 1_000.0, wall_offset: float = 1_700_000_000.0, *,
-                 idle_checks: int = 4, idle_real: float = 0.002, spins: int = 10) -> None:
+                 idle_checks: int = 4, idle_real: float = 0.005, spins: int = 10) -> None:
         self.now = start
         self.wall_offset = wall_offset
         self.idle_checks = idle_checks
@@ -158,8 +160,12 @@ class VirtualClock:
             seen = self._activity
             for _ in range(self.spins):
                 await anyio.lowlevel.checkpoint()
+            started = time.monotonic()
             await anyio.sleep(self.idle_real)  # real time: lets worker threads finish
-            if self._activity != seen:
+            starved = time.monotonic() - started > 3 * self.idle_real
+            if self._activity != seen or starved:
+                # Overslept: the machine is overloaded, so a worker thread (SQLite's) may not
+                # have run either — this round proves nothing about quiet.
                 quiet = 0
                 continue
             quiet += 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +12,6 @@ from batchkling.store import RunRow, Store
 
 def _db(workdir: Path) -> Store:
     return Store(workdir / "batchkling.db")
-
-
-def _download_enabled(run: RunRow) -> bool:
-    try:
-        return bool(json.loads(run.config_json).get("output", {}).get("download", True))
-    except ValueError:
-        return True
 
 
 async def _summary(store: Store, run: RunRow) -> dict[str, Any]:
@@ -70,7 +62,7 @@ async def export_csv(workdir: Path, run_id: str, output: Path | None) -> Path:
     async with _db(workdir) as store:
         run = await store.require_run(run_id)
         dest = output or workdir / run_id / "results.csv"
-        return await write_results(store, run_id, dest, download=_download_enabled(run))
+        return await write_results(store, run_id, dest, download=run.downloads)
 
 
 def print_status(data: Any, *, single: bool) -> None:

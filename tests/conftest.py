@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,3 +54,27 @@ def workdir(tmp_path: Path) -> Path:
     path = tmp_path / "jobs"
     path.mkdir()
     return path
+
+
+def wait_until_running(proc: subprocess.Popen[bytes], db: Path, run_id: str,
+                       timeout: float = 60.0) -> None:
+    """Block until the CLI process holds its run's lease (or has exited).
+
+    Kill loops draw their random moment from here, so a kill lands in the run itself rather
+    than in interpreter start-up, however loaded the machine is.
+    """
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if db.exists():
+            try:
+                con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+                try:
+                    row = con.execute("SELECT lease_pid FROM runs WHERE run_id = ?",
+                                      (run_id,)).fetchone()
+                finally:
+                    con.close()
+            except sqlite3.Error:
+                row = None
+            if row is not None and row[0] == proc.pid:
+                return
+        time.sleep(0.01)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_KEY
+from conftest import TEST_KEY, wait_until_running
 
 from batchkling.results import read_results
 from batchkling.simulator import SimulatorServer
@@ -95,7 +95,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path, workdir: Path,
     kills = 0
     for _ in range(12):
         proc = _cli("run", str(manifest), "--workdir", str(workdir))
-        time.sleep(rng.uniform(0.3, 1.6))
+        wait_until_running(proc, workdir / "batchkling.db", "killme")
+        time.sleep(rng.uniform(0.05, 1.0))
         if proc.poll() is None:
             proc.kill()
             kills += 1

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import SPEED
+from conftest import SPEED, wait_until_running
 
 from batchkling.cli import cli
 from batchkling.manifest import load_manifest
@@ -309,7 +309,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path, workdir: Path,
     kills = 0
     for _ in range(12):
         proc = _cli("run", str(manifest), "--workdir", str(workdir))
-        time.sleep(rng.uniform(0.3, 1.4))
+        wait_until_running(proc, workdir / "batchkling.db", "killme")
+        time.sleep(rng.uniform(0.05, 0.9))
         if proc.poll() is None:
             proc.kill()
             kills += 1

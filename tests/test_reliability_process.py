@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import TEST_KEY
+from conftest import TEST_KEY, wait_until_running
 from invariants import check_invariants, db_query
 
 from batchkling.manifest import load_manifest
@@ -89,7 +89,8 @@ class TestCrashLoop:
                 assert code in (-9, 0), err
                 kills += code == -9
                 continue
-            time.sleep(rng.uniform(0.5, 1.4))
+            wait_until_running(proc, workdir / "batchkling.db", RUN)
+            time.sleep(rng.uniform(0.05, 0.9))
             if proc.poll() is None:
                 proc.kill()
                 kills += 1

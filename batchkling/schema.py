@@ -1,0 +1,225 @@
+"""The checkpoint database's schema: its tables and triggers, their versions, and row types.
+
+Every job state change is one ``UPDATE`` of its ``jobs`` row that sets ``last_event``; the
+triggers below do the rest inside that one statement: a new attempt number inserts the attempt's
+row, and every transition mirrors the attempt's fields and appends an event.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from batchkling.models import JobSpec, JobState
+
+SCHEMA_VERSION = 2
+
+#: Steps from each older schema version to the next; ``SCHEMA`` then adds what is missing
+#: (indexes, triggers) with ``IF NOT EXISTS``. Version 1 had no ``last_event`` columns.
+MIGRATIONS = {
+    1: """
+        ALTER TABLE jobs ADD COLUMN last_event TEXT;
+        ALTER TABLE jobs ADD COLUMN last_event_data TEXT;
+    """,
+}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    manifest_path TEXT,
+    manifest_text TEXT,
+    config_json TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    base_url TEXT NOT NULL,
+    simulated INTEGER NOT NULL DEFAULT 0,
+    nonce TEXT NOT NULL,
+    state TEXT NOT NULL,
+    stop_reason TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_pid INTEGER,
+    lease_host TEXT,
+    lease_heartbeat REAL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    run_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    spec_json TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    attempt_base INTEGER NOT NULL DEFAULT 0,
+    idempotency_key TEXT,
+    task_id TEXT,
+    progress REAL,
+    video_url TEXT,
+    video_path TEXT,
+    video_size INTEGER,
+    video_sha256 TEXT,
+    cost_usd REAL,
+    cost_units REAL,
+    reserved_usd REAL NOT NULL DEFAULT 0,
+    error_code TEXT,
+    error_message TEXT,
+    retryable INTEGER,
+    submitted_at REAL,
+    completed_at REAL,
+    render_seconds REAL,
+    updated_at REAL NOT NULL,
+    last_event TEXT,
+    last_event_data TEXT,
+    PRIMARY KEY (run_id, job_id)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (run_id, state, seq);
+CREATE TABLE IF NOT EXISTS attempts (
+    run_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL,
+    task_id TEXT,
+    submitted_at REAL,
+    completed_at REAL,
+    cost_usd REAL,
+    cost_units REAL,
+    error_code TEXT,
+    error_message TEXT,
+    PRIMARY KEY (run_id, job_id, number)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    job_id TEXT,
+    at REAL NOT NULL,
+    event TEXT NOT NULL,
+    data TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, id);
+-- Transitions set jobs.last_event; only they fire these (resets and syncs do not touch history).
+CREATE TRIGGER IF NOT EXISTS job_new_attempt AFTER UPDATE OF last_event ON jobs
+WHEN NEW.attempt > OLD.attempt
+BEGIN
+    INSERT INTO attempts (run_id, job_id, number, idempotency_key, fingerprint, state, task_id,
+                          submitted_at, completed_at, cost_usd, cost_units, error_code,
+                          error_message)
+    VALUES (NEW.run_id, NEW.job_id, NEW.attempt, NEW.idempotency_key, NEW.fingerprint,
+            NEW.state, NEW.task_id, NEW.submitted_at, NEW.completed_at, NEW.cost_usd,
+            NEW.cost_units, NEW.error_code, NEW.error_message);
+END;
+CREATE TRIGGER IF NOT EXISTS job_transition AFTER UPDATE OF last_event ON jobs
+BEGIN
+    UPDATE attempts SET state = NEW.state, task_id = NEW.task_id,
+        submitted_at = NEW.submitted_at, completed_at = NEW.completed_at,
+        cost_usd = NEW.cost_usd, cost_units = NEW.cost_units, error_code = NEW.error_code,
+        error_message = NEW.error_message
+    WHERE run_id = NEW.run_id AND job_id = NEW.job_id AND number = NEW.attempt;
+    INSERT INTO events (run_id, job_id, at, event, data)
+    VALUES (NEW.run_id, NEW.job_id, NEW.updated_at, NEW.last_event, NEW.last_event_data);
+END;
+"""
+
+#: Columns of ``jobs`` a transition may set.
+JOB_COLUMNS = frozenset(
+    {
+        "attempt", "attempt_base", "idempotency_key", "task_id", "progress", "video_url",
+        "video_path", "video_size", "video_sha256", "cost_usd", "cost_units", "reserved_usd",
+        "error_code", "error_message", "retryable", "submitted_at", "completed_at",
+        "render_seconds",
+    }
+)
+#: Job columns that describe one attempt: a new attempt starts with them empty.
+FRESH_ATTEMPT = (
+    "task_id", "progress", "video_url", "submitted_at", "completed_at", "render_seconds",
+    "cost_usd", "cost_units", "error_code", "error_message", "retryable",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    """A run as stored."""
+
+    run_id: str
+    manifest_path: str | None
+    config_json: str
+    provider: str
+    base_url: str
+    simulated: bool
+    nonce: str
+    state: str
+    stop_reason: str | None
+    created_at: float
+    updated_at: float
+    lease_owner: str | None
+    lease_pid: int | None
+    lease_host: str | None
+    lease_heartbeat: float | None
+
+    @property
+    def downloads(self) -> bool:
+        """Whether the run downloads its videos (``output.download`` in its manifest snapshot)."""
+        try:
+            output = json.loads(self.config_json).get("output") or {}
+            return bool(output.get("download", True))
+        except (ValueError, AttributeError):
+            return True
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """A job as stored; ``spec`` parses the canonical request on demand."""
+
+    run_id: str
+    job_id: str
+    seq: int
+    spec_json: str
+    fingerprint: str
+    state: JobState
+    attempt: int
+    attempt_base: int
+    idempotency_key: str | None
+    task_id: str | None
+    progress: float | None
+    video_url: str | None
+    video_path: str | None
+    video_size: int | None
+    video_sha256: str | None
+    cost_usd: float | None
+    cost_units: float | None
+    reserved_usd: float
+    error_code: str | None
+    error_message: str | None
+    retryable: bool | None
+    submitted_at: float | None
+    completed_at: float | None
+    render_seconds: float | None
+    updated_at: float
+
+    @property
+    def spec(self) -> JobSpec:
+        """The job's request, as expanded from the manifest."""
+        return JobSpec.from_json(self.spec_json)
+
+
+JOB_SELECT = "SELECT " + ", ".join(JobRow.__dataclass_fields__) + " FROM jobs"
+
+
+def job_row(row: sqlite3.Row | tuple[Any, ...]) -> JobRow:
+    values = list(row)
+    values[5] = JobState(values[5])
+    values[20] = None if values[20] is None else bool(values[20])
+    return JobRow(*values)
+
+
+def run_row(row: sqlite3.Row | tuple[Any, ...]) -> RunRow:
+    values = list(row)
+    values[5] = bool(values[5])
+    return RunRow(*values)
+
+
+RUN_SELECT = "SELECT " + ", ".join(RunRow.__dataclass_fields__) + " FROM runs"
