@@ -211,6 +211,11 @@ class Orchestrator:
         task it may already have made instead of billing a second one.
         """
         await self.store.require_run(self.run_id)
+        missing = [job_id for job_id in job_ids
+                   if await self.store.get_job(self.run_id, job_id) is None]
+        if missing:
+            raise ConfigError(f"run {self.run_id!r} has no job {', '.join(map(repr, missing))}; "
+                              f"`batchkling export {self.run_id}` lists its jobs")
         await self._lease()
         try:
             changed = await self.store.reset_for_retry(self.run_id, states=states,

@@ -55,6 +55,18 @@ class TestBadInput:
         assert result.exit_code == 2 and "not a safe folder name" in result.output
         assert not (workdir / "batchkling.db").exists()
 
+    def test_retry_of_a_job_that_does_not_exist(self, tmp_path: Path, workdir: Path,
+                                                simulator: Any, api_key: str) -> None:
+        """`retry --job` with a mistyped id: exit 2 naming it, and nothing is submitted."""
+        sim = simulator()
+        path = write_manifest(tmp_path, [{"id": "a", "prompt": "x"}], base_url=sim.base_url)
+        assert _invoke("run", str(path), "--workdir", str(workdir), "--speed",
+                       "400").exit_code == 0
+        result = _invoke("retry", "test-run", "--job", "aa", "--workdir", str(workdir))
+        assert result.exit_code == 2
+        assert "has no job 'aa'" in result.output and "Traceback" not in result.output
+        assert sim.stats()["create_requests"] == 1
+
     def test_bad_option(self, workdir: Path) -> None:
         """A bad flag value is a usage error: exit 2."""
         assert _invoke("run", "x.yaml", "--max-in-flight", "0").exit_code == 2
