@@ -209,12 +209,8 @@ class Engine:
 
     async def _reconcile(self) -> None:
         """Settle jobs a killed process left in ``submitting``: never blind-resubmit them."""
-        after = -1
-        while rows := await self.store.jobs_in(self.run_id, [JobState.SUBMITTING],
-                                               after_seq=after):
-            after = rows[-1].seq
-            for job in rows:
-                await self._settle_ambiguous(job, "the previous process stopped during a create")
+        async for job in self.store.iter_jobs(self.run_id, [JobState.SUBMITTING]):
+            await self._settle_ambiguous(job, "the previous process stopped during a create")
 
     async def _settle_ambiguous(self, job: JobRow, why: str) -> TaskStatus | None:
         """Reconcile a create of unknown outcome; return the task when a lookup found it."""
@@ -256,35 +252,28 @@ class Engine:
         states = [*IN_FLIGHT, JobState.TIMED_OUT]
         if self.opts.download:
             states.append(JobState.SUCCEEDED)
-        after = -1
-        while rows := await self.store.jobs_in(self.run_id, states, after_seq=after):
-            after = rows[-1].seq
-            for job in rows:
-                if job.state is JobState.SUCCEEDED:
-                    self._spawn(self._fetch, job, job.video_url)
-                    continue
-                self.slots.take()
-                self._held[job.job_id] = job.reserved_usd
-                if job.state is JobState.TIMED_OUT:
-                    await self._set(job, JobState.SUBMITTED, "job.readopted")
-                self._spawn(self._track, job, job.task_id, job.submitted_at)
+        async for job in self.store.iter_jobs(self.run_id, states):
+            if job.state is JobState.SUCCEEDED:
+                self._spawn(self._fetch, job, job.video_url)
+                continue
+            self.slots.take()
+            self._held[job.job_id] = job.reserved_usd
+            if job.state is JobState.TIMED_OUT:
+                await self._set(job, JobState.SUBMITTED, "job.readopted")
+            self._spawn(self._track, job, job.task_id, job.submitted_at)
 
     async def _refetch_missing(self) -> None:
         """Fetch again the videos recorded as downloaded whose file is gone (no new task).
 
         Runs beside the submitter, so a resume's first create does not wait for these checks.
         """
-        after = -1
-        while rows := await self.store.jobs_in(self.run_id, [JobState.DOWNLOADED],
-                                               after_seq=after):
-            after = rows[-1].seq
-            for job in rows:
-                if job.video_path and await anyio.Path(job.video_path).is_file():
-                    continue
-                await self._set(job, JobState.SUCCEEDED, "job.video_missing",
-                                error_code="video_missing",
-                                error_message=f"{job.video_path} is gone; downloading it again")
-                self._spawn(self._fetch, job, job.video_url)
+        async for job in self.store.iter_jobs(self.run_id, [JobState.DOWNLOADED]):
+            if job.video_path and await anyio.Path(job.video_path).is_file():
+                continue
+            await self._set(job, JobState.SUCCEEDED, "job.video_missing",
+                            error_code="video_missing",
+                            error_message=f"{job.video_path} is gone; downloading it again")
+            self._spawn(self._fetch, job, job.video_url)
 
     async def _next_job(self, cursor: int) -> tuple[JobRow | None, int]:
         while self._back:
@@ -311,17 +300,17 @@ class Engine:
                     break
                 await wake.wait()
                 continue
-            if not await self._reserve(job):
+            if not self._reserve(job):
                 break
             await self.slots.acquire()
             if self.stop.reason is not None:
                 self.slots.release()
-                await self._unreserve(job)
+                self._unreserve(job)
                 break
             self._spawn(self._submit, job)
         # Creates have stopped; trackers and downloads finish on their own.
 
-    async def _reserve(self, job: JobRow) -> bool:
+    def _reserve(self, job: JobRow) -> bool:
         estimate = self.estimate_usd(job.spec)
         cap = self.opts.max_usd
         if cap is not None and self._committed_usd + estimate > cap + 1e-9:
@@ -335,7 +324,8 @@ class Engine:
         self._held[job.job_id] = estimate
         return True
 
-    async def _unreserve(self, job: JobRow) -> None:
+    def _unreserve(self, job: JobRow) -> None:
+        """Give back the budget held for a job whose attempt made no task."""
         self._committed_usd -= self._held.pop(job.job_id, 0.0)
 
     # ---- create --------------------------------------------------------------------------
@@ -353,7 +343,7 @@ class Engine:
             # The account, the network or the user said stop. A budget stop only refuses new
             # reservations: this job's money was reserved within the budget.
             self.slots.release()
-            await self._unreserve(job)
+            self._unreserve(job)
             return
         # From the intent commit to the task-id commit nothing may interrupt: a create that
         # left the machine must have its outcome recorded.
@@ -386,7 +376,7 @@ class Engine:
                                "error_message": exc.message}
         if isinstance(exc, SlotsExhausted | RateLimited | TransientError | AccountBlocked):
             # No task was made: the same attempt (same key) goes again later.
-            self._committed_usd -= self._held.pop(job.job_id, 0.0)
+            self._unreserve(job)
             self._create_failures += 1
             if isinstance(exc, SlotsExhausted):
                 self.slots.rejected()
@@ -412,7 +402,6 @@ class Engine:
             self._requeue(job.job_id)
             return
         if isinstance(exc, AmbiguousCreate):
-            # The task may exist and bill: its reservation stays committed.
             log.warning("job.ambiguous_create", error=exc.message)
             fresh = await self.store.get_job(self.run_id, job.job_id) or job
             # The task may exist and bill: its reservation stays committed until we know.
@@ -428,7 +417,7 @@ class Engine:
                             found.created_at or self.clock.wall())
             return
         assert isinstance(exc, TaskFailed)
-        self._committed_usd -= self._held.pop(job.job_id, 0.0)
+        self._unreserve(job)
         await self._finish_attempt(job, retryable=exc.retryable, reserved_usd=0, **err)
 
     async def _finish_attempt(self, job: JobRow, *, retryable: bool, **fields: Any) -> None:

@@ -408,19 +408,21 @@ class Store:
         )
         return [job_row(r) for r in rows]
 
-    async def iter_jobs(self, run_id: str, page: int = 1000) -> AsyncIterator[JobRow]:
-        """Every job of the run in manifest order, without holding them all in memory."""
+    async def iter_jobs(self, run_id: str, states: Iterable[JobState] | None = None, *,
+                        page: int = 500) -> AsyncIterator[JobRow]:
+        """The run's jobs (those in ``states``, or all) in manifest order, a page at a time.
+
+        Paging follows ``seq``, so the caller may change a yielded job's state meanwhile: each
+        job is seen at most once, and memory holds one page, not the run.
+        """
+        wanted = list(JobState) if states is None else list(states)
         after = -1
-        while True:
-            rows = await self._fetchall(
-                f"{JOB_SELECT} WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (run_id, after, page),
-            )
+        while rows := await self.jobs_in(run_id, wanted, after_seq=after, limit=page):
             for row in rows:
-                yield job_row(row)
+                yield row
             if len(rows) < page:
                 return
-            after = rows[-1][2]
+            after = rows[-1].seq
 
     async def counts(self, run_id: str) -> dict[JobState, int]:
         """Number of jobs in each state."""

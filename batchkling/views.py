@@ -46,13 +46,10 @@ async def run_status(workdir: Path, run_id: str) -> dict[str, Any]:
         run = await store.require_run(run_id)
         data = await _summary(store, run)
         reasons: dict[str, int] = {}
-        after = -1
         states = [JobState.FAILED, JobState.UNKNOWN, JobState.TIMED_OUT]
-        while rows := await store.jobs_in(run_id, states, after_seq=after):
-            after = rows[-1].seq
-            for row in rows:
-                key = f"{row.state.value}: {row.error_code or '-'}"
-                reasons[key] = reasons.get(key, 0) + 1
+        async for row in store.iter_jobs(run_id, states):
+            key = f"{row.state.value}: {row.error_code or '-'}"
+            reasons[key] = reasons.get(key, 0) + 1
         data["problems"] = reasons
         return data
 
