@@ -30,7 +30,6 @@ class SlotPool:
         self.limit = maximum
         self.in_use = 0
         self.peak = 0
-        self.rejections = 0
         self._streak = 0
         self._changed = anyio.Event()
 
@@ -56,7 +55,6 @@ class SlotPool:
 
     def rejected(self) -> None:
         """The provider refused a create for lack of slots: shrink to what is in flight."""
-        self.rejections += 1
         self._streak = 0
         # The rejected create still holds its local slot here; the account evidently has room
         # for the others only.
@@ -79,14 +77,11 @@ class RateGate:
         self.clock = clock
         self._next = 0.0
         self.paused_until = 0.0
-        self.pauses = 0
 
     def pause(self, seconds: float) -> None:
         """Hold every caller back for ``seconds`` (a 429's ``Retry-After``)."""
         until = self.clock.monotonic() + max(0.0, seconds)
-        if until > self.paused_until:
-            self.paused_until = until
-            self.pauses += 1
+        self.paused_until = max(self.paused_until, until)
 
     async def wait(self) -> None:
         """Return when this caller may send: after any pause, and in turn at the set rate."""

@@ -129,11 +129,6 @@ def configure_logging(*, console: str = "json", level: str = "info") -> None:
     )
 
 
-def set_console_level(level: str) -> None:
-    """Raise or lower what reaches the console (the progress display quietens it)."""
-    _sinks.console_level = _LEVELS.get(level, 20)
-
-
 @contextmanager
 def run_log(path: Path) -> Iterator[None]:
     """Append JSON lines to ``path`` while the block runs."""

@@ -140,22 +140,6 @@ def _content_ref(source: str | None, sha256: str | None) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
-class Attempt:
-    """One provider task made for a job. History is never overwritten: a retry is a new row."""
-
-    job_id: str
-    number: int
-    idempotency_key: str
-    task_id: str | None
-    state: JobState
-    submitted_at: float | None
-    completed_at: float | None
-    cost_usd: float | None
-    error_code: str | None
-    error_message: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class RunSummary:
     """What a run ended with; the CLI turns ``exit_code`` into the process exit status."""
 

@@ -486,17 +486,6 @@ class Store:
             (state.value, now, event, blob, *fields.values(), run_id, job_id),
         )])
 
-    async def set_progress(self, run_id: str, job_id: str, progress: float) -> None:
-        """Record progress without an event row (it changes on every poll)."""
-        await self._write(
-            [
-                (
-                    "UPDATE jobs SET progress = ? WHERE run_id = ? AND job_id = ?",
-                    (progress, run_id, job_id),
-                )
-            ]
-        )
-
     async def log_event(
         self, run_id: str, job_id: str | None, now: float, event: str,
         data: Mapping[str, Any] | None = None,
