@@ -354,6 +354,14 @@ class Engine:
                 reserved_usd=estimate, error_code=None, error_message=None,
             )
             crashpoints.reached("after_intent")
+            if self.create_gate.paused_until > self.clock.monotonic():
+                # A 429 arrived while this intent was being committed: its pause covers this
+                # create too. Nothing was sent, so the same attempt (same key) goes again later.
+                self.slots.release()
+                self._unreserve(job)
+                await self._set(job, JobState.PENDING, "job.requeued", reserved_usd=0)
+                self._requeue(job.job_id)
+                return
             try:
                 task_id = await self.provider.create(spec, key)
             except ProviderError as exc:
