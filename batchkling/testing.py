@@ -15,13 +15,23 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import httpx
 import yaml
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,6 +42,7 @@ if TYPE_CHECKING:
     from batchkling.models import RunSummary
     from batchkling.orchestrator import Orchestrator
     from batchkling.simulator.state import SimState
+    from batchkling.store import Store
 
 __all__ = [
     "RequestLog",
@@ -83,10 +94,15 @@ class VirtualClock:
     in-process transport (``httpx.ASGITransport`` or ``httpx.MockTransport``), so every wait in
     the run is on this clock.
 
+    Work in other threads holds time still: while anything runs in anyio's worker threads
+    (``anyio.to_thread``: downloads' fsync, the report) or inside a :meth:`hold` block, no round
+    counts as quiet. :class:`VirtualSim` holds the clock around every SQLite call of its runs, so
+    a commit on a slow disk cannot let time jump past the run's next step.
+
     Limits: "quiet" is a heuristic. A round in which the driver's own short real sleep overslept
-    does not count (an overloaded machine may have starved the other threads too), but work that
-    takes longer than ``idle_checks * idle_real`` real seconds without sleeping on an idle
-    machine (a slow disk, a real socket) may still see time jump under it —
+    does not count (an overloaded machine may have starved the other threads too), but other
+    real work that takes longer than ``idle_checks * idle_real`` real seconds without sleeping
+    or holding (a real socket, a thread started by hand) may still see time jump under it —
     virtual time then runs ahead, it never skips a sleeper's deadline. Real I/O (a loopback
     server, ``anyio.sleep``) does not advance this clock, and a coroutine that waits on it while
     others sleep here can stall the jump. Deterministic given the same order of sleeps; a
@@ -102,6 +118,7 @@ class VirtualClock:
         self.spins = spins
         self.jumps = 0
         self._activity = 0
+        self._held = 0
         self._seq = itertools.count()
         self._heap: list[tuple[float, int]] = []
         self._waiting: dict[int, anyio.Event] = {}
@@ -135,6 +152,20 @@ class VirtualClock:
             self._waiting.pop(seq, None)
             self._activity += 1
 
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Keep time from jumping while the block runs (real work in another thread)."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+            self._activity += 1
+
+    def _busy(self) -> bool:
+        threads = anyio.to_thread.current_default_thread_limiter().borrowed_tokens
+        return self._held > 0 or threads > 0
+
     def advance(self, seconds: float) -> None:
         """Move time on by hand, waking every sleeper due by then."""
         self._wake_until(self.now + max(0.0, seconds))
@@ -163,9 +194,10 @@ class VirtualClock:
             started = time.monotonic()
             await anyio.sleep(self.idle_real)  # real time: lets worker threads finish
             starved = time.monotonic() - started > 3 * self.idle_real
-            if self._activity != seen or starved:
-                # Overslept: the machine is overloaded, so a worker thread (SQLite's) may not
-                # have run either — this round proves nothing about quiet.
+            if self._activity != seen or starved or self._busy():
+                # Work is under way in a thread, or the driver overslept: the machine is
+                # overloaded, so a worker thread (SQLite's) may not have run either — this
+                # round proves nothing about quiet.
                 quiet = 0
                 continue
             quiet += 1
@@ -282,6 +314,7 @@ class VirtualSim:
 
         kwargs.setdefault("env", self.env)
         kwargs.setdefault("seed", 3)
+        kwargs.setdefault("store", _held_store(Path(workdir) / "batchkling.db", self.clock))
         return Orchestrator(load_manifest(path) if path else None, run_id=run_id,
                             workdir=workdir, transport=httpx.ASGITransport(app=self.requests),
                             clock=self.clock, **kwargs)
@@ -299,7 +332,8 @@ class VirtualSim:
 
     async def _go(self, orch: Orchestrator, action: str,
                   during: Callable[[Orchestrator], Coroutine[Any, Any, None]] | None) -> RunSummary:
-        async with self.clock.running(), orch:
+        # The store is this helper's (it holds the clock), so it closes it after the run.
+        async with self.clock.running(), orch.store, orch:
             if during is None:
                 summary: RunSummary = await getattr(orch, action)()
                 return summary
@@ -308,3 +342,37 @@ class VirtualSim:
                 summary = await getattr(orch, action)()
                 tg.cancel_scope.cancel()
             return summary
+
+
+def _held_store(path: Path, clock: VirtualClock) -> Store:
+    """A :class:`~batchkling.store.Store` that holds ``clock`` still while SQLite works.
+
+    Every call reaches SQLite's thread through ``open``, ``aclose``, ``_write``, ``_fetchall``
+    or ``acquire_lease``; a commit that waits on a slow disk then keeps virtual time where it
+    is instead of letting it jump past the run's next step.
+    """
+    from batchkling.store import Store
+
+    class HeldStore(Store):
+        async def open(self) -> None:
+            with clock.hold():
+                await super().open()
+
+        async def aclose(self) -> None:
+            with clock.hold():
+                await super().aclose()
+
+        async def _write(self, statements: Iterable[tuple[str, Iterable[Any]]]) -> None:
+            with clock.hold():
+                await super()._write(statements)
+
+        async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+            with clock.hold():
+                return await super()._fetchall(sql, params)
+
+        async def acquire_lease(self, run_id: str, owner: str, *, now: float,
+                                stale_after: float) -> None:
+            with clock.hold():
+                await super().acquire_lease(run_id, owner, now=now, stale_after=stale_after)
+
+    return HeldStore(path)
