@@ -206,7 +206,7 @@ def _validate_and_expand(loaded: LoadedYAML, source_path: Path) -> Manifest:
         raise ManifestError(sort_problems(problems, source.file))
     manifest._source_path = source_path
     manifest._base_dir = source_path.parent
-    manifest._warnings = sort_problems(result.warnings, source.file)
+    manifest._warnings = sort_problems([*loaded.warnings, *result.warnings], source.file)
     manifest._specs = result.specs
     return manifest
 

@@ -139,6 +139,7 @@ class LoadedYAML:
     problems: list[Problem]
     fatal: bool = False
     bad_paths: set[DataPath] = field(default_factory=set)
+    warnings: list[Problem] = field(default_factory=list)
 
 
 def decode_source(raw: bytes, file: str) -> tuple[str | None, Problem | None]:
@@ -189,7 +190,9 @@ def load_yaml(text: str, file: str) -> LoadedYAML:
     except _TooBig:
         message = "the document expands to too many values (an alias bomb?)"
         return LoadedYAML(None, source, [Problem(file, None, None, "", message)], fatal=True)
-    return LoadedYAML(data, source, builder.problems, bad_paths=builder.bad_paths)
+    return LoadedYAML(
+        data, source, builder.problems, bad_paths=builder.bad_paths, warnings=builder.warnings
+    )
 
 
 class _TooBig(Exception):
@@ -202,6 +205,7 @@ class _Builder:
     def __init__(self, source: SourceMap) -> None:
         self.source = source
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
         self.bad_paths: set[DataPath] = set()
         self._count = 0
         self._active: set[int] = set()
@@ -212,6 +216,15 @@ class _Builder:
         self.bad_paths.add(path)
         line, column = node.start_mark.line + 1, node.start_mark.column + 1
         self.problems.append(Problem(self.source.file, line, column, format_path(path), message))
+
+    def _leading_zero(self, path: DataPath, node: ScalarNode) -> None:
+        """``007`` is the number 7 in YAML 1.2: say so where a product code would lose zeros."""
+        line, column = node.start_mark.line + 1, node.start_mark.column + 1
+        message = (
+            f"{node.value} is read as the number {int(node.value)} (YAML 1.2); "
+            f"write '{node.value}' in quotes to keep it as text"
+        )
+        self.warnings.append(Problem(self.source.file, line, column, format_path(path), message))
 
     def build(self, node: Node, path: DataPath) -> Any:
         self._count += 1
@@ -299,7 +312,11 @@ class _Builder:
             return text.lower() == "true"
         try:
             if tag == _STD + "int":
-                return int(text, 0) if text[:2] in ("0o", "0x") else int(text)
+                if text[:2] in ("0o", "0x"):
+                    return int(text, 0)
+                if _LEADING_ZERO.match(text):
+                    self._leading_zero(path, node)
+                return int(text)
             if tag == _STD + "float":
                 return float(
                     text.replace(".inf", "inf")
@@ -314,6 +331,9 @@ class _Builder:
             return None
         self._bad(path, node, _tag_message(tag))
         return None
+
+
+_LEADING_ZERO = re.compile(r"^[-+]?0[0-9]")
 
 
 def _tag_message(tag: str) -> str:

@@ -82,6 +82,23 @@ class TestDefaults:
         assert len(m.warnings) == 1 and m.warnings[0].line == 4
         assert "ignored" in m.warnings[0].message
 
+    def test_leading_zeros_lost_to_yaml_are_a_warning(self, tmp_path: Path) -> None:
+        """An unquoted 007 is the number 7 in YAML 1.2: the job still loads, and a warning at
+        the value says how to keep the zeros; quoted codes and plain 0 say nothing."""
+        path = write(tmp_path, """\
+            version: 1
+            name: a
+            matrices:
+              - id: "sku-{sku}"
+                prompt: "product {sku}"
+                vars: {sku: [007, "008", 0, 12]}
+            """)
+        m = load_manifest(path)
+        assert [s.job_id for s in m.specs] == ["sku-7", "sku-008", "sku-0", "sku-12"]
+        assert [(w.line, w.column, w.path) for w in m.warnings] == [
+            (6, 18, "matrices[0].vars.sku[0]")]
+        assert "write '007' in quotes" in m.warnings[0].message
+
     def test_imarouter_warns_where_kling_would_refuse(self, tmp_path: Path) -> None:
         """Kling-native rules are warnings on imarouter (it passes the field through)."""
         path = write(tmp_path, "version: 1\nname: a\njobs:\n"
