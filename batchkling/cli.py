@@ -140,16 +140,28 @@ def _simulated_env(config: Any) -> dict[str, str]:
     return env
 
 
+#: Where ``--simulate`` keeps the simulated account's tasks, so a resume finds them again.
+SIMULATOR_JOURNAL = "simulator-tasks.jsonl"
+
+
 @contextmanager
-def _simulator(enabled: bool, speed: float) -> Iterator[str | None]:
+def _simulator(enabled: bool, speed: float, workdir: Path) -> Iterator[str | None]:
     if not enabled:
         yield None
         return
     from batchkling.simulator import SimConfig, SimulatorServer
 
-    with SimulatorServer(SimConfig(speed=speed, seed=0)) as sim:
+    journal: Path | None = workdir / SIMULATOR_JOURNAL
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        journal = None  # the store reports the unusable workdir in its own words
+    with SimulatorServer(SimConfig(speed=speed, seed=0), journal=journal) as sim:
         click.echo(f"batchkling: simulator running on {sim.base_url} (speed x{speed:g}); "
                    "no account needed, nothing is billed", err=True)
+        if sim.sim.restored:
+            click.echo(f"batchkling: the simulated account still has its {sim.sim.restored} "
+                       f"earlier tasks ({journal})", err=True)
         yield sim.base_url
 
 
@@ -229,7 +241,7 @@ def run(manifest: Path, run_id: str | None, workdir: Path, simulate: bool, speed
                           "(finished jobs are never paid twice). Start?", abort=True, err=True)
         _configure_console()
         scale = _speed(speed, simulate)
-        with _simulator(simulate, scale) as sim_url:
+        with _simulator(simulate, scale, workdir) as sim_url:
             env = _simulated_env(loaded) if simulate else None
             summary = _run_async(lambda: _drive(
                 lambda: Orchestrator(loaded, run_id=run_id, workdir=workdir, env=env,
@@ -259,7 +271,7 @@ def _resume_like(run_id: str, workdir: Path, speed: float | None,
 
             env = _simulated_env(_config_from(stored))
         scale = _speed(speed, simulated)
-        with _simulator(simulated, scale) as sim_url:
+        with _simulator(simulated, scale, workdir) as sim_url:
             summary = _run_async(lambda: _drive(
                 lambda: Orchestrator(run_id=run_id, workdir=workdir, env=env,
                                      base_url=sim_url, simulated=simulated, time_scale=scale),
@@ -396,15 +408,18 @@ def schema() -> None:
 @click.option("--api-key", default=None, help="Require this bearer key on the ImaRouter shape.")
 @click.option("--access-key", default=None, help="Kling-shape JWT access key.")
 @click.option("--secret-key", default=None, help="Kling-shape JWT secret key.")
+@click.option("--journal", type=click.Path(dir_okay=False, path_type=Path),
+              help="Keep tasks in this file: a simulator started again with it still has them.")
 def simulate(host: str, port: int, speed: float, seed: int, faults: str, api_key: str | None,
-             access_key: str | None, secret_key: str | None) -> None:
+             access_key: str | None, secret_key: str | None, journal: Path | None) -> None:
     """Serve a local ImaRouter- and Kling-compatible API with faults on demand."""
     from batchkling.simulator import serve_forever
 
     with _errors_to_exit_codes():
         try:
             serve_forever(host=host, port=port, speed=speed, seed=seed, faults=faults,
-                          api_key=api_key, access_key=access_key, secret_key=secret_key)
+                          api_key=api_key, access_key=access_key, secret_key=secret_key,
+                          journal=journal)
         except BatchklingError as exc:
             _fail(str(exc), EXIT_BAD_INPUT)
         except KeyboardInterrupt:

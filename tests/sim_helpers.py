@@ -6,6 +6,7 @@ import base64
 import io
 import time
 import warnings
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -60,9 +61,11 @@ def has_ftyp(data: bytes) -> bool:
 class Sim:
     """The simulator app on a fake clock, with a client for it (``async with Sim(...) as sim``)."""
 
-    def __init__(self, config: SimConfig | None = None, **changes: Any) -> None:
+    def __init__(self, config: SimConfig | None = None, *, journal: Path | None = None,
+                 **changes: Any) -> None:
         self.clock = FakeClock()
-        self.app = create_app((config or SimConfig()).replace(**changes), clock=self.clock)
+        self.app = create_app((config or SimConfig()).replace(**changes), clock=self.clock,
+                              journal=journal)
         self.state: SimState = self.app.state.sim
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
                                         base_url="http://testserver")

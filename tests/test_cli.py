@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import TEST_KEY
+from conftest import TEST_KEY, wait_until_running
 
 from batchkling.cli import cli
 from batchkling.logs import REDACTED, Redactor
@@ -113,6 +116,57 @@ def test_readme_quickstart(tmp_path: Path) -> None:
     assert all(v.read_bytes()[4:8] == b"ftyp" for v in videos)
     csv_text = (tmp_path / "jobs" / "quickstart" / "results.csv").read_text()
     assert csv_text.count(",succeeded,") == 3
+
+
+@pytest.mark.timeout(120)
+def test_simulated_run_resumes_its_tasks(tmp_path: Path) -> None:
+    """Ctrl-C in `run --simulate`, then `resume`: the simulated account kept the tasks that were
+    rendering (workdir/simulator-tasks.jsonl), so they finish with no new create and no failed
+    poll, and no two jobs share a task (a restarted simulator used to reuse task ids)."""
+    n = 6
+    path = write_manifest(tmp_path, [{"id": f"job-{i}", "prompt": f"scene {i}"} for i in range(n)],
+                          name="simres", limits={"max_in_flight": 3})
+    workdir, db = tmp_path / "jobs", tmp_path / "jobs" / "batchkling.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHKLING")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchkling", "run", str(path), "--simulate", "--speed", "60",
+         "--workdir", str(workdir)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_until_running(proc, db, "simres")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _db_rows(db, "SELECT job_id FROM jobs WHERE state = 'running'"):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    in_flight = {j for (j,) in _db_rows(db, "SELECT job_id FROM jobs WHERE state IN "
+                                           "('submitted', 'running')")}
+    assert in_flight
+    resumed = subprocess.run(
+        [sys.executable, "-m", "batchkling", "resume", "simres", "--speed", "60",
+         "--workdir", str(workdir)],
+        env=env, capture_output=True, text=True, timeout=100)
+    assert resumed.returncode == 0, resumed.stderr
+    attempts = _db_rows(db, "SELECT job_id, task_id FROM attempts")
+    assert sorted(j for j, _t in attempts) == [f"job-{i}" for i in range(n)]  # one each
+    assert len({t for _j, t in attempts}) == n
+    assert "job.poll_failed" not in (workdir / "simres" / "run.log").read_text()
+    assert {s for (s,) in _db_rows(db, "SELECT state FROM jobs")} == {"downloaded"}
+
+
+def _db_rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return []
+    try:
+        return list(con.execute(sql))
+    except sqlite3.Error:
+        return []
+    finally:
+        con.close()
 
 
 class TestRedaction:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from sim_helpers import IMA_AUTH, Sim, has_ftyp
 
+from batchkling.errors import ConfigError
 from batchkling.simulator.media import base_clip
 
 pytestmark = pytest.mark.timeout(30)
@@ -202,3 +204,64 @@ class TestResultFiles:
         for size in ("16:9", "9:16", "1:1"):
             clip = base_clip(size)
             assert has_ftyp(clip) and len(clip) < 60_000 and b"avc1" in clip
+
+
+SLOW: dict[str, Any] = {"render_median_s": 100, "render_sigma": 0, "slot_limit": 2}
+
+
+class TestJournal:
+    """Tasks kept in a file, so a simulator started again (``--simulate`` resume) has them."""
+
+    async def test_same_seed_never_reuses_a_task_id(self) -> None:
+        """Two simulators on one seed hand out different ids on both shapes: a restarted one
+        must never give a client an id that already names another of its tasks."""
+        async with Sim(seed=3) as a, Sim(seed=3) as b:
+            assert (await a.ima_create()).json()["task_id"] != \
+                (await b.ima_create()).json()["task_id"]
+            assert (await a.kling_create()).json()["data"]["task_id"] != \
+                (await b.kling_create()).json()["data"]["task_id"]
+
+    async def test_tasks_outlive_a_restart(self, tmp_path: Path) -> None:
+        """After a restart on the same journal, a task is found by id, by Idempotency-Key and
+        by external_task_id, still holds its slot, and finishes and downloads as drawn."""
+        journal = tmp_path / "tasks.jsonl"
+        replay = {**IMA_AUTH, "Idempotency-Key": "k1"}
+        async with Sim(journal=journal, **SLOW) as first:
+            tid = (await first.ima_create(headers=replay)).json()["task_id"]
+            kid = (await first.kling_create(external_task_id="bk-x")).json()["data"]["task_id"]
+            drawn = {t["task_id"]: t["outcome"] for t in first.state.task_table()}
+        async with Sim(journal=journal, **SLOW) as again:
+            assert again.state.restored == 2
+            assert (await again.ima_get(tid)).json()["status"] in ("queued", "in_progress")
+            assert (await again.ima_create()).status_code == 429  # both slots still held
+            assert (await again.ima_create(headers=replay)).json()["task_id"] == tid
+            found = (await again.kling_get("bk-x")).json()["data"]
+            assert found["task_id"] == kid and found["task_status"] in ("submitted", "processing")
+            again.advance(DONE)
+            done = (await again.ima_get(tid)).json()
+            assert done["status"] == "completed" and drawn[tid] == "succeed"
+            video = await again.client.get(done["metadata"]["url"])
+            assert video.status_code == 200 and has_ftyp(video.content)
+            stats = await again.stats()
+            assert stats["creates"] == 0 and stats["slots_in_use"] == 0  # made by the first
+
+    async def test_a_torn_last_line_is_skipped(self, tmp_path: Path) -> None:
+        """A process killed mid-append leaves half a line: the tasks before it load."""
+        journal = tmp_path / "tasks.jsonl"
+        async with Sim(journal=journal) as first:
+            await first.ima_create()
+            await first.ima_create()
+        journal.write_text(journal.read_text()[:-40])
+        async with Sim(journal=journal) as again:
+            assert again.state.restored == 1
+            assert (await again.ima_create()).status_code == 200
+        assert len(journal.read_text().splitlines()) == 3  # the torn line stays, unread
+        async with Sim(journal=journal) as third:
+            assert third.state.restored == 2
+
+    def test_an_unreadable_journal_is_a_clear_error(self, tmp_path: Path) -> None:
+        """Bytes that are not a journal stop the start with the file's name and the way out."""
+        journal = tmp_path / "tasks.jsonl"
+        journal.write_bytes(b"\xff\xfe garbage")
+        with pytest.raises(ConfigError, match="delete it to start the simulated account afresh"):
+            Sim(journal=journal)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -81,14 +82,17 @@ async def _health(request: Request) -> Response:
     return json_response({"ok": True})
 
 
-def create_app(config: SimConfig, *, clock: Callable[[], float] | None = None) -> Starlette:
+def create_app(config: SimConfig, *, clock: Callable[[], float] | None = None,
+               journal: Path | None = None) -> Starlette:
     """The simulator as an ASGI app; its state is ``app.state.sim`` (a ``SimState``).
 
     ``clock`` (default ``time.monotonic``) drives every simulated time; pass a fake one to step
     renders, URL expiry and token lifetimes from a test. Callbacks are delivered only while the
-    app's lifespan runs (under uvicorn or ``SimulatorServer``).
+    app's lifespan runs (under uvicorn or ``SimulatorServer``). With ``journal``, every task is
+    appended to that file and the tasks already in it are loaded, so a simulator started again
+    keeps the account's tasks (they go on rendering in wall time while it is down).
     """
-    sim = SimState(config, clock)
+    sim = SimState(config, clock, journal=journal)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -60,8 +61,8 @@ class SimulatorServer:
     """
 
     def __init__(self, config: SimConfig | None = None, *, host: str = "127.0.0.1", port: int = 0,
-                 clock: Callable[[], float] | None = None) -> None:
-        self.app = create_app(config or SimConfig(), clock=clock)
+                 clock: Callable[[], float] | None = None, journal: Path | None = None) -> None:
+        self.app = create_app(config or SimConfig(), clock=clock, journal=journal)
         self.sim: SimState = self.app.state.sim
         self._host, self._port = host, port
         self._server: uvicorn.Server | None = None
@@ -146,11 +147,11 @@ class SimulatorServer:
 
 def serve_forever(*, host: str = "127.0.0.1", port: int = 8080, speed: float = 1.0, seed: int = 0,
                   faults: str = "none", api_key: str | None = None, access_key: str | None = None,
-                  secret_key: str | None = None) -> None:
+                  secret_key: str | None = None, journal: Path | None = None) -> None:
     """Serve until interrupted (``batchkling simulate``); BatchklingError for bad faults or port."""
     config = load_faults(faults, speed=speed, seed=seed, api_key=api_key, access_key=access_key,
                          secret_key=secret_key)
-    app = create_app(config)
+    app = create_app(config, journal=journal)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["batchkling.simulator"] = {
         "handlers": ["default"], "level": "INFO", "propagate": False}
@@ -165,6 +166,8 @@ def serve_forever(*, host: str = "127.0.0.1", port: int = 8080, speed: float = 1
               base, base, key)
     _log.info("Kling shape: POST/GET %s/v1/videos/text2video|image2video — JWT HS256 with "
               "access key %r, secret key %r", base, config.access_key, config.secret_key)
+    if journal is not None:
+        _log.info("Tasks journal: %s (%d tasks loaded)", journal, app.state.sim.restored)
     _log.info("Controls: %s/_sim/stats, %s/_sim/tasks, POST %s/_sim/config", base, base, base)
     try:
         uvicorn.Server(uv_config).run(sockets=[sock])

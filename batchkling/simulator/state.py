@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import json
+import logging
 import math
 import random
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from batchkling.errors import ConfigError
 from batchkling.simulator.catalog import Spec, sim_tags
 from batchkling.simulator.config import SimConfig
 
+_log = logging.getLogger("batchkling.simulator")
 QUEUED, IN_PROGRESS, COMPLETED, FAILED = "queued", "in_progress", "completed", "failed"
 STATES = (QUEUED, IN_PROGRESS, COMPLETED, FAILED)
 SUCCEED, NEVER = "succeed", "never"
@@ -74,9 +80,14 @@ class _Counters:
 class SimState:
     """The mutable heart of the simulator, owned by one event loop (``app.state.sim``)."""
 
-    def __init__(self, config: SimConfig, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, config: SimConfig, clock: Callable[[], float] | None = None, *,
+                 journal: Path | None = None) -> None:
         self._clock = clock or time.monotonic
         self.config = config
+        # Task ids are unique to this instance (like a real provider's), so a simulator started
+        # again with the same seed never hands out an id an earlier one gave a client.
+        self.instance = secrets.token_hex(4)
+        self.journal = journal
         c = self._clock()
         self._c0, self._sim0, self._wall0 = c, 0.0, time.time()
         self.tasks: dict[str, Task] = {}
@@ -95,6 +106,7 @@ class SimState:
         self._seed_streams()
         self._tokens, self._tokens_at = 0.0, c
         self._reset_bucket()
+        self.restored = self._restore() if journal is not None else 0
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -220,7 +232,8 @@ class SimState:
     # -- tasks --------------------------------------------------------------------------------
 
     def _task_id(self, shape: str, n: int) -> str:
-        digest = hashlib.blake2b(f"{self.config.seed}:{n}".encode(), digest_size=12).hexdigest()
+        name = f"{self.config.seed}:{self.instance}:{n}"
+        digest = hashlib.blake2b(name.encode(), digest_size=12).hexdigest()
         if shape == "kling":
             return "8" + str(int(digest, 16))[:17]
         return f"video_{digest}"
@@ -268,24 +281,87 @@ class SimState:
             ends = started + render * (0.2 if outcome == "content_policy" else 0.6)
         task = Task(n, self._task_id(shape, n), shape, spec, key, external_task_id, callback_url,
                     now, self.wall_now(), started, render, ends, outcome, pick)
-        self.tasks[task.task_id] = task
-        if external_task_id is not None:
-            self.by_external.setdefault(external_task_id, task)
-        if idempotency_key is not None:
-            self.by_idem.setdefault(idempotency_key, task)
         c.creates = n
         if key is None:
             c.creates_without_key += 1
         else:
             c.creates_by_key[key] += 1
-        self.prune(now)
-        self.slots_in_use += 1
-        self.peak_slots = max(self.peak_slots, self.slots_in_use)
-        if math.isfinite(ends):
-            heapq.heappush(self._ends, (ends, n))
+        self._add(task, idempotency_key, now)
         if callback_url:
             self.callback_pending[task.task_id] = (task, base)
+        if self.journal is not None:
+            self._record(task, idempotency_key)
         return task
+
+    def _add(self, task: Task, idempotency_key: str | None, now: float) -> None:
+        self.tasks[task.task_id] = task
+        if task.external_task_id is not None:
+            self.by_external.setdefault(task.external_task_id, task)
+        if idempotency_key is not None:
+            self.by_idem.setdefault(idempotency_key, task)
+        self.prune(now)
+        if task.ends_sim > now:
+            self.slots_in_use += 1
+            self.peak_slots = max(self.peak_slots, self.slots_in_use)
+            if math.isfinite(task.ends_sim):
+                heapq.heappush(self._ends, (task.ends_sim, task.n))
+
+    # -- the journal: tasks outlive the process ------------------------------------------------
+
+    def _record(self, task: Task, idempotency_key: str | None) -> None:
+        """Append the task to the journal, its times as epoch seconds (flushed, not fsynced)."""
+        def wall(t: float) -> float | None:
+            return self.sim_to_wall(t) if math.isfinite(t) else None
+
+        line = {
+            "task_id": task.task_id, "n": task.n, "shape": task.shape, "spec": asdict(task.spec),
+            "key": task.key, "external_task_id": task.external_task_id,
+            "idempotency_key": idempotency_key, "callback_url": task.callback_url,
+            "created": wall(task.created_sim), "started": wall(task.started_sim),
+            "ends": wall(task.ends_sim), "render_s": task.render_s, "outcome": task.outcome,
+            "pick": task.pick, "created_wall": task.created_wall,
+        }
+        assert self.journal is not None
+        try:
+            with self.journal.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(line, separators=(",", ":")) + "\n")
+        except OSError as exc:  # the task exists; only its survival of a restart is lost
+            _log.warning("cannot write the tasks journal %s (%s); not keeping tasks any more",
+                         self.journal, exc)
+            self.journal = None
+
+    def _restore(self) -> int:
+        """Load the journal's tasks (at the current speed); a torn last line is skipped."""
+        assert self.journal is not None
+        try:
+            text = self.journal.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return 0
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the simulator's tasks journal {self.journal} ({exc}); "
+                              "delete it to start the simulated account afresh") from exc
+        if text and not text.endswith("\n"):
+            with self.journal.open("a", encoding="utf-8") as fh:
+                fh.write("\n")  # the next task must not be glued to a torn line
+        lines = text.splitlines()
+        now, speed = self.sim_now(), self.config.speed
+
+        def sim(t: float | None) -> float:
+            return math.inf if t is None else self._sim0 + (t - self._wall0) * speed
+
+        restored = 0
+        for line in lines:
+            try:
+                d = json.loads(line)
+                task = Task(d["n"], d["task_id"], d["shape"], Spec(**d["spec"]), d["key"],
+                            d["external_task_id"], d["callback_url"], sim(d["created"]),
+                            d["created_wall"], sim(d["started"]), d["render_s"], sim(d["ends"]),
+                            d["outcome"], d["pick"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            self._add(task, d["idempotency_key"], now)
+            restored += 1
+        return restored
 
     @staticmethod
     def status(task: Task, now: float) -> str:
