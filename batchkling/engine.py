@@ -55,6 +55,9 @@ _DOWNLOAD_TRIES = 5
 # 5xx with no task) before the run stops creating: with backoff capped at a minute, several
 # minutes of an unreachable provider.
 _MAX_CREATE_FAILURES = 12
+# Polls of one task refused for the account (a revoked key) before the run stops tracking; the
+# first refusal is enough once creates have stopped for the same reason.
+_MAX_REFUSED_POLLS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,7 +460,7 @@ class Engine:
         started = submitted_at or self.clock.wall()
         mono_start = self.clock.monotonic() - max(0.0, self.clock.wall() - started)
         deadline = self.clock.monotonic() + self.opts.task_timeout
-        polls, progress, hint, errors, running = 0, None, None, 0, False
+        polls, progress, hint, errors, refused, running = 0, None, None, 0, 0, False
         released = False
 
         def release() -> None:
@@ -493,13 +496,31 @@ class Engine:
                     self.poll_gate.pause(exc.retry_after or self._backoff(errors + 1))
                     errors += 1
                     continue
+                except AccountBlocked as exc:
+                    # A dead key cannot see the task finish: waiting out the deadline would only
+                    # delay the exit. The task is kept; `resume` with a working key polls it.
+                    errors += 1
+                    refused += 1
+                    if refused >= _MAX_REFUSED_POLLS or self.stop.kind == "account":
+                        release()
+                        self.stop_creating(f"the provider refused the account: {exc.message}",
+                                           "account")
+                        await self._set(job, JobState.RUNNING if running else JobState.SUBMITTED,
+                                        "job.poll_refused", error_code=exc.code or "account",
+                                        error_message=f"polling stopped, the provider refused "
+                                        f"the account: {exc.message}; `resume` with a working "
+                                        "key polls the task again")
+                        self.log.warning("job.poll_refused", job_id=job.job_id, task_id=task_id,
+                                         error=exc.message)
+                        return
+                    continue
                 except ProviderError as exc:
                     errors += 1
                     if errors in (1, 10) or errors % 50 == 0:
                         self.log.info("job.poll_failed", job_id=job.job_id, error=exc.message,
                                       consecutive=errors)
                     continue
-                errors = 0
+                errors = refused = 0
                 progress, hint = status.progress, status.poll_after
                 if status.phase is Phase.SUCCEEDED:
                     release()

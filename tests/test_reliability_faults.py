@@ -195,8 +195,9 @@ class TestAccountRevoked:
     async def test_key_revoked_mid_run(self, tmp_path: Path, workdir: Path, simulator: Any,
                                        provider: str) -> None:
         """After the account starts refusing the key: no task is created, the run stops with
-        exit 4 and the provider's reason, the in-flight tasks are kept (timed out, resumable),
-        and once the key works again `resume` finishes every job, each paid once."""
+        exit 4 and the provider's reason, the in-flight tasks are kept without sitting out
+        their deadline (polls refused → tracking stops, nothing `timed_out`), and once the key
+        works again `resume` finishes every job, each paid once."""
         revoke: dict[str, Any]
         if provider == "imarouter":
             sim = simulator(api_key=TEST_KEY)
@@ -229,6 +230,12 @@ class TestAccountRevoked:
               f"{stats['create_requests'] - at_switch['requests']} refused create requests after")
         checked = check_invariants(workdir, RUN, stats, provider=provider, jobs=n)
         assert checked.statuses["pending"] >= n - at_switch["creates"]
+        assert not _events(workdir, "job.timed_out")
+        in_flight = db_query(workdir, "SELECT job_id FROM jobs WHERE state IN "
+                                      "('submitted', 'running')")
+        refused = {job for job, _at, _data in _events(workdir, "job.poll_refused")}
+        assert refused == {job for (job,) in in_flight}
+        print(f"#8 {provider}: {len(refused)} tasks in flight kept, polling stopped")
         sim.update_config(**restore)
         resumed = await _resume(workdir)
         assert resumed.exit_code == 0, resumed
@@ -236,6 +243,35 @@ class TestAccountRevoked:
         assert stats["creates"] == n
         checked = check_invariants(workdir, RUN, stats, provider=provider, jobs=n)
         assert checked.statuses == {"succeeded": n}
+
+
+    async def test_a_refused_poll_now_and_then_is_not_a_dead_key(self, tmp_path: Path,
+                                                                 workdir: Path) -> None:
+        """A 401 on each task's first poll (a gateway blip), with creates still accepted: the
+        tasks are polled on and every job finishes; only refusals in a row stop tracking."""
+        vs = _vsim()
+        refused: set[str] = set()
+        inner = vs.requests.app
+
+        async def blip(scope: Any, receive: Any, send: Any) -> None:
+            path = scope.get("path", "")
+            if scope["type"] == "http" and scope["method"] == "GET" \
+                    and path.startswith("/v1/videos/video_") and path not in refused:
+                refused.add(path)
+                body = b'{"code":"invalid_api_key","message":"Invalid API key"}'
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await inner(scope, receive, send)
+
+        vs.requests.app = blip
+        n = 4
+        summary = await vs.run(vs.manifest(tmp_path, n), workdir)
+        assert summary.exit_code == 0, summary
+        assert len(refused) == n
+        assert not _events(workdir, "job.poll_refused")
+        assert check_invariants(workdir, RUN, vs.stats(), jobs=n).statuses == {"succeeded": n}
 
 
 class TestPollFailures:
