@@ -13,6 +13,7 @@ from rich.text import Text
 
 from batchkling.errors import StoreError
 from batchkling.orchestrator import Orchestrator, Progress
+from batchkling.views import format_duration
 
 _DONE = ("downloaded",)
 _ORDER = ("pending", "submitting", "submitted", "running", "succeeded", "downloaded", "failed",
@@ -26,10 +27,7 @@ def _eta(p: Progress) -> str:
     ended = sum(p.counts.get(s, 0) for s in ("downloaded", "failed", "skipped"))
     if ended == 0 or p.elapsed <= 0 or ended >= total:
         return "—"
-    seconds = (total - ended) * p.elapsed / ended
-    minutes, sec = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
+    return format_duration((total - ended) * p.elapsed / ended)
 
 
 def render(p: Progress) -> Group:

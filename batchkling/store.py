@@ -25,7 +25,7 @@ import aiosqlite
 import anyio
 
 from batchkling.errors import RunLocked, RunNotFound, StoreError
-from batchkling.models import JobSpec, JobState
+from batchkling.models import TERMINAL, JobSpec, JobState
 from batchkling.schema import (
     FRESH_ATTEMPT,
     JOB_COLUMNS,
@@ -430,6 +430,16 @@ class Store:
             "SELECT state, COUNT(*) FROM jobs WHERE run_id = ? GROUP BY state", (run_id,)
         )
         return {JobState(r[0]): int(r[1]) for r in rows}
+
+    async def recent_ends(self, run_id: str, limit: int = 20) -> list[float]:
+        """When the last ``limit`` jobs to end (downloaded, failed, skipped) ended, newest first."""
+        states = sorted(s.value for s in TERMINAL)
+        rows = await self._fetchall(
+            f"SELECT updated_at FROM jobs WHERE run_id = ? AND state IN ({','.join('?' * 3)})"
+            " ORDER BY updated_at DESC LIMIT ?",
+            (run_id, *states, limit),
+        )
+        return [float(r[0]) for r in rows]
 
     async def money(self, run_id: str) -> tuple[float, float]:
         """``(spent, committed)``: reported cost so far, and cost plus open reservations."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from batchkling.models import IN_FLIGHT, JobState
+from batchkling.models import IN_FLIGHT, TERMINAL, JobState
 from batchkling.results import write_results
 from batchkling.store import RunRow, Store
 
@@ -40,11 +42,33 @@ async def runs_table(workdir: Path) -> list[dict[str, Any]]:
         return [await _summary(store, run) for run in await store.list_runs()]
 
 
-async def run_status(workdir: Path, run_id: str) -> dict[str, Any]:
-    """Counts by state, in flight, cost, and failures by reason for one run."""
+def eta_seconds(remaining: int, ends: list[float], now: float) -> float | None:
+    """Seconds until ``remaining`` more jobs end, at the pace of the recent ``ends`` (epoch
+    seconds, newest first); None without two ends to measure a pace by."""
+    if remaining <= 0:
+        return 0.0
+    if len(ends) < 2 or ends[0] <= ends[-1]:
+        return None
+    per_job = (ends[0] - ends[-1]) / (len(ends) - 1)
+    # Time already spent since the newest end counts toward the next one.
+    return max(0.0, remaining * per_job - (now - ends[0]))
+
+
+async def run_status(workdir: Path, run_id: str, *, now: float | None = None) -> dict[str, Any]:
+    """Counts by state, in flight, cost, ETA and failures by reason for one run.
+
+    The ETA is given while the run is going: the jobs left at the pace of its last 20 to end
+    (so a resumed run is not measured across the time it was stopped).
+    """
     async with _db(workdir) as store:
         run = await store.require_run(run_id)
         data = await _summary(store, run)
+        eta = None
+        if data["state"] == "running":
+            ended = sum(data["counts"].get(s.value, 0) for s in TERMINAL)
+            eta = eta_seconds(data["jobs"] - ended, await store.recent_ends(run_id),
+                              time.time() if now is None else now)
+        data["eta_seconds"] = None if eta is None else round(eta)
         reasons: dict[str, int] = {}
         states = [JobState.FAILED, JobState.UNKNOWN, JobState.TIMED_OUT]
         async for row in store.iter_jobs(run_id, states):
@@ -75,8 +99,10 @@ def print_status(data: Any, *, single: bool) -> None:
         for state, n in data["counts"].items():
             table.add_row(state, str(n))
         console.print(table)
+        eta = data.get("eta_seconds")
         console.print(f"in flight {data['in_flight']} · cost ${data['cost_usd']:.2f}"
-                      f" (committed ${data['committed_usd']:.2f})")
+                      f" (committed ${data['committed_usd']:.2f})"
+                      + (f" · ETA {format_duration(eta)}" if eta is not None else ""))
         if data.get("stop_reason"):
             console.print(f"last stop: {data['stop_reason']}")
         for reason, n in data.get("problems", {}).items():
@@ -85,10 +111,30 @@ def print_status(data: Any, *, single: bool) -> None:
     if not data:
         console.print("no runs yet")
         return
-    table = Table("run", "state", "jobs", "done", "failed", "in flight", "cost $", "manifest")
+    rows = []
     for run in data:
         counts = run["counts"]
-        table.add_row(run["run_id"], run["state"], str(run["jobs"]),
-                      str(counts.get("downloaded", 0)), str(counts.get("failed", 0)),
-                      str(run["in_flight"]), f"{run['cost_usd']:.2f}", run["manifest"] or "")
+        started = datetime.fromtimestamp(run["created_at"]).strftime("%b %d %H:%M")
+        rows.append((run["run_id"], started, run["state"], str(run["jobs"]),
+                     str(counts.get("downloaded", 0)), str(counts.get("failed", 0)),
+                     str(run["in_flight"]), f"{run['cost_usd']:.2f}",
+                     Path(run["manifest"]).name if run["manifest"] else ""))
+    # The columns a person scans keep their width; only the manifest (its file name; --json
+    # has the path) gives way on a narrow terminal.
+    table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0), header_style="bold underline")
+    headers = ("run", "started", "state", "jobs", "done", "failed", "in flight", "cost $")
+    for i, name in enumerate(headers):
+        width = max(len(name), *(len(row[i]) for row in rows))
+        table.add_column(name, no_wrap=True, min_width=min(width, 40),
+                         justify="left" if i < 3 else "right")
+    table.add_column("manifest", no_wrap=True, overflow="ellipsis", ratio=1, min_width=8)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
+
+
+def format_duration(seconds: float) -> str:
+    """``4m05s``, or ``2h07m`` from an hour on."""
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"

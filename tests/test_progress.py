@@ -74,6 +74,12 @@ async def test_status_and_report_while_a_run_is_going(tmp_path: Path, workdir: P
         seen["status"] = await run_status(workdir, "test-run")
         async with Store(workdir / "batchkling.db") as other:
             seen["report"] = await write_report(other, "test-run", tmp_path / "live.html")
+        while True:  # once jobs end at a pace, the ETA has something to go by
+            later = await run_status(workdir, "test-run")
+            if later["counts"].get("downloaded", 0) >= 2 or later["state"] != "running":
+                break
+            await anyio.sleep(0.02)
+        seen["later"] = later
 
     async with (Orchestrator(load_manifest(path), workdir=workdir, time_scale=40.0) as orch,
                 anyio.create_task_group() as tg):
@@ -81,4 +87,32 @@ async def test_status_and_report_while_a_run_is_going(tmp_path: Path, workdir: P
         summary = await orch.run()
     assert summary.exit_code == 0 and summary.counts == {"succeeded": 6}
     assert seen["status"]["state"] == "running" and seen["status"]["in_flight"] >= 1
+    assert seen["status"]["eta_seconds"] is None  # nothing has ended yet: no pace to go by
+    if seen["later"]["state"] == "running":
+        assert seen["later"]["eta_seconds"] is not None and seen["later"]["eta_seconds"] >= 0
     assert "still going" in seen["report"].read_text()
+
+
+def test_eta_goes_by_the_pace_of_recent_ends() -> None:
+    """Jobs left × the recent time per job, less the time since the last one ended."""
+    from batchkling.views import eta_seconds
+
+    assert eta_seconds(5, [100.0, 90.0, 80.0], now=104.0) == 46.0  # 10 s a job, 4 s in
+    assert eta_seconds(5, [100.0], now=104.0) is None
+    assert eta_seconds(5, [100.0, 100.0], now=104.0) is None  # no pace from one moment
+    assert eta_seconds(0, [], now=104.0) == 0.0
+    assert eta_seconds(1, [100.0, 90.0], now=500.0) == 0.0  # overdue is "now", not negative
+
+
+def test_status_shows_eta_and_when_runs_started(capsys: Any) -> None:
+    from batchkling.views import print_status
+
+    run = {"run_id": "spring", "state": "running", "provider": "imarouter", "simulated": False,
+           "counts": {"pending": 2, "downloaded": 3}, "in_flight": 1, "cost_usd": 1.0,
+           "committed_usd": 1.5, "eta_seconds": 125, "stop_reason": None, "problems": {},
+           "jobs": 5, "manifest": "m.yaml", "created_at": 1_780_000_000.0}
+    print_status(run, single=True)
+    assert "ETA 2m05s" in capsys.readouterr().out
+    print_status([run], single=False)
+    table = capsys.readouterr().out
+    assert "started" in table and "spring" in table and "m.yaml" in table
