@@ -197,7 +197,7 @@ async def _drive(make: Callable[[], Any], action: Callable[[Any], Awaitable[Any]
 def _finish(summary: Any) -> NoReturn:
     counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.counts.items()) if n)
     click.echo(f"batchkling: run {summary.run_id}: {counts or 'no jobs'}; "
-               f"cost ${summary.cost_usd:.2f}", err=True)
+               f"cost {summary.cost_text()}", err=True)
     if summary.stop_reason:
         click.echo(f"batchkling: creates stopped: {summary.stop_reason}", err=True)
     if summary.results_csv:

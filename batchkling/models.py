@@ -149,8 +149,23 @@ class RunSummary:
     stop_reason: str | None
     exit_code: int
     results_csv: str | None = None
+    cost_units: float = 0.0  #: provider units (Kling), which carry no USD price
+    committed_usd: float = 0.0  #: cost plus estimates for what reported no price
+
+    def cost_text(self) -> str:
+        """The cost as a person should read it: USD, or units with the estimate beside them."""
+        return describe_cost(self.cost_usd, self.cost_units, self.committed_usd)
 
     @property
     def total(self) -> int:
         """Number of jobs in the run."""
         return sum(self.counts.values())
+
+
+def describe_cost(usd: float, units: float, committed_usd: float) -> str:
+    """``$1.05``; for a provider that reports units, ``7.5 units (about $0.75 …)``."""
+    if units <= 0:
+        return f"${usd:.2f}"
+    text = f"{units:g} units" if usd <= 0 else f"${usd:.2f} + {units:g} units"
+    return f"{text} (the provider reports units, not USD; about ${committed_usd:.2f} by the " \
+           "price table)"

@@ -324,7 +324,8 @@ class Orchestrator:
         for job_state, n in counts.items():
             key = csv_status(job_state, download=options.download)
             by_status[key] = by_status.get(key, 0) + n
-        spent, _ = await self.store.money(self.run_id)
+        spent, committed = await self.store.money(self.run_id)
+        units = await self.store.units(self.run_id)
         stop = engine.stop
         if self._interrupted:
             code, state = EXIT_INTERRUPTED, "interrupted"
@@ -342,7 +343,8 @@ class Orchestrator:
                       cost_usd=round(spent, 4), polls=engine.polls, stop_reason=reason,
                       peak_in_flight=engine.slots.peak, slot_limit=engine.slots.limit)
         return RunSummary(run_id=self.run_id, counts=by_status, cost_usd=spent,
-                          stop_reason=reason, exit_code=code, results_csv=str(csv_path))
+                          stop_reason=reason, exit_code=code, results_csv=str(csv_path),
+                          cost_units=units, committed_usd=committed)
 
     # ---- configuration -------------------------------------------------------------------
 

@@ -441,6 +441,12 @@ class Store:
         )
         return [float(r[0]) for r in rows]
 
+    async def units(self, run_id: str) -> float:
+        """Provider units reported so far (Kling bills in units and reports no USD)."""
+        rows = await self._fetchall(
+            "SELECT COALESCE(SUM(cost_units), 0) FROM attempts WHERE run_id = ?", (run_id,))
+        return float(rows[0][0])
+
     async def money(self, run_id: str) -> tuple[float, float]:
         """``(spent, committed)``: reported cost so far, and cost plus open reservations."""
         rows = await self._fetchall(

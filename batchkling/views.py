@@ -7,7 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from batchkling.models import IN_FLIGHT, TERMINAL, JobState
+from batchkling.models import IN_FLIGHT, TERMINAL, JobState, describe_cost
 from batchkling.results import write_results
 from batchkling.store import RunRow, Store
 
@@ -33,6 +33,7 @@ async def _summary(store: Store, run: RunRow) -> dict[str, Any]:
         "in_flight": sum(counts.get(s, 0) for s in IN_FLIGHT),
         "cost_usd": round(spent, 4),
         "committed_usd": round(committed, 4),
+        "cost_units": round(await store.units(run.run_id), 4),
     }
 
 
@@ -100,8 +101,10 @@ def print_status(data: Any, *, single: bool) -> None:
             table.add_row(state, str(n))
         console.print(table)
         eta = data.get("eta_seconds")
-        console.print(f"in flight {data['in_flight']} · cost ${data['cost_usd']:.2f}"
-                      f" (committed ${data['committed_usd']:.2f})"
+        units = data.get("cost_units", 0.0)
+        cost = (describe_cost(data["cost_usd"], units, data["committed_usd"]) if units else
+                f"${data['cost_usd']:.2f} (committed ${data['committed_usd']:.2f})")
+        console.print(f"in flight {data['in_flight']} · cost {cost}"
                       + (f" · ETA {format_duration(eta)}" if eta is not None else ""))
         if data.get("stop_reason"):
             console.print(f"last stop: {data['stop_reason']}")

@@ -100,6 +100,11 @@ class TestSamples:
         # Kling reports resource-pack units, not dollars: they are recorded as such.
         units = _db(workdir, "SELECT cost_units, cost_usd FROM jobs")
         assert all(u is not None and u > 0 and usd is None for u, usd in units)
+        # …and the summary says so instead of "$0.00".
+        assert summary.cost_units == sum(u for u, _usd in units)
+        assert summary.cost_text().startswith(f"{summary.cost_units:g} units (")
+        assert f"about ${summary.committed_usd:.2f}" in summary.cost_text()
+        assert summary.committed_usd > 0
 
     async def test_quickstart_with_only_the_provider_block_changed(
             self, tmp_path: Path, workdir: Path, simulator: Any) -> None:

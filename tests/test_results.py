@@ -66,3 +66,12 @@ async def test_csv_has_columns_vars_and_escaping(tmp_path: Path) -> None:
     assert rows[1]["error_message"] == "'-bad things" and rows[1]["error_code"] == "'@x"
     assert rows[1]["status"] == "failed"
     assert not list((tmp_path / "out").glob(".results-*"))
+
+
+def test_cost_reads_as_usd_or_as_units_with_the_estimate() -> None:
+    from batchkling.models import describe_cost
+
+    assert describe_cost(1.05, 0.0, 1.05) == "$1.05"
+    assert describe_cost(0.0, 7.5, 0.75).startswith("7.5 units (the provider reports units")
+    assert "about $0.75" in describe_cost(0.0, 7.5, 0.75)
+    assert describe_cost(0.35, 2.5, 0.6).startswith("$0.35 + 2.5 units")
