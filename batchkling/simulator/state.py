@@ -335,14 +335,14 @@ class SimState:
         assert self.journal is not None
         try:
             text = self.journal.read_text(encoding="utf-8")
+            if text and not text.endswith("\n"):
+                with self.journal.open("a", encoding="utf-8") as fh:
+                    fh.write("\n")  # the next task must not be glued to a torn line
         except FileNotFoundError:
             return 0
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read the simulator's tasks journal {self.journal} ({exc}); "
                               "delete it to start the simulated account afresh") from exc
-        if text and not text.endswith("\n"):
-            with self.journal.open("a", encoding="utf-8") as fh:
-                fh.write("\n")  # the next task must not be glued to a torn line
         lines = text.splitlines()
         now, speed = self.sim_now(), self.config.speed
 
@@ -357,9 +357,10 @@ class SimState:
                             d["external_task_id"], d["callback_url"], sim(d["created"]),
                             d["created_wall"], sim(d["started"]), d["render_s"], sim(d["ends"]),
                             d["outcome"], d["pick"])
+                idempotency_key = d["idempotency_key"]
             except (ValueError, KeyError, TypeError):
                 continue
-            self._add(task, d["idempotency_key"], now)
+            self._add(task, idempotency_key, now)
             restored += 1
         return restored
 
