@@ -243,7 +243,7 @@ class TestAccountRevoked:
         assert stats["creates"] == n
         checked = check_invariants(workdir, RUN, stats, provider=provider, jobs=n)
         assert checked.statuses == {"succeeded": n}
-
+        assert not any(r["error_message"] for r in checked.rows.values())  # no stale reason
 
     async def test_a_refused_poll_now_and_then_is_not_a_dead_key(self, tmp_path: Path,
                                                                  workdir: Path) -> None:
