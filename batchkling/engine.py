@@ -163,6 +163,10 @@ class Engine:
             self.log.warning("run.creates_stopped", reason=reason, kind=kind)
         self._poke()
 
+    def _account_refused(self, exc: ProviderError) -> None:
+        """Stop creates: a refused key or exhausted credit needs a person, not a retry."""
+        self.stop_creating(f"the provider refused the account: {exc.message}", "account")
+
     async def _set(self, job: JobRow | str, state: JobState, event: str,
                    **fields: Any) -> None:
         job_id = job if isinstance(job, str) else job.job_id
@@ -399,7 +403,7 @@ class Engine:
                                        else self._backoff(self._create_failures))
                 log.info("job.requeued", reason="rate_limited", retry_after=wait)
             elif isinstance(exc, AccountBlocked):
-                self.stop_creating(f"the provider refused the account: {exc.message}", "account")
+                self._account_refused(exc)
             elif self._create_failures >= _MAX_CREATE_FAILURES:
                 self.stop_creating(f"the provider could not be reached for "
                                    f"{self._create_failures} creates in a row: {exc.message}",
@@ -503,8 +507,7 @@ class Engine:
                     refused += 1
                     if refused >= _MAX_REFUSED_POLLS or self.stop.kind == "account":
                         release()
-                        self.stop_creating(f"the provider refused the account: {exc.message}",
-                                           "account")
+                        self._account_refused(exc)
                         await self._set(job, JobState.RUNNING if running else JobState.SUBMITTED,
                                         "job.poll_refused", error_code=exc.code or "account",
                                         error_message=f"polling stopped, the provider refused "

@@ -434,8 +434,9 @@ class Store:
     async def recent_ends(self, run_id: str, limit: int = 20) -> list[float]:
         """When the last ``limit`` jobs to end (downloaded, failed, skipped) ended, newest first."""
         states = sorted(s.value for s in TERMINAL)
+        marks = ",".join("?" * len(states))
         rows = await self._fetchall(
-            f"SELECT updated_at FROM jobs WHERE run_id = ? AND state IN ({','.join('?' * 3)})"
+            f"SELECT updated_at FROM jobs WHERE run_id = ? AND state IN ({marks})"
             " ORDER BY updated_at DESC LIMIT ?",
             (run_id, *states, limit),
         )

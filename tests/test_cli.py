@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import TEST_KEY, wait_until_running
+from invariants import db_query
 
 from batchkling.cli import cli
 from batchkling.logs import REDACTED, Redactor
@@ -135,38 +135,25 @@ def test_simulated_run_resumes_its_tasks(tmp_path: Path) -> None:
     wait_until_running(proc, db, "simres")
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:
-        if _db_rows(db, "SELECT job_id FROM jobs WHERE state = 'running'"):
+        if db_query(workdir, "SELECT job_id FROM jobs WHERE state = 'running'"):
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    in_flight = {j for (j,) in _db_rows(db, "SELECT job_id FROM jobs WHERE state IN "
-                                           "('submitted', 'running')")}
+    in_flight = {j for (j,) in db_query(workdir, "SELECT job_id FROM jobs WHERE state IN "
+                                            "('submitted', 'running')")}
     assert in_flight
     resumed = subprocess.run(
         [sys.executable, "-m", "batchkling", "resume", "simres", "--speed", "60",
          "--workdir", str(workdir)],
         env=env, capture_output=True, text=True, timeout=100)
     assert resumed.returncode == 0, resumed.stderr
-    attempts = _db_rows(db, "SELECT job_id, task_id FROM attempts")
+    attempts = db_query(workdir, "SELECT job_id, task_id FROM attempts")
     assert sorted(j for j, _t in attempts) == [f"job-{i}" for i in range(n)]  # one each
     assert len({t for _j, t in attempts}) == n
     assert "job.poll_failed" not in (workdir / "simres" / "run.log").read_text()
-    assert {s for (s,) in _db_rows(db, "SELECT state FROM jobs")} == {"downloaded"}
-
-
-def _db_rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    except sqlite3.Error:
-        return []
-    try:
-        return list(con.execute(sql))
-    except sqlite3.Error:
-        return []
-    finally:
-        con.close()
+    assert {s for (s,) in db_query(workdir, "SELECT state FROM jobs")} == {"downloaded"}
 
 
 class TestRedaction:

@@ -122,6 +122,10 @@ class SimState:
         """The epoch time at which sim time ``t`` happens (or happened) at the current speed."""
         return self._wall0 + (t - self._sim0) / self.config.speed
 
+    def wall_to_sim(self, t: float) -> float:
+        """The sim time of epoch time ``t`` (past or future): ``sim_to_wall`` inverted."""
+        return self._sim0 + (t - self._wall0) * self.config.speed
+
     def update_config(self, **changes: Any) -> SimConfig:
         """Apply runtime changes; raises ValueError for unknown fields or bad values."""
         new = self.config.replace(**changes)
@@ -344,10 +348,10 @@ class SimState:
             raise ConfigError(f"cannot read the simulator's tasks journal {self.journal} ({exc}); "
                               "delete it to start the simulated account afresh") from exc
         lines = text.splitlines()
-        now, speed = self.sim_now(), self.config.speed
+        now = self.sim_now()
 
         def sim(t: float | None) -> float:
-            return math.inf if t is None else self._sim0 + (t - self._wall0) * speed
+            return math.inf if t is None else self.wall_to_sim(t)
 
         restored = 0
         for line in lines:
