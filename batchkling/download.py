@@ -26,6 +26,7 @@ import anyio
 import httpx
 
 from batchkling.errors import DownloadError, UnsafeURL
+from batchkling.http import HttpClient
 
 _CHUNK = 1 << 16
 _MAX_REDIRECTS = 5
@@ -95,7 +96,7 @@ async def check_url(url: str, policy: DownloadPolicy) -> None:
         )
 
 
-async def download(client: httpx.AsyncClient, url: str, dest: Path,
+async def download(client: HttpClient, url: str, dest: Path,
                    policy: DownloadPolicy) -> Downloaded:
     """Stream ``url`` to ``dest`` atomically and verify it; return its size and sha256."""
     part = dest.with_name(dest.name + ".part")
@@ -104,8 +105,9 @@ async def download(client: httpx.AsyncClient, url: str, dest: Path,
         await check_url(current, policy)
         try:
             # identity: the bytes we hash and count are the bytes Content-Length speaks of.
-            async with client.stream("GET", current, follow_redirects=False,
-                                     headers={"Accept-Encoding": "identity"}) as response:
+            request = client.build_request("GET", current,
+                                           headers={"Accept-Encoding": "identity"})
+            async with client.stream(request) as response:
                 if response.is_redirect:
                     location = response.headers.get("location")
                     if not location:
@@ -162,7 +164,8 @@ async def _save(response: httpx.Response, part: Path, dest: Path,
         # exclusively without following links: the bytes land in this file and nowhere else.
         _discard(part)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        # Chunks land in the page cache in microseconds; only the fsync below is worth a thread.
+        # Chunks land in the page cache in microseconds; only the disk work at the end is worth
+        # a thread.
         with open(os.open(part, flags, 0o644), "wb") as out:  # noqa: ASYNC230
             async for chunk in response.aiter_bytes(_CHUNK):
                 size += len(chunk)
@@ -175,16 +178,23 @@ async def _save(response: httpx.Response, part: Path, dest: Path,
                 digest.update(chunk)
                 out.write(chunk)
             out.flush()
-            await anyio.to_thread.run_sync(os.fsync, out.fileno())
-        if declared is not None and size != declared:
-            raise DownloadError(f"download truncated: got {size:,} of {declared:,} bytes")
-        if size < 12 or head[4:8] != b"ftyp":
-            raise DownloadError("downloaded file is not an MP4 (no ftyp box at the start)")
-        os.replace(part, dest)
-        _fsync_dir(dest.parent)
+            if declared is not None and size != declared:
+                raise DownloadError(f"download truncated: got {size:,} of {declared:,} bytes")
+            if size < 12 or head[4:8] != b"ftyp":
+                raise DownloadError("downloaded file is not an MP4 (no ftyp box at the start)")
+            # One trip to a worker thread for all of it: each trip costs more CPU than a job's
+            # other bookkeeping, and an fsync must not stall the event loop.
+            await anyio.to_thread.run_sync(_install, out.fileno(), part, dest)
     except OSError as exc:
         raise DownloadError(f"cannot write {dest}: {exc.strerror or exc}") from exc
     return Downloaded(dest, size, digest.hexdigest())
+
+
+def _install(fd: int, part: Path, dest: Path) -> None:
+    """Make the verified bytes durable, then put them at ``dest`` durably."""
+    os.fsync(fd)
+    os.replace(part, dest)
+    _fsync_dir(dest.parent)
 
 
 def _fsync_dir(folder: Path) -> None:

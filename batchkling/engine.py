@@ -25,7 +25,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import httpx
 
 from batchkling import crashpoints
 from batchkling.clock import Clock
@@ -42,6 +41,7 @@ from batchkling.errors import (
     TransientError,
     UnsafeURL,
 )
+from batchkling.http import HttpClient
 from batchkling.limits import RateGate, SlotPool, full_jitter
 from batchkling.logs import get_logger, redactor
 from batchkling.models import IN_FLIGHT, JobSpec, JobState
@@ -112,7 +112,7 @@ class Engine:
         options: EngineOptions,
         run_dir: Path,
         clock: Clock,
-        http: httpx.AsyncClient,
+        http: HttpClient,
         estimate_usd: Callable[[JobSpec], float],
         rng: random.Random | None = None,
     ) -> None:

@@ -8,6 +8,7 @@ even when an exception message quotes it.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import threading
@@ -56,7 +57,14 @@ class Redactor:
 
 
 def _secret_key(key: object) -> bool:
-    return isinstance(key, str) and any(part in key.lower() for part in _SECRET_KEYS)
+    return isinstance(key, str) and _secret_name(key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _secret_name(key: str) -> bool:
+    # Events reuse a few dozen key names: each is looked at once, not on every event.
+    lowered = key.lower()
+    return any(part in lowered for part in _SECRET_KEYS)
 
 
 redactor = Redactor()

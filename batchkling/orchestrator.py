@@ -30,6 +30,7 @@ import httpx
 from batchkling.clock import Clock, SystemClock
 from batchkling.engine import Engine, EngineOptions
 from batchkling.errors import BatchklingError, ConfigError, unwrapped_groups
+from batchkling.http import HttpClient
 from batchkling.logs import get_logger, redactor, run_log
 from batchkling.models import JobState, RunSummary
 from batchkling.providers.base import Provider
@@ -274,8 +275,7 @@ class Orchestrator:
     async def _execute(self, run: RunRow, config: RunConfig) -> RunSummary:
         options = self._options(run, config)
         provider = self._provider or self._build_provider(run, config)
-        async with httpx.AsyncClient(transport=self.transport, timeout=httpx.Timeout(
-                120.0, connect=10.0), headers={"User-Agent": "batchkling/0.1"}) as http:
+        async with HttpClient(transport=self.transport, timeout=120.0) as http:
             from batchkling.pricing import estimate_usd
 
             def estimate(spec: Any) -> float:

@@ -10,6 +10,7 @@ import pytest
 
 from batchkling.download import DownloadPolicy, ExpiredURL, check_url, download
 from batchkling.errors import DownloadError, UnsafeURL
+from batchkling.http import HttpClient
 
 MP4 = b"\x00\x00\x00\x18ftypisom" + b"\x00" * 2000
 POLICY = DownloadPolicy(max_bytes=10_000)
@@ -26,8 +27,8 @@ class _Chunks(httpx.AsyncByteStream):
             yield self.chunk
 
 
-def _client(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+def _client(handler: Callable[[httpx.Request], httpx.Response]) -> HttpClient:
+    return HttpClient(transport=httpx.MockTransport(handler))
 
 
 class TestURLSafety:

@@ -44,9 +44,8 @@ def _finish(proc: subprocess.Popen[bytes], timeout: float = 90) -> tuple[int, st
 
 def _manifest(tmp_path: Path, sim: SimulatorServer, n: int, **sections: Any) -> Path:
     jobs = [{"id": f"clip-{i:03d}", "prompt": f"shot {i}"} for i in range(n)]
-    limits = {"max_in_flight": 6, "submit_rate": 40, "task_timeout": "2h"}
-    return write_manifest(tmp_path, jobs, name="killme", base_url=sim.base_url, limits=limits,
-                          **sections)
+    sections.setdefault("limits", {"max_in_flight": 6, "submit_rate": 40, "task_timeout": "2h"})
+    return write_manifest(tmp_path, jobs, name="killme", base_url=sim.base_url, **sections)
 
 
 def _check_invariants(workdir: Path, sim: SimulatorServer, n: int) -> list[dict[str, str]]:
@@ -123,7 +122,10 @@ def test_crash_at_the_worst_moment(tmp_path: Path, workdir: Path, simulator: Any
     task-id commit: the job is reported `unknown` (ImaRouter has no lookup), never resubmitted
     blindly; the rest of the run completes."""
     sim = simulator(speed=SPEED, honor_idempotency_key=False)
-    manifest = _manifest(tmp_path, sim, 6)
+    # Creates 200 ms apart, so the first two have their answers committed before the third
+    # crashes even on a loaded machine: exactly one job is caught in the window.
+    manifest = _manifest(tmp_path, sim, 6, limits={"max_in_flight": 6, "submit_rate": 5,
+                                                    "task_timeout": "2h"})
     code, _err = _finish(_cli("run", str(manifest), "--workdir", str(workdir),
                               extra_env={"BATCHKLING_CRASH_AT": f"{point}:3"}))
     assert code == -9  # SIGKILL

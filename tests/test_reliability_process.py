@@ -75,7 +75,9 @@ class TestCrashLoop:
         speed = 300.0
         sim = simulator(speed=speed, honor_idempotency_key=False)
         n = 300
-        manifest = _manifest(tmp_path, sim, n, max_in_flight=20, submit_rate=30)
+        # Paced so the 300 creates take longer than the kill loop's ~15 s of running time: every
+        # kill lands in the middle of the run, however fast the engine is.
+        manifest = _manifest(tmp_path, sim, n, max_in_flight=20, submit_rate=15)
         rng = random.Random(20261125)
         kills = 0
         for i in range(30):

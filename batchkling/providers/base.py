@@ -19,9 +19,9 @@ from typing import Any, NoReturn, Protocol
 import httpx
 
 from batchkling.errors import AmbiguousCreate, ProviderError, TransientError
+from batchkling.http import HttpClient
 from batchkling.models import JobSpec
 
-USER_AGENT = "batchkling/0.1"
 #: Task ids are put into URL paths: anything else is refused rather than escaped into a request.
 _SAFE_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -87,18 +87,14 @@ def check_task_id(task_id: object) -> str:
     return task_id
 
 
-async def send(
-    client: httpx.AsyncClient, request: httpx.Request, *, creating: bool
-) -> httpx.Response:
+async def send(client: HttpClient, request: httpx.Request, *, creating: bool) -> httpx.Response:
     """Send a request, translating transport failures.
 
     A failure before any byte left (connect refused, DNS, pool full) is safe to repeat. After
     that, a create may have reached the provider: it is ambiguous and must not be blind-retried.
     """
     try:
-        response = await client.send(request)
-        await response.aread()
-        return response
+        return await client.send(request)
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
         raise TransientError(f"cannot reach {request.url.host}: {_describe(exc)}") from exc
     except httpx.HTTPError as exc:

@@ -25,9 +25,9 @@ from batchkling.errors import (
     TaskFailed,
     TransientError,
 )
+from batchkling.http import HttpClient
 from batchkling.models import JobSpec
 from batchkling.providers.base import (
-    USER_AGENT,
     Phase,
     TaskStatus,
     check_task_id,
@@ -85,15 +85,9 @@ class ImaRouterProvider:
         timeout: float = 60.0,
         max_connections: int = 64,
     ) -> None:
-        self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            headers={"Authorization": f"Bearer {api_key}", "User-Agent": USER_AGENT},
-            timeout=httpx.Timeout(timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
-            transport=transport,
-            follow_redirects=False,
-        )
+        self._client = HttpClient(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"},
+                                  timeout=timeout, transport=transport,
+                                  max_connections=max_connections)
 
     async def aclose(self) -> None:
         """Close the HTTP client."""

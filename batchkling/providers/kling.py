@@ -33,9 +33,9 @@ from batchkling.errors import (
     TaskFailed,
     TransientError,
 )
+from batchkling.http import HttpClient
 from batchkling.models import JobSpec
 from batchkling.providers.base import (
-    USER_AGENT,
     Phase,
     TaskStatus,
     check_task_id,
@@ -104,15 +104,8 @@ class KlingProvider:
         self._clock = clock or SystemClock()
         self._token: str | None = None
         self._token_exp = 0.0
-        self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            headers={"User-Agent": USER_AGENT},
-            timeout=httpx.Timeout(timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
-            transport=transport,
-            follow_redirects=False,
-        )
+        self._client = HttpClient(base_url=base_url, timeout=timeout, transport=transport,
+                                  max_connections=max_connections)
 
     async def aclose(self) -> None:
         """Close the HTTP client."""
