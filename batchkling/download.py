@@ -6,9 +6,9 @@ simulator) or the manifest allows it, every redirect re-checked, and a size cap.
 comes from the job id, never from the URL. Bytes go to ``<name>.part``, are fsynced, checked
 against ``Content-Length`` and the MP4 ``ftyp`` signature, and only then renamed into place.
 
-Known limit: the address check resolves the host before httpx connects, so a DNS server that
-answers differently the second time (rebinding) could slip past it; pinning the address would
-need a custom transport.
+Known limit: the address check resolves the host before the transport connects, so a DNS
+server that answers differently the second time (rebinding) could slip past it; pinning the
+address would need the transport to connect to the address that was checked.
 """
 
 from __future__ import annotations
