@@ -94,13 +94,8 @@ class HttpClient:
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` and read the whole answer."""
-        response = await self._transport.handle_async_request(request)
-        response.request = request
-        try:
+        async with self.stream(request) as response:
             await response.aread()
-        except BaseException:
-            await response.aclose()
-            raise
         return response
 
     @asynccontextmanager

@@ -59,8 +59,25 @@ def _answer(status: str, body: bytes, *headers: str) -> bytes:
     return "\r\n".join(head).encode("latin-1") + body
 
 
-def _provider(base_url: str, timeout: float = 5.0) -> ImaRouterProvider:
-    return ImaRouterProvider(base_url, KEY, timeout=timeout)
+def answers_once(answer: bytes) -> Handler:
+    """A handler that reads one request, sends ``answer`` and hangs up."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    return handler
+
+
+@asynccontextmanager
+async def provider_at(base_url: str, seconds: float = 5.0) -> AsyncIterator[ImaRouterProvider]:
+    """An ImaRouter adapter on the default transport, closed afterwards."""
+    provider = ImaRouterProvider(base_url, KEY, timeout=seconds)
+    try:
+        yield provider
+    finally:
+        await provider.aclose()
 
 
 class TestExactlyOnceErrors:
@@ -68,12 +85,9 @@ class TestExactlyOnceErrors:
         """Nothing listening: the create raises TransientError (nothing sent), not ambiguous."""
         async with raw_server(lambda r, w: asyncio.sleep(0)) as url:
             pass  # the port is closed again: connections are refused
-        provider = _provider(url)
-        try:
+        async with provider_at(url) as provider:
             with pytest.raises(TransientError):
                 await provider.create(spec_for("a"), "bk-key-1")
-        finally:
-            await provider.aclose()
 
     async def test_connection_dropped_after_the_request_is_ambiguous(self) -> None:
         """The server read the create and hung up: the task may exist, so AmbiguousCreate."""
@@ -84,15 +98,11 @@ class TestExactlyOnceErrors:
             seen.append(line)
             writer.close()
 
-        async with raw_server(hang_up) as url:
-            provider = _provider(url)
-            try:
-                with pytest.raises(AmbiguousCreate):
-                    await provider.create(spec_for("a"), "bk-key-1")
-                with pytest.raises(TransientError):
-                    await provider.status("task-1", spec_for("a"))
-            finally:
-                await provider.aclose()
+        async with raw_server(hang_up) as url, provider_at(url) as provider:
+            with pytest.raises(AmbiguousCreate):
+                await provider.create(spec_for("a"), "bk-key-1")
+            with pytest.raises(TransientError):
+                await provider.status("task-1", spec_for("a"))
         # The create was sent exactly once: a POST is never repeated on a dropped connection.
         assert seen.count(b"POST /v1/videos HTTP/1.1") == 1
 
@@ -103,13 +113,9 @@ class TestExactlyOnceErrors:
             await asyncio.sleep(5)
             writer.close()
 
-        async with raw_server(silent) as url:
-            provider = _provider(url, timeout=0.3)
-            try:
-                with pytest.raises(AmbiguousCreate, match="ReadTimeout"):
-                    await provider.create(spec_for("a"), "bk-key-1")
-            finally:
-                await provider.aclose()
+        async with raw_server(silent) as url, provider_at(url, seconds=0.3) as provider:
+            with pytest.raises(AmbiguousCreate, match="ReadTimeout"):
+                await provider.create(spec_for("a"), "bk-key-1")
 
     async def test_truncated_body_is_ambiguous(self) -> None:
         """An answer cut short of its Content-Length is not read as a task."""
@@ -119,13 +125,9 @@ class TestExactlyOnceErrors:
             await writer.drain()
             writer.close()
 
-        async with raw_server(short) as url:
-            provider = _provider(url)
-            try:
-                with pytest.raises(AmbiguousCreate):
-                    await provider.create(spec_for("a"), "bk-key-1")
-            finally:
-                await provider.aclose()
+        async with raw_server(short) as url, provider_at(url) as provider:
+            with pytest.raises(AmbiguousCreate):
+                await provider.create(spec_for("a"), "bk-key-1")
 
 
 class TestRequests:
@@ -149,14 +151,10 @@ class TestRequests:
                                      "Content-Type: application/json"))
                 await writer.drain()
 
-        async with raw_server(api) as url:
-            provider = _provider(url)
-            try:
-                task_id = await provider.create(spec_for("a", prompt="a quiet harbour"),
-                                                "bk-key-7")
-                status = await provider.status(task_id, spec_for("a"))
-            finally:
-                await provider.aclose()
+        async with raw_server(api) as url, provider_at(url) as provider:
+            task_id = await provider.create(spec_for("a", prompt="a quiet harbour"),
+                                            "bk-key-7")
+            status = await provider.status(task_id, spec_for("a"))
         assert task_id == "task-9" and status.progress == 40.0
         (line, headers, body), (poll_line, poll_headers, _) = requests
         assert line == b"POST /v1/videos HTTP/1.1"
@@ -171,11 +169,7 @@ class TestRequests:
 
     async def test_redirects_are_not_followed(self) -> None:
         """A redirect comes back as it is; where to go is the caller's decision."""
-        async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _read_request(reader)
-            writer.write(_answer("302 Found", b"", "Location: http://127.0.0.1:9/elsewhere"))
-            await writer.drain()
-            writer.close()
+        redirect = answers_once(_answer("302 Found", b"", "Location: http://127.0.0.1:9/elsewhere"))
 
         async with raw_server(redirect) as url, HttpClient(base_url=url) as client:
             response = await client.send(client.build_request("GET", "/x"))
@@ -184,12 +178,9 @@ class TestRequests:
 
     async def test_gzip_answers_are_decoded(self) -> None:
         """A gateway that gzips its JSON is read the same as one that does not."""
-        async def zipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _read_request(reader)
-            writer.write(_answer("200 OK", gzip.compress(b'{"id": "t-1", "status": "queued"}'),
-                                 "Content-Encoding: gzip", "Content-Type: application/json"))
-            await writer.drain()
-            writer.close()
+        body = gzip.compress(b'{"id": "t-1", "status": "queued"}')
+        zipped = answers_once(_answer("200 OK", body, "Content-Encoding: gzip",
+                                      "Content-Type: application/json"))
 
         async with raw_server(zipped) as url, HttpClient(base_url=url) as client:
             response = await client.send(client.build_request("GET", "/v1/videos/t-1"))
@@ -225,11 +216,7 @@ class TestStreamedDownload:
 class TestTransport:
     async def test_works_as_a_plain_httpx_transport(self) -> None:
         """httpx.AsyncClient may use it too (a library user's own client, say)."""
-        async def api(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _read_request(reader)
-            writer.write(_answer("201 Created", b"made", "Content-Type: text/plain"))
-            await writer.drain()
-            writer.close()
+        api = answers_once(_answer("201 Created", b"made", "Content-Type: text/plain"))
 
         async with raw_server(api) as url, httpx.AsyncClient(
                 transport=AiohttpTransport()) as client:

@@ -42,9 +42,12 @@ def _finish(proc: subprocess.Popen[bytes], timeout: float = 90) -> tuple[int, st
     return proc.returncode, err.decode(errors="replace")
 
 
+LIMITS = {"max_in_flight": 6, "submit_rate": 40, "task_timeout": "2h"}
+
+
 def _manifest(tmp_path: Path, sim: SimulatorServer, n: int, **sections: Any) -> Path:
     jobs = [{"id": f"clip-{i:03d}", "prompt": f"shot {i}"} for i in range(n)]
-    sections.setdefault("limits", {"max_in_flight": 6, "submit_rate": 40, "task_timeout": "2h"})
+    sections.setdefault("limits", LIMITS)
     return write_manifest(tmp_path, jobs, name="killme", base_url=sim.base_url, **sections)
 
 
@@ -124,8 +127,7 @@ def test_crash_at_the_worst_moment(tmp_path: Path, workdir: Path, simulator: Any
     sim = simulator(speed=SPEED, honor_idempotency_key=False)
     # Creates 200 ms apart, so the first two have their answers committed before the third
     # crashes even on a loaded machine: exactly one job is caught in the window.
-    manifest = _manifest(tmp_path, sim, 6, limits={"max_in_flight": 6, "submit_rate": 5,
-                                                    "task_timeout": "2h"})
+    manifest = _manifest(tmp_path, sim, 6, limits={**LIMITS, "submit_rate": 5})
     code, _err = _finish(_cli("run", str(manifest), "--workdir", str(workdir),
                               extra_env={"BATCHKLING_CRASH_AT": f"{point}:3"}))
     assert code == -9  # SIGKILL
