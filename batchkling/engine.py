@@ -58,6 +58,10 @@ _MAX_CREATE_FAILURES = 12
 # Polls of one task refused for the account (a revoked key) before the run stops tracking; the
 # first refusal is enough once creates have stopped for the same reason.
 _MAX_REFUSED_POLLS = 3
+# States whose commit may skip the fsync (Store.transition's ``quick``): losing one to a power
+# cut costs a repeated poll or download, never a second task. The create intent and the task
+# id (``submitting``, ``submitted``) and every other state stay fully durable.
+_QUICK = frozenset({JobState.RUNNING, JobState.SUCCEEDED, JobState.DOWNLOADED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +179,7 @@ class Engine:
         # A transition's write must land even while the run is being cancelled.
         with anyio.CancelScope(shield=True):
             await self.store.transition(self.run_id, job_id, state, now=self.clock.wall(),
-                                        event=event, **fields)
+                                        event=event, quick=state in _QUICK, **fields)
 
     def _spawn(self, fn: Callable[..., Any], job: JobRow, *args: Any) -> None:
         assert self._tg is not None

@@ -2,11 +2,22 @@
 
 Every job state change is one ``UPDATE`` of its ``jobs`` row — a single statement, so a single
 atomic transaction — and triggers do the rest inside it: a new attempt number inserts the
-attempt's row, and every transition mirrors the attempt's fields and appends an event. One
-statement also means one hop to aiosqlite's thread per transition, which is most of the store's
-CPU cost. Commits use ``PRAGMA synchronous=FULL`` (WAL): once a transition returns, it survives a
-power cut, which is what the create intent and the task-id commit need and what the others get
-for the price of an fsync in the database thread.
+attempt's row, and every transition mirrors the attempt's fields and appends an event.
+
+Two ways to commit, both WAL:
+
+- **durable** (the default): ``PRAGMA synchronous=FULL`` on aiosqlite's connection, in its
+  thread. Once the transition returns it survives a power cut — what the create intent and the
+  task-id commit need (DESIGN.md §4). The fsync must not stall the event loop, so it pays a trip
+  to the database thread and back.
+- **quick** (``transition(..., quick=True)``): ``synchronous=NORMAL`` on a second connection, in
+  the event loop's own thread. The frames go to the WAL with one ``write``, no fsync: the commit
+  survives the process being killed, and the next durable commit (which syncs the whole WAL)
+  makes it survive a power cut too. For the states whose loss costs only a repeated poll or
+  download (``running``, ``succeeded``, ``downloaded``). It takes tens of microseconds, where a
+  trip to the database thread costs two thread wake-ups — most of a job's CPU when the engine is
+  otherwise idle (docs/benchmarks.md). If another process holds the write lock, the transition
+  takes the durable path instead of waiting on the loop.
 """
 
 from __future__ import annotations
@@ -51,10 +62,12 @@ class Store:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
+        self._quick: sqlite3.Connection | None = None
         self._closed = False
         # aiosqlite serialises statements, not transactions: this lock keeps one coroutine's
-        # BEGIN..COMMIT from interleaving with another's.
-        self._lock = anyio.Lock()
+        # BEGIN..COMMIT from interleaving with another's. Taken without a contender, it does not
+        # yield to the event loop: one loop turn less per transition.
+        self._lock = anyio.Lock(fast_acquire=True)
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -77,12 +90,21 @@ class Store:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = await aiosqlite.connect(self.path, isolation_level=None, timeout=30)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
+        try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=FULL")
             await db.execute("PRAGMA foreign_keys=ON")
             await self._migrate(db)
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
+            self._quick = _quick_connection(self.path)
+        except BaseException as exc:
+            # aiosqlite's thread is not a daemon: a connection left open keeps the process alive.
+            with anyio.CancelScope(shield=True):
+                await db.close()
+            if isinstance(exc, sqlite3.Error | OSError):
+                raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
+            raise
         self._db = db
 
     async def _migrate(self, db: aiosqlite.Connection) -> None:
@@ -92,7 +114,6 @@ class Store:
             row = await cur.fetchone()
         version = SCHEMA_VERSION if row is None else int(row[0])
         if version > SCHEMA_VERSION:
-            await db.close()
             raise StoreError(
                 f"{self.path} was written by a newer batchkling (schema {version}); "
                 "upgrade batchkling to use it"
@@ -108,6 +129,9 @@ class Store:
     async def aclose(self) -> None:
         """Close the database; idempotent."""
         self._closed = True
+        if self._quick is not None:
+            quick, self._quick = self._quick, None
+            quick.close()
         if self._db is not None:
             db, self._db = self._db, None
             with anyio.CancelScope(shield=True):
@@ -149,8 +173,10 @@ class Store:
 
     async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         try:
-            async with self.db.execute(sql, tuple(params)) as cur:
-                return list(await cur.fetchall())
+            # One trip that runs, reads and finishes the statement: a cursor left open across
+            # an await would hold a read snapshot, and the next write on this connection would
+            # fail (SQLITE_BUSY_SNAPSHOT) once a quick commit had moved the database on.
+            return list(await self.db.execute_fetchall(sql, tuple(params)))
         except sqlite3.Error as exc:
             raise StoreError(f"state database read failed ({self.path}): {exc}") from exc
 
@@ -487,6 +513,7 @@ class Store:
         event: str,
         new_attempt: tuple[int, str] | None = None,
         data: Mapping[str, Any] | None = None,
+        quick: bool = False,
         **fields: Any,
     ) -> None:
         """Move a job to ``state`` and set ``fields``; its event row lands in the same statement.
@@ -494,6 +521,7 @@ class Store:
         ``new_attempt`` = ``(number, idempotency_key)`` opens a new attempt (the submit intent):
         the attempt fields start empty, and a trigger inserts the attempt's row. Afterwards the
         attempt fields of every transition are mirrored onto the current attempt's row.
+        ``quick`` commits without fsync, on the event loop's thread (see the module docstring).
         """
         unknown = set(fields) - JOB_COLUMNS
         if unknown:
@@ -504,11 +532,29 @@ class Store:
                       "idempotency_key": key}
         blob = json.dumps(dict(data), default=str, separators=(",", ":")) if data else None
         sets = "".join(f", {name} = ?" for name in fields)
-        await self._write([(
+        statement = (
             f"UPDATE jobs SET state = ?, updated_at = ?, last_event = ?, last_event_data = ?"
             f"{sets} WHERE run_id = ? AND job_id = ?",
             (state.value, now, event, blob, *fields.values(), run_id, job_id),
-        )])
+        )
+        if quick and await self._write_quick(*statement):
+            return
+        await self._write([statement])
+
+    async def _write_quick(self, sql: str, params: tuple[Any, ...]) -> bool:
+        """Commit one statement without fsync on this thread; False if the lock is taken."""
+        if self._quick is None:
+            return False
+        async with self._lock:
+            try:
+                self._quick.execute(sql, params)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode in _BUSY:  # another process is writing: don't wait here
+                    return False
+                raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
+        return True
 
     async def log_event(
         self, run_id: str, job_id: str | None, now: float, event: str,
@@ -521,6 +567,27 @@ class Store:
         """SQLite's own verdict on the file: ``ok`` when healthy."""
         rows = await self._fetchall("PRAGMA integrity_check")
         return str(rows[0][0])
+
+
+# SQLITE_BUSY and SQLITE_LOCKED, with their extended codes.
+_BUSY = frozenset({5, 6, 261, 262, 517})
+
+
+def _quick_connection(path: Path) -> sqlite3.Connection:
+    """A second connection for quick commits: WAL frames written, not fsynced.
+
+    It never waits for the write lock (``timeout=0``: the caller falls back to the durable
+    path) and never checkpoints (that is the durable connection's work, off the event loop).
+    """
+    conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _event(

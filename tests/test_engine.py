@@ -104,6 +104,28 @@ class TestHappyPath:
         assert summary.exit_code == 0
         assert sim.stats()["polls"] / 20 <= 6
 
+    async def test_only_the_create_intent_and_task_id_need_an_fsync(
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
+        """The intent and the task id are committed durably (synchronous=FULL); running,
+        succeeded and downloaded take the quick commit, which a kill does not lose."""
+        sim = simulator()
+        seen: dict[JobState, set[bool]] = {}
+
+        class Recording(Store):
+            async def transition(self, *args: Any, **kwargs: Any) -> None:
+                seen.setdefault(args[2], set()).add(kwargs.get("quick", False))
+                await super().transition(*args, **kwargs)
+
+        store = Recording(workdir / "batchkling.db")
+        async with store:
+            summary = await _run(_manifest(tmp_path, sim, _jobs(4)), workdir, store=store)
+        assert summary.counts == {"succeeded": 4}
+        assert seen[JobState.SUBMITTING] == {False}
+        assert seen[JobState.SUBMITTED] == {False}
+        assert seen[JobState.SUCCEEDED] == {True}
+        assert seen[JobState.DOWNLOADED] == {True}
+        assert seen.get(JobState.RUNNING, {True}) == {True}
+
     async def test_rerun_of_finished_run_submits_nothing(self, tmp_path: Path, workdir: Path,
                                                          simulator: Any, api_key: str) -> None:
         """Running a finished, unchanged manifest again creates no task."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from batchkling.errors import StoreError
@@ -116,3 +118,83 @@ async def test_version_1_database_is_migrated(tmp_path: Path) -> None:
     con = sqlite3.connect(path)
     assert con.execute("SELECT value FROM meta").fetchone()[0] == "2"
     con.close()
+
+
+class TestQuickCommits:
+    """``transition(quick=True)``: no fsync, no trip to the database thread, still committed."""
+
+    async def test_a_quick_commit_is_visible_to_other_processes_at_once(
+            self, tmp_path: Path) -> None:
+        """The row and its event are committed before transition() returns: another
+        connection (a `status` in another shell, or the next process after a kill) sees them."""
+        store = await _store_with_jobs(tmp_path / "db", "a")
+        try:
+            await store.transition("r", "a", JobState.RUNNING, now=2.0, event="job.running",
+                                   quick=True)
+            with sqlite3.connect(tmp_path / "db") as other:
+                state = other.execute("SELECT state FROM jobs WHERE job_id = 'a'").fetchone()
+                events = other.execute("SELECT event FROM events WHERE job_id = 'a'").fetchall()
+            assert state == ("running",)
+            assert ("job.running",) in events
+        finally:
+            await store.aclose()
+
+    async def test_another_writer_sends_it_the_durable_way(self, tmp_path: Path) -> None:
+        """While another process holds the write lock, a quick commit neither fails nor
+        blocks the event loop: it waits in the database thread like a durable one."""
+        store = await _store_with_jobs(tmp_path / "db", "a")
+        other = sqlite3.connect(tmp_path / "db", isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            landed = anyio.Event()
+
+            async def quick() -> None:
+                await store.transition("r", "a", JobState.RUNNING, now=2.0, event="job.running",
+                                       quick=True)
+                landed.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(quick)
+                started = time.monotonic()
+                await anyio.sleep(0.3)
+                # The loop was free meanwhile: the sleep ended on time, the write still waits.
+                assert time.monotonic() - started < 2.0
+                assert not landed.is_set()
+                other.execute("COMMIT")
+                with anyio.fail_after(10):
+                    await landed.wait()
+            job = await store.get_job("r", "a")
+            assert job is not None and job.state is JobState.RUNNING
+        finally:
+            other.close()
+            await store.aclose()
+
+    async def test_reads_between_quick_and_durable_commits(self, tmp_path: Path) -> None:
+        """A page read interleaved with quick and durable commits never leaves the durable
+        connection on an old snapshot (which made its next write fail, SQLITE_BUSY_SNAPSHOT,
+        when a read's cursor stayed open across an await)."""
+        ids = [f"j{i:03d}" for i in range(60)]
+        store = await _store_with_jobs(tmp_path / "db", *ids)
+        try:
+            async def reader(done: anyio.Event) -> None:
+                while not done.is_set():
+                    await store.jobs_in("r", list(JobState), limit=500)
+
+            async def writer(done: anyio.Event) -> None:
+                # Each quick commit lands while a read is in the database thread, and the
+                # durable write after it queues behind that read.
+                for job_id in ids:
+                    await store.transition("r", job_id, JobState.RUNNING, now=2.0, event="e",
+                                           quick=True)
+                    await store.transition("r", job_id, JobState.FAILED, now=3.0, event="e")
+                done.set()
+
+            done = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reader, done)
+                tg.start_soon(writer, done)
+            counts = await store.counts("r")
+            assert counts == {JobState.FAILED: len(ids)}
+            assert await store.integrity_check() == "ok"
+        finally:
+            await store.aclose()
