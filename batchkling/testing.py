@@ -349,7 +349,8 @@ def _held_store(path: Path, clock: VirtualClock) -> Store:
 
     Every call reaches SQLite's thread through ``open``, ``aclose``, ``_write``, ``_fetchall``
     or ``acquire_lease``; a commit that waits on a slow disk then keeps virtual time where it
-    is instead of letting it jump past the run's next step.
+    is instead of letting it jump past the run's next step. (Quick commits run on the event
+    loop's own thread: virtual time cannot move during them.)
     """
     from batchkling.store import Store
 
