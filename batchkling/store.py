@@ -577,7 +577,8 @@ def _quick_connection(path: Path) -> sqlite3.Connection:
     """A second connection for quick commits: WAL frames written, not fsynced.
 
     It never waits for the write lock (``timeout=0``: the caller falls back to the durable
-    path) and never checkpoints (that is the durable connection's work, off the event loop).
+    path) and never checkpoints: that is the durable connection's work, off the event loop, on
+    its next commit past the WAL's threshold — at the latest the lease heartbeat, every 5 s.
     """
     conn = sqlite3.connect(path, isolation_level=None, timeout=0)
     try:
