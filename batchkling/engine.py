@@ -509,7 +509,10 @@ class Engine:
                     # delay the exit. The task is kept; `resume` with a working key polls it.
                     errors += 1
                     refused += 1
-                    if refused >= _MAX_REFUSED_POLLS or self.stop.kind == "account":
+                    # At the deadline too: a task the key cannot see has not been seen to time
+                    # out, and `timed_out` would send the user after the wrong cause.
+                    if (refused >= _MAX_REFUSED_POLLS or self.stop.kind == "account"
+                            or self.clock.monotonic() >= deadline):
                         release()
                         self._account_refused(exc)
                         await self._set(job, JobState.RUNNING if running else JobState.SUBMITTED,

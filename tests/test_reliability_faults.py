@@ -245,6 +245,33 @@ class TestAccountRevoked:
         assert checked.statuses == {"succeeded": n}
         assert not any(r["error_message"] for r in checked.rows.values())  # no stale reason
 
+    async def test_a_deadline_reached_while_polls_are_refused_is_not_a_timeout(
+            self, tmp_path: Path, workdir: Path) -> None:
+        """Every poll refused (the key died after the create), and the deadline comes before
+        the third refusal: the task was never seen to time out, so the job keeps its task with
+        the refusal as the reason — not `timed_out`."""
+        vs = _vsim()
+        inner = vs.requests.app
+
+        async def refuse_polls(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["method"] == "GET" \
+                    and scope.get("path", "").startswith("/v1/videos/video_"):
+                body = b'{"code":"invalid_api_key","message":"Invalid API key"}'
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await inner(scope, receive, send)
+
+        vs.requests.app = refuse_polls
+        # First poll after ~10 s, the next one capped at the 15 s deadline: two refusals.
+        path = vs.manifest(tmp_path, 1, limits={"max_in_flight": 1, "task_timeout": "15s"})
+        summary = await vs.run(path, workdir)
+        assert summary.exit_code == 4, summary
+        assert not _events(workdir, "job.timed_out")
+        assert [job for job, _at, _data in _events(workdir, "job.poll_refused")] == ["job-000"]
+        assert db_query(workdir, "SELECT state FROM jobs") in ([("submitted",)], [("running",)])
+
     async def test_a_refused_poll_now_and_then_is_not_a_dead_key(self, tmp_path: Path,
                                                                  workdir: Path) -> None:
         """A 401 on each task's first poll (a gateway blip), with creates still accepted: the
