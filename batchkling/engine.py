@@ -509,12 +509,14 @@ class Engine:
                     # delay the exit. The task is kept; `resume` with a working key polls it.
                     errors += 1
                     refused += 1
-                    # At the deadline too: a task the key cannot see has not been seen to time
-                    # out, and `timed_out` would send the user after the wrong cause.
-                    if (refused >= _MAX_REFUSED_POLLS or self.stop.kind == "account"
-                            or self.clock.monotonic() >= deadline):
+                    dead = refused >= _MAX_REFUSED_POLLS or self.stop.kind == "account"
+                    # At the deadline the tracking ends too, as refused: a task the key cannot
+                    # see was not seen to time out. Fewer refusals than that do not stop the
+                    # run's creates, though: they may be a passing gateway blip.
+                    if dead or self.clock.monotonic() >= deadline:
                         release()
-                        self._account_refused(exc)
+                        if dead:
+                            self._account_refused(exc)
                         await self._set(job, JobState.RUNNING if running else JobState.SUBMITTED,
                                         "job.poll_refused", error_code=exc.code or "account",
                                         error_message=f"polling stopped, the provider refused "
