@@ -48,6 +48,14 @@ def _manifest(folder: Path, sim: SimulatorServer, n: int, *, provider: str = "im
                           limits=settings)
 
 
+async def _refuse_key(send: Any) -> None:
+    """Answer an ASGI request as ImaRouter does for a dead key: 401 invalid_api_key."""
+    body = b'{"code":"invalid_api_key","message":"Invalid API key"}'
+    await send({"type": "http.response.start", "status": 401,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def _run(path: Path, workdir: Path, **kwargs: Any) -> RunSummary:
     async with Orchestrator(load_manifest(path), workdir=workdir, env=ENV, time_scale=SPEED,
                             seed=3, **kwargs) as orch:
@@ -256,10 +264,7 @@ class TestAccountRevoked:
         async def refuse_polls(scope: Any, receive: Any, send: Any) -> None:
             if scope["type"] == "http" and scope["method"] == "GET" \
                     and scope.get("path", "").startswith("/v1/videos/video_"):
-                body = b'{"code":"invalid_api_key","message":"Invalid API key"}'
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": body})
+                await _refuse_key(send)
                 return
             await inner(scope, receive, send)
 
@@ -285,10 +290,7 @@ class TestAccountRevoked:
             if scope["type"] == "http" and scope["method"] == "GET" \
                     and path.startswith("/v1/videos/video_") and path not in refused:
                 refused.add(path)
-                body = b'{"code":"invalid_api_key","message":"Invalid API key"}'
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json")]})
-                await send({"type": "http.response.body", "body": body})
+                await _refuse_key(send)
                 return
             await inner(scope, receive, send)
 
