@@ -38,6 +38,10 @@ class ExpiredURL(DownloadError):
     """The URL answered 403/404/410: ask the provider for a fresh one."""
 
 
+class TooLarge(DownloadError):
+    """The video is over ``output.max_video_mb``: fetching it again would only repeat that."""
+
+
 @dataclass(frozen=True, slots=True)
 class DownloadPolicy:
     """What the downloader may fetch."""
@@ -152,7 +156,7 @@ async def _save(response: httpx.Response, part: Path, dest: Path,
         except ValueError as exc:
             raise DownloadError("result URL sent an unreadable Content-Length") from exc
         if declared > policy.max_bytes:
-            raise DownloadError(
+            raise TooLarge(
                 f"result is {declared:,} bytes, over the {policy.max_bytes:,}-byte limit"
             )
     digest = hashlib.sha256()
@@ -170,7 +174,7 @@ async def _save(response: httpx.Response, part: Path, dest: Path,
             async for chunk in response.aiter_bytes(_CHUNK):
                 size += len(chunk)
                 if size > policy.max_bytes:
-                    raise DownloadError(
+                    raise TooLarge(
                         f"result exceeded the {policy.max_bytes:,}-byte limit while downloading"
                     )
                 if len(head) < 12:

@@ -28,7 +28,7 @@ import anyio.abc
 
 from batchkling import crashpoints
 from batchkling.clock import Clock
-from batchkling.download import DownloadPolicy, ExpiredURL, download
+from batchkling.download import DownloadPolicy, ExpiredURL, TooLarge, download
 from batchkling.errors import (
     AccountBlocked,
     AmbiguousCreate,
@@ -598,6 +598,11 @@ class Engine:
                     await self._set(job, JobState.FAILED, "job.failed", error_code="unsafe_url",
                                     error_message=str(exc), retryable=0)
                     self.log.warning("job.download_refused", job_id=job.job_id, error=str(exc))
+                    return
+                except TooLarge as exc:
+                    # Every try would stream up to the limit again; raising output.max_video_mb
+                    # and running again fetches it (the render is kept).
+                    await self._download_failed(job, str(exc))
                     return
                 except ExpiredURL as exc:
                     if refreshed:

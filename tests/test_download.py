@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from batchkling.download import DownloadPolicy, ExpiredURL, check_url, download
+from batchkling.download import DownloadPolicy, ExpiredURL, TooLarge, check_url, download
 from batchkling.errors import DownloadError, UnsafeURL
 from batchkling.http import HttpClient
 
@@ -72,24 +72,26 @@ class TestDownload:
         assert result.size == len(MP4) and (tmp_path / "a.mp4").read_bytes() == MP4
         assert not list(tmp_path.glob("*.part"))
 
-    @pytest.mark.parametrize(("response", "message"), [
+    @pytest.mark.parametrize(("response", "message", "too_large"), [
         (httpx.Response(200, content=MP4[:100], headers={"content-length": str(len(MP4))}),
-         "truncated"),
+         "truncated", False),
         (httpx.Response(200, content=b"<html>oops</html>",
-                        headers={"content-type": "text/html"}), "not a video"),
+                        headers={"content-type": "text/html"}), "not a video", False),
         (httpx.Response(200, content=b"x" * 20, headers={"content-length": "10000000000"}),
-         "over the"),
-        (httpx.Response(200, stream=_Chunks(b"\x00" * 1000, 20)), "exceeded"),
-        (httpx.Response(200, content=b"\x00" * 100), "not an MP4"),
-        (httpx.Response(500), "HTTP 500"),
+         "over the", True),
+        (httpx.Response(200, stream=_Chunks(b"\x00" * 1000, 20)), "exceeded", True),
+        (httpx.Response(200, content=b"\x00" * 100), "not an MP4", False),
+        (httpx.Response(500), "HTTP 500", False),
     ])
     async def test_bad_bodies_are_refused(self, tmp_path: Path, response: httpx.Response,
-                                          message: str) -> None:
+                                          message: str, too_large: bool) -> None:
         """Truncated, HTML, oversized (declared or streamed), non-MP4 and 5xx bodies fail
-        with a reason, and nothing is left at the final path."""
+        with a reason, and nothing is left at the final path. Only the oversized ones are
+        TooLarge, which the engine does not try again."""
         client = _client(lambda r: response)
-        with pytest.raises(DownloadError, match=message):
+        with pytest.raises(DownloadError, match=message) as caught:
             await download(client, "https://93.184.215.14/v.mp4", tmp_path / "a.mp4", POLICY)
+        assert isinstance(caught.value, TooLarge) is too_large
         assert list(tmp_path.iterdir()) == []
 
     @pytest.mark.parametrize("status", [403, 404, 410])
