@@ -469,6 +469,7 @@ class Engine:
         mono_start = self.clock.monotonic() - max(0.0, self.clock.wall() - started)
         deadline = self.clock.monotonic() + self.opts.task_timeout
         polls, progress, hint, errors, refused, running = 0, None, None, 0, 0, False
+        shown: float | None = None  # the progress last stored
         released = False
 
         def release() -> None:
@@ -545,9 +546,15 @@ class Engine:
                     release()
                     await self._task_failed(job, status)
                     return
-                if status.phase is Phase.RUNNING and not running:
-                    running = True
-                    await self._set(job, JobState.RUNNING, "job.running")
+                if status.phase is Phase.RUNNING:
+                    # Stored as a fraction, for the report's "rendering · 42%" while it runs.
+                    fraction = None if progress is None else progress / 100.0
+                    if not running:
+                        running = True
+                        await self._set(job, JobState.RUNNING, "job.running", progress=fraction)
+                    elif fraction is not None and fraction != shown:
+                        await self._set(job, JobState.RUNNING, "job.progress", progress=fraction)
+                    shown = fraction
         finally:
             release()
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from conftest import SPEED, TEST_KEY
+from invariants import db_query
 
 from batchkling.errors import RunLocked
 from batchkling.manifest import load_manifest
@@ -125,6 +126,17 @@ class TestHappyPath:
         assert seen[JobState.SUCCEEDED] == {True}
         assert seen[JobState.DOWNLOADED] == {True}
         assert seen.get(JobState.RUNNING, {True}) == {True}
+
+    async def test_progress_is_stored_for_status_and_the_report(
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
+        """The progress a poll reads is stored on the job (as a fraction), so the report can
+        say "rendering · 42%" while a task runs."""
+        sim = simulator()
+        summary = await _run(_manifest(tmp_path, sim, _jobs(6)), workdir)
+        assert summary.counts == {"succeeded": 6}
+        stored = [p for (p,) in db_query(workdir, "SELECT progress FROM jobs") if p is not None]
+        assert stored, "no job kept the progress its polls read"
+        assert all(0.0 <= p < 1.0 for p in stored), stored
 
     async def test_rerun_of_finished_run_submits_nothing(self, tmp_path: Path, workdir: Path,
                                                          simulator: Any, api_key: str) -> None:
