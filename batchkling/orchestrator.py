@@ -32,11 +32,12 @@ from batchkling.engine import Engine, EngineOptions
 from batchkling.errors import BatchklingError, ConfigError, unwrapped_groups
 from batchkling.http import HttpClient
 from batchkling.logs import get_logger, redactor, run_log
-from batchkling.models import JobState, RunSummary
+from batchkling.models import TERMINAL, JobState, RunSummary
 from batchkling.providers.base import Provider
 from batchkling.report import write_report
 from batchkling.results import csv_status, write_results
 from batchkling.store import RunRow, Store
+from batchkling.views import eta_seconds
 
 if TYPE_CHECKING:
     from batchkling.manifest import Manifest, RunConfig
@@ -59,6 +60,8 @@ class Progress:
     committed_usd: float
     elapsed: float
     stop_reason: str | None
+    #: Seconds until the last job ends, at the pace of the last 20 to end (as ``status``).
+    eta_seconds: float | None = None
 
 
 def resolve_run_id(template: str, today: date | None = None) -> str:
@@ -157,6 +160,9 @@ class Orchestrator:
         """A snapshot for progress displays: counts by state, slots, money, elapsed time."""
         counts = await self.store.counts(self.run_id)
         spent, committed = await self.store.money(self.run_id)
+        ended = sum(n for state, n in counts.items() if state in TERMINAL)
+        eta = eta_seconds(sum(counts.values()) - ended, await self.store.recent_ends(self.run_id),
+                          self.clock.wall())
         engine = self._engine
         return Progress(
             run_id=self.run_id,
@@ -167,6 +173,7 @@ class Orchestrator:
             committed_usd=committed,
             elapsed=self.clock.monotonic() - self._started if self._started else 0.0,
             stop_reason=engine.stop.reason if engine else None,
+            eta_seconds=eta,
         )
 
     def interrupt(self) -> None:

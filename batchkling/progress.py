@@ -23,11 +23,8 @@ _STYLE = {"downloaded": "green", "failed": "red", "timed_out": "yellow", "unknow
 
 
 def _eta(p: Progress) -> str:
-    total = sum(p.counts.values())
-    ended = sum(p.counts.get(s, 0) for s in ("downloaded", "failed", "skipped"))
-    if ended == 0 or p.elapsed <= 0 or ended >= total:
-        return "—"
-    return format_duration((total - ended) * p.elapsed / ended)
+    # The same pace as `status` (the last 20 jobs to end), so the two never disagree.
+    return "—" if p.eta_seconds is None else format_duration(p.eta_seconds)
 
 
 def render(p: Progress) -> Group:

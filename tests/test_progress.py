@@ -25,11 +25,11 @@ def test_frame_shows_counts_slots_money_and_eta() -> None:
     frame = _text(Progress(run_id="spring", counts={"pending": 3, "running": 2, "downloaded": 5,
                                                      "failed": 1},
                            in_flight=2, slot_limit=4, spent_usd=1.5, committed_usd=2.25,
-                           elapsed=60, stop_reason=None))
+                           elapsed=60, stop_reason=None, eta_seconds=50))
     assert "spring" in frame and "5/11 downloaded" in frame
     assert "pending 3" in frame and "running 2" in frame and "failed 1" in frame
     assert "slots 2/4" in frame and "$1.50" in frame and "$2.25" in frame
-    assert "ETA 0m50s" in frame  # 6 ended in 60 s: 10 s each, 5 left
+    assert "ETA 0m50s" in frame
 
 
 def test_frame_says_why_creates_stopped() -> None:
@@ -79,7 +79,7 @@ async def test_status_and_report_while_a_run_is_going(tmp_path: Path, workdir: P
             if later["counts"].get("downloaded", 0) >= 2 or later["state"] != "running":
                 break
             await anyio.sleep(0.02)
-        seen["later"] = later
+        seen["later"], seen["live"] = later, await orch.progress()
 
     async with (Orchestrator(load_manifest(path), workdir=workdir, time_scale=40.0) as orch,
                 anyio.create_task_group() as tg):
@@ -90,6 +90,9 @@ async def test_status_and_report_while_a_run_is_going(tmp_path: Path, workdir: P
     assert seen["status"]["eta_seconds"] is None  # nothing has ended yet: no pace to go by
     if seen["later"]["state"] == "running":
         assert seen["later"]["eta_seconds"] is not None and seen["later"]["eta_seconds"] >= 0
+        # The live display goes by the same pace as `status`: the two ETAs agree.
+        assert seen["live"].eta_seconds is not None
+        assert abs(seen["live"].eta_seconds - seen["later"]["eta_seconds"]) <= 2
     assert "still going" in seen["report"].read_text()
 
 
