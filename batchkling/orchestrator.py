@@ -160,9 +160,9 @@ class Orchestrator:
         """A snapshot for progress displays: counts by state, slots, money, elapsed time."""
         counts = await self.store.counts(self.run_id)
         spent, committed = await self.store.money(self.run_id)
-        ended = sum(n for state, n in counts.items() if state in TERMINAL)
-        eta = eta_seconds(sum(counts.values()) - ended, await self.store.recent_ends(self.run_id),
-                          self.clock.wall())
+        left = sum(n for state, n in counts.items() if state not in TERMINAL)
+        eta = None if left == 0 else eta_seconds(left, await self.store.recent_ends(self.run_id),
+                                                 self.clock.wall())
         engine = self._engine
         return Progress(
             run_id=self.run_id,

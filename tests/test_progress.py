@@ -51,6 +51,7 @@ async def test_snapshot_after_a_run(tmp_path: Path, workdir: Path, simulator: An
         snapshot = await orch.progress()
     assert snapshot.counts == {"downloaded": 2}
     assert snapshot.spent_usd > 0 and snapshot.in_flight == 0
+    assert snapshot.eta_seconds is None  # nothing left: the last frame says "ETA —"
 
 
 async def test_status_and_report_while_a_run_is_going(tmp_path: Path, workdir: Path,
