@@ -108,7 +108,8 @@ class TestHappyPath:
     async def test_only_the_create_intent_and_task_id_need_an_fsync(
             self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
         """The intent and the task id are committed durably (synchronous=FULL); running,
-        succeeded and downloaded take the quick commit, which a kill does not lose."""
+        succeeded and downloaded take the quick commit (the kill tests show a SIGKILL loses
+        none of them)."""
         sim = simulator()
         seen: dict[JobState, set[bool]] = {}
 
@@ -127,7 +128,7 @@ class TestHappyPath:
         assert seen[JobState.DOWNLOADED] == {True}
         assert seen.get(JobState.RUNNING, {True}) == {True}
 
-    async def test_progress_is_stored_for_status_and_the_report(
+    async def test_progress_is_stored_for_the_report(
             self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
         """The progress a poll reads is stored on the job (as a fraction), so the report can
         say "rendering · 42%" while a task runs."""
