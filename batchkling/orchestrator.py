@@ -58,7 +58,6 @@ class Progress:
     slot_limit: int
     spent_usd: float
     committed_usd: float
-    elapsed: float
     stop_reason: str | None
     #: Seconds until the last job ends, at the pace of the last 20 to end (as ``status``).
     eta_seconds: float | None = None
@@ -132,7 +131,6 @@ class Orchestrator:
         self._engine: Engine | None = None
         self._scope: anyio.CancelScope | None = None
         self._interrupted = False
-        self._started: float | None = None
         self._entered = False
         self._closed = False
         self.log = get_logger(run_id=self.run_id)
@@ -157,7 +155,7 @@ class Orchestrator:
             await self.store.aclose()
 
     async def progress(self) -> Progress:
-        """A snapshot for progress displays: counts by state, slots, money, elapsed time."""
+        """A snapshot for progress displays: counts by state, slots, money, ETA."""
         counts = await self.store.counts(self.run_id)
         spent, committed = await self.store.money(self.run_id)
         left = sum(n for state, n in counts.items() if state not in TERMINAL)
@@ -171,7 +169,6 @@ class Orchestrator:
             slot_limit=engine.slots.limit if engine else 0,
             spent_usd=spent,
             committed_usd=committed,
-            elapsed=self.clock.monotonic() - self._started if self._started else 0.0,
             stop_reason=engine.stop.reason if engine else None,
             eta_seconds=eta,
         )
@@ -292,7 +289,6 @@ class Orchestrator:
                             nonce=run.nonce, options=options, run_dir=self.run_dir,
                             clock=self.clock, http=http, estimate_usd=estimate, rng=self._rng)
             self._engine = engine
-            self._started = self.clock.monotonic()
             self.log.info("run.started", provider=run.provider, simulated=run.simulated,
                           max_in_flight=options.max_in_flight)
             try:

@@ -548,11 +548,10 @@ class Store:
         async with self._lock:
             try:
                 self._quick.execute(sql, params)
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode in _BUSY:  # another process is writing: don't wait here
-                    return False
-                raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
             except sqlite3.Error as exc:
+                # Another process is writing: the durable path waits for it, off the loop.
+                if getattr(exc, "sqlite_errorcode", None) in _BUSY:
+                    return False
                 raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
         return True
 

@@ -25,7 +25,7 @@ def test_frame_shows_counts_slots_money_and_eta() -> None:
     frame = _text(Progress(run_id="spring", counts={"pending": 3, "running": 2, "downloaded": 5,
                                                      "failed": 1},
                            in_flight=2, slot_limit=4, spent_usd=1.5, committed_usd=2.25,
-                           elapsed=60, stop_reason=None, eta_seconds=50))
+                           stop_reason=None, eta_seconds=50))
     assert "spring" in frame and "5/11 downloaded" in frame
     assert "pending 3" in frame and "running 2" in frame and "failed 1" in frame
     assert "slots 2/4" in frame and "$1.50" in frame and "$2.25" in frame
@@ -35,7 +35,7 @@ def test_frame_shows_counts_slots_money_and_eta() -> None:
 def test_frame_says_why_creates_stopped() -> None:
     """A stop reason is shown under the counts."""
     frame = _text(Progress(run_id="r", counts={"pending": 1}, in_flight=0, slot_limit=1,
-                           spent_usd=0, committed_usd=0, elapsed=0,
+                           spent_usd=0, committed_usd=0,
                            stop_reason="budget reached"))
     assert "creates stopped: budget reached" in frame and "ETA —" in frame
 
