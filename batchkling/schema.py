@@ -92,8 +92,10 @@ CREATE TABLE IF NOT EXISTS attempts (
     error_message TEXT,
     PRIMARY KEY (run_id, job_id, number)
 );
+-- No AUTOINCREMENT: ids still only grow (events are never deleted), and each insert does not
+-- also rewrite sqlite_sequence. Files made before keep it; both read the same.
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     run_id TEXT NOT NULL,
     job_id TEXT,
     at REAL NOT NULL,

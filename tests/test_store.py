@@ -120,6 +120,37 @@ async def test_version_1_database_is_migrated(tmp_path: Path) -> None:
     con.close()
 
 
+async def test_new_files_use_small_pages_and_old_files_still_open(tmp_path: Path) -> None:
+    """A new database has 1 KiB pages and no AUTOINCREMENT bookkeeping; a file made with the
+    old 4 KiB pages and AUTOINCREMENT events opens, and its event ids keep growing."""
+    store = await _store_with_jobs(tmp_path / "new", "a")
+    await store.transition("r", "a", JobState.SUBMITTING, now=2, event="e1",
+                           new_attempt=(1, "k1"))
+    await store.aclose()
+    con = sqlite3.connect(tmp_path / "new")
+    assert con.execute("PRAGMA page_size").fetchone()[0] == 1024
+    assert con.execute("SELECT name FROM sqlite_master WHERE name = 'sqlite_sequence'"
+                       ).fetchone() is None
+    con.close()
+
+    old = tmp_path / "old"
+    con = sqlite3.connect(old)
+    con.execute("PRAGMA page_size=4096")
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL,"
+                " job_id TEXT, at REAL NOT NULL, event TEXT NOT NULL, data TEXT)")
+    con.close()
+    store = await _store_with_jobs(old, "a")
+    for n, event in enumerate(("e1", "e2", "e3"), start=2):
+        await store.transition("r", "a", JobState.SUBMITTED, now=n, event=event, quick=n % 2 == 0)
+    await store.aclose()
+    con = sqlite3.connect(old)
+    assert con.execute("PRAGMA page_size").fetchone()[0] == 4096
+    assert [r[0] for r in con.execute("SELECT event FROM events ORDER BY id")] == [
+        "e1", "e2", "e3"]
+    con.close()
+
+
 class TestQuickCommits:
     """``transition(quick=True)``: no fsync, no trip to the database thread, still committed."""
 
