@@ -129,8 +129,6 @@ async def download(client: HttpClient, url: str, dest: Path,
             raise DownloadError(
                 f"download from {_host(current)} failed: {type(exc).__name__}"
             ) from exc
-        finally:
-            _discard(part)
     raise UnsafeURL(f"more than {_MAX_REDIRECTS} redirects from {_host(url)}")
 
 
@@ -163,14 +161,13 @@ async def _save(response: httpx.Response, part: Path, dest: Path,
     size = 0
     head = b""
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # A leftover or planted .part (a symlink, say) is removed, and the new one is created
-        # exclusively without following links: the bytes land in this file and nowhere else.
-        _discard(part)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        fd = _create(part)
+    except OSError as exc:
+        raise DownloadError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+    try:
         # Chunks land in the page cache in microseconds; only the disk work at the end is worth
         # a thread.
-        with open(os.open(part, flags, 0o644), "wb") as out:  # noqa: ASYNC230
+        with open(fd, "wb") as out:  # noqa: ASYNC230
             async for chunk in response.aiter_bytes(_CHUNK):
                 size += len(chunk)
                 if size > policy.max_bytes:
@@ -189,25 +186,38 @@ async def _save(response: httpx.Response, part: Path, dest: Path,
             # One trip to a worker thread for all of it: each trip costs more CPU than a job's
             # other bookkeeping, and an fsync must not stall the event loop.
             await anyio.to_thread.run_sync(_install, out.fileno(), part, dest)
-    except OSError as exc:
-        raise DownloadError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+    except BaseException as exc:
+        _discard(part)  # nothing is left at dest: the rename is the last step
+        if isinstance(exc, OSError):
+            raise DownloadError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+        raise
     return Downloaded(dest, size, digest.hexdigest())
 
 
+def _create(part: Path) -> int:
+    """Open a new ``part`` exclusively, without following links: the bytes land in this file.
+
+    Usually one system call. A leftover or planted ``.part`` (a symlink, say) is removed and
+    the open tried again; a missing folder is made.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(3):
+        try:
+            return os.open(part, flags, 0o644)
+        except FileExistsError:
+            _discard(part)
+        except FileNotFoundError:
+            part.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(part, flags, 0o644)
+
+
 def _install(fd: int, part: Path, dest: Path) -> None:
-    """Make the verified bytes durable, then put them at ``dest`` durably."""
+    """Make the verified bytes durable, then put them at ``dest``.
+
+    The file's data is fsynced before the rename, so ``dest`` never names a partial video, even
+    after a power cut. The rename itself is not fsynced (that would cost a journal commit per
+    video): the ``downloaded`` state it goes with is a quick commit, and a run resumed after a
+    power cut fetches again any video recorded as downloaded whose file is missing.
+    """
     os.fsync(fd)
     os.replace(part, dest)
-    _fsync_dir(dest.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename is only durable once the directory entry is on disk.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -72,6 +72,24 @@ class TestDownload:
         assert result.size == len(MP4) and (tmp_path / "a.mp4").read_bytes() == MP4
         assert not list(tmp_path.glob("*.part"))
 
+    async def test_a_planted_part_link_is_replaced_and_a_missing_folder_made(
+            self, tmp_path: Path) -> None:
+        """A .part left as a symlink is removed, not written through; the videos folder is
+        made when it is missing (deleted during a run, say)."""
+        client = _client(lambda r: httpx.Response(200, content=MP4,
+                                                  headers={"content-type": "video/mp4"}))
+        target = tmp_path / "elsewhere"
+        target.write_bytes(b"keep me")
+        (tmp_path / "a.mp4.part").symlink_to(target)
+        await download(client, "https://93.184.215.14/v.mp4", tmp_path / "a.mp4", POLICY)
+        assert target.read_bytes() == b"keep me"
+        assert (tmp_path / "a.mp4").read_bytes() == MP4
+        assert not (tmp_path / "a.mp4.part").is_symlink()
+
+        deep = tmp_path / "gone" / "videos" / "b.mp4"
+        await download(client, "https://93.184.215.14/v.mp4", deep, POLICY)
+        assert deep.read_bytes() == MP4 and not list(deep.parent.glob("*.part"))
+
     @pytest.mark.parametrize(("response", "message", "too_large"), [
         (httpx.Response(200, content=MP4[:100], headers={"content-length": str(len(MP4))}),
          "truncated", False),
