@@ -94,6 +94,9 @@ class HttpClient:
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` and read the whole answer."""
+        if isinstance(self._transport, AiohttpTransport):
+            # The body in one read, without httpx's async byte-stream machinery.
+            return await self._transport.fetch(request)
         async with self.stream(request) as response:
             await response.aread()
         return response
@@ -153,30 +156,47 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return timeout
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        answer = await self._send(request)
+        return httpx.Response(status_code=answer.status, headers=answer.raw_headers,
+                              stream=_Body(answer), request=request, extensions=_extensions(answer))
+
+    async def fetch(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` and read the whole body; the connection goes back to the pool."""
+        answer = await self._send(request)
+        try:
+            body = await answer.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _translate(exc) from exc
+        finally:
+            answer.release()
+        # httpx decodes a compressed body here, as it does when a stream is read.
+        return httpx.Response(status_code=answer.status, headers=answer.raw_headers,
+                              content=body, request=request, extensions=_extensions(answer))
+
+    async def _send(self, request: httpx.Request) -> aiohttp.ClientResponse:
         session = self._session or self._open()
         try:
             body = request.content
         except httpx.RequestNotRead:
             body = await request.aread()
         try:
-            answer = await session.request(
+            return await session.request(
                 request.method, str(request.url), headers=request.headers.multi_items(),
                 data=body or None, allow_redirects=False, timeout=self._timeout(request.extensions),
                 skip_auto_headers=_OWN_HEADERS,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _translate(exc) from exc
-        return httpx.Response(
-            status_code=answer.status, headers=answer.raw_headers, stream=_Body(answer),
-            request=request,
-            extensions={"http_version": b"HTTP/1.1",
-                        "reason_phrase": (answer.reason or "").encode("latin-1", "replace")},
-        )
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+
+def _extensions(answer: aiohttp.ClientResponse) -> dict[str, Any]:
+    return {"http_version": b"HTTP/1.1",
+            "reason_phrase": (answer.reason or "").encode("latin-1", "replace")}
 
 
 class _Body(httpx.AsyncByteStream):
