@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from batchkling import yamlsource
 from batchkling.cli import cli
 from batchkling.errors import ManifestError
 from batchkling.manifest import load_manifest
@@ -36,6 +37,19 @@ def expected_marks(path: Path) -> dict[int, str]:
     return marks
 
 
+COMPOSERS = {"pure": yamlsource._PureComposer, "libyaml": yamlsource._libyaml_composer()}
+
+
+@pytest.fixture(params=sorted(COMPOSERS))
+def composer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test twice: with libyaml's parser (used when PyYAML has it) and PyYAML's own."""
+    chosen = COMPOSERS[request.param]
+    if chosen is None:
+        pytest.skip("PyYAML was built without libyaml")
+    monkeypatch.setattr(yamlsource, "_Composer", chosen)
+    return str(request.param)
+
+
 def run_plan(path: Path) -> tuple[int, str, list[re.Match[str]]]:
     """Run ``batchkling plan`` in-process; return exit code, stderr and the error lines."""
     result = CliRunner().invoke(cli, ["plan", str(path)])
@@ -43,6 +57,7 @@ def run_plan(path: Path) -> tuple[int, str, list[re.Match[str]]]:
     return result.exit_code, result.stderr, errors
 
 
+@pytest.mark.usefixtures("composer")
 class TestBrokenManifests:
     @pytest.mark.parametrize("name", BROKEN)
     def test_exits_2_with_one_line_per_problem_at_the_marked_lines(self, name: str) -> None:
@@ -99,6 +114,7 @@ class TestBrokenManifests:
         assert first.line == 7 and "duplicate_ids.yaml:5:" in first.message
 
 
+@pytest.mark.usefixtures("composer")
 class TestUnreadable:
     def test_missing_file_is_one_problem(self, tmp_path: Path) -> None:
         """A manifest that does not exist is a ManifestError with one problem, not OSError."""
@@ -145,6 +161,17 @@ class TestUnreadable:
         with pytest.raises(ManifestError) as info:
             load_manifest(bomb)
         assert "too many" in info.value.problems[0].message
+
+    @pytest.mark.parametrize("depth", [900, 5_000])
+    def test_deep_nesting_is_a_problem_not_a_crash(self, tmp_path: Path, depth: int) -> None:
+        """Lists nested thousands deep end as one problem (libyaml refuses past 1,000 levels;
+        PyYAML's own parser and the value builder run out of Python stack)."""
+        path = tmp_path / "deep.yaml"
+        path.write_text("version: 1\nname: d\njobs: " + "[" * depth + "]" * depth + "\n")
+        with pytest.raises(ManifestError) as info:
+            load_manifest(path)
+        assert len(info.value.problems) == 1
+        assert re.search(r"nest|YAML", info.value.problems[0].message), info.value.problems
 
     def test_duplicate_yaml_keys_are_reported(self, tmp_path: Path) -> None:
         """The same key twice in one mapping is a problem at the second one."""
