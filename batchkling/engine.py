@@ -44,10 +44,10 @@ from batchkling.errors import (
 from batchkling.http import HttpClient
 from batchkling.limits import RateGate, SlotPool, full_jitter
 from batchkling.logs import get_logger, redactor
-from batchkling.models import IN_FLIGHT, JobSpec, JobState
+from batchkling.models import IN_FLIGHT, TERMINAL, JobSpec, JobState
 from batchkling.polling import PollPlanner
 from batchkling.providers.base import Phase, Provider, TaskStatus
-from batchkling.store import JobRow, Store
+from batchkling.store import RECENT_ENDS, JobRow, Store
 
 # Downloads are free to repeat; truncations and 5xx are usually passing.
 _DOWNLOAD_TRIES = 5
@@ -151,6 +151,11 @@ class Engine:
         self._active = 0  # submits and trackers alive: the submitter waits for them to drain
         self._wake = anyio.Event()
         self._committed_usd = 0.0
+        # For progress displays, kept here so a redraw costs no query over the whole run: the
+        # cost reported so far, and when the last jobs to end ended (newest first).
+        self.spent_usd = 0.0
+        self.recent_ends: deque[float] = deque(maxlen=RECENT_ENDS)
+        self.tallied = False  # the two above hold the run's totals (read when the run starts)
         self._create_failures = 0
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -176,10 +181,18 @@ class Engine:
         job_id = job if isinstance(job, str) else job.job_id
         # Provider messages are stored and exported: a key they quote must not be.
         fields = {k: redactor.scrub(v) if isinstance(v, str) else v for k, v in fields.items()}
+        now = self.clock.wall()
         # A transition's write must land even while the run is being cancelled.
         with anyio.CancelScope(shield=True):
-            await self.store.transition(self.run_id, job_id, state, now=self.clock.wall(),
+            await self.store.transition(self.run_id, job_id, state, now=now,
                                         event=event, quick=state in _QUICK, **fields)
+        if state in TERMINAL:
+            self.recent_ends.appendleft(now)
+
+    @property
+    def committed_usd(self) -> float:
+        """Cost reported so far plus the estimates held for jobs not yet settled."""
+        return self._committed_usd
 
     def _spawn(self, fn: Callable[..., Any], job: JobRow, *args: Any) -> None:
         assert self._tg is not None
@@ -208,7 +221,9 @@ class Engine:
 
     async def run(self) -> None:
         """Reconcile, adopt in-flight tasks, submit pending jobs, and wait for all to end."""
-        _spent, self._committed_usd = await self.store.money(self.run_id)
+        self.spent_usd, self._committed_usd = await self.store.money(self.run_id)
+        self.recent_ends.extend(await self.store.recent_ends(self.run_id))
+        self.tallied = True
         await self._reconcile()
         async with anyio.create_task_group() as tg:
             self._tg = tg
@@ -576,10 +591,12 @@ class Engine:
         held = self._held.pop(job.job_id, 0.0)
         if cost is not None:
             self._committed_usd += cost - held
+            self.spent_usd += cost
 
     async def _task_failed(self, job: JobRow, status: TaskStatus) -> None:
         # A failed task is usually not billed; what the provider reports replaces the hold.
         self._committed_usd += (status.cost_usd or 0.0) - self._held.pop(job.job_id, 0.0)
+        self.spent_usd += status.cost_usd or 0.0
         await self._finish_attempt(
             job, retryable=status.retryable, error_code=status.error_code,
             error_message=status.error_message, cost_usd=status.cost_usd,

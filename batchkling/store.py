@@ -52,6 +52,9 @@ from batchkling.schema import (
     run_row,
 )
 
+#: How many of the last jobs to end an ETA goes by.
+RECENT_ENDS = 20
+
 #: The row types live with the schema; they are part of the store's interface.
 __all__ = ["SCHEMA_VERSION", "JobRow", "RunRow", "Store"]
 
@@ -469,7 +472,7 @@ class Store:
         )
         return {JobState(r[0]): int(r[1]) for r in rows}
 
-    async def recent_ends(self, run_id: str, limit: int = 20) -> list[float]:
+    async def recent_ends(self, run_id: str, limit: int = RECENT_ENDS) -> list[float]:
         """When the last ``limit`` jobs to end (downloaded, failed, skipped) ended, newest first."""
         states = sorted(s.value for s in TERMINAL)
         marks = ",".join("?" * len(states))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import SPEED
 from rich.console import Console
 
@@ -52,6 +53,30 @@ async def test_snapshot_after_a_run(tmp_path: Path, workdir: Path, simulator: An
     assert snapshot.counts == {"downloaded": 2}
     assert snapshot.spent_usd > 0 and snapshot.in_flight == 0
     assert snapshot.eta_seconds is None  # nothing left: the last frame says "ETA —"
+
+
+async def test_redraws_take_totals_from_the_engine(tmp_path: Path, workdir: Path,
+                                                   simulator: Any, api_key: str) -> None:
+    """A redraw reads money and recent ends from the engine, not from queries over every job
+    of the run; they agree with the store's, across a second invocation of the run too."""
+    sim = simulator()
+    jobs = [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}]
+    for extra in ([], [{"id": "c", "prompt": "z"}]):
+        path = write_manifest(tmp_path, jobs + extra, base_url=sim.base_url)
+        async with Orchestrator(load_manifest(path), workdir=workdir, time_scale=SPEED) as orch:
+            await orch.run()
+            store = orch.store
+            money, ends = await store.money("test-run"), await store.recent_ends("test-run")
+
+            async def refused(*_args: Any, **_kwargs: Any) -> Any:
+                raise AssertionError("a redraw read the whole run")
+
+            store.money = store.recent_ends = refused  # type: ignore[method-assign]
+            snapshot = await orch.progress()
+        assert (snapshot.spent_usd, snapshot.committed_usd) == pytest.approx(money)
+        assert snapshot.spent_usd > 0
+        assert orch._engine is not None and list(orch._engine.recent_ends) == ends
+        assert len(ends) == 2 + len(extra)
 
 
 async def test_status_and_report_while_a_run_is_going(tmp_path: Path, workdir: Path,
