@@ -97,9 +97,10 @@ class Store:
             raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
         try:
             # Small pages for a new file (an existing one keeps its own): a commit writes every
-            # page it touched to the WAL, and a transition touches about six (the job, its
-            # index entry, its attempt, its event and the event's index). At 1 KiB a commit
-            # writes 7 KiB instead of 28 and takes about half the CPU (docs/benchmarks.md).
+            # page it touched to the WAL, and a transition touches five or six (the job, its
+            # index entry, its attempt, its event and the event's index entry). At 1 KiB a
+            # commit writes 7 KiB instead of 28 and takes about half the CPU
+            # (docs/benchmarks.md).
             await db.execute(f"PRAGMA page_size={PAGE_SIZE}")
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=FULL")
