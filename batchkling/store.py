@@ -14,10 +14,9 @@ Two ways to commit, both WAL:
   the event loop's own thread. The frames go to the WAL with one ``write``, no fsync: the commit
   survives the process being killed, and the next durable commit (which syncs the whole WAL)
   makes it survive a power cut too. For the states whose loss costs only a repeated poll or
-  download (``running``, ``succeeded``, ``downloaded``). It takes tens of microseconds, where a
-  trip to the database thread costs two thread wake-ups — most of a job's CPU when the engine is
-  otherwise idle (docs/benchmarks.md). If another process holds the write lock, the transition
-  takes the durable path instead of waiting on the loop.
+  download (``running``, ``succeeded``, ``downloaded``). It takes tens of microseconds, and
+  spares the trip to the database thread and back (docs/benchmarks.md). If another process
+  holds the write lock, the transition takes the durable path instead of waiting on the loop.
 """
 
 from __future__ import annotations

@@ -182,6 +182,10 @@ def decode_source(raw: bytes, file: str) -> tuple[str | None, Problem | None]:
 def load_yaml(text: str, file: str) -> LoadedYAML:
     """Parse one YAML document into plain data with positions; never raises for bad input."""
     source = SourceMap(file)
+
+    def fatal(message: str, line: int | None = None, column: int | None = None) -> LoadedYAML:
+        return LoadedYAML(None, source, [Problem(file, line, column, "", message)], fatal=True)
+
     loader = _Composer(text)
     try:
         node = loader.get_single_node()
@@ -191,16 +195,14 @@ def load_yaml(text: str, file: str) -> LoadedYAML:
         if exc.context:
             detail = f"{detail} ({exc.context})"
         line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        problem = Problem(file, line, column, "", f"YAML syntax error: {detail}")
-        return LoadedYAML(None, source, [problem], fatal=True)
+        return fatal(f"YAML syntax error: {detail}", line, column)
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, exc.position) + 1
         column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
-        message = f"character {exc.character!r} is not allowed in YAML ({exc.reason})"
-        return LoadedYAML(None, source, [Problem(file, line, column, "", message)], fatal=True)
+        return fatal(f"character {exc.character!r} is not allowed in YAML ({exc.reason})",
+                     line, column)
     except RecursionError:
-        message = "YAML is nested too deeply to read"
-        return LoadedYAML(None, source, [Problem(file, None, None, "", message)], fatal=True)
+        return fatal(_TOO_DEEP)
     finally:
         loader.dispose()
     if node is None:
@@ -209,14 +211,15 @@ def load_yaml(text: str, file: str) -> LoadedYAML:
     try:
         data = builder.build(node, ())
     except _TooBig:
-        message = "the document expands to too many values (an alias bomb?)"
-        return LoadedYAML(None, source, [Problem(file, None, None, "", message)], fatal=True)
-    except RecursionError:
-        message = "YAML is nested too deeply to read"
-        return LoadedYAML(None, source, [Problem(file, None, None, "", message)], fatal=True)
+        return fatal("the document expands to too many values (an alias bomb?)")
+    except RecursionError:  # libyaml composes 1,000 levels; building them takes more stack
+        return fatal(_TOO_DEEP)
     return LoadedYAML(
         data, source, builder.problems, bad_paths=builder.bad_paths, warnings=builder.warnings
     )
+
+
+_TOO_DEEP = "YAML is nested too deeply to read"
 
 
 class _TooBig(Exception):
