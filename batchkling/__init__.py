@@ -23,15 +23,15 @@ from batchkling.errors import (
 from batchkling.models import JobKind, JobSpec, JobState, RunSummary
 
 if TYPE_CHECKING:
-    from batchkling.manifest import Manifest, load_manifest
-    from batchkling.orchestrator import Orchestrator
+    from batchkling.manifest.document import Manifest, load_manifest
+    from batchkling.run.orchestrator import Orchestrator
 
 # The run machinery (httpx, aiosqlite, pydantic models) loads on first use, so the command line
 # starts fast and `import batchkling` stays cheap.
 _LAZY = {
-    "Manifest": "batchkling.manifest",
-    "load_manifest": "batchkling.manifest",
-    "Orchestrator": "batchkling.orchestrator",
+    "Manifest": "batchkling.manifest.document",
+    "load_manifest": "batchkling.manifest.document",
+    "Orchestrator": "batchkling.run.orchestrator",
 }
 
 

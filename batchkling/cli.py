@@ -226,8 +226,8 @@ def _speed(speed: float | None, simulated: bool) -> float:
 def run(manifest: Path, run_id: str | None, workdir: Path, simulate: bool, speed: float | None,
         max_in_flight: int | None, yes: bool) -> None:
     """Run MANIFEST: submit, poll, download. Re-running an unfinished run resumes it."""
-    from batchkling.manifest import load_manifest
-    from batchkling.orchestrator import Orchestrator
+    from batchkling.manifest.document import load_manifest
+    from batchkling.run.orchestrator import Orchestrator
 
     with _errors_to_exit_codes():
         loaded = load_manifest(manifest)
@@ -253,11 +253,11 @@ def run(manifest: Path, run_id: str | None, workdir: Path, simulate: bool, speed
 
 def _resume_like(run_id: str, workdir: Path, speed: float | None,
                  action: Callable[[Any], Awaitable[Any]]) -> NoReturn:
-    from batchkling.orchestrator import Orchestrator
-    from batchkling.store import Store
+    from batchkling.run.orchestrator import Orchestrator
+    from batchkling.store.sqlite import SqliteStore
 
     async def lookup() -> Any:
-        async with Store(workdir / "batchkling.db") as store:
+        async with SqliteStore(workdir / "batchkling.db") as store:
             return await store.require_run(run_id)
 
     with _errors_to_exit_codes():
@@ -267,7 +267,7 @@ def _resume_like(run_id: str, workdir: Path, speed: float | None,
         simulated = stored.simulated
         env: dict[str, str] | None = None
         if simulated:
-            from batchkling.orchestrator import _config_from
+            from batchkling.run.orchestrator import _config_from
 
             env = _simulated_env(_config_from(stored))
         scale = _speed(speed, simulated)
@@ -300,7 +300,7 @@ def resume(run_id: str, workdir: Path, speed: float | None) -> None:
 def retry(run_id: str, workdir: Path, failed: bool, unknown: bool, timed_out: bool,
           job_ids: tuple[str, ...], speed: float | None) -> None:
     """Resubmit finished-but-unsuccessful jobs of RUN_ID, then continue the run."""
-    from batchkling.engine import select_states
+    from batchkling.run.engine import select_states
 
     states = select_states({"failed": failed, "unknown": unknown, "timed_out": timed_out})
     _resume_like(run_id, workdir, speed, lambda orch: orch.retry(states, job_ids))
@@ -315,7 +315,7 @@ def retry(run_id: str, workdir: Path, failed: bool, unknown: bool, timed_out: bo
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(run_id: str | None, workdir: Path, as_json: bool) -> None:
     """Counts by state and cost for RUN_ID; without it, every run in the workdir."""
-    from batchkling.views import run_status, runs_table
+    from batchkling.outputs.views import run_status, runs_table
 
     with _errors_to_exit_codes():
         if run_id:
@@ -328,7 +328,7 @@ def status(run_id: str | None, workdir: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
-    from batchkling.views import print_status
+    from batchkling.outputs.views import print_status
 
     print_status(data, single=run_id is not None)
 
@@ -340,7 +340,7 @@ def status(run_id: str | None, workdir: Path, as_json: bool) -> None:
               help="Where to write the CSV (default: the run's results.csv).")
 def export(run_id: str, workdir: Path, output: Path | None) -> None:
     """Write RUN_ID's results CSV."""
-    from batchkling.views import export_csv
+    from batchkling.outputs.views import export_csv
 
     with _errors_to_exit_codes():
         _require_db(workdir)
@@ -355,11 +355,11 @@ def export(run_id: str, workdir: Path, output: Path | None) -> None:
               help="Where to write the page (default: the run's report.html).")
 def report(run_id: str, workdir: Path, output: Path | None) -> None:
     """Write RUN_ID's contact sheet: one card per job with its video, grouped by matrix axes."""
-    from batchkling.report import write_report
-    from batchkling.store import Store
+    from batchkling.outputs.report import write_report
+    from batchkling.store.sqlite import SqliteStore
 
     async def go() -> Path:
-        async with Store(workdir / "batchkling.db") as store:
+        async with SqliteStore(workdir / "batchkling.db") as store:
             return await write_report(store, run_id, output or workdir / run_id / "report.html")
 
     with _errors_to_exit_codes():
@@ -377,7 +377,7 @@ def report(run_id: str, workdir: Path, output: Path | None) -> None:
 @click.option("--max-in-flight", type=click.IntRange(min=1), help="Override limits.max_in_flight.")
 def plan(manifest: Path, as_json: bool, max_in_flight: int | None) -> None:
     """Validate and expand MANIFEST; show jobs, cost and time estimates. Submits nothing."""
-    from batchkling.plan import print_plan
+    from batchkling.manifest.plan import print_plan
 
     with _errors_to_exit_codes():
         try:
@@ -391,7 +391,7 @@ def plan(manifest: Path, as_json: bool, max_in_flight: int | None) -> None:
 @cli.command()
 def schema() -> None:
     """Print the manifest's JSON Schema (for editor completion)."""
-    from batchkling.manifest import manifest_json_schema
+    from batchkling.manifest.document import manifest_json_schema
 
     click.echo(json.dumps(manifest_json_schema(), indent=2))
 

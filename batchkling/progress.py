@@ -12,8 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from batchkling.errors import StoreError
-from batchkling.orchestrator import Orchestrator, Progress
-from batchkling.views import format_duration
+from batchkling.outputs.views import format_duration
+from batchkling.run.orchestrator import Orchestrator, Progress
 
 _DONE = ("downloaded",)
 _ORDER = ("pending", "submitting", "submitted", "running", "succeeded", "downloaded", "failed",

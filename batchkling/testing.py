@@ -40,9 +40,9 @@ from batchkling.simulator import SimConfig, SimulatorServer, create_app
 
 if TYPE_CHECKING:
     from batchkling.models import RunSummary
-    from batchkling.orchestrator import Orchestrator
+    from batchkling.run.orchestrator import Orchestrator
     from batchkling.simulator.state import SimState
-    from batchkling.store import Store
+    from batchkling.store.sqlite import SqliteStore
 
 __all__ = [
     "RequestLog",
@@ -309,8 +309,8 @@ class VirtualSim:
     def orchestrator(self, path: Path | None, workdir: Path, *, run_id: str | None = None,
                      **kwargs: Any) -> Orchestrator:
         """An orchestrator wired to this simulator and clock."""
-        from batchkling.manifest import load_manifest
-        from batchkling.orchestrator import Orchestrator
+        from batchkling.manifest.document import load_manifest
+        from batchkling.run.orchestrator import Orchestrator
 
         kwargs.setdefault("env", self.env)
         kwargs.setdefault("seed", 3)
@@ -344,17 +344,17 @@ class VirtualSim:
             return summary
 
 
-def _held_store(path: Path, clock: VirtualClock) -> Store:
-    """A :class:`~batchkling.store.Store` that holds ``clock`` still while SQLite works.
+def _held_store(path: Path, clock: VirtualClock) -> SqliteStore:
+    """A :class:`~batchkling.store.sqlite.SqliteStore` holding ``clock`` still while SQLite works.
 
     Every call reaches SQLite's thread through ``open``, ``aclose``, ``_write``, ``_fetchall``
     or ``acquire_lease``; a commit that waits on a slow disk then keeps virtual time where it
     is instead of letting it jump past the run's next step. (Quick commits run on the event
     loop's own thread: virtual time cannot move during them.)
     """
-    from batchkling.store import Store
+    from batchkling.store.sqlite import SqliteStore
 
-    class HeldStore(Store):
+    class HeldStore(SqliteStore):
         async def open(self) -> None:
             with clock.hold():
                 await super().open()

@@ -9,7 +9,7 @@ After any run — faulty, killed, interrupted, hostile — :func:`check_invarian
   starting with an ``ftyp`` box; and no ``.part`` file is left in the run's folder;
 - ``PRAGMA integrity_check`` is ``ok``;
 - the results CSV agrees with the database: the same jobs in the same order, each status the
-  one :func:`batchkling.results.csv_status` maps the job's state to.
+  one :func:`batchkling.outputs.results.csv_status` maps the job's state to.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from batchkling.models import JobState
-from batchkling.results import csv_status, read_results, unescape_cell
+from batchkling.outputs.results import csv_status, read_results, unescape_cell
 
 CSV_STATUSES = frozenset({"succeeded", "failed", "timed_out", "unknown", "pending", "skipped"})
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from batchkling.download import DownloadPolicy, ExpiredURL, TooLarge, check_url, download
 from batchkling.errors import DownloadError, UnsafeURL
-from batchkling.http import HttpClient
+from batchkling.providers.http import HttpClient
+from batchkling.run.download import DownloadPolicy, ExpiredURL, TooLarge, check_url, download
 
 MP4 = b"\x00\x00\x00\x18ftypisom" + b"\x00" * 2000
 POLICY = DownloadPolicy(max_bytes=10_000)

@@ -11,12 +11,12 @@ from conftest import SPEED, TEST_KEY
 from invariants import db_query
 
 from batchkling.errors import RunLocked
-from batchkling.manifest import load_manifest
+from batchkling.manifest.document import load_manifest
 from batchkling.models import JobState, RunSummary
-from batchkling.orchestrator import Orchestrator
-from batchkling.results import read_results
+from batchkling.outputs.results import read_results
+from batchkling.run.orchestrator import Orchestrator
 from batchkling.simulator import SimulatorServer
-from batchkling.store import Store
+from batchkling.store.sqlite import SqliteStore
 from batchkling.testing import write_manifest
 
 pytestmark = pytest.mark.timeout(60)
@@ -113,7 +113,7 @@ class TestHappyPath:
         sim = simulator()
         seen: dict[JobState, set[bool]] = {}
 
-        class Recording(Store):
+        class Recording(SqliteStore):
             async def transition(self, *args: Any, **kwargs: Any) -> None:
                 seen.setdefault(args[2], set()).add(kwargs.get("quick", False))
                 await super().transition(*args, **kwargs)
@@ -161,7 +161,7 @@ class TestEditedManifest:
         assert (await _run(_manifest(tmp_path, sim, jobs), workdir)).exit_code == 0
         stats = sim.stats()
         assert stats["creates"] == 7
-        async with Store(workdir / "batchkling.db") as store:
+        async with SqliteStore(workdir / "batchkling.db") as store:
             attempts = await store.attempts("test-run", "job-002")
         assert [a["number"] for a in attempts] == [1, 2]
         assert attempts[0]["fingerprint"] != attempts[1]["fingerprint"]
@@ -246,7 +246,7 @@ class TestProviderTrouble:
         assert {r["attempts"] for r in _rows(workdir)} == {"3"}
         assert sim.stats()["creates"] == 6
         _assert_no_duplicates(sim)
-        async with Store(workdir / "batchkling.db") as store:
+        async with SqliteStore(workdir / "batchkling.db") as store:
             attempts = await store.attempts("test-run", "job-000")
         assert len({a["task_id"] for a in attempts}) == 3
 
@@ -365,7 +365,7 @@ class TestInterruptAndLease:
 
     async def test_second_runner_is_refused(self, tmp_path: Path, workdir: Path) -> None:
         """A live lease holder (this very process) locks the run against another runner."""
-        async with Store(workdir / "batchkling.db") as store:
+        async with SqliteStore(workdir / "batchkling.db") as store:
             await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
                                  provider="imarouter", base_url="http://x", simulated=False,
                                  now=100.0)
@@ -375,7 +375,7 @@ class TestInterruptAndLease:
 
     async def test_stale_lease_is_taken_over(self, tmp_path: Path, workdir: Path) -> None:
         """A lease whose process is gone, or whose heartbeat is old, is taken over."""
-        async with Store(workdir / "batchkling.db") as store:
+        async with SqliteStore(workdir / "batchkling.db") as store:
             await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
                                  provider="imarouter", base_url="http://x", simulated=False,
                                  now=100.0)
@@ -411,17 +411,17 @@ class TestStoreFailure:
         """When checkpoints cannot be written, no further task is paid for; exit 3."""
         sim = simulator()
         path = _manifest(tmp_path, sim, _jobs(8), limits={"max_in_flight": 2, "submit_rate": 5})
-        original = Store.transition
+        original = SqliteStore.transition
         calls = {"n": 0}
 
-        async def flaky(self: Store, *args: Any, **kwargs: Any) -> None:
+        async def flaky(self: SqliteStore, *args: Any, **kwargs: Any) -> None:
             calls["n"] += 1
             if calls["n"] > 6:
                 from batchkling.errors import StoreError
                 raise StoreError("disk I/O error")
             await original(self, *args, **kwargs)
 
-        monkeypatch.setattr(Store, "transition", flaky)
+        monkeypatch.setattr(SqliteStore, "transition", flaky)
         summary = await _run(path, workdir)
         assert summary.exit_code == 3
         assert "state database failed" in (summary.stop_reason or "")

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import batchkling.images
+import batchkling.manifest.images
 from batchkling.errors import ManifestError
-from batchkling.manifest import load_manifest
-from batchkling.templates import TemplateError, compile_template
-from batchkling.yamlsource import load_yaml
+from batchkling.manifest.document import load_manifest
+from batchkling.manifest.templates import TemplateError, compile_template
+from batchkling.manifest.yamlsource import load_yaml
 
 
 def write(folder: Path, body: str, name: str = "m.yaml") -> Path:
@@ -295,13 +295,13 @@ class TestFingerprints:
         for name in ("a", "b", "c"):
             make_image(tmp_path / f"{name}.jpg")
         calls: list[Path] = []
-        real = batchkling.images.check_image
+        real = batchkling.manifest.images.check_image
 
-        def counting(path: Path) -> batchkling.images.ImageCheck:
+        def counting(path: Path) -> batchkling.manifest.images.ImageCheck:
             calls.append(path)
             return real(path)
 
-        monkeypatch.setattr(batchkling.images, "check_image", counting)
+        monkeypatch.setattr(batchkling.manifest.images, "check_image", counting)
         path = write(tmp_path, """\
             version: 1
             name: f

@@ -9,8 +9,8 @@ import random
 import anyio
 import pytest
 
-from batchkling.limits import RateGate, SlotPool, full_jitter
-from batchkling.polling import PollPlanner
+from batchkling.run.limits import RateGate, SlotPool, full_jitter
+from batchkling.run.polling import PollPlanner
 from batchkling.testing import StepClock
 
 

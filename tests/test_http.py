@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from batchkling.download import DownloadPolicy, download
 from batchkling.errors import AmbiguousCreate, TransientError
-from batchkling.http import AiohttpTransport, HttpClient
 from batchkling.models import JobSpec
+from batchkling.providers.http import AiohttpTransport, HttpClient
 from batchkling.providers.imarouter import ImaRouterProvider
+from batchkling.run.download import DownloadPolicy, download
 
 KEY = "sk-http-test-0000000000"
 MP4 = b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 4096  # about 1 MB

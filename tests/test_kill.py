@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from conftest import TEST_KEY, wait_until_running
 
-from batchkling.results import read_results
+from batchkling.outputs.results import read_results
 from batchkling.simulator import SimulatorServer
 from batchkling.testing import write_manifest
 

@@ -22,10 +22,10 @@ from click.testing import CliRunner
 from conftest import SPEED, wait_until_running
 
 from batchkling.cli import cli
-from batchkling.manifest import load_manifest
+from batchkling.manifest.document import load_manifest
 from batchkling.models import RunSummary
-from batchkling.orchestrator import Orchestrator
-from batchkling.results import read_results
+from batchkling.outputs.results import read_results
+from batchkling.run.orchestrator import Orchestrator
 from batchkling.simulator import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, SimulatorServer
 from batchkling.testing import write_manifest
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from batchkling.cli import cli
 from batchkling.errors import ManifestError
-from batchkling.manifest import Manifest, RunConfig, load_manifest, manifest_json_schema
+from batchkling.manifest.document import Manifest, RunConfig, load_manifest, manifest_json_schema
 
 ROOT = Path(__file__).parent.parent
 SAMPLES = sorted((ROOT / "sample_manifests").glob("*.yaml"))

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from batchkling import yamlsource
+from batchkling.manifest import yamlsource
 from batchkling.cli import cli
 from batchkling.errors import ManifestError
-from batchkling.manifest import load_manifest
+from batchkling.manifest.document import load_manifest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "manifests"
 BROKEN = sorted(p.name for p in FIXTURES.glob("*.yaml"))

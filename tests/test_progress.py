@@ -9,9 +9,9 @@ import pytest
 from conftest import SPEED
 from rich.console import Console
 
-from batchkling.manifest import load_manifest
-from batchkling.orchestrator import Orchestrator, Progress
+from batchkling.manifest.document import load_manifest
 from batchkling.progress import render
+from batchkling.run.orchestrator import Orchestrator, Progress
 from batchkling.testing import write_manifest
 
 
@@ -84,9 +84,9 @@ async def test_status_and_report_while_a_run_is_going(tmp_path: Path, workdir: P
     """`status` and `report` read a live run from another connection without disturbing it."""
     import anyio
 
-    from batchkling.report import write_report
-    from batchkling.store import Store
-    from batchkling.views import run_status
+    from batchkling.outputs.report import write_report
+    from batchkling.outputs.views import run_status
+    from batchkling.store.sqlite import SqliteStore
 
     sim = simulator(speed=40.0)  # renders of a few seconds: the run is visibly in flight
     jobs = [{"id": f"j{i}", "prompt": f"shot {i}"} for i in range(6)]
@@ -98,7 +98,7 @@ async def test_status_and_report_while_a_run_is_going(tmp_path: Path, workdir: P
         while sim.stats()["creates"] < 3:
             await anyio.sleep(0.02)
         seen["status"] = await run_status(workdir, "test-run")
-        async with Store(workdir / "batchkling.db") as other:
+        async with SqliteStore(workdir / "batchkling.db") as other:
             seen["report"] = await write_report(other, "test-run", tmp_path / "live.html")
         while True:  # once jobs end at a pace, the ETA has something to go by
             later = await run_status(workdir, "test-run")
@@ -124,7 +124,7 @@ async def test_status_and_report_while_a_run_is_going(tmp_path: Path, workdir: P
 
 def test_eta_goes_by_the_pace_of_recent_ends() -> None:
     """Jobs left × the recent time per job, less the time since the last one ended."""
-    from batchkling.views import eta_seconds
+    from batchkling.outputs.views import eta_seconds
 
     assert eta_seconds(5, [100.0, 90.0, 80.0], now=104.0) == 46.0  # 10 s a job, 4 s in
     assert eta_seconds(5, [100.0], now=104.0) is None
@@ -134,7 +134,7 @@ def test_eta_goes_by_the_pace_of_recent_ends() -> None:
 
 
 def test_status_shows_eta_and_when_runs_started(capsys: Any) -> None:
-    from batchkling.views import print_status
+    from batchkling.outputs.views import print_status
 
     run = {"run_id": "spring", "state": "running", "provider": "imarouter", "simulated": False,
            "counts": {"pending": 2, "downloaded": 3}, "in_flight": 1, "cost_usd": 1.0,

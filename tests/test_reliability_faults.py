@@ -19,15 +19,15 @@ import pytest
 from conftest import SPEED, TEST_KEY
 from invariants import check_invariants, db_query
 
-import batchkling.download
-from batchkling.manifest import load_manifest
+import batchkling.run.download
+from batchkling.manifest.document import load_manifest
 from batchkling.models import RunSummary
-from batchkling.orchestrator import Orchestrator
 from batchkling.providers.base import Provider
 from batchkling.providers.imarouter import ImaRouterProvider
 from batchkling.providers.kling import KlingProvider
+from batchkling.run.orchestrator import Orchestrator
 from batchkling.simulator import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, SimulatorServer
-from batchkling.store import Store
+from batchkling.store.sqlite import SqliteStore
 from batchkling.testing import VirtualSim, write_manifest
 
 pytestmark = pytest.mark.timeout(60)
@@ -152,7 +152,7 @@ class TestRateLimits:
         vs = _vsim(rate_limit_per_s=1 / 120, retry_after_s=20.0)
         path = vs.manifest(tmp_path, 4, limits={"max_in_flight": 4, "submit_rate": 10})
 
-        class SlowCommits(Store):
+        class SlowCommits(SqliteStore):
             async def transition(self, *args: Any, **kwargs: Any) -> None:
                 if kwargs.get("event") == "job.requeued":
                     await vs.clock.sleep(0.5)  # a commit on a slow disk: 0.5 s
@@ -421,7 +421,7 @@ class TestDisk:
         def full_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
             return FullDisk(open(path, mode, *args, **kwargs))
 
-        monkeypatch.setattr(batchkling.download, "open", full_open, raising=False)
+        monkeypatch.setattr(batchkling.run.download, "open", full_open, raising=False)
         summary = await vs.run(vs.manifest(tmp_path, n), workdir)
         assert summary.exit_code == 3
         checked = check_invariants(workdir, RUN, vs.stats(), jobs=n)

@@ -21,9 +21,9 @@ from conftest import SPEED, TEST_KEY
 from invariants import check_invariants
 
 from batchkling.cli import cli
-from batchkling.manifest import load_manifest
+from batchkling.manifest.document import load_manifest
 from batchkling.models import RunSummary
-from batchkling.orchestrator import Orchestrator
+from batchkling.run.orchestrator import Orchestrator
 from batchkling.testing import VirtualClock, write_manifest
 
 pytestmark = pytest.mark.timeout(60)

@@ -23,10 +23,10 @@ import pytest
 from conftest import TEST_KEY, wait_until_running
 from invariants import check_invariants, db_query
 
-from batchkling.manifest import load_manifest
-from batchkling.orchestrator import Orchestrator
+from batchkling.manifest.document import load_manifest
+from batchkling.run.orchestrator import Orchestrator
 from batchkling.simulator import SimConfig, SimulatorServer, create_app
-from batchkling.store import Store
+from batchkling.store.sqlite import SqliteStore
 from batchkling.testing import RequestLog, write_manifest
 
 RUN = "crashy"
@@ -151,7 +151,7 @@ async def _time_to_first_create(tmp_path: Path, finished: int) -> float:
     video = folder / "shared.mp4"
     video.write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 100)
     digest = hashlib.sha256(video.read_bytes()).hexdigest()
-    async with Store(workdir / "batchkling.db") as store:
+    async with SqliteStore(workdir / "batchkling.db") as store:
         await store.save_run("big", manifest_path=None, manifest_text=None,
                              config_json=manifest.run_config().model_dump_json(),
                              provider="imarouter", base_url="http://testserver",

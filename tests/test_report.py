@@ -13,8 +13,8 @@ import pytest
 
 import batchkling
 from batchkling.models import JobSpec, JobState
-from batchkling.report import render_report, write_report
-from batchkling.store import Store
+from batchkling.outputs.report import render_report, write_report
+from batchkling.store.sqlite import SqliteStore
 
 ASSETS = Path(batchkling.__file__).parent / "simulator" / "assets"
 HOSTILE = "<script>alert(1)</script>"
@@ -80,7 +80,7 @@ async def build_matrix_run(
     videos = run_dir / "videos"
     videos.mkdir(parents=True)
     specs = matrix_specs(hostile=hostile)
-    async with Store(workdir / "batchkling.db") as store:
+    async with SqliteStore(workdir / "batchkling.db") as store:
         await store.save_run(run_id, manifest_path="ads/spring.yaml", manifest_text=None,
                              config_json="{}", provider="imarouter", base_url="http://127.0.0.1",
                              simulated=True, now=T0)
@@ -111,7 +111,7 @@ async def build_matrix_run(
 
 async def make_report(workdir: Path, **kwargs: Any) -> tuple[Path, str]:
     run_dir = await build_matrix_run(workdir, **kwargs)
-    async with Store(workdir / "batchkling.db") as store:
+    async with SqliteStore(workdir / "batchkling.db") as store:
         dest = await write_report(store, "spring-ads", run_dir / "report.html")
     return dest, dest.read_text(encoding="utf-8")
 
@@ -188,7 +188,7 @@ class TestContactSheet:
         await build_matrix_run(workdir)
         moved = workdir.parent / "moved"
         shutil.move(workdir, moved)
-        async with Store(moved / "batchkling.db") as store:
+        async with SqliteStore(moved / "batchkling.db") as store:
             dest = await write_report(store, "spring-ads", moved / "spring-ads" / "report.html")
         assert "videos/watch-16x9-std.mp4" in parse(dest.read_text()).videos
 
@@ -264,7 +264,7 @@ class TestContactSheet:
         """Writing again replaces the page with the new state and leaves no temporary files."""
         dest, first = await make_report(workdir)
         assert 'data-job="headphones-16x9-std" data-status="pending"' in first
-        async with Store(workdir / "batchkling.db") as store:
+        async with SqliteStore(workdir / "batchkling.db") as store:
             await store.transition("spring-ads", "headphones-16x9-std", JobState.FAILED,
                                    now=T0 + 600, event="e", error_code="GONE")
             again = await write_report(store, "spring-ads", dest)
@@ -275,8 +275,8 @@ class TestContactSheet:
     async def test_report_while_another_connection_writes(self, workdir: Path) -> None:
         """Rendering is read-only: it works while a runner holds the run, and says so."""
         run_dir = await build_matrix_run(workdir)
-        async with Store(workdir / "batchkling.db") as runner, \
-                Store(workdir / "batchkling.db") as reader:
+        async with SqliteStore(workdir / "batchkling.db") as runner, \
+                SqliteStore(workdir / "batchkling.db") as reader:
             await runner.acquire_lease("spring-ads", "runner", now=T0 + 500, stale_after=60)
             await runner.transition("spring-ads", "headphones-16x9-std", JobState.RUNNING,
                                     now=T0 + 501, event="e", progress=0.1)

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from test_report import HOSTILE, build_matrix_run
 
-from batchkling.report import write_report
-from batchkling.store import Store
+from batchkling.outputs.report import write_report
+from batchkling.store.sqlite import SqliteStore
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -58,7 +58,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     async def build() -> Path:
         run_dir = await build_matrix_run(workdir)
-        async with Store(workdir / "batchkling.db") as store:
+        async with SqliteStore(workdir / "batchkling.db") as store:
             return await write_report(store, "spring-ads", run_dir / "report.html")
 
     return asyncio.run(build())

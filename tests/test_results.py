@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from batchkling.models import JobSpec, JobState
-from batchkling.results import COLUMNS, csv_status, escape_cell, read_results, write_results
-from batchkling.store import Store
+from batchkling.outputs.results import COLUMNS, csv_status, escape_cell, read_results, write_results
+from batchkling.store.sqlite import SqliteStore
 
 
 @pytest.mark.parametrize("text", ["=1+1", "+cmd", "-2", "@SUM(A1)", "\tx", "\rx"])
@@ -42,7 +42,7 @@ def test_status_vocabulary(state: JobState, download: bool, expected: str) -> No
 
 async def test_csv_has_columns_vars_and_escaping(tmp_path: Path) -> None:
     """Documented columns, then var.* columns; hostile text is neutralised."""
-    async with Store(tmp_path / "db.sqlite") as store:
+    async with SqliteStore(tmp_path / "db.sqlite") as store:
         await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
                              provider="imarouter", base_url="http://x", simulated=False,
                              now=1.0)

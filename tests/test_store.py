@@ -11,15 +11,15 @@ import pytest
 
 from batchkling.errors import StoreError
 from batchkling.models import JobSpec, JobState
-from batchkling.store import Store
+from batchkling.store.sqlite import SqliteStore
 
 
 def _spec(job_id: str, prompt: str = "p") -> JobSpec:
     return JobSpec(job_id=job_id, model="kling-v2-6", prompt=prompt, duration=5, size="16:9")
 
 
-async def _store_with_jobs(path: Path, *ids: str) -> Store:
-    store = Store(path)
+async def _store_with_jobs(path: Path, *ids: str) -> SqliteStore:
+    store = SqliteStore(path)
     await store.open()
     await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
                          provider="imarouter", base_url="http://x", simulated=False, now=1.0)
@@ -79,19 +79,19 @@ class TestTransitions:
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     """A database from a newer batchkling is not touched."""
     path = tmp_path / "db"
-    async with Store(path):
+    async with SqliteStore(path):
         pass
     con = sqlite3.connect(path)
     con.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
     con.commit()
     con.close()
     with pytest.raises(StoreError, match="newer batchkling"):
-        await Store(path).open()
+        await SqliteStore(path).open()
 
 
 async def test_closed_store_refuses_reuse(tmp_path: Path) -> None:
     """A closed store cannot be reopened by accident."""
-    store = Store(tmp_path / "db")
+    store = SqliteStore(tmp_path / "db")
     await store.open()
     await store.aclose()
     await store.aclose()  # idempotent
@@ -111,7 +111,7 @@ async def test_version_1_database_is_migrated(tmp_path: Path) -> None:
         " UPDATE meta SET value = '1' WHERE key = 'schema_version';"
     )
     con.close()
-    async with Store(path) as upgraded:
+    async with SqliteStore(path) as upgraded:
         await upgraded.transition("r", "a", JobState.SUBMITTING, now=2, event="job.submitting",
                                   new_attempt=(1, "k1"))
         assert [a["idempotency_key"] for a in await upgraded.attempts("r", "a")] == ["k1"]

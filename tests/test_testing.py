@@ -12,8 +12,8 @@ import anyio.to_thread
 import pytest
 from conftest import TEST_KEY
 
-from batchkling.orchestrator import Orchestrator
-from batchkling.store import Store
+from batchkling.run.orchestrator import Orchestrator
+from batchkling.store.sqlite import SqliteStore
 from batchkling.testing import VirtualClock, VirtualSim
 
 pytestmark = pytest.mark.timeout(60)
@@ -64,13 +64,13 @@ async def test_a_slow_state_database_does_not_let_time_run_past_the_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every SQLite write taking 30 real ms (a slow disk) does not make virtual time jump
     to a helper's deadline before the run has sent its first create."""
-    write = Store._write
+    write = SqliteStore._write
 
-    async def slow_write(self: Store, statements: Any) -> None:
+    async def slow_write(self: SqliteStore, statements: Any) -> None:
         await anyio.sleep(0.03)
         await write(self, statements)
 
-    monkeypatch.setattr(Store, "_write", slow_write)
+    monkeypatch.setattr(SqliteStore, "_write", slow_write)
     vs = VirtualSim({"BATCHKLING_TEST_KEY": TEST_KEY})
     start = vs.clock.monotonic()
 

@@ -19,8 +19,8 @@ from typing import Any, NoReturn, Protocol
 import httpx
 
 from batchkling.errors import AmbiguousCreate, ProviderError, TransientError
-from batchkling.http import HttpClient
 from batchkling.models import JobSpec
+from batchkling.providers.http import HttpClient
 
 #: Task ids are put into URL paths: anything else is refused rather than escaped into a request.
 _SAFE_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")

@@ -25,7 +25,6 @@ from batchkling.errors import (
     TaskFailed,
     TransientError,
 )
-from batchkling.http import HttpClient
 from batchkling.models import JobSpec
 from batchkling.providers.base import (
     Phase,
@@ -42,6 +41,7 @@ from batchkling.providers.base import (
     send,
     timestamp,
 )
+from batchkling.providers.http import HttpClient
 
 _DONE = frozenset({"completed", "complete", "succeeded", "succeed", "success", "done", "finished"})
 _FAILED = frozenset({"failed", "failure", "error", "cancelled", "canceled", "expired", "rejected"})

@@ -33,7 +33,6 @@ from batchkling.errors import (
     TaskFailed,
     TransientError,
 )
-from batchkling.http import HttpClient
 from batchkling.models import JobSpec
 from batchkling.providers.base import (
     Phase,
@@ -48,6 +47,7 @@ from batchkling.providers.base import (
     send,
     timestamp,
 )
+from batchkling.providers.http import HttpClient
 from batchkling.providers.imarouter import image_payload
 
 #: JWT lifetime and how long before its end a fresh one is signed (API.md §2: exp = now + 1800).

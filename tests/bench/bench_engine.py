@@ -97,8 +97,8 @@ def _manifest(folder: Path, base_url: str, n: int, *, slots: int, name: str) -> 
 
 
 async def _orchestrate(path: Path, workdir: Path, speed: float) -> Any:
-    from batchkling.manifest import load_manifest
-    from batchkling.orchestrator import Orchestrator
+    from batchkling.manifest.document import load_manifest
+    from batchkling.run.orchestrator import Orchestrator
 
     async with Orchestrator(load_manifest(path), workdir=workdir, time_scale=speed,
                             env={"BATCHKLING_TEST_KEY": KEY}) as orch:

@@ -56,7 +56,7 @@ def build(folder: Path, rows: int) -> Path:
 
 def child_load(manifest: str) -> dict[str, float]:
     """In a child: time load_manifest (expansion and checks)."""
-    from batchkling.manifest import load_manifest
+    from batchkling.manifest.document import load_manifest
 
     start = time.perf_counter()
     specs = load_manifest(manifest).specs
@@ -69,9 +69,9 @@ def child_naive(manifest: str) -> dict[str, float]:
 
     import yaml
 
-    from batchkling.expand import compile_template
-    from batchkling.images import ImageCache
-    from batchkling.manifest import JobEntry
+    from batchkling.manifest.document import JobEntry
+    from batchkling.manifest.expand import compile_template
+    from batchkling.manifest.images import ImageCache
     from batchkling.models import JobSpec
 
     start = time.perf_counter()

@@ -128,8 +128,8 @@ class _InstantProvider:
 
 def engine_alone(n: int = 1000) -> None:
     from batchkling.logs import configure_logging
-    from batchkling.manifest import load_manifest
-    from batchkling.orchestrator import Orchestrator
+    from batchkling.manifest.document import load_manifest
+    from batchkling.run.orchestrator import Orchestrator
     from batchkling.testing import write_manifest
 
     configure_logging(console="off")

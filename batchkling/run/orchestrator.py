@@ -28,19 +28,19 @@ import anyio
 import httpx
 
 from batchkling.clock import Clock, SystemClock
-from batchkling.engine import Engine, EngineOptions
 from batchkling.errors import BatchklingError, ConfigError, unwrapped_groups
-from batchkling.http import HttpClient
 from batchkling.logs import get_logger, redactor, run_log
 from batchkling.models import TERMINAL, JobState, RunSummary
+from batchkling.outputs.report import write_report
+from batchkling.outputs.results import csv_status, write_results
+from batchkling.outputs.views import eta_seconds
 from batchkling.providers.base import Provider
-from batchkling.report import write_report
-from batchkling.results import csv_status, write_results
-from batchkling.store import RunRow, Store
-from batchkling.views import eta_seconds
+from batchkling.providers.http import HttpClient
+from batchkling.run.engine import Engine, EngineOptions
+from batchkling.store import RunRow, Store, default_location, store_from
 
 if TYPE_CHECKING:
-    from batchkling.manifest import Manifest, RunConfig
+    from batchkling.manifest.document import Manifest, RunConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_INCOMPLETE, EXIT_ACCOUNT, EXIT_INTERRUPTED = 0, 1, 3, 4, 130
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -124,7 +124,7 @@ class Orchestrator:
         self.transport = transport
         self.clock = clock or SystemClock()
         self._own_store = store is None
-        self.store = store or Store(self.workdir / "batchkling.db")
+        self.store = store or store_from(default_location(self.workdir))
         self._provider = provider
         self._rng = random.Random(seed)
         self._owner = uuid.uuid4().hex
@@ -418,7 +418,7 @@ class Orchestrator:
 
 
 def _config_from(run: RunRow) -> RunConfig:
-    from batchkling.manifest import RunConfig
+    from batchkling.manifest.document import RunConfig
 
     try:
         return RunConfig.model_validate_json(run.config_json)

@@ -24,9 +24,9 @@ from urllib.parse import quote
 
 import anyio.to_thread
 
-from batchkling.atomic import atomic_text
 from batchkling.models import JobSpec
-from batchkling.results import csv_status
+from batchkling.outputs.atomic import atomic_text
+from batchkling.outputs.results import csv_status
 from batchkling.store import JobRow, RunRow, Store
 
 #: The CSV's status vocabulary, in the order the page lists it.

@@ -1,4 +1,4 @@
-"""The SQLite checkpoint store: the single source of truth for runs, jobs, attempts and events.
+"""The SQLite backend of the checkpoint store: the embedded default, one file per workdir.
 
 Every job state change is one ``UPDATE`` of its ``jobs`` row — a single statement, so a single
 atomic transaction — and triggers do the rest inside it: a new attempt number inserts the
@@ -27,9 +27,8 @@ import os
 import secrets
 import socket
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import aiosqlite
@@ -37,32 +36,28 @@ import anyio
 
 from batchkling.errors import RunLocked, RunNotFound, StoreError
 from batchkling.models import TERMINAL, JobSpec, JobState
-from batchkling.schema import (
+from batchkling.store.interface import RECENT_ENDS, Store
+from batchkling.store.rows import (
     FRESH_ATTEMPT,
     JOB_COLUMNS,
     JOB_SELECT,
-    MIGRATIONS,
     RUN_SELECT,
-    SCHEMA,
-    SCHEMA_VERSION,
     JobRow,
     RunRow,
     job_row,
     run_row,
 )
+from batchkling.store.sqlite_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
-#: How many of the last jobs to end an ETA goes by.
-RECENT_ENDS = 20
-
-#: The row types live with the schema; they are part of the store's interface.
-__all__ = ["SCHEMA_VERSION", "JobRow", "RunRow", "Store"]
+__all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
 
-class Store:
-    """Async access to the checkpoint database. Use as ``async with Store(path) as store``."""
+class SqliteStore(Store):
+    """The checkpoint database in one SQLite file: ``async with SqliteStore(path) as store``."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self.location = str(self.path)
         self._db: aiosqlite.Connection | None = None
         self._quick: sqlite3.Connection | None = None
         self._closed = False
@@ -70,18 +65,6 @@ class Store:
         # BEGIN..COMMIT from interleaving with another's. Taken without a contender, it does not
         # yield to the event loop: one loop turn less per transition.
         self._lock = anyio.Lock(fast_acquire=True)
-
-    async def __aenter__(self) -> Store:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def open(self) -> None:
         """Open (creating if needed) the database and bring its schema up to date."""
@@ -194,13 +177,6 @@ class Store:
         """The run with this id, or None."""
         rows = await self._fetchall(f"{RUN_SELECT} WHERE run_id = ?", (run_id,))
         return run_row(rows[0]) if rows else None
-
-    async def require_run(self, run_id: str) -> RunRow:
-        """The run with this id; :class:`RunNotFound` if there is none."""
-        run = await self.get_run(run_id)
-        if run is None:
-            raise RunNotFound(f"no run {run_id!r} in {self.path}")
-        return run
 
     async def list_runs(self) -> list[RunRow]:
         """Every run, newest first."""
@@ -448,22 +424,6 @@ class Store:
             (run_id, *wanted, after_seq, limit),
         )
         return [job_row(r) for r in rows]
-
-    async def iter_jobs(self, run_id: str, states: Iterable[JobState] | None = None, *,
-                        page: int = 500) -> AsyncIterator[JobRow]:
-        """The run's jobs (those in ``states``, or all) in manifest order, a page at a time.
-
-        Paging follows ``seq``, so the caller may change a yielded job's state meanwhile: each
-        job is seen at most once, and memory holds one page, not the run.
-        """
-        wanted = list(JobState) if states is None else list(states)
-        after = -1
-        while rows := await self.jobs_in(run_id, wanted, after_seq=after, limit=page):
-            for row in rows:
-                yield row
-            if len(rows) < page:
-                return
-            after = rows[-1].seq
 
     async def counts(self, run_id: str) -> dict[JobState, int]:
         """Number of jobs in each state."""

@@ -6,8 +6,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from batchkling.atomic import atomic_text
 from batchkling.models import JobState
+from batchkling.outputs.atomic import atomic_text
 from batchkling.store import JobRow, Store
 
 COLUMNS = (

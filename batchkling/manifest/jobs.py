@@ -3,8 +3,8 @@
 Also the values Kling accepts (models, sizes, modes, durations, sound) and the pydantic types
 that check them as written. A field that may hold a ``{var}`` template accepts a template string
 here; the rendered value is checked again, cheaply and without pydantic, for every expanded job
-(see :mod:`batchkling.jobbuilder`). Every model forbids unknown keys: a typo is an error with a
-suggestion, never silently ignored.
+(see :mod:`~batchkling.manifest.jobbuilder`). Every model forbids unknown keys: a typo is an
+error with a suggestion, never silently ignored.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pydantic import (
 )
 
 from batchkling.catalog import DURATIONS, MAX_PROMPT, MODELS, MODES, SIZES, SOUNDS
-from batchkling.templates import VARIABLE_NAME, as_text, is_template
-from batchkling.yamlsource import show, suggest
+from batchkling.manifest.templates import VARIABLE_NAME, as_text, is_template
+from batchkling.manifest.yamlsource import show, suggest
 
 #: What a job gets when neither ``defaults`` nor the job says otherwise.
 BUILTIN_DEFAULTS: dict[str, Any] = {

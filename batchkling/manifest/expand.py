@@ -9,8 +9,9 @@ variable it names, so ``{product: watch, size: "1:1", duration: 10}`` still know
 other CSV columns; axis values it names are its own (they need not be among the axes).
 
 Field values are layered: built-in defaults < ``defaults`` < the job or matrix < an axis value <
-an include entry. :mod:`batchkling.jobbuilder` renders and checks each combination as a job;
-templates are :mod:`batchkling.templates`, ``vars_from`` CSV files :mod:`batchkling.varsource`.
+an include entry. :mod:`~batchkling.manifest.jobbuilder` renders and checks each combination
+as a job; templates are :mod:`~batchkling.manifest.templates`, ``vars_from`` CSV files
+:mod:`~batchkling.manifest.varsource`.
 """
 
 from __future__ import annotations
@@ -25,19 +26,21 @@ from typing import Any
 from pydantic import ValidationError
 
 from batchkling.errors import Problem
-from batchkling.jobbuilder import Fields, JobBuilder, Origin
-from batchkling.manifest_jobs import BUILTIN_DEFAULTS, JobEntry, JobFields, MatrixEntry
-from batchkling.models import JobSpec
-from batchkling.templates import as_text
-from batchkling.templates import compile_template as compile_template  # bench_expand imports it
-from batchkling.varsource import read_vars_csv
-from batchkling.yamlsource import (
+from batchkling.manifest.jobbuilder import Fields, JobBuilder, Origin
+from batchkling.manifest.jobs import BUILTIN_DEFAULTS, JobEntry, JobFields, MatrixEntry
+from batchkling.manifest.templates import as_text
+from batchkling.manifest.templates import (
+    compile_template as compile_template,  # bench_expand imports it
+)
+from batchkling.manifest.varsource import read_vars_csv
+from batchkling.manifest.yamlsource import (
     DataPath,
     SourceMap,
     format_path,
     problems_from_validation,
     suggest,
 )
+from batchkling.models import JobSpec
 
 FIELDS = tuple(JobFields.model_fields)
 

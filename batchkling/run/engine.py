@@ -26,9 +26,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from batchkling import crashpoints
 from batchkling.clock import Clock
-from batchkling.download import DownloadPolicy, ExpiredURL, TooLarge, download
 from batchkling.errors import (
     AccountBlocked,
     AmbiguousCreate,
@@ -41,12 +39,14 @@ from batchkling.errors import (
     TransientError,
     UnsafeURL,
 )
-from batchkling.http import HttpClient
-from batchkling.limits import RateGate, SlotPool, full_jitter
 from batchkling.logs import get_logger, redactor
 from batchkling.models import IN_FLIGHT, TERMINAL, JobSpec, JobState
-from batchkling.polling import PollPlanner
 from batchkling.providers.base import Phase, Provider, TaskStatus
+from batchkling.providers.http import HttpClient
+from batchkling.run import crashpoints
+from batchkling.run.download import DownloadPolicy, ExpiredURL, TooLarge, download
+from batchkling.run.limits import RateGate, SlotPool, full_jitter
+from batchkling.run.polling import PollPlanner
 from batchkling.store import RECENT_ENDS, JobRow, Store
 
 # Downloads are free to repeat; truncations and 5xx are usually passing.

@@ -1,12 +1,12 @@
 """One expanded job: render its templates, check it, and make its :class:`JobSpec`.
 
-:mod:`batchkling.expand` decides which combinations of values become jobs; :class:`JobBuilder`
-turns each one into a job. It fills in ``{var}`` templates, checks the result against Kling's
-rules (allowed values, prompt length, images, job ids, what each model supports) and appends the
-spec, or reports why it cannot. Checks here are plain Python, not pydantic: a 100,000-job matrix
-validates each job in microseconds. Every value remembers where it was written, so a problem
-points at the line that caused it, and a problem repeated by many jobs is reported a few times,
-then counted.
+:mod:`~batchkling.manifest.expand` decides which combinations of values become jobs;
+:class:`JobBuilder` turns each one into a job. It fills in ``{var}`` templates, checks the
+result against Kling's rules (allowed values, prompt length, images, job ids, what each model
+supports) and appends the spec, or reports why it cannot. Checks here are plain Python, not
+pydantic: a 100,000-job matrix validates each job in microseconds. Every value remembers where
+it was written, so a problem points at the line that caused it, and a problem repeated by many
+jobs is reported a few times, then counted.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 
 from batchkling.catalog import MAX_PROMPT, MODELS, MODES, SIZES, SOUNDS
 from batchkling.errors import Problem
-from batchkling.images import ImageCache, resolve_image
+from batchkling.manifest.images import ImageCache, resolve_image
+from batchkling.manifest.templates import Template, TemplateError, compile_template
+from batchkling.manifest.yamlsource import DataPath, SourceMap, suggest
 from batchkling.models import JobSpec
-from batchkling.templates import Template, TemplateError, compile_template
-from batchkling.yamlsource import DataPath, SourceMap, suggest
 
 SOUND_MODELS = ("kling-v2-6", "kling-video-o1")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

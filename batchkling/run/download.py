@@ -26,7 +26,7 @@ import anyio
 import httpx
 
 from batchkling.errors import DownloadError, UnsafeURL
-from batchkling.http import HttpClient
+from batchkling.providers.http import HttpClient
 
 _CHUNK = 1 << 16
 _MAX_REDIRECTS = 5

@@ -11,7 +11,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchkling.templates import VARIABLE_NAME
+from batchkling.manifest.templates import VARIABLE_NAME
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from batchkling.manifest import Manifest, load_manifest
+from batchkling.manifest.document import Manifest, load_manifest
 from batchkling.models import JobSpec
 from batchkling.pricing import (
     PRICE_TABLE_DATE,

@@ -5,10 +5,10 @@ a run snapshots (``manifest.run_config().model_dump_json()``) and rehydrates on 
 ``RunConfig.model_validate_json``. :class:`Manifest` adds what a person writes to describe jobs
 (``defaults``, ``jobs``, ``matrices``) and carries the expanded :class:`JobSpec` tuple.
 
-The sections live next door: job fields, jobs and matrices in :mod:`batchkling.manifest_jobs`,
-provider, limits, budget and output in :mod:`batchkling.manifest_settings`. Loading validates
+The sections live next door: job fields, jobs and matrices in :mod:`batchkling.manifest.jobs`,
+provider, limits, budget and output in :mod:`batchkling.manifest.settings`. Loading validates
 what is written, keeps going with the valid parts so that one run reports every problem, and
-expands the jobs (:mod:`batchkling.expand`).
+expands the jobs (:mod:`batchkling.manifest.expand`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
 from batchkling.errors import ManifestError, Problem
-from batchkling.manifest_jobs import Axes, JobEntry, JobFields, MatrixEntry, StrictModel
-from batchkling.manifest_settings import Budget, Limits, Output, PriceKey, ProviderConfig, Slug
-from batchkling.models import JobSpec
-from batchkling.yamlsource import (
+from batchkling.manifest.jobs import Axes, JobEntry, JobFields, MatrixEntry, StrictModel
+from batchkling.manifest.settings import Budget, Limits, Output, PriceKey, ProviderConfig, Slug
+from batchkling.manifest.yamlsource import (
     DataPath,
     LoadedYAML,
     data_path,
@@ -33,6 +32,7 @@ from batchkling.yamlsource import (
     problems_from_validation,
     show,
 )
+from batchkling.models import JobSpec
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -160,7 +160,7 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
 
 def _validate_and_expand(loaded: LoadedYAML, source_path: Path) -> Manifest:
     # Imported here: expansion loads Pillow, which `schema` and resume (RunConfig) do not need.
-    from batchkling.expand import expand_manifest
+    from batchkling.manifest.expand import expand_manifest
 
     data, source = loaded.data, loaded.source
     problems = list(loaded.problems)

@@ -1,8 +1,9 @@
 """The run settings of a manifest: provider, limits, budget, output, and their value types.
 
-These sections, with ``name`` and ``pricing``, make up :class:`~batchkling.manifest.RunConfig`,
-which a run snapshots so that resume needs no manifest file. Credentials never appear here: a
-manifest names the environment variables that hold them.
+These sections, with ``name`` and ``pricing``, make up
+:class:`~batchkling.manifest.document.RunConfig`, which a run snapshots so that resume needs no
+manifest file. Credentials never appear here: a manifest names the environment variables that
+hold them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BeforeValidator, Field, PlainValidator, WithJsonSchema, model_validator
 
 from batchkling.catalog import MODELS, MODES
-from batchkling.manifest_jobs import StrictModel
-from batchkling.yamlsource import show, suggest
+from batchkling.manifest.jobs import StrictModel
+from batchkling.manifest.yamlsource import show, suggest
 
 DEFAULT_BASE_URL = {
     "imarouter": "https://api.imarouter.com",

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from batchkling.models import IN_FLIGHT, TERMINAL, JobState, describe_cost
-from batchkling.results import write_results
-from batchkling.store import RunRow, Store
+from batchkling.outputs.results import write_results
+from batchkling.store import RunRow, Store, default_location, store_from
 
 
 def _db(workdir: Path) -> Store:
-    return Store(workdir / "batchkling.db")
+    return store_from(default_location(workdir))
 
 
 async def _summary(store: Store, run: RunRow) -> dict[str, Any]:
