@@ -21,6 +21,7 @@ from batchkling.errors import (
     RunLocked,
     RunNotFound,
     StoreError,
+    WorkerFenced,
     unwrapped_groups,
 )
 
@@ -29,6 +30,7 @@ EXIT_FAILED_JOBS = 1
 EXIT_BAD_INPUT = 2
 EXIT_INCOMPLETE = 3
 EXIT_ACCOUNT = 4
+EXIT_FENCED = 5
 EXIT_INTERRUPTED = 130
 
 #: ``--simulate`` compresses time by this factor: a 90 s render takes 1.5 s.
@@ -41,6 +43,31 @@ WORKDIR = click.option(
     "--workdir", type=click.Path(file_okay=False, path_type=Path), envvar="BATCHKLING_HOME",
     default=Path("jobs"), show_default=True, show_envvar=True,
     help="Where the state DB and run folders live.",
+)
+
+STORE = click.option(
+    "--store", envvar="BATCHKLING_STORE", show_envvar=True, default=None, metavar="URL",
+    help="The shared store: a SQLite file path (default <workdir>/batchkling.db) or "
+    "postgresql://user@host/db (password from PGPASSWORD or ~/.pgpass).",
+)
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: Any) -> float:
+    """``--stale-after``: seconds, or a duration like 30s, 2m, 1h30m."""
+    from batchkling.manifest.settings import _seconds
+
+    try:
+        seconds = float(_seconds(value))
+    except (ValueError, TypeError) as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    if not 1 <= seconds <= 86400:
+        raise click.BadParameter(f"{value!r}: give between 1s and 24h", ctx, param)
+    return seconds
+
+
+STALE_AFTER = click.option(
+    "--stale-after", callback=_duration, default="30s", show_default=True, metavar="DURATION",
+    help="A worker silent this long is presumed dead and its jobs are taken over.",
 )
 
 SPEED = click.option(
@@ -77,6 +104,8 @@ def _errors_to_exit_codes() -> Iterator[None]:
         _fail(str(exc), EXIT_BAD_INPUT)
     except RunLocked as exc:
         _fail(str(exc), EXIT_INCOMPLETE)
+    except WorkerFenced as exc:
+        _fail(str(exc), EXIT_FENCED)
     except StoreError as exc:
         _fail(str(exc), EXIT_INCOMPLETE)
     except BatchklingError as exc:
@@ -110,7 +139,7 @@ def cli() -> None:
 
     Exit codes: 0 all jobs succeeded · 1 some jobs failed · 2 bad input, nothing submitted ·
     3 stopped with jobs left to do (resume later) · 4 the provider refused the account ·
-    130 interrupted.
+    5 this process was presumed dead and another took its jobs over · 130 interrupted.
     """
 
 
@@ -195,6 +224,10 @@ async def _drive(make: Callable[[], Any], action: Callable[[Any], Awaitable[Any]
 
 
 def _finish(summary: Any) -> NoReturn:
+    if summary.exit_code == EXIT_FENCED:
+        click.echo(f"batchkling: run {summary.run_id}: stopped: {summary.stop_reason}. "
+                   f"`batchkling status {summary.run_id}` shows who drives it now.", err=True)
+        sys.exit(EXIT_FENCED)
     counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.counts.items()) if n)
     click.echo(f"batchkling: run {summary.run_id}: {counts or 'no jobs'}; "
                f"cost {summary.cost_text()}", err=True)
@@ -223,8 +256,9 @@ def _speed(speed: float | None, simulated: bool) -> float:
 @click.option("--max-in-flight", type=click.IntRange(min=1, max=1000),
               help="Override limits.max_in_flight.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation on a terminal.")
+@STALE_AFTER
 def run(manifest: Path, run_id: str | None, workdir: Path, simulate: bool, speed: float | None,
-        max_in_flight: int | None, yes: bool) -> None:
+        max_in_flight: int | None, yes: bool, stale_after: float) -> None:
     """Run MANIFEST: submit, poll, download. Re-running an unfinished run resumes it."""
     from batchkling.manifest.document import load_manifest
     from batchkling.run.orchestrator import Orchestrator
@@ -246,13 +280,14 @@ def run(manifest: Path, run_id: str | None, workdir: Path, simulate: bool, speed
             summary = _run_async(lambda: _drive(
                 lambda: Orchestrator(loaded, run_id=run_id, workdir=workdir, env=env,
                                      base_url=sim_url, simulated=simulate,
-                                     max_in_flight=max_in_flight, time_scale=scale),
+                                     max_in_flight=max_in_flight, time_scale=scale,
+                                     stale_after=stale_after),
                 lambda orch: orch.run()))
     _finish(summary)
 
 
 def _resume_like(run_id: str, workdir: Path, speed: float | None,
-                 action: Callable[[Any], Awaitable[Any]]) -> NoReturn:
+                 action: Callable[[Any], Awaitable[Any]], stale_after: float) -> NoReturn:
     from batchkling.run.orchestrator import Orchestrator
     from batchkling.store.sqlite import SqliteStore
 
@@ -274,7 +309,8 @@ def _resume_like(run_id: str, workdir: Path, speed: float | None,
         with _simulator(simulated, scale, workdir) as sim_url:
             summary = _run_async(lambda: _drive(
                 lambda: Orchestrator(run_id=run_id, workdir=workdir, env=env,
-                                     base_url=sim_url, simulated=simulated, time_scale=scale),
+                                     base_url=sim_url, simulated=simulated, time_scale=scale,
+                                     stale_after=stale_after),
                 action))
     _finish(summary)
 
@@ -283,9 +319,10 @@ def _resume_like(run_id: str, workdir: Path, speed: float | None,
 @click.argument("run_id")
 @WORKDIR
 @SPEED
-def resume(run_id: str, workdir: Path, speed: float | None) -> None:
+@STALE_AFTER
+def resume(run_id: str, workdir: Path, speed: float | None, stale_after: float) -> None:
     """Continue RUN_ID from its checkpoint; the manifest file is not needed."""
-    _resume_like(run_id, workdir, speed, lambda orch: orch.resume())
+    _resume_like(run_id, workdir, speed, lambda orch: orch.resume(), stale_after)
 
 
 @cli.command()
@@ -297,13 +334,103 @@ def resume(run_id: str, workdir: Path, speed: float | None) -> None:
 @click.option("--timed-out", is_flag=True, help="Give up waiting on timed-out tasks; new tasks.")
 @click.option("--job", "job_ids", multiple=True, metavar="ID", help="Only these jobs (repeat).")
 @SPEED
+@STALE_AFTER
 def retry(run_id: str, workdir: Path, failed: bool, unknown: bool, timed_out: bool,
-          job_ids: tuple[str, ...], speed: float | None) -> None:
+          job_ids: tuple[str, ...], speed: float | None, stale_after: float) -> None:
     """Resubmit finished-but-unsuccessful jobs of RUN_ID, then continue the run."""
     from batchkling.run.engine import select_states
 
     states = select_states({"failed": failed, "unknown": unknown, "timed_out": timed_out})
-    _resume_like(run_id, workdir, speed, lambda orch: orch.retry(states, job_ids))
+    _resume_like(run_id, workdir, speed, lambda orch: orch.retry(states, job_ids), stale_after)
+
+
+# ---- many machines: submit and worker -----------------------------------------------------
+
+
+def _store_at(store: str | None, workdir: Path) -> Any:
+    from batchkling.store import default_location, store_from
+
+    return store_from(store if store else default_location(workdir))
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--run-id", help="Run id (default: the manifest's name); '{date}' expands to today.")
+@WORKDIR
+@STORE
+def submit(manifest: Path, run_id: str | None, workdir: Path, store: str | None) -> None:
+    """Record MANIFEST's run and jobs for `batchkling worker`s to drive; creates nothing."""
+    from batchkling.manifest.document import load_manifest
+    from batchkling.run.orchestrator import Orchestrator
+
+    with _errors_to_exit_codes():
+        loaded = load_manifest(manifest)
+        for warning in loaded.warnings:
+            click.echo(f"warning: {warning}", err=True)
+
+        async def go() -> tuple[str, dict[str, int]]:
+            async with Orchestrator(loaded, run_id=run_id, workdir=workdir,
+                                    store=_store_at(store, workdir)) as orch, orch.store:
+                return orch.run_id, await orch.submit()
+
+        recorded, counts = _run_async(go)
+    described = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()) if n)
+    click.echo(f"batchkling: run {recorded} submitted: {described or 'no jobs'}. Start workers "
+               f"with `batchkling worker` (same store); `batchkling status {recorded}` "
+               "follows it.", err=True)
+
+
+@cli.command()
+@WORKDIR
+@STORE
+@click.option("--run", "runs", multiple=True, metavar="RUN_ID",
+              help="Serve only this run (repeat); default: every open run in the store.")
+@STALE_AFTER
+@click.option("--exit-when-idle", is_flag=True,
+              help="Stop once no open run has work, instead of waiting for new runs.")
+@click.option("--max-in-flight", type=click.IntRange(min=1, max=1000),
+              help="Cap every account's slots for this worker's creates.")
+@SPEED
+def worker(workdir: Path, store: str | None, runs: tuple[str, ...], stale_after: float,
+           exit_when_idle: bool, max_in_flight: int | None, speed: float | None) -> None:
+    """Drive the jobs of every open run in the store, beside any number of other workers.
+
+    Workers share provider accounts' slots and each run's budget through the store; a worker
+    silent past --stale-after is presumed dead and the others take its jobs over. Every
+    worker that serves an account needs that account's key in its environment.
+    """
+    from batchkling.run.worker import Worker, describe
+
+    with _errors_to_exit_codes():
+        _configure_console()
+
+        async def go() -> Any:
+            async with _store_at(store, workdir) as shared, anyio.create_task_group() as tg:
+                serving = Worker(store=shared, workdir=workdir, runs=runs or None,
+                                 stale_after=stale_after, exit_when_idle=exit_when_idle,
+                                 max_in_flight=max_in_flight, time_scale=speed or 1.0)
+
+                async def watch_signals() -> None:
+                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        count = 0
+                        async for _signum in signals:
+                            count += 1
+                            if count > 1:
+                                os._exit(EXIT_INTERRUPTED)
+                            click.echo("\nbatchkling: worker stopping: no new tasks; other "
+                                       "workers (or `resume`) take over what is in flight",
+                                       err=True)
+                            serving.interrupt()
+
+                tg.start_soon(watch_signals)
+                summary = await serving.serve()
+                tg.cancel_scope.cancel()
+                return summary
+
+        summary = _run_async(go)
+    for line in describe(summary):
+        click.echo(f"batchkling: worker {summary.worker_id}: {line}", err=True)
+    sys.exit(summary.exit_code)
 
 
 # ---- views -------------------------------------------------------------------------------

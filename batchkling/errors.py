@@ -6,6 +6,7 @@ The tree, in one place::
     ├── ManifestError          bad manifest: every problem at once, each with file:line:column
     ├── ConfigError            bad options or environment (a missing API-key variable, a run id)
     ├── RunLocked              another live process holds the run's lease
+    ├── WorkerFenced           this worker was presumed dead and its jobs taken over: it stops
     ├── RunNotFound            no run with that id in the store
     ├── StoreError             the checkpoint database failed (sqlite3 errors translated)
     ├── DownloadError          a result could not be fetched or verified (never re-renders)
@@ -67,6 +68,15 @@ class ConfigError(BatchklingError):
 
 class RunLocked(BatchklingError):
     """Another live process is running this run id."""
+
+
+class WorkerFenced(BatchklingError):
+    """This worker was silent past ``stale-after`` and another took its jobs over.
+
+    Every write the worker makes names the claim epoch it holds; once its jobs have been taken
+    over, those writes change nothing and raise this. The worker must stop at once: whatever it
+    was doing is now another worker's to finish.
+    """
 
 
 class RunNotFound(BatchklingError):

@@ -347,10 +347,10 @@ class VirtualSim:
 def _held_store(path: Path, clock: VirtualClock) -> SqliteStore:
     """A :class:`~batchkling.store.sqlite.SqliteStore` holding ``clock`` still while SQLite works.
 
-    Every call reaches SQLite's thread through ``open``, ``aclose``, ``_write``, ``_fetchall``
-    or ``acquire_lease``; a commit that waits on a slow disk then keeps virtual time where it
-    is instead of letting it jump past the run's next step. (Quick commits run on the event
-    loop's own thread: virtual time cannot move during them.)
+    Every call reaches SQLite's thread through ``open``, ``aclose``, ``_write``,
+    ``_write_returning``, ``_fetchall`` or ``acquire_lease``; a commit that waits on a slow disk
+    then keeps virtual time where it is instead of letting it jump past the run's next step.
+    (Quick commits run on the event loop's own thread: virtual time cannot move during them.)
     """
     from batchkling.store.sqlite import SqliteStore
 
@@ -363,17 +363,22 @@ def _held_store(path: Path, clock: VirtualClock) -> SqliteStore:
             with clock.hold():
                 await super().aclose()
 
-        async def _write(self, statements: Iterable[tuple[str, Iterable[Any]]]) -> None:
+        async def _write(self, statements: Iterable[tuple[str, Iterable[Any]]]) -> int:
             with clock.hold():
-                await super()._write(statements)
+                return await super()._write(statements)
+
+        async def _write_returning(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
+            with clock.hold():
+                return await super()._write_returning(sql, params)
 
         async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
             with clock.hold():
                 return await super()._fetchall(sql, params)
 
-        async def acquire_lease(self, run_id: str, owner: str, *, now: float,
-                                stale_after: float) -> None:
+        async def acquire_lease(self, run_id: str, worker_id: str, *, stale_after: float,
+                                now: float) -> None:
             with clock.hold():
-                await super().acquire_lease(run_id, owner, now=now, stale_after=stale_after)
+                await super().acquire_lease(run_id, worker_id, stale_after=stale_after, now=now)
 
-    return HeldStore(path)
+    # Heartbeats and pauses on the same virtual clock as everything else.
+    return HeldStore(path, clock=clock)

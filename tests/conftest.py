@@ -69,8 +69,9 @@ def wait_until_running(proc: subprocess.Popen[bytes], db: Path, run_id: str,
             try:
                 con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
                 try:
-                    row = con.execute("SELECT lease_pid FROM runs WHERE run_id = ?",
-                                      (run_id,)).fetchone()
+                    row = con.execute(
+                        "SELECT w.pid FROM runs r JOIN workers w ON w.worker_id = r.lease_owner"
+                        " WHERE r.run_id = ?", (run_id,)).fetchone()
                 finally:
                     con.close()
             except sqlite3.Error:

@@ -10,14 +10,14 @@ import pytest
 from conftest import SPEED, TEST_KEY
 from invariants import db_query
 
-from batchkling.errors import RunLocked
+from batchkling.errors import RunLocked, WorkerFenced
 from batchkling.manifest.document import load_manifest
 from batchkling.models import JobState, RunSummary
 from batchkling.outputs.results import read_results
 from batchkling.run.orchestrator import Orchestrator
 from batchkling.simulator import SimulatorServer
 from batchkling.store.sqlite import SqliteStore
-from batchkling.testing import write_manifest
+from batchkling.testing import StepClock, write_manifest
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -118,6 +118,13 @@ class TestHappyPath:
                 seen.setdefault(args[2], set()).add(kwargs.get("quick", False))
                 await super().transition(*args, **kwargs)
 
+            async def claim(self, *args: Any, **kwargs: Any) -> Any:
+                # The intent is the claim: one statement on the durable connection.
+                claim = await super().claim(*args, **kwargs)
+                if claim.job is not None:
+                    seen.setdefault(claim.job.state, set()).add(False)
+                return claim
+
         store = Recording(workdir / "batchkling.db")
         async with store:
             summary = await _run(_manifest(tmp_path, sim, _jobs(4)), workdir, store=store)
@@ -210,7 +217,7 @@ class TestProviderTrouble:
         assert summary.exit_code == 0
         stats = sim.stats()
         assert stats["peak_slots"] == 3
-        assert engine is not None and engine.slots.limit <= 4
+        assert engine is not None and engine.slot_limit <= 4
         # The first round of rejections teaches the limit; probes after that are rare.
         assert stats["rejected"].get("slots", 0) < 24
 
@@ -369,22 +376,49 @@ class TestInterruptAndLease:
             await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
                                  provider="imarouter", base_url="http://x", simulated=False,
                                  now=100.0)
-            await store.acquire_lease("r", "owner-a", now=100.0, stale_after=30)
+            await store.register_worker("worker-a", runs=["r"], now=100.0)
+            await store.acquire_lease("r", "worker-a", now=100.0, stale_after=30)
             with pytest.raises(RunLocked, match="being run by process"):
-                await store.acquire_lease("r", "owner-b", now=101.0, stale_after=30)
+                await store.acquire_lease("r", "worker-b", now=101.0, stale_after=30)
 
     async def test_stale_lease_is_taken_over(self, tmp_path: Path, workdir: Path) -> None:
-        """A lease whose process is gone, or whose heartbeat is old, is taken over."""
-        async with SqliteStore(workdir / "batchkling.db") as store:
+        """A lease whose process is gone, or whose heartbeat is old on the store's clock, is
+        taken over, and the worker that held it is fenced."""
+        clock = StepClock()
+        async with SqliteStore(workdir / "batchkling.db", clock=clock) as store:
             await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
                                  provider="imarouter", base_url="http://x", simulated=False,
                                  now=100.0)
-            await store.acquire_lease("r", "owner-a", now=100.0, stale_after=30)
-            await store.db.execute("UPDATE runs SET lease_pid = 2147483000")  # no such process
-            await store.acquire_lease("r", "owner-b", now=101.0, stale_after=30)
-            await store.acquire_lease("r", "owner-c", now=200.0, stale_after=30)  # heartbeat old
+            for worker in ("worker-a", "worker-b", "worker-c"):
+                await store.register_worker(worker, runs=["r"], now=100.0)
+            await store.acquire_lease("r", "worker-a", now=100.0, stale_after=30)
+            await store.db.execute("UPDATE workers SET pid = 2147483000"
+                                   " WHERE worker_id = 'worker-a'")  # no such process
+            await store.acquire_lease("r", "worker-b", now=101.0, stale_after=30)
+            with pytest.raises(WorkerFenced):
+                await store.worker_heartbeat("worker-a", now=101.0)
+            clock.now += 31  # worker-b silent past stale_after on the store's clock
+            await store.worker_heartbeat("worker-c", now=101.0)
+            await store.acquire_lease("r", "worker-c", now=101.0, stale_after=30)
             run = await store.require_run("r")
-            assert run.lease_owner == "owner-c"
+            assert run.lease_owner == "worker-c"
+            with pytest.raises(WorkerFenced):
+                await store.worker_heartbeat("worker-b", now=102.0)
+
+    async def test_a_wall_clock_step_does_not_take_a_live_lease(self, tmp_path: Path,
+                                                                workdir: Path) -> None:
+        """Staleness is judged on the store's monotonic clock: a runner whose wall clock jumps
+        two minutes ahead still finds the live holder's lease locked."""
+        clock = StepClock()
+        async with SqliteStore(workdir / "batchkling.db", clock=clock) as store:
+            await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
+                                 provider="imarouter", base_url="http://x", simulated=False,
+                                 now=100.0)
+            await store.register_worker("worker-a", runs=["r"], now=100.0)
+            await store.register_worker("worker-b", runs=["r"], now=100.0)
+            await store.acquire_lease("r", "worker-a", now=100.0, stale_after=30)
+            with pytest.raises(RunLocked):
+                await store.acquire_lease("r", "worker-b", now=100.0 + 120, stale_after=30)
 
 
 class TestSecrets:

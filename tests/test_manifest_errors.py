@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from batchkling.manifest import yamlsource
 from batchkling.cli import cli
 from batchkling.errors import ManifestError
+from batchkling.manifest import yamlsource
 from batchkling.manifest.document import load_manifest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "manifests"

@@ -57,8 +57,9 @@ async def test_snapshot_after_a_run(tmp_path: Path, workdir: Path, simulator: An
 
 async def test_redraws_take_totals_from_the_engine(tmp_path: Path, workdir: Path,
                                                    simulator: Any, api_key: str) -> None:
-    """A redraw reads money and recent ends from the engine, not from queries over every job
-    of the run; they agree with the store's, across a second invocation of the run too."""
+    """A redraw reads recent ends from the engine, not from a query over every ended job, and
+    money from the store's running totals; they agree with the store's queries, across a
+    second invocation of the run too."""
     sim = simulator()
     jobs = [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}]
     for extra in ([], [{"id": "c", "prompt": "z"}]):
@@ -71,7 +72,7 @@ async def test_redraws_take_totals_from_the_engine(tmp_path: Path, workdir: Path
             async def refused(*_args: Any, **_kwargs: Any) -> Any:
                 raise AssertionError("a redraw read the whole run")
 
-            store.money = store.recent_ends = refused  # type: ignore[method-assign]
+            store.recent_ends = refused  # type: ignore[method-assign]
             snapshot = await orch.progress()
         assert (snapshot.spent_usd, snapshot.committed_usd) == pytest.approx(money)
         assert snapshot.spent_usd > 0

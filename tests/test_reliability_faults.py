@@ -158,7 +158,7 @@ class TestRateLimits:
                     await vs.clock.sleep(0.5)  # a commit on a slow disk: 0.5 s
                 await super().transition(*args, **kwargs)
 
-        store = SlowCommits(workdir / "batchkling.db")
+        store = SlowCommits(workdir / "batchkling.db", clock=vs.clock)
         async with store:
             summary = await vs.run(path, workdir, store=store)
         assert summary.exit_code == 0

@@ -99,6 +99,16 @@ async def test_closed_store_refuses_reuse(tmp_path: Path) -> None:
         await store.open()
 
 
+_V3_ONLY = (
+    "DROP TRIGGER job_reserved; DROP TRIGGER attempt_cost; DROP TRIGGER attempt_cost_new;"
+    " DROP INDEX jobs_by_account; DROP INDEX jobs_by_worker;"
+    " DROP TABLE accounts; DROP TABLE workers;"
+    " ALTER TABLE jobs DROP COLUMN account_id; ALTER TABLE jobs DROP COLUMN worker_id;"
+    " ALTER TABLE jobs DROP COLUMN claim_epoch;"
+    " ALTER TABLE runs DROP COLUMN reserved_usd; ALTER TABLE runs DROP COLUMN spent_usd;"
+)
+
+
 async def test_version_1_database_is_migrated(tmp_path: Path) -> None:
     """A database written by schema 1 (no last_event columns) is upgraded in place and works."""
     path = tmp_path / "db"
@@ -106,7 +116,7 @@ async def test_version_1_database_is_migrated(tmp_path: Path) -> None:
     await store.aclose()
     con = sqlite3.connect(path)
     con.executescript(
-        "DROP TRIGGER job_new_attempt; DROP TRIGGER job_transition;"
+        _V3_ONLY + "DROP TRIGGER job_new_attempt; DROP TRIGGER job_transition;"
         " ALTER TABLE jobs DROP COLUMN last_event; ALTER TABLE jobs DROP COLUMN last_event_data;"
         " UPDATE meta SET value = '1' WHERE key = 'schema_version';"
     )
@@ -116,8 +126,30 @@ async def test_version_1_database_is_migrated(tmp_path: Path) -> None:
                                   new_attempt=(1, "k1"))
         assert [a["idempotency_key"] for a in await upgraded.attempts("r", "a")] == ["k1"]
     con = sqlite3.connect(path)
-    assert con.execute("SELECT value FROM meta").fetchone()[0] == "2"
+    assert con.execute("SELECT value FROM meta").fetchone()[0] == "3"
     con.close()
+
+
+async def test_version_2_database_gets_money_totals(tmp_path: Path) -> None:
+    """Upgrading a schema-2 database sums the run's reported costs and open reservations into
+    its running totals, and the triggers keep them from then on."""
+    path = tmp_path / "db"
+    store = await _store_with_jobs(path, "a", "b")
+    await store.aclose()
+    con = sqlite3.connect(path)
+    con.executescript(_V3_ONLY + "UPDATE meta SET value = '2' WHERE key = 'schema_version';")
+    con.execute("INSERT INTO attempts (run_id, job_id, number, idempotency_key, fingerprint,"
+                " state, cost_usd) VALUES ('r', 'a', 1, 'k', 'f', 'downloaded', 0.35)")
+    con.execute("UPDATE jobs SET reserved_usd = 0.7 WHERE job_id = 'b'")
+    con.commit()
+    con.close()
+    async with SqliteStore(path) as upgraded:
+        assert await upgraded.money("r") == pytest.approx((0.35, 1.05))
+        await upgraded.transition("r", "b", JobState.SUBMITTING, now=3, event="job.submitting",
+                                  new_attempt=(1, "k2"), reserved_usd=0.7)
+        await upgraded.transition("r", "b", JobState.SUCCEEDED, now=4, event="job.succeeded",
+                                  cost_usd=0.5, reserved_usd=0)
+        assert await upgraded.money("r") == pytest.approx((0.85, 0.85))
 
 
 async def test_new_files_use_small_pages_and_old_files_still_open(tmp_path: Path) -> None:

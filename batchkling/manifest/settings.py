@@ -88,6 +88,38 @@ BaseURL = Annotated[
 ]
 
 
+class AccountConfig(StrictModel):
+    """One provider key of a pool, by the name of its environment variable, and its slots."""
+
+    api_key_env: EnvName | None = Field(
+        default=None, description="Variable holding this account's bearer key.")
+    access_key_env: EnvName | None = Field(
+        default=None, description="kling: variable holding this account's access key.")
+    secret_key_env: EnvName | None = Field(
+        default=None, description="kling: variable holding this account's secret key.")
+    max_in_flight: int | None = Field(
+        default=None, ge=1, le=1000,
+        description="Task slots of this account (default: limits.max_in_flight).")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        pair = (self.access_key_env is not None, self.secret_key_env is not None)
+        if pair[0] != pair[1]:
+            raise ValueError("an account needs both access_key_env and secret_key_env, "
+                             "or api_key_env alone")
+        if all(pair) == (self.api_key_env is not None):
+            raise ValueError("an account names its key: api_key_env, or access_key_env and "
+                             "secret_key_env (kling)")
+        return self
+
+    @property
+    def key_env(self) -> str:
+        """The variable that names the account (its key, or its access key)."""
+        name = self.api_key_env or self.access_key_env
+        assert name is not None
+        return name
+
+
 class ProviderConfig(StrictModel):
     """Which API to call and where the credentials live (names of environment variables only)."""
 
@@ -111,6 +143,11 @@ class ProviderConfig(StrictModel):
         default=None,
         description="kling: variable holding the secret key (default KLING_SECRET_KEY).",
     )
+    accounts: list[AccountConfig] | None = Field(
+        default=None, min_length=1,
+        description="A pool of keys of this provider, each with its own slots: jobs go to any "
+        "account with a free slot. Instead of api_key_env/access_key_env/secret_key_env.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -121,6 +158,8 @@ class ProviderConfig(StrictModel):
         name = data.get("name", "imarouter")
         if name in DEFAULT_BASE_URL:
             data.setdefault("base_url", DEFAULT_BASE_URL[name])
+        if data.get("accounts") is not None:
+            return data
         keys = ("api_key_env", "access_key_env", "secret_key_env")
         if name == "imarouter":
             data.setdefault("api_key_env", "IMAROUTER_API_KEY")
@@ -130,6 +169,8 @@ class ProviderConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        if self.accounts is not None:
+            return self._check_accounts()
         pair = (self.access_key_env is not None, self.secret_key_env is not None)
         if self.name == "imarouter" and any(pair):
             raise ValueError(
@@ -146,6 +187,31 @@ class ProviderConfig(StrictModel):
                     "give either api_key_env or access_key_env+secret_key_env, not both"
                 )
         return self
+
+
+    def _check_accounts(self) -> Self:
+        assert self.accounts is not None
+        if any(getattr(self, k) is not None
+               for k in ("api_key_env", "access_key_env", "secret_key_env")):
+            raise ValueError("give the keys either in accounts or as api_key_env/access_key_env/"
+                             "secret_key_env, not both")
+        names = [a.key_env for a in self.accounts]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"accounts name the same key variable more than once: "
+                             f"{', '.join(twice)}")
+        if self.name == "imarouter" and any(a.api_key_env is None for a in self.accounts):
+            raise ValueError("imarouter accounts use api_key_env")
+        return self
+
+    def key_accounts(self, max_in_flight: int) -> list[AccountConfig]:
+        """The accounts to create on: the pool, or the one key named at the top."""
+        if self.accounts is not None:
+            return [a if a.max_in_flight is not None
+                    else a.model_copy(update={"max_in_flight": max_in_flight})
+                    for a in self.accounts]
+        return [AccountConfig(api_key_env=self.api_key_env, access_key_env=self.access_key_env,
+                              secret_key_env=self.secret_key_env, max_in_flight=max_in_flight)]
 
 
 class Limits(StrictModel):

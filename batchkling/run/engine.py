@@ -1,16 +1,23 @@
 """The run engine: submit, poll, download — every job state change checkpointed first.
 
-One task group per run. A submitter walks the pending jobs in manifest order, takes a slot and
-a turn at the create rate, and starts ``_submit`` for the job; ``_submit`` commits the intent,
-creates the task and commits its id, shielded from cancellation so the outcome of a create that
-left the machine is always recorded. A tracker per task polls on the planner's schedule until
-the task ends or its deadline passes, then downloads outside the slot. A job's failure is
+One task group per run. A submitter per provider account takes a local slot and a turn at the
+create rate, then *claims* the run's next pending job from the store: the claim is the committed
+create intent, taken only if the account has a free slot across every worker and run, the
+account is not paused, and the job's reservation fits the budget (DESIGN.md §10). ``_submit``
+then creates the task and commits its id, shielded from cancellation so the outcome of a create
+that left the machine is always recorded. A tracker per task polls on the planner's schedule
+until the task ends or its deadline passes, then downloads outside the slot. A job's failure is
 recorded on the job and never cancels its siblings.
 
+Every write names the claim epoch this engine holds for the job; if another worker took the job
+over (this one was presumed dead), the write changes nothing and raises
+:class:`~batchkling.errors.WorkerFenced`, and the engine stops at once.
+
 Where each state change happens, in this file:
-``pending → submitting → submitted`` in :meth:`Engine._submit`, ``running / succeeded / failed /
-timed_out`` in :meth:`Engine._track`, ``downloaded`` in :meth:`Engine._fetch`, and the resume
-reconciliation of ``submitting`` in :meth:`Engine._reconcile`.
+``pending → submitting`` in :meth:`Engine._submitter` (the claim), ``submitting → submitted`` in
+:meth:`Engine._submit`, ``running / succeeded / failed / timed_out`` in :meth:`Engine._track`,
+``downloaded`` in :meth:`Engine._fetch`, and the reconciliation of ``submitting`` jobs left by a
+process that died in :meth:`Engine._settle_ambiguous`.
 """
 
 from __future__ import annotations
@@ -38,9 +45,10 @@ from batchkling.errors import (
     TaskFailed,
     TransientError,
     UnsafeURL,
+    WorkerFenced,
 )
 from batchkling.logs import get_logger, redactor
-from batchkling.models import IN_FLIGHT, TERMINAL, JobSpec, JobState
+from batchkling.models import TERMINAL, JobSpec, JobState
 from batchkling.providers.base import Phase, Provider, TaskStatus
 from batchkling.providers.http import HttpClient
 from batchkling.run import crashpoints
@@ -48,6 +56,7 @@ from batchkling.run.download import DownloadPolicy, ExpiredURL, TooLarge, downlo
 from batchkling.run.limits import RateGate, SlotPool, full_jitter
 from batchkling.run.polling import PollPlanner
 from batchkling.store import RECENT_ENDS, JobRow, Store
+from batchkling.store.interface import ClaimOutcome, Intent
 
 # Downloads are free to repeat; truncations and 5xx are usually passing.
 _DOWNLOAD_TRIES = 5
@@ -62,6 +71,9 @@ _MAX_REFUSED_POLLS = 3
 # cut costs a repeated poll or download, never a second task. The create intent and the task
 # id (``submitting``, ``submitted``) and every other state stay fully durable.
 _QUICK = frozenset({JobState.RUNNING, JobState.SUCCEEDED, JobState.DOWNLOADED})
+# States in which this engine stops driving a job: the write also lets the job go (no worker
+# holds it), so whoever picks the run up next — a resume, another worker — may take it.
+_LETS_GO = frozenset({JobState.PENDING, JobState.UNKNOWN, JobState.TIMED_OUT, *TERMINAL})
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +95,9 @@ class EngineOptions:
     trusted_hosts: frozenset[str] = frozenset()
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
+    #: How often to look again when the account's slots are held by other workers, or when
+    #: only other workers still drive jobs of this run.
+    recheck_interval: float = 2.0
 
 
 @dataclass(slots=True)
@@ -90,7 +105,17 @@ class StopState:
     """Why creates stopped, if they did; the orchestrator turns it into an exit code."""
 
     reason: str | None = None
-    kind: str | None = None  # "account", "budget", "interrupted"
+    kind: str | None = None  # "account", "budget", "interrupted", "store", "unreachable"
+
+
+@dataclass(slots=True)
+class Account:
+    """One provider account this engine creates on: its key's adapter and its flow control."""
+
+    account_id: str
+    provider: Provider
+    slots: SlotPool
+    create_gate: RateGate
 
 
 def idempotency_key(nonce: str, job_id: str, attempt: int) -> str:
@@ -104,15 +129,16 @@ def _group(spec: JobSpec) -> str:
 
 
 class Engine:
-    """Drives the non-terminal jobs of one run to an end state. One use per invocation."""
+    """Drives the non-terminal jobs of one run to an end state, as one worker. One use."""
 
     def __init__(
         self,
         *,
         store: Store,
-        provider: Provider,
+        accounts: list[tuple[str, Provider, int]],
         run_id: str,
         nonce: str,
+        worker_id: str,
         options: EngineOptions,
         run_dir: Path,
         clock: Clock,
@@ -121,17 +147,22 @@ class Engine:
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
-        self.provider = provider
         self.run_id = run_id
         self.nonce = nonce
+        self.worker_id = worker_id
         self.opts = options
         self.videos = run_dir / "videos"
         self.clock = clock
         self.http = http
         self.estimate_usd = estimate_usd
         self.rng = rng or random.Random()
-        self.slots = SlotPool(options.max_in_flight)
-        self.create_gate = RateGate(options.submit_rate, clock)
+        # One submitter per account; each account has its own slots and create pace.
+        self.accounts = [
+            Account(account_id, provider, SlotPool(min(cap, options.max_in_flight)),
+                    RateGate(options.submit_rate, clock))
+            for account_id, provider, cap in accounts
+        ]
+        self._by_account = {a.account_id: a for a in self.accounts}
         self.poll_gate = RateGate(None, clock)
         self.planner = PollPlanner(min_interval=options.min_poll_interval,
                                    max_interval=options.max_poll_interval, rng=self.rng)
@@ -140,26 +171,39 @@ class Engine:
                                      allow_private=options.allow_private_urls,
                                      trusted_hosts=options.trusted_hosts)
         self.stop = StopState()
+        self.fenced: WorkerFenced | None = None
         self.log = get_logger(run_id=run_id)
         self.polls = 0
-        # Jobs put back to pending behind the submitter's cursor (requeued or retried).
-        self._back: deque[str] = deque()
-        # Budget held per job from the submitter's check until the attempt's cost is settled.
-        self._held: dict[str, float] = {}
-        # The next pending jobs in manifest order, fetched a page at a time.
-        self._page: deque[JobRow] = deque()
+        # The claim epoch this engine holds for each job it drives (jobs in flight only).
+        self._epochs: dict[str, int] = {}
         self._active = 0  # submits and trackers alive: the submitter waits for them to drain
         self._wake = anyio.Event()
-        self._committed_usd = 0.0
-        # For progress displays, kept here so a redraw costs no query over the whole run: the
-        # cost reported so far, and when the last jobs to end ended (newest first).
-        self.spent_usd = 0.0
+        # For progress displays, kept here so a redraw costs no query over the whole run: when
+        # the last jobs to end ended (newest first).
         self.recent_ends: deque[float] = deque(maxlen=RECENT_ENDS)
-        self.tallied = False  # the two above hold the run's totals (read when the run starts)
         self._create_failures = 0
         self._tg: anyio.abc.TaskGroup | None = None
 
     # ---- bookkeeping ---------------------------------------------------------------------
+
+    @property
+    def slots_in_use(self) -> int:
+        """Tasks this engine holds a slot for, over its accounts."""
+        return sum(a.slots.in_use for a in self.accounts)
+
+    @property
+    def slot_limit(self) -> int:
+        """The slots this engine may hold now, over its accounts."""
+        return sum(a.slots.limit for a in self.accounts)
+
+    @property
+    def slot_peak(self) -> int:
+        """The most slots held at once, summed over accounts."""
+        return sum(a.slots.peak for a in self.accounts)
+
+    def _account(self, job: JobRow) -> Account:
+        """The account a job's task lives on (jobs from before accounts: the first)."""
+        return self._by_account.get(job.account_id or "", self.accounts[0])
 
     def _poke(self) -> None:
         self._wake.set()
@@ -176,23 +220,38 @@ class Engine:
         """Stop creates: a refused key or exhausted credit needs a person, not a retry."""
         self.stop_creating(f"the provider refused the account: {exc.message}", "account")
 
-    async def _set(self, job: JobRow | str, state: JobState, event: str,
-                   **fields: Any) -> None:
+    async def _set(self, job: JobRow | str, state: JobState, event: str, *,
+                   let_go: bool = False, **fields: Any) -> None:
+        """Commit a transition under this engine's claim on the job.
+
+        ``let_go`` (implied by the states in ``_LETS_GO``) also gives the job up: no worker
+        holds it afterwards.
+        """
         job_id = job if isinstance(job, str) else job.job_id
         # Provider messages are stored and exported: a key they quote must not be.
         fields = {k: redactor.scrub(v) if isinstance(v, str) else v for k, v in fields.items()}
+        let_go = let_go or state in _LETS_GO
+        if let_go:
+            fields["worker_id"] = None
         now = self.clock.wall()
         # A transition's write must land even while the run is being cancelled.
         with anyio.CancelScope(shield=True):
-            await self.store.transition(self.run_id, job_id, state, now=now,
-                                        event=event, quick=state in _QUICK, **fields)
+            await self.store.transition(self.run_id, job_id, state, now=now, event=event,
+                                        quick=state in _QUICK, epoch=self._epochs.get(job_id),
+                                        **fields)
+        if let_go:
+            self._epochs.pop(job_id, None)
         if state in TERMINAL:
             self.recent_ends.appendleft(now)
 
-    @property
-    def committed_usd(self) -> float:
-        """Cost reported so far plus the estimates held for jobs not yet settled."""
-        return self._committed_usd
+    def _fence(self, exc: WorkerFenced) -> None:
+        """Another worker took this one's jobs over: stop everything, change nothing more."""
+        if self.fenced is None:
+            self.fenced = exc
+            self.log.error("worker.fenced", error=str(exc))
+            self.stop_creating(str(exc), "fenced")
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
 
     def _spawn(self, fn: Callable[..., Any], job: JobRow, *args: Any) -> None:
         assert self._tg is not None
@@ -201,6 +260,8 @@ class Engine:
         async def wrapper() -> None:
             try:
                 await fn(job, *args)
+            except WorkerFenced as exc:
+                self._fence(exc)
             except StoreError as exc:
                 # Without a checkpoint no create may be paid for: stop them all. The job's last
                 # committed state stands, so `resume` continues once the disk is fixed.
@@ -217,33 +278,90 @@ class Engine:
 
         self._tg.start_soon(wrapper)
 
+    async def _nap(self, wake: anyio.Event, seconds: float | None) -> None:
+        """Wait for a poke, or ``seconds`` on the engine's clock (None: a poke only)."""
+        if seconds is None:
+            await wake.wait()
+            return
+        async with anyio.create_task_group() as tg:
+
+            async def alarm() -> None:
+                await self.clock.sleep(seconds)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(alarm)
+            await wake.wait()
+            tg.cancel_scope.cancel()
+
     # ---- the run -------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Reconcile, adopt in-flight tasks, submit pending jobs, and wait for all to end."""
-        self.spent_usd, self._committed_usd = await self.store.money(self.run_id)
-        self.recent_ends.extend(await self.store.recent_ends(self.run_id))
-        self.tallied = True
-        await self._reconcile()
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            await self._adopt()
-            if self.opts.download:
-                tg.start_soon(self._refetch_missing)
-            await self._submitter()
-        self._tg = None
+    async def run(self, *, driver: bool = True) -> None:
+        """Take over what was left, submit pending jobs, and wait for all to end.
 
-    async def _reconcile(self) -> None:
-        """Settle jobs a killed process left in ``submitting``: never blind-resubmit them."""
-        async for job in self.store.iter_jobs(self.run_id, [JobState.SUBMITTING]):
-            await self._settle_ambiguous(job, "the previous process stopped during a create")
+        As the run's ``driver`` (``run``, ``resume``, ``retry``) it also takes the jobs that a
+        previous invocation let go of — timed out, refused, a failed download — which a
+        cooperating worker leaves to a person's ``resume``. Raises :class:`WorkerFenced` if
+        another worker took this one's jobs over meanwhile.
+        """
+        self.recent_ends.extend(await self.store.recent_ends(self.run_id))
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await self.take_over(released=driver)
+                if self.opts.download:
+                    tg.start_soon(self._refetch_missing)
+                async with anyio.create_task_group() as submitters:
+                    for account in self.accounts:
+                        submitters.start_soon(self._submitter, account)
+                # Creates have stopped; trackers and downloads finish on their own.
+        except WorkerFenced as exc:
+            self._fence(exc)
+        finally:
+            self._tg = None
+        if self.fenced is not None:
+            raise self.fenced
+
+    async def take_over(self, *, released: bool = False) -> None:
+        """Drive the jobs of workers that are gone (and, with ``released``, jobs nobody holds).
+
+        ``submitting`` jobs are reconciled (never blindly resubmitted), tasks in flight are
+        tracked again, finished renders are downloaded.
+        """
+        states = [JobState.SUBMITTING, JobState.SUBMITTED, JobState.RUNNING]
+        if released:
+            states.append(JobState.TIMED_OUT)
+        if self.opts.download:
+            states.append(JobState.SUCCEEDED)
+        while jobs := await self.store.adopt(self.run_id, worker_id=self.worker_id,
+                                             states=states, released=released, limit=500):
+            for job in jobs:
+                self._epochs[job.job_id] = job.claim_epoch
+                if job.state is JobState.SUCCEEDED:
+                    self._spawn(self._fetch, job, job.video_url)
+                elif job.state is JobState.SUBMITTING:
+                    self._spawn(self._reconcile, job)
+                else:
+                    self._account(job).slots.take()
+                    if job.state is JobState.TIMED_OUT:
+                        await self._set(job, JobState.SUBMITTED, "job.readopted")
+                    self._spawn(self._track, job, job.task_id, job.submitted_at)
+            if len(jobs) < 500:
+                break
+
+    async def _reconcile(self, job: JobRow) -> None:
+        """A create whose process died before its answer was committed: never blind-resubmit."""
+        found = await self._settle_ambiguous(job, "the previous process stopped during a create")
+        if found is not None:
+            self._account(job).slots.take()
+            await self._track(job, found.task_id, found.created_at or self.clock.wall())
 
     async def _settle_ambiguous(self, job: JobRow, why: str) -> TaskStatus | None:
         """Reconcile a create of unknown outcome; return the task when a lookup found it."""
         key = job.idempotency_key or ""
-        if self.provider.can_lookup:
+        provider = self._account(job).provider
+        if provider.can_lookup:
             try:
-                found = await self.provider.lookup(key, job.spec)
+                found = await provider.lookup(key, job.spec)
             except ProviderError as exc:
                 await self._set(job, JobState.UNKNOWN, "job.unknown", error_code="reconcile",
                                 error_message=f"{why}; lookup failed: {exc}")
@@ -251,7 +369,7 @@ class Engine:
             if found is None:
                 # No task carries this key, so none was paid for: the same attempt may go again.
                 await self._set(job, JobState.PENDING, "job.reconciled", data={"found": False})
-                self._requeue(job.job_id)
+                self._poke()
                 return None
             await self._set(job, JobState.SUBMITTED, "job.reconciled",
                             task_id=found.task_id, submitted_at=found.created_at
@@ -261,32 +379,14 @@ class Engine:
             # The same key again: a gateway that honours Idempotency-Key returns the same task.
             await self._set(job, JobState.PENDING, "job.resubmit_unknown",
                             error_message=f"{why}; resubmitting with the same idempotency key")
-            self._requeue(job.job_id)
+            self._poke()
             return None
         await self._set(job, JobState.UNKNOWN, "job.unknown", error_code="ambiguous_create",
                         error_message=f"{why}; the provider offers no lookup, so the task may or"
-                        " may not exist. `batchkling retry RUN --unknown` resubmits it")
+                        f" may not exist. `batchkling retry {self.run_id} --unknown` resubmits "
+                        "it with the same idempotency key")
         self.log.warning("job.unknown", job_id=job.job_id, reason=why)
         return None
-
-    def _requeue(self, job_id: str) -> None:
-        self._back.append(job_id)
-        self._poke()
-
-    async def _adopt(self) -> None:
-        """Resume tracking tasks that exist already, and downloads that did not finish."""
-        states = [*IN_FLIGHT, JobState.TIMED_OUT]
-        if self.opts.download:
-            states.append(JobState.SUCCEEDED)
-        async for job in self.store.iter_jobs(self.run_id, states):
-            if job.state is JobState.SUCCEEDED:
-                self._spawn(self._fetch, job, job.video_url)
-                continue
-            self.slots.take()
-            self._held[job.job_id] = job.reserved_usd
-            if job.state is JobState.TIMED_OUT:
-                await self._set(job, JobState.SUBMITTED, "job.readopted")
-            self._spawn(self._track, job, job.task_id, job.submitted_at)
 
     async def _refetch_missing(self) -> None:
         """Fetch again the videos recorded as downloaded whose file is gone (no new task).
@@ -301,125 +401,136 @@ class Engine:
                             error_message=f"{job.video_path} is gone; downloading it again")
             self._spawn(self._fetch, job, job.video_url)
 
-    async def _next_job(self, cursor: int) -> tuple[JobRow | None, int]:
-        while self._back:
-            row = await self.store.get_job(self.run_id, self._back.popleft())
-            if row is not None and row.state is JobState.PENDING:
-                return row, cursor
-        if not self._page:
-            self._page.extend(await self.store.jobs_in(self.run_id, [JobState.PENDING],
-                                                       after_seq=cursor, limit=200))
-        if self._page:
-            row = self._page.popleft()
-            return row, row.seq
-        return None, cursor
-
-    async def _submitter(self) -> None:
-        cursor = -1
-        while True:
-            if self.stop.reason is not None:
-                break
-            wake = self._wake
-            job, cursor = await self._next_job(cursor)
-            if job is None:
-                if self._active == 0 and not self._back:
-                    break
-                await wake.wait()
-                continue
-            if not self._reserve(job):
-                break
-            await self.slots.acquire()
-            if self.stop.reason is not None:
-                self.slots.release()
-                self._unreserve(job)
-                break
-            self._spawn(self._submit, job)
-        # Creates have stopped; trackers and downloads finish on their own.
-
-    def _reserve(self, job: JobRow) -> bool:
-        estimate = self.estimate_usd(job.spec)
-        cap = self.opts.max_usd
-        if cap is not None and self._committed_usd + estimate > cap + 1e-9:
-            self.stop_creating(
-                f"budget reached: ${self._committed_usd:.2f} committed, the next job "
-                f"({job.job_id}, ~${estimate:.2f}) would pass budget.max_usd ${cap:.2f}",
-                "budget",
-            )
-            return False
-        self._committed_usd += estimate
-        self._held[job.job_id] = estimate
-        return True
-
-    def _unreserve(self, job: JobRow) -> None:
-        """Give back the budget held for a job whose attempt made no task."""
-        self._committed_usd -= self._held.pop(job.job_id, 0.0)
-
     # ---- create --------------------------------------------------------------------------
 
-    async def _submit(self, job: JobRow) -> None:
+    def _intent(self, job: JobRow) -> Intent:
+        """The attempt a claim opens for ``job`` and the money it reserves."""
+        if job.idempotency_key is not None:
+            # An `unknown` create sent again: the same attempt and key, so a provider that
+            # honours the key returns the task it may already have made.
+            return Intent(new_attempt=None, reserved_usd=self.estimate_usd(job.spec))
+        number = job.attempt + 1
+        return Intent(new_attempt=(number, idempotency_key(self.nonce, job.job_id, number)),
+                      reserved_usd=self.estimate_usd(job.spec))
+
+    async def _submitter(self, account: Account) -> None:
+        """Claim pending jobs onto ``account`` while it has slots, and create their tasks."""
+        while self.stop.reason is None:
+            wake = self._wake
+            await account.slots.acquire()
+            await account.create_gate.wait()
+            if self.stop.reason is not None:
+                account.slots.release()
+                break
+            claim = await self.store.claim(
+                self.run_id, worker_id=self.worker_id, account_id=account.account_id,
+                slot_cap=account.slots.limit, intent=self._intent, max_usd=self.opts.max_usd,
+                now=self.clock.wall())
+            if claim.outcome is ClaimOutcome.CLAIMED:
+                assert claim.job is not None
+                self._epochs[claim.job.job_id] = claim.job.claim_epoch
+                self._spawn(self._submit, claim.job, account)
+                continue
+            account.slots.release()
+            if claim.outcome is ClaimOutcome.BUDGET:
+                cap = self.opts.max_usd or 0.0
+                self.stop_creating(
+                    f"budget reached: ${claim.committed_usd:.2f} committed, the next job "
+                    f"(~${claim.price:.2f}) would pass budget.max_usd ${cap:.2f}", "budget")
+                break
+            if claim.outcome is ClaimOutcome.CLOSED:
+                # Ended or stopped by another process (a worker that finished it, a driver's
+                # Ctrl-C): nothing more to create here; what is in flight still ends.
+                self.log.info("run.closed_elsewhere")
+                break
+            if claim.outcome is ClaimOutcome.PAUSED:
+                await self._nap(wake, claim.wait)
+                continue
+            if claim.outcome is ClaimOutcome.NO_SLOT:
+                # Other workers or runs hold the account's slots: look again when one of ours
+                # ends, or after a while for theirs.
+                await self._nap(wake, self.opts.recheck_interval)
+                continue
+            # No pending job: done once nothing of ours can put one back, and no other live
+            # worker drives a job of this run (it could requeue one, or die and leave it).
+            if wake.is_set():
+                continue  # a job may have been put back since the claim looked
+            if self._active == 0:
+                if await self.store.held_elsewhere(self.run_id, self.worker_id) == 0:
+                    break
+                await self._nap(wake, self.opts.recheck_interval)
+                continue
+            await self._nap(wake, None)
+        self._poke()
+
+    async def _submit(self, job: JobRow, account: Account) -> None:
+        """Create the task of a claimed job and commit its id."""
         spec = job.spec
-        reuse = job.idempotency_key is not None
-        number = job.attempt if reuse else job.attempt + 1
-        key = job.idempotency_key if reuse else idempotency_key(self.nonce, job.job_id, number)
+        key = job.idempotency_key
         assert key is not None
-        estimate = self._held.get(job.job_id, 0.0)
-        log = self.log.bind(job_id=job.job_id, attempt=number)
-        await self.create_gate.wait()
+        log = self.log.bind(job_id=job.job_id, attempt=job.attempt)
         if self.stop.reason is not None and self.stop.kind != "budget":
             # The account, the network or the user said stop. A budget stop only refuses new
             # reservations: this job's money was reserved within the budget.
-            self.slots.release()
-            self._unreserve(job)
+            account.slots.release()
+            await self._set(job, JobState.PENDING, "job.requeued", reserved_usd=0)
             return
-        # From the intent commit to the task-id commit nothing may interrupt: a create that
-        # left the machine must have its outcome recorded.
+        # From the intent (the claim) to the task-id commit nothing may interrupt: a create
+        # that left the machine must have its outcome recorded.
         with anyio.CancelScope(shield=True):
-            await self._set(
-                job, JobState.SUBMITTING, "job.submitting",
-                new_attempt=None if reuse else (number, key),
-                reserved_usd=estimate, error_code=None, error_message=None,
-            )
             crashpoints.reached("after_intent")
-            if self.create_gate.paused_until > self.clock.monotonic():
+            if account.create_gate.paused_until > self.clock.monotonic():
                 # A 429 arrived while this intent was being committed: its pause covers this
                 # create too. Nothing was sent, so the same attempt (same key) goes again later.
-                self.slots.release()
-                self._unreserve(job)
+                account.slots.release()
                 await self._set(job, JobState.PENDING, "job.requeued", reserved_usd=0)
-                self._requeue(job.job_id)
+                self._poke()
                 return
             try:
-                task_id = await self.provider.create(spec, key)
+                task_id = await account.provider.create(spec, key)
             except ProviderError as exc:
-                self.slots.release()
-                await self._create_failed(job, exc, log)
+                account.slots.release()
+                await self._create_failed(job, account, exc, log)
                 return
             crashpoints.reached("after_create")
             submitted_at = self.clock.wall()
-            await self._set(job, JobState.SUBMITTED, "job.submitted",
-                            task_id=task_id, submitted_at=submitted_at,
-                            data={"task_id": task_id})
+            try:
+                await self._set(job, JobState.SUBMITTED, "job.submitted",
+                                task_id=task_id, submitted_at=submitted_at,
+                                data={"task_id": task_id})
+            except WorkerFenced:
+                # Taken over while the create was under way: leave the task's id where the
+                # worker that took over (or a person) can find it, and change nothing else.
+                await self.store.log_event(self.run_id, job.job_id, self.clock.wall(),
+                                           "job.task_orphaned", {"task_id": task_id})
+                raise
         self._create_failures = 0
-        self.slots.created()
+        if account.slots.limit < account.slots.maximum:
+            account.slots.limit = await self.store.account_created(account.account_id,
+                                                                   now=self.clock.wall())
+        account.slots.created()
         log.info("job.submitted", task_id=task_id)
         await self._track(job, task_id, submitted_at)
 
-    async def _create_failed(self, job: JobRow, exc: ProviderError, log: Any) -> None:
+    async def _create_failed(self, job: JobRow, account: Account, exc: ProviderError,
+                             log: Any) -> None:
         """Decide what a refused or unanswered create means for the job and the run."""
         err: dict[str, Any] = {"error_code": exc.code or type(exc).__name__,
                                "error_message": exc.message}
+        gate = account.create_gate
         if isinstance(exc, SlotsExhausted | RateLimited | TransientError | AccountBlocked):
             # No task was made: the same attempt (same key) goes again later.
-            self._unreserve(job)
             self._create_failures += 1
             if isinstance(exc, SlotsExhausted):
-                self.slots.rejected()
-                self.create_gate.pause(self._backoff(self._create_failures, low=0.5))
-                log.info("job.requeued", reason="slots", limit=self.slots.limit)
+                await self._slots_rejected(account)
+                gate.pause(self._backoff(self._create_failures, low=0.5))
+                log.info("job.requeued", reason="slots", limit=account.slots.limit)
             elif isinstance(exc, RateLimited):
                 wait = exc.retry_after
-                self.create_gate.pause(wait if wait is not None
-                                       else self._backoff(self._create_failures))
+                pause = wait if wait is not None else self._backoff(self._create_failures)
+                gate.pause(pause)
+                # Every worker on this account holds back, not just this one.
+                await self.store.pause_account(account.account_id, pause, self.clock.wall())
                 log.info("job.requeued", reason="rate_limited", retry_after=wait)
             elif isinstance(exc, AccountBlocked):
                 self._account_refused(exc)
@@ -428,31 +539,42 @@ class Engine:
                                    f"{self._create_failures} creates in a row: {exc.message}",
                                    "unreachable")
             else:
-                self.create_gate.pause(self._backoff(self._create_failures))
+                gate.pause(self._backoff(self._create_failures))
                 log.info("job.requeued", reason="transient", error=exc.message)
             # Committed only now: the pause or stop above must hold every other create back
             # from the moment the answer arrived, not from when the commit lands.
             await self._set(job, JobState.PENDING, "job.requeued", reserved_usd=0, **err)
-            self._requeue(job.job_id)
+            self._poke()
             return
         if isinstance(exc, AmbiguousCreate):
             log.warning("job.ambiguous_create", error=exc.message)
             fresh = await self.store.get_job(self.run_id, job.job_id) or job
             # The task may exist and bill: its reservation stays committed until we know.
-            hold = self._held.pop(job.job_id, 0.0)
             found = await self._settle_ambiguous(
                 fresh, f"the create got no clear answer ({exc.message})")
             if found is not None:
                 # The lookup found the task: it exists, holds an account slot and renders, so
                 # it is tracked now like any created task rather than at the next resume.
-                self._held[job.job_id] = hold
-                self.slots.take()
+                account.slots.take()
                 self._spawn(self._track, fresh, found.task_id,
                             found.created_at or self.clock.wall())
             return
         assert isinstance(exc, TaskFailed)
-        self._unreserve(job)
         await self._finish_attempt(job, retryable=exc.retryable, reserved_usd=0, **err)
+
+    async def _slots_rejected(self, account: Account) -> None:
+        """The provider refused a create for lack of slots: what it holds is what it proves.
+
+        The limit becomes the number of the account's tasks in flight besides this create, for
+        every worker (the account row is shared).
+        """
+        current = await self.store.get_account(account.account_id)
+        # The refused job is still `submitting` here, so it is among the account's in flight.
+        held = (current.in_flight - 1) if current is not None else account.slots.in_use
+        account.slots.rejected()
+        limit = await self.store.account_rejected(account.account_id, limit=max(1, held),
+                                                  now=self.clock.wall())
+        account.slots.limit = min(account.slots.limit, limit)
 
     async def _finish_attempt(self, job: JobRow, *, retryable: bool, **fields: Any) -> None:
         """A task (or create) failed: a new attempt if allowed, else the job fails."""
@@ -463,7 +585,7 @@ class Engine:
                             retryable=1, **fields)
             self.log.info("job.retrying", job_id=job.job_id, attempt=attempts,
                           error=fields.get("error_message"))
-            self._requeue(job.job_id)
+            self._poke()
             return
         await self._set(job, JobState.FAILED, "job.failed", retryable=int(retryable), **fields)
         self.log.warning("job.failed", job_id=job.job_id, error_code=fields.get("error_code"),
@@ -479,6 +601,7 @@ class Engine:
         """Poll one task to its end (or deadline); its slot is released when it ends."""
         assert task_id is not None
         spec = job.spec
+        account = self._account(job)
         group = _group(spec)
         started = submitted_at or self.clock.wall()
         mono_start = self.clock.monotonic() - max(0.0, self.clock.wall() - started)
@@ -491,7 +614,7 @@ class Engine:
             nonlocal released
             if not released:
                 released = True
-                self.slots.release()
+                account.slots.release()
 
         try:
             while True:
@@ -515,7 +638,7 @@ class Engine:
                 polls += 1
                 self.polls += 1
                 try:
-                    status = await self.provider.status(task_id, spec)
+                    status = await account.provider.status(task_id, spec)
                 except RateLimited as exc:
                     self.poll_gate.pause(exc.retry_after or self._backoff(errors + 1))
                     errors += 1
@@ -534,7 +657,8 @@ class Engine:
                         if dead:
                             self._account_refused(exc)
                         await self._set(job, JobState.RUNNING if running else JobState.SUBMITTED,
-                                        "job.poll_refused", error_code=exc.code or "account",
+                                        "job.poll_refused", let_go=True,
+                                        error_code=exc.code or "account",
                                         error_message=f"polling stopped, the provider refused "
                                         f"the account: {exc.message}; `resume` with a working "
                                         "key polls the task again")
@@ -576,7 +700,6 @@ class Engine:
     async def _succeeded(self, job: JobRow, status: TaskStatus, started: float) -> None:
         completed = status.completed_at or self.clock.wall()
         render = max(0.0, completed - (status.created_at or started))
-        await self._settle_cost(job, status.cost_usd)
         # Without a reported price (Kling reports units) the estimate stays as the best guess.
         settled: dict[str, Any] = {"reserved_usd": 0} if status.cost_usd is not None else {}
         await self._set(job, JobState.SUCCEEDED, "job.succeeded", video_url=status.video_url,
@@ -587,16 +710,8 @@ class Engine:
         if self.opts.download:
             await self._fetch(job, status.video_url)
 
-    async def _settle_cost(self, job: JobRow, cost: float | None) -> None:
-        held = self._held.pop(job.job_id, 0.0)
-        if cost is not None:
-            self._committed_usd += cost - held
-            self.spent_usd += cost
-
     async def _task_failed(self, job: JobRow, status: TaskStatus) -> None:
         # A failed task is usually not billed; what the provider reports replaces the hold.
-        self._committed_usd += (status.cost_usd or 0.0) - self._held.pop(job.job_id, 0.0)
-        self.spent_usd += status.cost_usd or 0.0
         await self._finish_attempt(
             job, retryable=status.retryable, error_code=status.error_code,
             error_message=status.error_message, cost_usd=status.cost_usd,
@@ -654,7 +769,7 @@ class Engine:
         if task_id is None:
             return old
         try:
-            status = await self.provider.status(task_id, job.spec)
+            status = await self._account(job).provider.status(task_id, job.spec)
         except ProviderError:
             return old
         if status.video_url and status.video_url != old:
@@ -665,7 +780,7 @@ class Engine:
 
     async def _download_failed(self, job: JobRow, message: str) -> None:
         # The render is paid for and may still be fetched: stay `succeeded`, resumable.
-        await self._set(job, JobState.SUCCEEDED, "job.download_failed",
+        await self._set(job, JobState.SUCCEEDED, "job.download_failed", let_go=True,
                         error_code="download_failed", error_message=message)
         self.log.warning("job.download_failed", job_id=job.job_id, error=message)
 

@@ -15,8 +15,9 @@ import ipaddress
 import os
 import random
 import re
+import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -28,7 +29,7 @@ import anyio
 import httpx
 
 from batchkling.clock import Clock, SystemClock
-from batchkling.errors import BatchklingError, ConfigError, unwrapped_groups
+from batchkling.errors import BatchklingError, ConfigError, WorkerFenced, unwrapped_groups
 from batchkling.logs import get_logger, redactor, run_log
 from batchkling.models import TERMINAL, JobState, RunSummary
 from batchkling.outputs.report import write_report
@@ -41,11 +42,15 @@ from batchkling.store import RunRow, Store, default_location, store_from
 
 if TYPE_CHECKING:
     from batchkling.manifest.document import Manifest, RunConfig
+    from batchkling.manifest.settings import AccountConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_INCOMPLETE, EXIT_ACCOUNT, EXIT_INTERRUPTED = 0, 1, 3, 4, 130
+#: This process was presumed dead (paused past ``stale_after``) and another took its jobs over.
+EXIT_FENCED = 5
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HEARTBEAT = 5.0
-_STALE_AFTER = 30.0
+#: Seconds without a heartbeat after which a worker is presumed dead (``--stale-after``).
+STALE_AFTER = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +112,8 @@ class Orchestrator:
         store: Store | None = None,
         provider: Provider | None = None,
         seed: int | None = None,
+        stale_after: float = STALE_AFTER,
+        worker: str | None = None,
     ) -> None:
         if manifest is None and run_id is None:
             raise ConfigError("give a manifest, or the run id of an existing run")
@@ -127,7 +134,11 @@ class Orchestrator:
         self.store = store or store_from(default_location(self.workdir))
         self._provider = provider
         self._rng = random.Random(seed)
-        self._owner = uuid.uuid4().hex
+        # This process's worker id: readable in `status`, unique across machines and restarts.
+        # A `batchkling worker` drives many runs under one id (and heartbeats for them).
+        self._owner = worker or worker_id()
+        self._member = worker is not None
+        self.stale_after = stale_after
         self._engine: Engine | None = None
         self._scope: anyio.CancelScope | None = None
         self._interrupted = False
@@ -159,20 +170,19 @@ class Orchestrator:
         counts = await self.store.counts(self.run_id)
         engine = self._engine
         left = sum(n for state, n in counts.items() if state not in TERMINAL)
-        if engine is not None and engine.tallied:
-            # The engine keeps these as jobs end: the queries behind them read every job of
-            # the run (about 85 ms at 100,000 jobs), too dear for a redraw every half second.
-            spent, committed = engine.spent_usd, engine.committed_usd
+        # The store keeps the run's money as running totals: no scan per redraw.
+        spent, committed = await self.store.money(self.run_id)
+        if engine is not None:
+            # The engine keeps these as jobs end: the query reads every ended job of the run.
             ends = list(engine.recent_ends)
         else:
-            spent, committed = await self.store.money(self.run_id)
             ends = await self.store.recent_ends(self.run_id) if left else []
         eta = None if left == 0 else eta_seconds(left, ends, self.clock.wall())
         return Progress(
             run_id=self.run_id,
             counts={state.value: n for state, n in counts.items()},
-            in_flight=engine.slots.in_use if engine else 0,
-            slot_limit=engine.slots.limit if engine else 0,
+            in_flight=engine.slots_in_use if engine else 0,
+            slot_limit=engine.slot_limit if engine else 0,
             spent_usd=spent,
             committed_usd=committed,
             stop_reason=engine.stop.reason if engine else None,
@@ -201,13 +211,52 @@ class Orchestrator:
                               "pick another --run-id for this one")
         config_json, source_text = _snapshot(manifest)
         base_url = self.base_url_override or manifest.provider.base_url
-        await self.store.save_run(
-            self.run_id, manifest_path=str(manifest.source_path),
-            manifest_text=source_text, config_json=config_json,
-            provider=manifest.provider.name, base_url=base_url, simulated=self.simulated,
-            now=self.clock.wall(),
-        )
-        return await self._drive(sync=manifest)
+
+        async def save() -> None:
+            await self.store.save_run(
+                self.run_id, manifest_path=str(manifest.source_path),
+                manifest_text=source_text, config_json=config_json,
+                provider=manifest.provider.name, base_url=base_url, simulated=self.simulated,
+                now=self.clock.wall(),
+            )
+
+        if existing is None:
+            await save()
+            return await self._drive(sync=manifest)
+        # An existing run's settings change only once this process holds its lease: a run
+        # refused because another process drives it changes nothing.
+        return await self._drive(sync=manifest, before=save)
+
+    async def submit(self) -> dict[str, int]:
+        """Record the run and its jobs for workers to drive (``batchkling submit``); no creates.
+
+        Returns the run's jobs counted by state. Like ``run``, an existing run's settings
+        change only while this process holds its lease, so a run being driven is refused.
+        """
+        manifest = self.manifest
+        if manifest is None:
+            raise ConfigError("submit needs a manifest")
+        existing = await self.store.get_run(self.run_id)
+        if existing is not None and existing.simulated:
+            raise ConfigError(f"run {self.run_id!r} was started with --simulate; workers cannot "
+                              "reach its simulator: pick another --run-id")
+        config_json, source_text = _snapshot(manifest)
+
+        async def save() -> None:
+            await self.store.save_run(
+                self.run_id, manifest_path=str(manifest.source_path),
+                manifest_text=source_text, config_json=config_json,
+                provider=manifest.provider.name,
+                base_url=self.base_url_override or manifest.provider.base_url,
+                simulated=False, now=self.clock.wall())
+
+        if existing is None:
+            await save()
+        with unwrapped_groups():
+            await self._drive_locked(sync=manifest, before=save if existing else None,
+                                     execute=False)
+        counts = await self.store.counts(self.run_id)
+        return {state.value: n for state, n in counts.items()}
 
     async def resume(self) -> RunSummary:
         """Continue an existing run from its snapshot; no manifest file needed."""
@@ -227,38 +276,78 @@ class Orchestrator:
         if missing:
             raise ConfigError(f"run {self.run_id!r} has no job {', '.join(map(repr, missing))}; "
                               f"`batchkling export {self.run_id}` lists its jobs")
-        await self._lease()
-        try:
+
+        async def reset() -> None:
             changed = await self.store.reset_for_retry(self.run_id, states=states,
                                                        job_ids=job_ids, now=self.clock.wall())
-        finally:
-            await self.store.release_lease(self.run_id, self._owner)
-        self.log.info("run.retry", jobs=changed, states=[s.value for s in states],
-                      job_ids=list(job_ids))
-        return await self._drive(sync=None)
+            self.log.info("run.retry", jobs=changed, states=[s.value for s in states],
+                          job_ids=list(job_ids))
+
+        return await self._drive(sync=None, before=reset)
+
+    async def work(self) -> RunSummary:
+        """Drive the run as one of its cooperating workers (``batchkling worker``).
+
+        No lease: any number of workers share the run through claims. The worker takes over
+        jobs of workers that died, but leaves what a person must decide on (timed out, refused,
+        a failed download) to ``resume``. If nothing is left to do and no driver holds the run,
+        this worker ends it and writes its results and report.
+        """
+        try:
+            with unwrapped_groups():
+                run = await self.store.require_run(self.run_id)
+                config = _config_from(run)
+                with run_log(self.run_dir / "run.log"):
+                    return await self._execute(run, config)
+        except WorkerFenced as exc:
+            return RunSummary(run_id=self.run_id, counts={}, cost_usd=0.0,
+                              stop_reason=str(exc), exit_code=EXIT_FENCED)
 
     # ---- the shared path -----------------------------------------------------------------
 
-    async def _lease(self) -> None:
-        await self.store.acquire_lease(self.run_id, self._owner, now=self.clock.wall(),
-                                       stale_after=_STALE_AFTER)
-
-    async def _drive(self, *, sync: Manifest | None) -> RunSummary:
-        with unwrapped_groups():
-            return await self._drive_locked(sync=sync)
-
-    async def _drive_locked(self, *, sync: Manifest | None) -> RunSummary:
-        run = await self.store.require_run(self.run_id)
-        config = _config_from(run)
-        await self._lease()
+    async def _drive(self, *, sync: Manifest | None,
+                     before: Callable[[], Awaitable[None]] | None = None) -> RunSummary:
         try:
-            with run_log(self.run_dir / "run.log"):
-                if sync is not None:
-                    await self._sync(sync)
-                return await self._execute(run, config)
+            with unwrapped_groups():
+                return await self._drive_locked(sync=sync, before=before)
+        except WorkerFenced as exc:
+            # Another process took this run over while this one was paused: whatever was in
+            # progress is now its to finish. Nothing more is written here.
+            self.log.error("run.fenced", error=str(exc))
+            return RunSummary(run_id=self.run_id, counts={}, cost_usd=0.0,
+                              stop_reason=str(exc), exit_code=EXIT_FENCED)
+
+    async def _drive_locked(self, *, sync: Manifest | None,
+                            before: Callable[[], Awaitable[None]] | None,
+                            execute: bool = True) -> RunSummary:
+        await self.store.require_run(self.run_id)
+        await self.store.register_worker(self._owner, runs=[self.run_id], now=self.clock.wall())
+        try:
+            await self.store.acquire_lease(self.run_id, self._owner,
+                                           stale_after=self.stale_after, now=self.clock.wall())
+            try:
+                if before is not None:
+                    await before()
+                run = await self.store.require_run(self.run_id)
+                config = _config_from(run)
+                with run_log(self.run_dir / "run.log"):
+                    if sync is not None:
+                        await self._sync(sync)
+                    # Open for creates (by this process, and by any worker that joins).
+                    await self.store.set_run_state(self.run_id, "running", None,
+                                                   self.clock.wall())
+                    if not execute:
+                        return RunSummary(run_id=self.run_id, counts={}, cost_usd=0.0,
+                                          stop_reason=None, exit_code=EXIT_OK)
+                    return await self._execute(run, config)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.store.release_lease(self.run_id, self._owner)
         finally:
             with anyio.CancelScope(shield=True):
-                await self.store.release_lease(self.run_id, self._owner)
+                # A no-op for a worker already presumed dead: its row says so.
+                await self.store.retire_worker(self._owner, state="stopped", reason=None,
+                                               now=self.clock.wall())
 
     async def _sync(self, manifest: Manifest) -> None:
         known = await self.store.job_index(self.run_id)
@@ -284,50 +373,56 @@ class Orchestrator:
 
     async def _execute(self, run: RunRow, config: RunConfig) -> RunSummary:
         options = self._options(run, config)
-        provider = self._provider or self._build_provider(run, config)
+        accounts = await self._accounts(run, config, options)
         async with HttpClient(transport=self.transport, timeout=120.0) as http:
             from batchkling.pricing import estimate_usd
 
             def estimate(spec: Any) -> float:
                 return estimate_usd(spec, config.pricing)
 
-            engine = Engine(store=self.store, provider=provider, run_id=self.run_id,
-                            nonce=run.nonce, options=options, run_dir=self.run_dir,
-                            clock=self.clock, http=http, estimate_usd=estimate, rng=self._rng)
+            engine = Engine(store=self.store, accounts=accounts, run_id=self.run_id,
+                            nonce=run.nonce, worker_id=self._owner, options=options,
+                            run_dir=self.run_dir, clock=self.clock, http=http,
+                            estimate_usd=estimate, rng=self._rng)
             self._engine = engine
             self.log.info("run.started", provider=run.provider, simulated=run.simulated,
                           max_in_flight=options.max_in_flight)
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._heartbeat)
+                    if not self._member:
+                        tg.start_soon(self._heartbeat)
                     with anyio.CancelScope() as scope:
                         self._scope = scope
                         if self._interrupted:
                             scope.cancel()
-                        await engine.run()
+                        await engine.run(driver=not self._member)
                     tg.cancel_scope.cancel()
             finally:
                 self._scope = None
                 with anyio.CancelScope(shield=True):
                     if self._provider is None:
-                        await provider.aclose()
+                        for _account_id, provider, _cap in accounts:
+                            await provider.aclose()
         with anyio.CancelScope(shield=True):
             summary = await self._finish(engine, options)
         return summary
 
     async def _heartbeat(self) -> None:
+        """Say this worker is alive; presume silent ones dead and take their jobs of this run."""
         while True:
-            await self.clock.sleep(_HEARTBEAT)
-            await self.store.heartbeat(self.run_id, self._owner, self.clock.wall())
+            await self.clock.sleep(heartbeat_interval(self.stale_after))
+            now = self.clock.wall()
+            try:
+                await self.store.worker_heartbeat(self._owner, now)
+                if await self.store.reap_workers(self.stale_after, now) and self._engine:
+                    await self._engine.take_over()
+            except WorkerFenced as exc:
+                # Presumed dead while paused: every write from here on would change nothing.
+                if self._engine is not None:
+                    self._engine._fence(exc)
+                raise
 
     async def _finish(self, engine: Engine, options: EngineOptions) -> RunSummary:
-        csv_path = await write_results(self.store, self.run_id, self.run_dir / "results.csv",
-                                       download=options.download)
-        try:
-            await write_report(self.store, self.run_id, self.run_dir / "report.html")
-        except OSError as exc:
-            # The page is a convenience view; the CSV and the DB are the record.
-            self.log.warning("run.report_failed", error=str(exc))
         counts = await self.store.counts(self.run_id)
         by_status: dict[str, int] = {}
         for job_state, n in counts.items():
@@ -347,12 +442,30 @@ class Orchestrator:
         else:
             code, state = EXIT_OK, "finished"
         reason = "interrupted" if self._interrupted else stop.reason
-        await self.store.set_run_state(self.run_id, state, reason, self.clock.wall())
+        # The run's state first: the files below show it.
+        if self._member:
+            # A cooperating worker ends the run only when nobody drives it and nothing is left.
+            ended = not self._interrupted and await self.store.close_run(
+                self.run_id, state, reason, self.clock.wall())
+        else:
+            await self.store.set_run_state(self.run_id, state, reason, self.clock.wall())
+            ended = True
+        csv_path: Path | None = None
+        if ended:
+            csv_path = await write_results(self.store, self.run_id,
+                                           self.run_dir / "results.csv",
+                                           download=options.download)
+            try:
+                await write_report(self.store, self.run_id, self.run_dir / "report.html")
+            except OSError as exc:
+                # The page is a convenience view; the CSV and the DB are the record.
+                self.log.warning("run.report_failed", error=str(exc))
         self.log.info("run.finished", state=state, exit_code=code, counts=by_status,
                       cost_usd=round(spent, 4), polls=engine.polls, stop_reason=reason,
-                      peak_in_flight=engine.slots.peak, slot_limit=engine.slots.limit)
+                      peak_in_flight=engine.slot_peak, slot_limit=engine.slot_limit)
         return RunSummary(run_id=self.run_id, counts=by_status, cost_usd=spent,
-                          stop_reason=reason, exit_code=code, results_csv=str(csv_path),
+                          stop_reason=reason, exit_code=code,
+                          results_csv=str(csv_path) if csv_path else None,
                           cost_units=units, committed_usd=committed)
 
     # ---- configuration -------------------------------------------------------------------
@@ -394,27 +507,63 @@ class Orchestrator:
         redactor.register(value)
         return value
 
-    def _build_provider(self, run: RunRow, config: RunConfig) -> Provider:
-        spec = config.provider
+    async def _accounts(self, run: RunRow, config: RunConfig,
+                        options: EngineOptions) -> list[tuple[str, Provider, int]]:
+        """The run's provider accounts: ``(account id, adapter, max in flight)`` each, recorded
+        in the store so every worker on the same key shares its slots."""
+        keys = config.provider.key_accounts(options.max_in_flight)
+        if self._provider is not None:
+            keys = keys[:1]
+        found = []
+        for key in keys:
+            account_id = account_id_for(run, key.key_env, simulated=self.simulated)
+            cap = min(key.max_in_flight or options.max_in_flight, self.max_in_flight or 10**6)
+            await self.store.ensure_account(account_id, provider=run.provider,
+                                            max_in_flight=cap, now=self.clock.wall())
+            provider = self._provider or self._build_provider(run, key)
+            found.append((account_id, provider, cap))
+        return found
+
+    def _build_provider(self, run: RunRow, key: AccountConfig) -> Provider:
         if run.provider == "imarouter":
             from batchkling.providers.imarouter import ImaRouterProvider
 
-            key = self._secret(spec.api_key_env, "ImaRouter API key")
-            return ImaRouterProvider(self._base_url(run), key, transport=self.transport)
+            secret = self._secret(key.api_key_env, "ImaRouter API key")
+            return ImaRouterProvider(self._base_url(run), secret, transport=self.transport)
         if run.provider == "kling":
             from batchkling.providers.kling import KlingProvider
 
-            if spec.api_key_env:
+            if key.api_key_env:
                 return KlingProvider(self._base_url(run), api_key=self._secret(
-                    spec.api_key_env, "Kling API key"), transport=self.transport,
+                    key.api_key_env, "Kling API key"), transport=self.transport,
                     clock=self.clock)
             return KlingProvider(
                 self._base_url(run),
-                access_key=self._secret(spec.access_key_env, "Kling access key"),
-                secret_key=self._secret(spec.secret_key_env, "Kling secret key"),
+                access_key=self._secret(key.access_key_env, "Kling access key"),
+                secret_key=self._secret(key.secret_key_env, "Kling secret key"),
                 transport=self.transport, clock=self.clock,
             )
         raise ConfigError(f"provider {run.provider!r} is not supported by this version")
+
+
+def heartbeat_interval(stale_after: float) -> float:
+    """Heartbeats come every 5 s, and at least four times within ``stale_after``."""
+    return min(_HEARTBEAT, stale_after / 4)
+
+
+def worker_id() -> str:
+    """A new worker id: host, process and a random part (unique across machines and restarts)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def account_id_for(run: RunRow, key_env: str, *, simulated: bool) -> str:
+    """The store's name of an account: provider, API host and key variable — never the key.
+
+    Every run (and worker) that names the same variable for the same API shares the account's
+    slots. A simulated run's simulator moves to a new port each time, so its host is fixed.
+    """
+    host = "simulator" if simulated else (urlsplit(run.base_url).netloc or run.base_url)
+    return f"{run.provider}:{host}:{key_env}"
 
 
 def _config_from(run: RunRow) -> RunConfig:

@@ -4,21 +4,77 @@ A backend keeps runs, jobs, attempts and events, and commits every job state cha
 atomic transition before the caller's next side effect. :class:`Store` names those operations;
 the SQLite backend (:mod:`batchkling.store.sqlite`) is the embedded one. Helpers that are the
 same on every backend (paging, ``require_run``, the ``async with`` lifecycle) live here, once.
+
+Cooperating workers (DESIGN.md §10) share a store. Each registers a row and heartbeats on the
+*store's* clock (a host-wide monotonic clock for SQLite, the server's for PostgreSQL), so a
+wall-clock step on one machine cannot make a live worker look dead. A worker takes a job with
+:meth:`Store.claim` — the create intent itself, committed with the account's slot check and the
+budget check in one transaction — or with :meth:`Store.adopt` for jobs whose worker is gone.
+Both bump the job's ``claim_epoch``; every later write of that worker names the epoch it holds
+(``transition(..., epoch=...)``), and a write under an epoch that moved on changes nothing and
+raises :class:`~batchkling.errors.WorkerFenced`.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self
 
 from batchkling.errors import RunNotFound
 from batchkling.models import JobSpec, JobState
-from batchkling.store.rows import JobRow, RunRow
+from batchkling.store.rows import AccountRow, JobRow, RunRow, WorkerRow
 
 #: How many of the last jobs to end an ETA goes by.
 RECENT_ENDS = 20
+
+#: States in which a job's task holds (or may hold) one of its account's slots.
+SLOT_STATES = (JobState.SUBMITTING, JobState.SUBMITTED, JobState.RUNNING)
+#: States of a job whose worker is gone that another worker takes over at once.
+ORPHAN_STATES = (JobState.SUBMITTING, JobState.SUBMITTED, JobState.RUNNING, JobState.SUCCEEDED)
+
+
+class ClaimOutcome(StrEnum):
+    """What :meth:`Store.claim` found."""
+
+    CLAIMED = "claimed"  # a job moved to ``submitting``: send its create now
+    EMPTY = "empty"  # no pending job in the run
+    NO_SLOT = "no_slot"  # the account's slots are all held
+    PAUSED = "paused"  # the account's creates are paused (a Retry-After)
+    BUDGET = "budget"  # the next job's reservation would pass the run's budget
+    CLOSED = "closed"  # the run is not open for creates (stopped, interrupted, finished)
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """What a claim commits for the job it takes: its attempt, and the money it reserves.
+
+    ``new_attempt`` = ``(number, idempotency_key)`` opens a new attempt; None repeats the
+    current one with its key (an ``unknown`` create sent again).
+    """
+
+    new_attempt: tuple[int, str] | None
+    reserved_usd: float
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The outcome of :meth:`Store.claim`, with what the caller needs to act on it."""
+
+    outcome: ClaimOutcome
+    #: CLAIMED: the job as now stored (``submitting``, this worker's, its new claim epoch).
+    job: JobRow | None = None
+    #: The account's tasks in flight, and its slot limit, when the claim was decided.
+    in_flight: int = 0
+    slot_limit: int = 0
+    #: PAUSED: seconds until the pause ends.
+    wait: float = 0.0
+    #: BUDGET: the reservation that did not fit, and what the run had committed.
+    price: float = 0.0
+    committed_usd: float = 0.0
 
 
 class Store(abc.ABC):
@@ -85,21 +141,119 @@ class Store(abc.ABC):
     ) -> None:
         """Record how the latest invocation on this run ended."""
 
-    # ---- the single-runner lease -----------------------------------------------------------
+    # ---- workers and the run's lease ------------------------------------------------------
 
     @abc.abstractmethod
-    async def acquire_lease(
-        self, run_id: str, owner: str, *, now: float, stale_after: float
-    ) -> None:
-        """Take the run's lease, or raise :class:`~batchkling.errors.RunLocked`."""
+    async def register_worker(self, worker_id: str, *, runs: Sequence[str] | None,
+                              now: float) -> None:
+        """Record this process as a live worker (serving ``runs``, or every open run)."""
 
     @abc.abstractmethod
-    async def heartbeat(self, run_id: str, owner: str, now: float) -> None:
-        """Refresh the lease so other processes see this runner alive."""
+    async def worker_heartbeat(self, worker_id: str, now: float) -> None:
+        """Say this worker is alive; :class:`~batchkling.errors.WorkerFenced` if it was
+        presumed dead meanwhile."""
+
+    @abc.abstractmethod
+    async def retire_worker(self, worker_id: str, *, state: str, reason: str | None,
+                            now: float) -> None:
+        """Mark this worker ``stopped`` (it exits) so its unfinished jobs are adopted at once."""
+
+    @abc.abstractmethod
+    async def reap_workers(self, stale_after: float, now: float) -> list[str]:
+        """Mark ``dead`` every live worker silent for more than ``stale_after`` seconds on the
+        store's clock (or, on this host, whose process is gone); return their ids."""
+
+    @abc.abstractmethod
+    async def list_workers(self, *, alive_only: bool = True) -> list[WorkerRow]:
+        """Workers, most recently heard of first."""
+
+    @abc.abstractmethod
+    async def acquire_lease(self, run_id: str, worker_id: str, *, stale_after: float,
+                            now: float) -> None:
+        """Make ``worker_id`` the run's driver, or raise :class:`~batchkling.errors.RunLocked`.
+
+        A lease held by a worker that is stale (see :meth:`reap_workers`) is taken over, and
+        that worker is fenced: it is marked dead, so its writes change nothing from now on.
+        """
 
     @abc.abstractmethod
     async def release_lease(self, run_id: str, owner: str) -> None:
         """Give the lease up; a no-op if another process has taken it over."""
+
+    # ---- accounts and claims ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def ensure_account(self, account_id: str, *, provider: str, max_in_flight: int,
+                             now: float) -> AccountRow:
+        """Create the account, or set its configured ``max_in_flight``; return it."""
+
+    @abc.abstractmethod
+    async def get_account(self, account_id: str) -> AccountRow | None:
+        """The account with its slots in flight now, or None."""
+
+    @abc.abstractmethod
+    async def account_rejected(self, account_id: str, *, limit: int, now: float) -> int:
+        """A create was refused for lack of slots: lower the shared limit to ``limit`` (never
+        raise it); return the limit now in force."""
+
+    @abc.abstractmethod
+    async def account_created(self, account_id: str, *, now: float) -> int:
+        """A create succeeded below the configured maximum: after two rounds of the limit,
+        probe one more slot. Return the limit now in force."""
+
+    @abc.abstractmethod
+    async def pause_account(self, account_id: str, seconds: float, now: float) -> None:
+        """Hold every worker's creates on this account back for ``seconds`` (a Retry-After)."""
+
+    @abc.abstractmethod
+    async def claim(
+        self,
+        run_id: str,
+        *,
+        worker_id: str,
+        account_id: str,
+        slot_cap: int,
+        intent: Callable[[JobRow], Intent],
+        max_usd: float | None,
+        now: float,
+    ) -> Claim:
+        """Take the run's next pending job for a create: the committed create intent.
+
+        In one transaction: the worker must be alive; the account must have a free slot (jobs
+        in :data:`SLOT_STATES` counted across every run and worker, below the smaller of its
+        shared limit and ``slot_cap``) and no pause; the run must be open; the job's
+        reservation (``intent(job).reserved_usd``) must fit ``max_usd`` with what the run has
+        spent and reserved. The job then moves to ``submitting`` with the intent's attempt, this
+        worker, the account, and a new claim epoch. Otherwise nothing changes, and the outcome
+        says why.
+        """
+
+    @abc.abstractmethod
+    async def adopt(self, run_id: str, *, worker_id: str, states: Iterable[JobState],
+                    released: bool, limit: int = 500) -> list[JobRow]:
+        """Take over jobs of the run in ``states``, bumping their claim epoch; return them
+        (at most ``limit``, in manifest order).
+
+        Always the jobs whose worker is dead or stopped; with ``released``, also the jobs no
+        worker holds (a worker lets a job go when it stops tracking it short of an end: a
+        timeout, a refused key, a failed download) — a run's driver takes those when it starts.
+        """
+
+    @abc.abstractmethod
+    async def held_elsewhere(self, run_id: str, worker_id: str) -> int:
+        """Jobs of the run that live workers other than ``worker_id`` are driving."""
+
+    @abc.abstractmethod
+    async def work_left(self, run_id: str) -> tuple[int, int]:
+        """``(pending, orphaned)``: jobs waiting for a create, and jobs in flight whose worker
+        is dead or stopped (a worker looking for work takes both)."""
+
+    @abc.abstractmethod
+    async def close_run(self, run_id: str, state: str, stop_reason: str | None,
+                        now: float) -> bool:
+        """End an open run nobody drives once nothing is left to do in it: ``state`` is set
+        only if the run is ``running``, no live worker holds its lease, and it has no pending
+        job nor one a live worker drives. Returns whether this call ended it."""
 
     # ---- jobs ------------------------------------------------------------------------------
 
@@ -190,6 +344,7 @@ class Store(abc.ABC):
         new_attempt: tuple[int, str] | None = None,
         data: Mapping[str, Any] | None = None,
         quick: bool = False,
+        epoch: int | None = None,
         **fields: Any,
     ) -> None:
         """Move a job to ``state`` and set ``fields``, with its event, atomically.
@@ -197,6 +352,8 @@ class Store(abc.ABC):
         ``new_attempt`` = ``(number, idempotency_key)`` opens a new attempt (the create intent).
         ``quick`` allows a commit that survives the process being killed but not necessarily a
         power cut: for the states whose loss costs a repeated poll or download, never a task.
+        ``epoch``: the claim epoch the caller holds; if the job's has moved on (another worker
+        took it over), nothing changes and :class:`~batchkling.errors.WorkerFenced` is raised.
         """
 
     @abc.abstractmethod

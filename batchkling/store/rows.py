@@ -20,7 +20,7 @@ JOB_COLUMNS = frozenset(
         "attempt", "attempt_base", "idempotency_key", "task_id", "progress", "video_url",
         "video_path", "video_size", "video_sha256", "cost_usd", "cost_units", "reserved_usd",
         "error_code", "error_message", "retryable", "submitted_at", "completed_at",
-        "render_seconds",
+        "render_seconds", "worker_id",
     }
 )
 #: Job columns that describe one attempt: a new attempt starts with them empty.
@@ -89,6 +89,11 @@ class JobRow:
     completed_at: float | None
     render_seconds: float | None
     updated_at: float
+    #: The account whose slot the task holds, the worker driving the job, and the epoch of
+    #: that worker's claim (see :meth:`batchkling.store.interface.Store.claim`).
+    account_id: str | None = None
+    worker_id: str | None = None
+    claim_epoch: int = 0
 
     @property
     def spec(self) -> JobSpec:
@@ -112,4 +117,40 @@ def run_row(row: Sequence[Any]) -> RunRow:
     return RunRow(*values)
 
 
-RUN_SELECT = "SELECT " + ", ".join(RunRow.__dataclass_fields__) + " FROM runs"
+#: The lease's pid, host and heartbeat are those of the worker that holds it.
+_LEASE_FROM_WORKER = {"lease_pid": "w.pid", "lease_host": "w.host",
+                      "lease_heartbeat": "w.heartbeat_at"}
+RUN_SELECT = (
+    "SELECT "
+    + ", ".join(_LEASE_FROM_WORKER.get(name, f"r.{name}") for name in RunRow.__dataclass_fields__)
+    + " FROM runs r LEFT JOIN workers w ON w.worker_id = r.lease_owner"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    """A process that drives jobs, as the store last heard of it."""
+
+    worker_id: str
+    host: str
+    pid: int
+    state: str  # alive | stopped | dead
+    runs: list[str] | None  # the runs it serves; None = every open run
+    started_at: float
+    heartbeat_at: float
+    #: Seconds since its last heartbeat on the store's clock.
+    silent_for: float
+    stop_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRow:
+    """A provider account's task slots, shared by every worker that serves it."""
+
+    account_id: str
+    provider: str
+    max_in_flight: int
+    slot_limit: int
+    #: Seconds until creates on this account may go again (0 when not paused).
+    paused_for: float
+    in_flight: int

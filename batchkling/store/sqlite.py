@@ -23,27 +23,41 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import secrets
 import socket
 import sqlite3
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 import anyio
 
-from batchkling.errors import RunLocked, RunNotFound, StoreError
+from batchkling.clock import Clock
+from batchkling.errors import RunLocked, RunNotFound, StoreError, WorkerFenced
 from batchkling.models import TERMINAL, JobSpec, JobState
-from batchkling.store.interface import RECENT_ENDS, Store
+from batchkling.store.interface import (
+    ORPHAN_STATES,
+    RECENT_ENDS,
+    SLOT_STATES,
+    Claim,
+    ClaimOutcome,
+    Intent,
+    Store,
+)
 from batchkling.store.rows import (
     FRESH_ATTEMPT,
     JOB_COLUMNS,
     JOB_SELECT,
     RUN_SELECT,
+    AccountRow,
     JobRow,
     RunRow,
+    WorkerRow,
     job_row,
     run_row,
 )
@@ -55,9 +69,12 @@ __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 class SqliteStore(Store):
     """The checkpoint database in one SQLite file: ``async with SqliteStore(path) as store``."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, clock: Clock | None = None) -> None:
         self.path = Path(path)
         self.location = str(self.path)
+        # The store's clock, for heartbeats and pauses: host-wide and monotonic, so a wall-clock
+        # step cannot make a live worker look dead. A test injects its virtual clock.
+        self._clock = clock
         self._db: aiosqlite.Connection | None = None
         self._quick: sqlite3.Connection | None = None
         self._closed = False
@@ -134,16 +151,19 @@ class SqliteStore(Store):
             raise StoreError("the store is not open")
         return self._db
 
-    async def _write(self, statements: Iterable[tuple[str, Iterable[Any]]]) -> None:
-        """Run statements as one transaction (a lone statement is its own transaction)."""
+    async def _write(self, statements: Iterable[tuple[str, Iterable[Any]]]) -> int:
+        """Run statements as one transaction (a lone statement is its own transaction).
+
+        Returns the number of rows a lone statement changed (-1 for a batch).
+        """
         db = self.db
         batch = list(statements)
         async with self._lock:
             try:
                 if len(batch) == 1:
                     sql, params = batch[0]
-                    await db.execute(sql, tuple(params))
-                    return
+                    cursor = await db.execute(sql, tuple(params))
+                    return cursor.rowcount
                 await db.execute("BEGIN IMMEDIATE")
                 try:
                     # A run of the same statement goes in one trip to the database thread: a
@@ -161,6 +181,19 @@ class SqliteStore(Store):
                     raise
             except sqlite3.Error as exc:
                 raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
+        return -1
+
+    async def _write_returning(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
+        """One statement with ``RETURNING``, as its own (durable) transaction."""
+        async with self._lock:
+            try:
+                return list(await self.db.execute_fetchall(sql, tuple(params)))
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
+
+    def _now(self) -> float:
+        """The store's clock (see ``__init__``)."""
+        return self._clock.monotonic() if self._clock is not None else _host_clock()
 
     async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         try:
@@ -225,43 +258,113 @@ class SqliteStore(Store):
             ]
         )
 
-    # ---- the single-runner lease -----------------------------------------------------------
+    # ---- workers and the run's lease -------------------------------------------------------
 
-    async def acquire_lease(
-        self, run_id: str, owner: str, *, now: float, stale_after: float
-    ) -> None:
-        """Take the run's lease, or raise :class:`RunLocked` naming the live holder.
+    async def register_worker(self, worker_id: str, *, runs: Sequence[str] | None,
+                              now: float) -> None:
+        """Record this process as a live worker (serving ``runs``, or every open run)."""
+        await self._write([(
+            "INSERT INTO workers (worker_id, host, pid, boot_id, state, runs, started_at,"
+            " heartbeat_at, beat) VALUES (?, ?, ?, ?, 'alive', ?, ?, ?, ?)"
+            " ON CONFLICT (worker_id) DO UPDATE SET state = 'alive', heartbeat_at ="
+            " excluded.heartbeat_at, beat = excluded.beat",
+            (worker_id, socket.gethostname(), os.getpid(), _BOOT_ID,
+             None if runs is None else json.dumps(list(runs)), now, now, self._now()),
+        )])
 
-        A lease is stale when its heartbeat is older than ``stale_after`` seconds, or when its
-        holder was on this host and that process no longer exists (a SIGKILLed runner).
-        """
-        pid, host = os.getpid(), socket.gethostname()
+    async def worker_heartbeat(self, worker_id: str, now: float) -> None:
+        """Say this worker is alive; :class:`WorkerFenced` if it was presumed dead meanwhile."""
+        changed = await self._write([(
+            "UPDATE workers SET heartbeat_at = ?, beat = ? WHERE worker_id = ? AND state = 'alive'",
+            (now, self._now(), worker_id),
+        )])
+        if changed == 0:
+            raise WorkerFenced(_FENCED)
+
+    async def retire_worker(self, worker_id: str, *, state: str, reason: str | None,
+                            now: float) -> None:
+        """Mark this worker ``stopped`` (it exits) so its unfinished jobs are adopted at once."""
+        await self._write([(
+            "UPDATE workers SET state = ?, stop_reason = ?, heartbeat_at = ?"
+            " WHERE worker_id = ? AND state = 'alive'",
+            (state, reason, now, worker_id),
+        )])
+
+    async def reap_workers(self, stale_after: float, now: float) -> list[str]:
+        """Mark ``dead`` the live workers silent past ``stale_after``; return their ids."""
+        rows = await self._fetchall(
+            "SELECT worker_id, host, pid, boot_id, beat, heartbeat_at FROM workers"
+            " WHERE state = 'alive'")
+        dead = [(r[0], r[4]) for r in rows
+                if self._stale(r[1], r[2], r[3], r[4], r[5], stale_after=stale_after, now=now)]
+        reaped = []
+        for worker_id, beat in dead:
+            # Only if it has not beaten since we looked: a worker that woke up stays alive.
+            if await self._write([(
+                "UPDATE workers SET state = 'dead', stop_reason = ? WHERE worker_id = ?"
+                " AND state = 'alive' AND beat = ?",
+                (f"silent for more than {stale_after:g}s", worker_id, beat),
+            )]):
+                reaped.append(worker_id)
+        return reaped
+
+    def _silent_for(self, boot_id: str, beat: float, heartbeat_at: float, now: float) -> float:
+        if boot_id == _BOOT_ID:
+            return self._now() - beat
+        # Another boot, or another machine sharing the file: only wall time compares.
+        return now - heartbeat_at
+
+    def _stale(self, host: str, pid: int, boot_id: str, beat: float, heartbeat_at: float, *,
+               stale_after: float, now: float) -> bool:
+        if self._silent_for(boot_id, beat, heartbeat_at, now) > stale_after:
+            return True
+        # A process of this host and boot that no longer exists (SIGKILLed) is gone at once.
+        return (host == socket.gethostname() and boot_id == _BOOT_ID
+                and not _process_alive(pid))
+
+    async def list_workers(self, *, alive_only: bool = True) -> list[WorkerRow]:
+        """Workers, most recently heard of first."""
+        where = " WHERE state = 'alive'" if alive_only else ""
+        rows = await self._fetchall(
+            "SELECT worker_id, host, pid, state, runs, started_at, heartbeat_at, boot_id, beat,"
+            f" stop_reason FROM workers{where} ORDER BY heartbeat_at DESC")
+        wall = time.time()
+        return [WorkerRow(worker_id=r[0], host=r[1], pid=r[2], state=r[3],
+                          runs=None if r[4] is None else list(json.loads(r[4])),
+                          started_at=r[5], heartbeat_at=r[6],
+                          silent_for=max(0.0, self._silent_for(r[7], r[8], r[6], wall)),
+                          stop_reason=r[9])
+                for r in rows]
+
+    async def acquire_lease(self, run_id: str, worker_id: str, *, stale_after: float,
+                            now: float) -> None:
+        """Make ``worker_id`` the run's driver, or raise :class:`RunLocked`; a stale holder is
+        fenced (marked dead) as its lease is taken over."""
         async with self._lock:
             try:
                 await self.db.execute("BEGIN IMMEDIATE")
                 try:
-                    async with self.db.execute(
-                        "SELECT lease_owner, lease_pid, lease_host, lease_heartbeat FROM runs"
-                        " WHERE run_id = ?",
-                        (run_id,),
-                    ) as cur:
-                        row = await cur.fetchone()
-                    if row is None:
+                    rows = await self.db.execute_fetchall(
+                        "SELECT r.lease_owner, w.host, w.pid, w.boot_id, w.beat, w.heartbeat_at,"
+                        " w.state FROM runs r LEFT JOIN workers w ON w.worker_id = r.lease_owner"
+                        " WHERE r.run_id = ?", (run_id,))
+                    if not rows:
                         raise RunNotFound(f"no run {run_id!r} in {self.path}")
-                    holder, holder_pid, holder_host, beat = row
-                    if holder is not None and holder != owner and not _lease_is_stale(
-                        holder_pid, holder_host, beat, now=now, stale_after=stale_after
-                    ):
-                        raise RunLocked(
-                            f"run {run_id!r} is being run by process {holder_pid} on "
-                            f"{holder_host} (last heartbeat {now - (beat or now):.0f}s ago); "
-                            "wait for it to finish, or stop it first"
-                        )
-                    await self.db.execute(
-                        "UPDATE runs SET lease_owner = ?, lease_pid = ?, lease_host = ?,"
-                        " lease_heartbeat = ? WHERE run_id = ?",
-                        (owner, pid, host, now, run_id),
-                    )
+                    holder, host, pid, boot_id, beat, heartbeat_at, state = next(iter(rows))
+                    if holder is not None and holder != worker_id and state == "alive":
+                        if not self._stale(host, pid, boot_id, beat, heartbeat_at,
+                                           stale_after=stale_after, now=now):
+                            silent = self._silent_for(boot_id, beat, heartbeat_at, now)
+                            raise RunLocked(
+                                f"run {run_id!r} is being run by process {pid} on {host} (last "
+                                f"heartbeat {max(0.0, silent):.0f}s ago); wait for it to "
+                                "finish, or stop it first")
+                        # Presumed dead: from now on its writes change nothing.
+                        await self.db.execute(
+                            "UPDATE workers SET state = 'dead', stop_reason = ? WHERE worker_id"
+                            " = ?", (f"its run {run_id!r} was taken over", holder))
+                    await self.db.execute("UPDATE runs SET lease_owner = ? WHERE run_id = ?",
+                                          (worker_id, run_id))
                     await self.db.execute("COMMIT")
                 except BaseException:
                     with anyio.CancelScope(shield=True):
@@ -270,28 +373,198 @@ class SqliteStore(Store):
             except sqlite3.Error as exc:
                 raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
 
-    async def heartbeat(self, run_id: str, owner: str, now: float) -> None:
-        """Refresh the lease so other processes see this runner alive."""
-        await self._write(
-            [
-                (
-                    "UPDATE runs SET lease_heartbeat = ? WHERE run_id = ? AND lease_owner = ?",
-                    (now, run_id, owner),
-                )
-            ]
-        )
-
     async def release_lease(self, run_id: str, owner: str) -> None:
         """Give the lease up; a no-op if another process has taken it over."""
-        await self._write(
-            [
-                (
-                    "UPDATE runs SET lease_owner = NULL, lease_pid = NULL, lease_host = NULL,"
-                    " lease_heartbeat = NULL WHERE run_id = ? AND lease_owner = ?",
-                    (run_id, owner),
-                )
-            ]
-        )
+        await self._write([(
+            "UPDATE runs SET lease_owner = NULL WHERE run_id = ? AND lease_owner = ?",
+            (run_id, owner),
+        )])
+
+    # ---- accounts and claims ---------------------------------------------------------------
+
+    async def ensure_account(self, account_id: str, *, provider: str, max_in_flight: int,
+                             now: float) -> AccountRow:
+        """Create the account, or set its configured ``max_in_flight``; return it."""
+        await self._write([(
+            "INSERT INTO accounts (account_id, provider, max_in_flight, slot_limit, updated_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (account_id) DO UPDATE SET"
+            " max_in_flight = excluded.max_in_flight,"
+            " slot_limit = MIN(accounts.slot_limit, excluded.max_in_flight),"
+            " updated_at = excluded.updated_at",
+            (account_id, provider, max_in_flight, max_in_flight, now),
+        )])
+        account = await self.get_account(account_id)
+        assert account is not None
+        return account
+
+    async def get_account(self, account_id: str) -> AccountRow | None:
+        """The account with its slots in flight now, or None."""
+        rows = await self._fetchall(
+            f"SELECT account_id, provider, max_in_flight, slot_limit, paused_until,"
+            f" (SELECT COUNT(*) FROM jobs WHERE account_id = a.account_id AND state IN"
+            f" ({_SLOT_MARKS})) FROM accounts a WHERE account_id = ?",
+            (*_SLOT_VALUES, account_id))
+        if not rows:
+            return None
+        r = rows[0]
+        return AccountRow(account_id=r[0], provider=r[1], max_in_flight=r[2], slot_limit=r[3],
+                          paused_for=max(0.0, r[4] - self._now()), in_flight=r[5])
+
+    async def account_rejected(self, account_id: str, *, limit: int, now: float) -> int:
+        """Lower the shared slot limit to ``limit`` (never raise it); return the limit."""
+        rows = await self._write_returning(
+            "UPDATE accounts SET slot_limit = MAX(1, MIN(slot_limit, ?)), streak = 0,"
+            " updated_at = ? WHERE account_id = ? RETURNING slot_limit",
+            (limit, now, account_id))
+        return int(rows[0][0]) if rows else limit
+
+    async def account_created(self, account_id: str, *, now: float) -> int:
+        """Count a create; after two rounds of the limit, probe one more slot."""
+        rows = await self._write_returning(
+            "UPDATE accounts SET"
+            " slot_limit = CASE WHEN streak + 1 >= 2 * slot_limit THEN slot_limit + 1"
+            " ELSE slot_limit END,"
+            " streak = CASE WHEN streak + 1 >= 2 * slot_limit THEN 0 ELSE streak + 1 END,"
+            " updated_at = ? WHERE account_id = ? AND slot_limit < max_in_flight"
+            " RETURNING slot_limit",
+            (now, account_id))
+        if rows:
+            return int(rows[0][0])
+        account = await self.get_account(account_id)
+        return account.slot_limit if account else 0
+
+    async def pause_account(self, account_id: str, seconds: float, now: float) -> None:
+        """Hold every worker's creates on this account back for ``seconds``."""
+        until = self._now() + max(0.0, seconds)
+        await self._write([(
+            "UPDATE accounts SET paused_until = MAX(paused_until, ?), updated_at = ?"
+            " WHERE account_id = ?", (until, now, account_id))])
+
+    async def claim(
+        self,
+        run_id: str,
+        *,
+        worker_id: str,
+        account_id: str,
+        slot_cap: int,
+        intent: Callable[[JobRow], Intent],
+        max_usd: float | None,
+        now: float,
+    ) -> Claim:
+        """Take the run's next pending job: see :meth:`Store.claim`.
+
+        A read decides, then one conditional ``UPDATE … RETURNING`` commits the intent; its
+        ``WHERE`` re-checks everything the read saw, inside SQLite's single write transaction,
+        so a claim that raced another process changes nothing and is decided again.
+        """
+        seen = _Seen(0, 0)
+        for _ in range(5):
+            rows = await self._fetchall(_CLAIM_READ, (
+                worker_id, *_SLOT_VALUES, account_id, run_id, run_id))
+            if not rows:
+                raise RunNotFound(f"no run {run_id!r} (or account {account_id!r}) in "
+                                  f"{self.path}")
+            head = rows[0]
+            worker_state, slot_limit, paused_until, in_flight, run_state, committed = head[:6]
+            limit = min(int(slot_limit), slot_cap)
+            seen = _Seen(int(in_flight), limit)
+            if worker_state != "alive":
+                raise WorkerFenced(_FENCED)
+            if run_state != "running":
+                return seen.claim(ClaimOutcome.CLOSED)
+            if head[6] is None:
+                return seen.claim(ClaimOutcome.EMPTY)
+            store_now = self._now()
+            if paused_until > store_now:
+                return seen.claim(ClaimOutcome.PAUSED, wait=paused_until - store_now)
+            if in_flight >= limit:
+                return seen.claim(ClaimOutcome.NO_SLOT)
+            job = job_row(head[6:])
+            plan = intent(job)
+            if max_usd is not None and committed + plan.reserved_usd > max_usd + 1e-9:
+                return seen.claim(ClaimOutcome.BUDGET, price=plan.reserved_usd,
+                                  committed_usd=float(committed))
+            fields: dict[str, Any] = {"reserved_usd": plan.reserved_usd, "error_code": None,
+                                      "error_message": None}
+            if plan.new_attempt is not None:
+                number, key = plan.new_attempt
+                fields = {**dict.fromkeys(FRESH_ATTEMPT), **fields, "attempt": number,
+                          "idempotency_key": key}
+            sets = "".join(f", {name} = ?" for name in fields)
+            claimed = await self._write_returning(
+                "UPDATE jobs SET state = 'submitting', updated_at = ?,"
+                " last_event = 'job.submitting', last_event_data = NULL, worker_id = ?,"
+                f" account_id = ?, claim_epoch = claim_epoch + 1{sets}"
+                " WHERE run_id = ? AND job_id = ? AND state = 'pending' AND claim_epoch = ?"
+                " AND (SELECT state FROM workers WHERE worker_id = ?) = 'alive'"
+                " AND (SELECT state FROM runs WHERE run_id = ?) = 'running'"
+                f" AND (SELECT COUNT(*) FROM jobs WHERE account_id = ? AND state IN"
+                f" ({_SLOT_MARKS})) < MIN(?, (SELECT slot_limit FROM accounts"
+                " WHERE account_id = ?))"
+                " AND (SELECT paused_until FROM accounts WHERE account_id = ?) <= ?"
+                " AND (? IS NULL OR (SELECT spent_usd + reserved_usd FROM runs WHERE run_id = ?)"
+                " + ? <= ? + 1e-9)"
+                f" RETURNING {_JOB_COLUMNS}",
+                (now, worker_id, account_id, *fields.values(), run_id, job.job_id,
+                 job.claim_epoch, worker_id, run_id, account_id, *_SLOT_VALUES, slot_cap,
+                 account_id, account_id, store_now, max_usd, run_id, plan.reserved_usd,
+                 max_usd))
+            if claimed:
+                return seen.claim(ClaimOutcome.CLAIMED, job=job_row(claimed[0]))
+            # Something moved between the read and the write (another worker claimed this
+            # job or a slot, a pause began): decide again from a fresh read.
+        return seen.claim(ClaimOutcome.NO_SLOT)
+
+    async def adopt(self, run_id: str, *, worker_id: str, states: Iterable[JobState],
+                    released: bool, limit: int = 500) -> list[JobRow]:
+        """Take over jobs in ``states`` whose worker is dead or stopped (and, with
+        ``released``, those no worker holds); bump their epoch; return them in seq order."""
+        wanted = [s.value for s in states]
+        marks = ",".join("?" * len(wanted))
+        orphan = ("worker_id NOT IN (SELECT worker_id FROM workers WHERE state = 'alive')")
+        whose = f"(worker_id IS NULL OR {orphan})" if released else \
+            f"(worker_id IS NOT NULL AND {orphan})"
+        rows = await self._write_returning(
+            f"UPDATE jobs SET worker_id = ?, claim_epoch = claim_epoch + 1 WHERE rowid IN"
+            f" (SELECT rowid FROM jobs WHERE run_id = ? AND state IN ({marks}) AND {whose}"
+            f" ORDER BY seq LIMIT ?) RETURNING {_JOB_COLUMNS}",
+            (worker_id, run_id, *wanted, limit))
+        return sorted((job_row(r) for r in rows), key=lambda job: job.seq)
+
+    async def held_elsewhere(self, run_id: str, worker_id: str) -> int:
+        """Jobs of the run that live workers other than ``worker_id`` are driving."""
+        marks = ",".join("?" * len(ORPHAN_STATES))
+        rows = await self._fetchall(
+            f"SELECT COUNT(*) FROM jobs WHERE run_id = ? AND state IN ({marks})"
+            " AND worker_id IS NOT NULL AND worker_id != ?"
+            " AND worker_id IN (SELECT worker_id FROM workers WHERE state = 'alive')",
+            (run_id, *[s.value for s in ORPHAN_STATES], worker_id))
+        return int(rows[0][0])
+
+    async def work_left(self, run_id: str) -> tuple[int, int]:
+        """``(pending, orphaned)`` jobs of the run (see :meth:`Store.work_left`)."""
+        marks = ",".join("?" * len(ORPHAN_STATES))
+        rows = await self._fetchall(
+            "SELECT COUNT(*) FILTER (WHERE state = 'pending'),"
+            f" COUNT(*) FILTER (WHERE state IN ({marks}) AND worker_id IS NOT NULL"
+            " AND worker_id NOT IN (SELECT worker_id FROM workers WHERE state = 'alive'))"
+            " FROM jobs WHERE run_id = ?",
+            (*[s.value for s in ORPHAN_STATES], run_id))
+        return int(rows[0][0]), int(rows[0][1])
+
+    async def close_run(self, run_id: str, state: str, stop_reason: str | None,
+                        now: float) -> bool:
+        """End an open, driverless run with nothing left to do (see :meth:`Store.close_run`)."""
+        marks = ",".join("?" * len(ORPHAN_STATES))
+        return bool(await self._write([(
+            "UPDATE runs SET state = ?, stop_reason = ?, updated_at = ? WHERE run_id = ?"
+            " AND state = 'running' AND (lease_owner IS NULL OR lease_owner NOT IN"
+            " (SELECT worker_id FROM workers WHERE state = 'alive'))"
+            " AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.run_id = runs.run_id AND"
+            f" (state = 'pending' OR (state IN ({marks}) AND worker_id IN"
+            " (SELECT worker_id FROM workers WHERE state = 'alive'))))",
+            (state, stop_reason, now, run_id, *[s.value for s in ORPHAN_STATES]),
+        )]))
 
     # ---- jobs ------------------------------------------------------------------------------
 
@@ -451,11 +724,11 @@ class SqliteStore(Store):
 
     async def money(self, run_id: str) -> tuple[float, float]:
         """``(spent, committed)``: reported cost so far, and cost plus open reservations."""
+        # Running totals the triggers keep: no scan of the run's attempts.
         rows = await self._fetchall(
-            "SELECT COALESCE((SELECT SUM(cost_usd) FROM attempts WHERE run_id = ?), 0),"
-            " COALESCE((SELECT SUM(reserved_usd) FROM jobs WHERE run_id = ?), 0)",
-            (run_id, run_id),
-        )
+            "SELECT spent_usd, reserved_usd FROM runs WHERE run_id = ?", (run_id,))
+        if not rows:
+            return 0.0, 0.0
         spent, reserved = float(rows[0][0]), float(rows[0][1])
         return spent, spent + reserved
 
@@ -482,6 +755,7 @@ class SqliteStore(Store):
         new_attempt: tuple[int, str] | None = None,
         data: Mapping[str, Any] | None = None,
         quick: bool = False,
+        epoch: int | None = None,
         **fields: Any,
     ) -> None:
         """Move a job to ``state`` and set ``fields``; its event row lands in the same statement.
@@ -490,6 +764,7 @@ class SqliteStore(Store):
         the attempt fields start empty, and a trigger inserts the attempt's row. Afterwards the
         attempt fields of every transition are mirrored onto the current attempt's row.
         ``quick`` commits without fsync, on the event loop's thread (see the module docstring).
+        ``epoch`` fences the write to the claim the caller holds (:class:`WorkerFenced`).
         """
         unknown = set(fields) - JOB_COLUMNS
         if unknown:
@@ -500,28 +775,32 @@ class SqliteStore(Store):
                       "idempotency_key": key}
         blob = json.dumps(dict(data), default=str, separators=(",", ":")) if data else None
         sets = "".join(f", {name} = ?" for name in fields)
+        fence = "" if epoch is None else " AND claim_epoch = ?"
         statement = (
             f"UPDATE jobs SET state = ?, updated_at = ?, last_event = ?, last_event_data = ?"
-            f"{sets} WHERE run_id = ? AND job_id = ?",
-            (state.value, now, event, blob, *fields.values(), run_id, job_id),
+            f"{sets} WHERE run_id = ? AND job_id = ?{fence}",
+            (state.value, now, event, blob, *fields.values(), run_id, job_id,
+             *(() if epoch is None else (epoch,))),
         )
-        if quick and await self._write_quick(*statement):
-            return
-        await self._write([statement])
+        changed = await self._write_quick(*statement) if quick else None
+        if changed is None:
+            changed = await self._write([statement])
+        if changed == 0 and epoch is not None:
+            raise WorkerFenced(_FENCED)
 
-    async def _write_quick(self, sql: str, params: tuple[Any, ...]) -> bool:
-        """Commit one statement without fsync on this thread; False if the lock is taken."""
+    async def _write_quick(self, sql: str, params: tuple[Any, ...]) -> int | None:
+        """Commit one statement without fsync on this thread; return the rows it changed, or
+        None if the write lock is taken (the caller then takes the durable path)."""
         if self._quick is None:
-            return False
+            return None
         async with self._lock:
             try:
-                self._quick.execute(sql, params)
+                return self._quick.execute(sql, params).rowcount
             except sqlite3.Error as exc:
                 # Another process is writing: the durable path waits for it, off the loop.
                 if getattr(exc, "sqlite_errorcode", None) in _BUSY:
-                    return False
+                    return None
                 raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
-        return True
 
     async def log_event(
         self, run_id: str, job_id: str | None, now: float, event: str,
@@ -571,16 +850,63 @@ def _event(
     )
 
 
-def _lease_is_stale(
-    pid: int | None, host: str | None, beat: float | None, *, now: float, stale_after: float
-) -> bool:
-    if beat is None or now - beat > stale_after:
+def _host_clock() -> float:
+    """Seconds on a clock every process of this host shares, that no wall-clock step moves
+    and that keeps counting while the machine sleeps (a laptop lid closed)."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
+
+
+def _read_boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        # No boot id to tell boots apart: a heartbeat from before a reboot looks fresh until
+        # the wall-clock comparison in ``_silent_for`` would say otherwise.
+        return f"{socket.gethostname()}-{math.floor(time.time() - _host_clock())}"
+
+
+_BOOT_ID = _read_boot_id()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
         return True
-    if host == socket.gethostname() and pid is not None:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, owned by someone else
-            return False
-    return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """What a claim's read saw of the account, for every outcome it returns."""
+
+    in_flight: int
+    slot_limit: int
+
+    def claim(self, outcome: ClaimOutcome, **more: Any) -> Claim:
+        return Claim(outcome, in_flight=self.in_flight, slot_limit=self.slot_limit, **more)
+
+
+_FENCED = (
+    "this worker was presumed dead (silent for longer than its stale-after, e.g. paused or "
+    "suspended) and another worker has taken over its jobs; it stopped without changing "
+    "anything more"
+)
+_SLOT_VALUES = tuple(state.value for state in SLOT_STATES)
+_SLOT_MARKS = ",".join("?" * len(_SLOT_VALUES))
+_JOB_COLUMNS = ", ".join(JobRow.__dataclass_fields__)
+#: What a claim decides on, in one read: the worker's state, the account's limit, pause and
+#: slots in flight, the run's state and committed money, and the run's next pending job.
+_CLAIM_READ = (
+    "SELECT (SELECT state FROM workers WHERE worker_id = ?), a.slot_limit, a.paused_until,"
+    " (SELECT COUNT(*) FROM jobs WHERE account_id = a.account_id AND state IN"
+    f" ({_SLOT_MARKS})), r.state, r.spent_usd + r.reserved_usd, "
+    + ", ".join(f"j.{name}" for name in JobRow.__dataclass_fields__)
+    + " FROM runs r JOIN accounts a ON a.account_id = ?"
+    " LEFT JOIN jobs j ON j.rowid = (SELECT rowid FROM jobs WHERE run_id = ?"
+    " AND state = 'pending' ORDER BY seq LIMIT 1)"
+    " WHERE r.run_id = ?"
+)

@@ -7,19 +7,35 @@ row, and every transition mirrors the attempt's fields and appends an event.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Steps from each older schema version to the next; ``SCHEMA`` then adds what is missing
-#: (indexes, triggers) with ``IF NOT EXISTS``. Version 1 had no ``last_event`` columns.
+#: (tables, indexes, triggers) with ``IF NOT EXISTS``. Version 1 had no ``last_event`` columns;
+#: version 2 had no accounts, workers or claims, and no running money totals on the run.
 MIGRATIONS = {
     1: """
         ALTER TABLE jobs ADD COLUMN last_event TEXT;
         ALTER TABLE jobs ADD COLUMN last_event_data TEXT;
     """,
+    2: """
+        ALTER TABLE jobs ADD COLUMN account_id TEXT;
+        ALTER TABLE jobs ADD COLUMN worker_id TEXT;
+        ALTER TABLE jobs ADD COLUMN claim_epoch INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE runs ADD COLUMN reserved_usd REAL NOT NULL DEFAULT 0;
+        ALTER TABLE runs ADD COLUMN spent_usd REAL NOT NULL DEFAULT 0;
+        UPDATE runs SET
+            reserved_usd = (SELECT COALESCE(SUM(reserved_usd), 0) FROM jobs
+                            WHERE jobs.run_id = runs.run_id),
+            spent_usd = (SELECT COALESCE(SUM(cost_usd), 0) FROM attempts
+                         WHERE attempts.run_id = runs.run_id);
+    """,
 }
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- A run's reserved_usd and spent_usd are running totals kept by the triggers below, so a claim
+-- checks the budget, and a progress display reads the money, without a scan. (Comments stay
+-- outside CREATE TABLE: SQLite keeps the statement's text and rewrites it on ALTER TABLE.)
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     manifest_path TEXT,
@@ -36,8 +52,13 @@ CREATE TABLE IF NOT EXISTS runs (
     lease_owner TEXT,
     lease_pid INTEGER,
     lease_host TEXT,
-    lease_heartbeat REAL
+    lease_heartbeat REAL,
+    reserved_usd REAL NOT NULL DEFAULT 0,
+    spent_usd REAL NOT NULL DEFAULT 0
 );
+-- A job's account_id is the account whose slot its task holds, worker_id the worker driving
+-- it, and claim_epoch the epoch every write of that worker must still match (a worker
+-- presumed dead is fenced off).
 CREATE TABLE IF NOT EXISTS jobs (
     run_id TEXT NOT NULL,
     job_id TEXT NOT NULL,
@@ -66,9 +87,39 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL,
     last_event TEXT,
     last_event_data TEXT,
+    account_id TEXT,
+    worker_id TEXT,
+    claim_epoch INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, job_id)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (run_id, state, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_account ON jobs (account_id, state);
+CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs (worker_id, state);
+-- A provider key, named by its environment variable (never its value), and its task slots:
+-- the limit discovered from rejections and a pause from Retry-After, shared by every worker.
+CREATE TABLE IF NOT EXISTS accounts (
+    account_id TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    max_in_flight INTEGER NOT NULL,
+    slot_limit INTEGER NOT NULL,
+    streak INTEGER NOT NULL DEFAULT 0,
+    paused_until REAL NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
+-- Every process that drives jobs. ``beat`` is on the store's clock (a host-wide monotonic
+-- clock here, with ``boot_id`` telling boots apart); ``heartbeat_at`` is wall time, for people.
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    boot_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    runs TEXT,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    beat REAL NOT NULL,
+    stop_reason TEXT
+);
 CREATE TABLE IF NOT EXISTS attempts (
     run_id TEXT NOT NULL,
     job_id TEXT NOT NULL,
@@ -106,6 +157,24 @@ BEGIN
     VALUES (NEW.run_id, NEW.job_id, NEW.attempt, NEW.idempotency_key, NEW.fingerprint,
             NEW.state, NEW.task_id, NEW.submitted_at, NEW.completed_at, NEW.cost_usd,
             NEW.cost_units, NEW.error_code, NEW.error_message);
+END;
+-- The run's money totals follow the jobs' reservations and the attempts' reported costs.
+CREATE TRIGGER IF NOT EXISTS job_reserved AFTER UPDATE OF reserved_usd ON jobs
+WHEN NEW.reserved_usd IS NOT OLD.reserved_usd
+BEGIN
+    UPDATE runs SET reserved_usd = reserved_usd + NEW.reserved_usd - OLD.reserved_usd
+    WHERE run_id = NEW.run_id;
+END;
+CREATE TRIGGER IF NOT EXISTS attempt_cost AFTER UPDATE OF cost_usd ON attempts
+WHEN NEW.cost_usd IS NOT OLD.cost_usd
+BEGIN
+    UPDATE runs SET spent_usd = spent_usd + COALESCE(NEW.cost_usd, 0) - COALESCE(OLD.cost_usd, 0)
+    WHERE run_id = NEW.run_id;
+END;
+CREATE TRIGGER IF NOT EXISTS attempt_cost_new AFTER INSERT ON attempts
+WHEN NEW.cost_usd IS NOT NULL
+BEGIN
+    UPDATE runs SET spent_usd = spent_usd + NEW.cost_usd WHERE run_id = NEW.run_id;
 END;
 CREATE TRIGGER IF NOT EXISTS job_transition AFTER UPDATE OF last_event ON jobs
 BEGIN
