@@ -21,6 +21,7 @@ from batchkling.errors import (
     RunLocked,
     RunNotFound,
     StoreError,
+    StoreRefused,
     unwrapped_groups,
 )
 
@@ -41,6 +42,13 @@ WORKDIR = click.option(
     "--workdir", type=click.Path(file_okay=False, path_type=Path), envvar="BATCHKLING_HOME",
     default=Path("jobs"), show_default=True, show_envvar=True,
     help="Where the state DB and run folders live.",
+)
+
+STORE = click.option(
+    "--store", metavar="PATH|URL", envvar="BATCHKLING_STORE", show_envvar=True,
+    help="The state store: a SQLite file (default: <workdir>/batchkling.db) or a "
+    "postgresql://user@host/db URL that many machines share (password from PGPASSWORD or "
+    "~/.pgpass). Run folders stay in the workdir.",
 )
 
 SPEED = click.option(
@@ -77,6 +85,8 @@ def _errors_to_exit_codes() -> Iterator[None]:
         _fail(str(exc), EXIT_BAD_INPUT)
     except RunLocked as exc:
         _fail(str(exc), EXIT_INCOMPLETE)
+    except StoreRefused as exc:  # the store's setup is wrong (login, database, newer schema)
+        _fail(str(exc), EXIT_BAD_INPUT)
     except StoreError as exc:
         _fail(str(exc), EXIT_INCOMPLETE)
     except BatchklingError as exc:
@@ -91,10 +101,29 @@ def _errors_to_exit_codes() -> Iterator[None]:
               "state database is consistent: `resume` continues the run.", EXIT_FAILED_JOBS)
 
 
-def _require_db(workdir: Path) -> None:
-    # Reading commands must not create an empty database in a mistyped folder.
-    if not (workdir / "batchkling.db").exists():
+def _location(workdir: Path, store: str | None) -> str:
+    """The store a command uses: ``--store``, else the workdir's own SQLite file."""
+    from batchkling.store import default_location
+
+    return store or str(default_location(workdir))
+
+
+def _store_exists(workdir: Path, store: str | None) -> bool:
+    from batchkling.store import store_exists
+
+    location = _location(workdir, store)
+    return _run_async(lambda: store_exists(location))
+
+
+def _require_db(workdir: Path, store: str | None) -> None:
+    # Reading commands must not create an empty store in a mistyped folder or database.
+    if _store_exists(workdir, store):
+        return
+    if store is None:
         raise RunNotFound(f"no runs in {workdir} (no batchkling.db): check --workdir")
+    from batchkling.store import store_from
+
+    raise RunNotFound(f"no runs yet in {store_from(store).location}: check --store")
 
 
 def _run_async(fn: Callable[[], Awaitable[_T]]) -> _T:
@@ -217,19 +246,22 @@ def _speed(speed: float | None, simulated: bool) -> float:
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--run-id", help="Run id (default: the manifest's name); '{date}' expands to today.")
 @WORKDIR
+@STORE
 @click.option("--simulate", is_flag=True,
               help="Run against the built-in simulator: no account, nothing billed.")
 @SPEED
 @click.option("--max-in-flight", type=click.IntRange(min=1, max=1000),
               help="Override limits.max_in_flight.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation on a terminal.")
-def run(manifest: Path, run_id: str | None, workdir: Path, simulate: bool, speed: float | None,
-        max_in_flight: int | None, yes: bool) -> None:
+def run(manifest: Path, run_id: str | None, workdir: Path, store: str | None, simulate: bool,
+        speed: float | None, max_in_flight: int | None, yes: bool) -> None:
     """Run MANIFEST: submit, poll, download. Re-running an unfinished run resumes it."""
     from batchkling.manifest.document import load_manifest
     from batchkling.run.orchestrator import Orchestrator
 
     with _errors_to_exit_codes():
+        location = _location(workdir, store)
+        _check_location(location)
         loaded = load_manifest(manifest)
         for warning in loaded.warnings:
             click.echo(f"warning: {warning}", err=True)
@@ -244,24 +276,27 @@ def run(manifest: Path, run_id: str | None, workdir: Path, simulate: bool, speed
         with _simulator(simulate, scale, workdir) as sim_url:
             env = _simulated_env(loaded) if simulate else None
             summary = _run_async(lambda: _drive(
-                lambda: Orchestrator(loaded, run_id=run_id, workdir=workdir, env=env,
-                                     base_url=sim_url, simulated=simulate,
+                lambda: Orchestrator(loaded, run_id=run_id, workdir=workdir, store=location,
+                                     env=env, base_url=sim_url, simulated=simulate,
                                      max_in_flight=max_in_flight, time_scale=scale),
                 lambda orch: orch.run()))
     _finish(summary)
 
 
-def _resume_like(run_id: str, workdir: Path, speed: float | None,
+def _resume_like(run_id: str, workdir: Path, store: str | None, speed: float | None,
                  action: Callable[[Any], Awaitable[Any]]) -> NoReturn:
     from batchkling.run.orchestrator import Orchestrator
-    from batchkling.store.sqlite import SqliteStore
+    from batchkling.store import store_from
+
+    location = _location(workdir, store)
 
     async def lookup() -> Any:
-        async with SqliteStore(workdir / "batchkling.db") as store:
-            return await store.require_run(run_id)
+        async with store_from(location) as db:
+            return await db.require_run(run_id)
 
     with _errors_to_exit_codes():
-        _require_db(workdir)
+        _check_location(location)
+        _require_db(workdir, store)
         stored = _run_async(lookup)
         _configure_console()
         simulated = stored.simulated
@@ -273,37 +308,46 @@ def _resume_like(run_id: str, workdir: Path, speed: float | None,
         scale = _speed(speed, simulated)
         with _simulator(simulated, scale, workdir) as sim_url:
             summary = _run_async(lambda: _drive(
-                lambda: Orchestrator(run_id=run_id, workdir=workdir, env=env,
+                lambda: Orchestrator(run_id=run_id, workdir=workdir, store=location, env=env,
                                      base_url=sim_url, simulated=simulated, time_scale=scale),
                 action))
     _finish(summary)
 
 
+def _check_location(location: str) -> None:
+    """Refuse a store location that names no backend before anything else happens."""
+    from batchkling.store import store_from
+
+    store_from(location)
+
+
 @cli.command()
 @click.argument("run_id")
 @WORKDIR
+@STORE
 @SPEED
-def resume(run_id: str, workdir: Path, speed: float | None) -> None:
+def resume(run_id: str, workdir: Path, store: str | None, speed: float | None) -> None:
     """Continue RUN_ID from its checkpoint; the manifest file is not needed."""
-    _resume_like(run_id, workdir, speed, lambda orch: orch.resume())
+    _resume_like(run_id, workdir, store, speed, lambda orch: orch.resume())
 
 
 @cli.command()
 @click.argument("run_id")
 @WORKDIR
+@STORE
 @click.option("--failed", is_flag=True, help="Resubmit failed jobs (the default).")
 @click.option("--unknown", is_flag=True,
               help="Resubmit jobs whose create had no clear answer (same idempotency key).")
 @click.option("--timed-out", is_flag=True, help="Give up waiting on timed-out tasks; new tasks.")
 @click.option("--job", "job_ids", multiple=True, metavar="ID", help="Only these jobs (repeat).")
 @SPEED
-def retry(run_id: str, workdir: Path, failed: bool, unknown: bool, timed_out: bool,
-          job_ids: tuple[str, ...], speed: float | None) -> None:
+def retry(run_id: str, workdir: Path, store: str | None, failed: bool, unknown: bool,
+          timed_out: bool, job_ids: tuple[str, ...], speed: float | None) -> None:
     """Resubmit finished-but-unsuccessful jobs of RUN_ID, then continue the run."""
     from batchkling.run.engine import select_states
 
     states = select_states({"failed": failed, "unknown": unknown, "timed_out": timed_out})
-    _resume_like(run_id, workdir, speed, lambda orch: orch.retry(states, job_ids))
+    _resume_like(run_id, workdir, store, speed, lambda orch: orch.retry(states, job_ids))
 
 
 # ---- views -------------------------------------------------------------------------------
@@ -312,19 +356,22 @@ def retry(run_id: str, workdir: Path, failed: bool, unknown: bool, timed_out: bo
 @cli.command()
 @click.argument("run_id", required=False)
 @WORKDIR
+@STORE
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(run_id: str | None, workdir: Path, as_json: bool) -> None:
-    """Counts by state and cost for RUN_ID; without it, every run in the workdir."""
+def status(run_id: str | None, workdir: Path, store: str | None, as_json: bool) -> None:
+    """Counts by state and cost for RUN_ID; without it, every run in the store."""
     from batchkling.outputs.views import run_status, runs_table
 
     with _errors_to_exit_codes():
+        location = _location(workdir, store)
+        _check_location(location)
         if run_id:
-            _require_db(workdir)
-        if not (workdir / "batchkling.db").exists():
+            _require_db(workdir, store)
+        if not _store_exists(workdir, store):
             data: Any = []
         else:
-            data = _run_async(lambda: run_status(workdir, run_id) if run_id
-                              else runs_table(workdir))
+            data = _run_async(lambda: run_status(workdir, run_id, store=location) if run_id
+                              else runs_table(workdir, location))
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
@@ -336,34 +383,41 @@ def status(run_id: str | None, workdir: Path, as_json: bool) -> None:
 @cli.command()
 @click.argument("run_id")
 @WORKDIR
+@STORE
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the CSV (default: the run's results.csv).")
-def export(run_id: str, workdir: Path, output: Path | None) -> None:
+def export(run_id: str, workdir: Path, store: str | None, output: Path | None) -> None:
     """Write RUN_ID's results CSV."""
     from batchkling.outputs.views import export_csv
 
     with _errors_to_exit_codes():
-        _require_db(workdir)
-        path = _run_async(lambda: export_csv(workdir, run_id, output))
+        location = _location(workdir, store)
+        _check_location(location)
+        _require_db(workdir, store)
+        path = _run_async(lambda: export_csv(workdir, run_id, output, location))
     click.echo(str(path))
 
 
 @cli.command()
 @click.argument("run_id")
 @WORKDIR
+@STORE
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the page (default: the run's report.html).")
-def report(run_id: str, workdir: Path, output: Path | None) -> None:
+def report(run_id: str, workdir: Path, store: str | None, output: Path | None) -> None:
     """Write RUN_ID's contact sheet: one card per job with its video, grouped by matrix axes."""
     from batchkling.outputs.report import write_report
-    from batchkling.store.sqlite import SqliteStore
+    from batchkling.store import store_from
+
+    location = _location(workdir, store)
 
     async def go() -> Path:
-        async with SqliteStore(workdir / "batchkling.db") as store:
-            return await write_report(store, run_id, output or workdir / run_id / "report.html")
+        async with store_from(location) as db:
+            return await write_report(db, run_id, output or workdir / run_id / "report.html")
 
     with _errors_to_exit_codes():
-        _require_db(workdir)
+        _check_location(location)
+        _require_db(workdir, store)
         path = _run_async(go)
     click.echo(str(path))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import os
 import sqlite3
 import time
 from collections.abc import (
@@ -37,12 +38,15 @@ import yaml
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchkling.simulator import SimConfig, SimulatorServer, create_app
+from batchkling.store import Store, is_postgres
+from batchkling.store.locate import sqlite_path
 
 if TYPE_CHECKING:
+    import psycopg
+
     from batchkling.models import RunSummary
     from batchkling.run.orchestrator import Orchestrator
     from batchkling.simulator.state import SimState
-    from batchkling.store.sqlite import SqliteStore
 
 __all__ = [
     "RequestLog",
@@ -314,7 +318,11 @@ class VirtualSim:
 
         kwargs.setdefault("env", self.env)
         kwargs.setdefault("seed", 3)
-        kwargs.setdefault("store", _held_store(Path(workdir) / "batchkling.db", self.clock))
+        # A location (the workdir's file by default, or a postgresql:// URL) gets a store that
+        # holds the clock still while the database works; a Store given is used as it is.
+        location = kwargs.get("store") or Path(workdir) / "batchkling.db"
+        if not isinstance(location, Store):
+            kwargs["store"] = _held_store(location, self.clock)
         return Orchestrator(load_manifest(path) if path else None, run_id=run_id,
                             workdir=workdir, transport=httpx.ASGITransport(app=self.requests),
                             clock=self.clock, **kwargs)
@@ -344,15 +352,37 @@ class VirtualSim:
             return summary
 
 
-def _held_store(path: Path, clock: VirtualClock) -> SqliteStore:
-    """A :class:`~batchkling.store.sqlite.SqliteStore` holding ``clock`` still while SQLite works.
+def _held_store(location: str | os.PathLike[str], clock: VirtualClock) -> Store:
+    """The store at ``location``, holding ``clock`` still while its database works.
 
-    Every call reaches SQLite's thread through ``open``, ``aclose``, ``_write``, ``_fetchall``
-    or ``acquire_lease``; a commit that waits on a slow disk then keeps virtual time where it
-    is instead of letting it jump past the run's next step. (Quick commits run on the event
-    loop's own thread: virtual time cannot move during them.)
+    SQLite: every call reaches its thread through ``open``, ``aclose``, ``_write``,
+    ``_fetchall`` or ``acquire_lease`` (quick commits run on the event loop's own thread:
+    virtual time cannot move during them). PostgreSQL: every statement runs on a connection
+    borrowed through ``_connection``. A commit that waits on a slow disk or a busy server then
+    keeps virtual time where it is instead of letting it jump past the run's next step.
     """
+    from batchkling.store.postgres import PostgresStore
     from batchkling.store.sqlite import SqliteStore
+
+    if is_postgres(location):
+
+        class HeldPostgres(PostgresStore):
+            async def open(self) -> None:
+                with clock.hold():
+                    await super().open()
+
+            async def aclose(self) -> None:
+                with clock.hold():
+                    await super().aclose()
+
+            @contextlib.asynccontextmanager
+            async def _connection(self, *, quick: bool = False
+                                  ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+                with clock.hold():
+                    async with super()._connection(quick=quick) as conn:
+                        yield conn
+
+        return HeldPostgres(os.fspath(location))
 
     class HeldStore(SqliteStore):
         async def open(self) -> None:
@@ -376,4 +406,4 @@ def _held_store(path: Path, clock: VirtualClock) -> SqliteStore:
             with clock.hold():
                 await super().acquire_lease(run_id, owner, now=now, stale_after=stale_after)
 
-    return HeldStore(path)
+    return HeldStore(sqlite_path(location))

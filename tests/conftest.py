@@ -1,4 +1,6 @@
-"""Shared fixtures: a simulator on loopback, a test API key, manifest helpers."""
+"""Shared fixtures: a simulator on loopback, a test API key, manifest helpers, and the store
+backends a test may run on (``backend`` / ``store_url``: SQLite in the workdir, or a fresh
+database on the throwaway PostgreSQL cluster of ``pgcluster``)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pgcluster import pg_cluster as pg_cluster
+from pgcluster import pg_url as pg_url
 
 from batchkling.logs import configure_logging
 from batchkling.simulator import SimConfig, SimulatorServer, load_faults
@@ -56,7 +60,26 @@ def workdir(tmp_path: Path) -> Path:
     return path
 
 
-def wait_until_running(proc: subprocess.Popen[bytes], db: Path, run_id: str,
+#: The store backends a parametrised test runs on.
+BACKENDS = ("sqlite", "postgres")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each store backend in turn: ``sqlite`` or ``postgres``."""
+    return str(request.param)
+
+
+@pytest.fixture
+def store_url(backend: str, workdir: Path, request: pytest.FixtureRequest) -> str:
+    """Where the test's store lives: the workdir's SQLite file, or a fresh PostgreSQL database
+    (the ``--store`` of the CLI, the ``store=`` of an Orchestrator)."""
+    if backend == "sqlite":
+        return str(workdir / "batchkling.db")
+    return str(request.getfixturevalue("pg_url"))
+
+
+def wait_until_running(proc: subprocess.Popen[bytes], db: Path | str, run_id: str,
                        timeout: float = 60.0) -> None:
     """Block until the CLI process holds its run's lease (or has exited).
 
@@ -64,6 +87,19 @@ def wait_until_running(proc: subprocess.Popen[bytes], db: Path, run_id: str,
     than in interpreter start-up, however loaded the machine is.
     """
     deadline = time.monotonic() + timeout
+    if isinstance(db, str) and db.startswith("postgresql://"):
+        from invariants import db_query
+
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                rows = db_query(db, "SELECT lease_pid FROM runs WHERE run_id = ?", run_id)
+            except Exception:  # the schema is not there yet
+                rows = []
+            if rows and rows[0][0] == proc.pid:
+                return
+            time.sleep(0.01)
+        return
+    db = Path(db)
     while proc.poll() is None and time.monotonic() < deadline:
         if db.exists():
             try:

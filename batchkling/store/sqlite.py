@@ -34,9 +34,10 @@ from typing import Any
 import aiosqlite
 import anyio
 
-from batchkling.errors import RunLocked, RunNotFound, StoreError
+from batchkling.errors import RunLocked, RunNotFound, SchemaTooNew, StoreError
 from batchkling.models import TERMINAL, JobSpec, JobState
 from batchkling.store.interface import RECENT_ENDS, Store
+from batchkling.store.lease import lease_is_stale
 from batchkling.store.rows import (
     FRESH_ATTEMPT,
     JOB_COLUMNS,
@@ -105,7 +106,7 @@ class SqliteStore(Store):
             row = await cur.fetchone()
         version = SCHEMA_VERSION if row is None else int(row[0])
         if version > SCHEMA_VERSION:
-            raise StoreError(
+            raise SchemaTooNew(
                 f"{self.path} was written by a newer batchkling (schema {version}); "
                 "upgrade batchkling to use it"
             )
@@ -249,8 +250,9 @@ class SqliteStore(Store):
                     if row is None:
                         raise RunNotFound(f"no run {run_id!r} in {self.path}")
                     holder, holder_pid, holder_host, beat = row
-                    if holder is not None and holder != owner and not _lease_is_stale(
-                        holder_pid, holder_host, beat, now=now, stale_after=stale_after
+                    age = None if beat is None else now - beat
+                    if holder is not None and holder != owner and not lease_is_stale(
+                        holder_pid, holder_host, age, stale_after=stale_after
                     ):
                         raise RunLocked(
                             f"run {run_id!r} is being run by process {holder_pid} on "
@@ -569,18 +571,3 @@ def _event(
         "INSERT INTO events (run_id, job_id, at, event, data) VALUES (?, ?, ?, ?, ?)",
         (run_id, job_id, now, event, blob),
     )
-
-
-def _lease_is_stale(
-    pid: int | None, host: str | None, beat: float | None, *, now: float, stale_after: float
-) -> bool:
-    if beat is None or now - beat > stale_after:
-        return True
-    if host == socket.gethostname() and pid is not None:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, owned by someone else
-            return False
-    return False
