@@ -13,9 +13,10 @@ round trips whatever the number of jobs.
 
 **Two ways to commit**, as on SQLite, from two pools of the same database:
 
-- **durable** (the default): the server's ``synchronous_commit`` (``on`` unless the operator
-  chose otherwise): once the transition returns its WAL record is flushed, so it survives a
-  server crash — what the create intent and the task-id commit need (DESIGN.md §4).
+- **durable** (the default): the server's ``synchronous_commit`` (its default ``on``, or what
+  the operator chose, such as ``remote_apply``; ``off`` is raised to ``on`` for these
+  connections): once the transition returns its WAL record is flushed, so it survives a server
+  crash — what the create intent and the task-id commit need (DESIGN.md §4).
 - **quick** (``transition(..., quick=True)``): on connections whose session has
   ``synchronous_commit = off``. The commit is visible to every other connection at once and
   survives the batchkling process being killed; a server crash in the next few hundred
@@ -35,7 +36,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, LiteralString
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -72,6 +73,11 @@ QUICK_POOL_SIZE = 2
 CONNECT_TIMEOUT = 10
 #: Seconds a call waits for a free (or re-established) connection before it fails.
 POOL_TIMEOUT = 30.0
+
+#: Session settings of the two pools' connections (see the module docstring).
+_QUICK_SESSION = "SET synchronous_commit = off"
+_DURABLE_SESSION = ("SELECT set_config('synchronous_commit', 'on', false)"
+                    " WHERE current_setting('synchronous_commit') = 'off'")
 
 #: The database's clock, in the epoch seconds every row uses.
 _DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
@@ -119,7 +125,9 @@ def redact_url(url: str) -> str:
         netloc = f"{userinfo.split(':', 1)[0]}@{hosts}"
     query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
                        if k != "password"])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    # Rebuilt by hand: urlunsplit would drop the "//" of a URL with no host (a local socket).
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
 def _password(url: str) -> str | None:
@@ -207,12 +215,15 @@ class PostgresStore(Store):
             raise self._connect_error(exc) from exc
 
     def _make_pool(self, size: int, *, quick: bool) -> AsyncConnectionPool:
-        async def no_fsync_wait(conn: psycopg.AsyncConnection[Any]) -> None:
-            await conn.execute("SET synchronous_commit = off")
+        async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+            # Once per connection, not per commit. Durable: whatever the server says
+            # (remote_apply, local, ...) unless it says off — then on, or the create intent
+            # could be lost in a crash after batchkling was told it was committed.
+            await conn.execute(_QUICK_SESSION if quick else _DURABLE_SESSION)
 
         return AsyncConnectionPool(
             self.url, kwargs=self._connect_args, min_size=1, max_size=size, open=False,
-            configure=no_fsync_wait if quick else None, timeout=POOL_TIMEOUT,
+            configure=configure, timeout=POOL_TIMEOUT,
             name="batchkling-quick" if quick else "batchkling",
         )
 
