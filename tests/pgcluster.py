@@ -173,9 +173,12 @@ class PgCluster:
     deletes every file; both are idempotent. Also usable as a context manager.
     """
 
-    def __init__(self, bindir: Path, *, startup_timeout: float = 30.0) -> None:
+    def __init__(self, bindir: Path, *, startup_timeout: float = 30.0,
+                 settings: dict[str, str] | None = None) -> None:
         self.bindir = bindir
         self.startup_timeout = startup_timeout
+        #: Server settings over the defaults (a benchmark turns durability back on).
+        self.settings = {**_SERVER_SETTINGS, **(settings or {})}
         self.port = 0
         self.root: Path | None = None
         #: Seconds the last ``start()`` took, initdb included.
@@ -310,7 +313,7 @@ class PgCluster:
         assert self.root is not None
         cmd = [str(self.bindir / "postgres"), "-D", str(self.root / "data")]
         settings = {
-            **_SERVER_SETTINGS,
+            **self.settings,
             "port": str(self.port),
             "listen_addresses": "127.0.0.1",
             # Inside our directory: never collides with a system server's /var/run socket.

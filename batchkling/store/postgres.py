@@ -68,7 +68,7 @@ __all__ = ["INTEGRITY_CHECKS", "SCHEMA_VERSION", "PostgresStore", "redact_url"]
 
 #: Connections per process for durable writes and reads, and for quick commits.
 POOL_SIZE = 4
-QUICK_POOL_SIZE = 2
+QUICK_POOL_SIZE = 4
 #: Seconds to wait for the server when connecting, unless the URL says ``connect_timeout``.
 CONNECT_TIMEOUT = 10
 #: Seconds a call waits for a free (or re-established) connection before it fails.
