@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SPEED, TEST_KEY
+from conftest import SPEED, SQLITE_UNLESS_ALL, TEST_KEY
 from invariants import db_dump, db_query
 
 from batchkling.errors import RunLocked
@@ -90,6 +90,7 @@ class TestHappyPath:
         assert sim.stats()["creates"] == 10
         _assert_no_duplicates(sim)
 
+    @SQLITE_UNLESS_ALL
     async def test_slot_limit_is_never_exceeded(self, tmp_path: Path, workdir: Path,
                                                 simulator: Any, api_key: str,
             store_url: str) -> None:
@@ -100,6 +101,7 @@ class TestHappyPath:
         assert summary.exit_code == 0
         assert sim.stats()["peak_slots"] <= 3
 
+    @SQLITE_UNLESS_ALL
     async def test_polls_stay_few(self, tmp_path: Path, workdir: Path, simulator: Any,
                                   api_key: str,
             store_url: str) -> None:
@@ -208,6 +210,7 @@ class TestProviderTrouble:
         _assert_videos_complete(workdir, _rows(workdir))
         _assert_no_duplicates(sim)
 
+    @SQLITE_UNLESS_ALL
     async def test_account_slots_below_max_in_flight(self, tmp_path: Path, workdir: Path,
                                                      simulator: Any, api_key: str,
                                                      store_url: str) -> None:
@@ -227,6 +230,7 @@ class TestProviderTrouble:
         # The first round of rejections teaches the limit; probes after that are rare.
         assert stats["rejected"].get("slots", 0) < 24
 
+    @SQLITE_UNLESS_ALL
     async def test_rate_limits_are_honoured(self, tmp_path: Path, workdir: Path,
                                             simulator: Any, api_key: str,
             store_url: str) -> None:

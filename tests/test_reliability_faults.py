@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import SPEED, TEST_KEY
+from conftest import SPEED, SQLITE_UNLESS_ALL, TEST_KEY
 from invariants import check_invariants, db_query
 
 import batchkling.run.download
@@ -121,6 +121,7 @@ class TestAmbiguousCreate:
 class TestRateLimits:
     """#6: 429 with Retry-After on every create for a while."""
 
+    @SQLITE_UNLESS_ALL
     async def test_no_create_before_retry_after_ends(self, tmp_path: Path, workdir: Path,
                                                      store_url: str) -> None:
         """For five virtual minutes the account admits one create per two minutes and answers
@@ -155,6 +156,7 @@ class TestRateLimits:
               f"{window['end'] - start:.0f} virtual s, {stats['creates']} creates")
         check_invariants(workdir, RUN, stats, jobs=8, store=store_url)
 
+    @SQLITE_UNLESS_ALL
     async def test_pause_starts_when_the_429_arrives(self, tmp_path: Path,
                                                      workdir: Path, store_url: str) -> None:
         """A slow state write after a 429 does not let the next create slip out before the
@@ -182,6 +184,7 @@ class TestRateLimits:
 class TestSlots:
     """#7: an account with fewer slots than max_in_flight."""
 
+    @SQLITE_UNLESS_ALL
     async def test_limit_converges_and_rejections_stay_rare(self, tmp_path: Path,
                                                             workdir: Path, store_url: str) -> None:
         """3 account slots under max_in_flight 20: the provider never holds more than 3 tasks,
@@ -319,6 +322,7 @@ class TestAccountRevoked:
 class TestPollFailures:
     """#9: ten minutes in which every poll fails, on virtual time."""
 
+    @SQLITE_UNLESS_ALL
     @pytest.mark.parametrize("provider", ["imarouter", "kling"])
     async def test_ten_minutes_of_failed_polls(self, tmp_path: Path, workdir: Path,
                                                provider: str, store_url: str) -> None:

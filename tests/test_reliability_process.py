@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import TEST_KEY, wait_until_running
+from conftest import SQLITE_UNLESS_ALL, TEST_KEY, wait_until_running
 from invariants import check_invariants, db_dump, db_query
 
 from batchkling.manifest.document import load_manifest
@@ -182,10 +182,10 @@ class TestSignals:
     """#4: Ctrl-C once, twice, and SIGTERM, on the CLI in a subprocess."""
 
     @pytest.mark.timeout(90)
-    @pytest.mark.parametrize(("signum", "times", "backend"), [
-        (signal.SIGINT, 1, "sqlite"), (signal.SIGINT, 1, "postgres"),
-        (signal.SIGINT, 2, "sqlite"), (signal.SIGTERM, 1, "sqlite")],
-        ids=["ctrl-c-sqlite", "ctrl-c-postgres", "ctrl-c-twice", "sigterm"])
+    @pytest.mark.parametrize(("signum", "times"), [(signal.SIGINT, 1), (signal.SIGINT, 2),
+                                                    (signal.SIGTERM, 1)],
+                             ids=["ctrl-c", "ctrl-c-twice", "sigterm"])
+    @SQLITE_UNLESS_ALL
     def test_interrupt_then_resume(self, tmp_path: Path, workdir: Path, simulator: Any,
                                    signum: signal.Signals, times: int, store_url: str) -> None:
         """One Ctrl-C (or SIGTERM) stops creating, checkpoints and exits 130 within seconds;
