@@ -352,29 +352,37 @@ class VirtualSim:
             return summary
 
 
+class _HeldOpenClose:
+    """Mixed in before a store backend: ``open`` and ``aclose`` hold ``held_clock`` still."""
+
+    held_clock: VirtualClock
+
+    async def open(self) -> None:
+        with self.held_clock.hold():
+            await super().open()  # type: ignore[misc]  # a mixin: the backend is next in line
+
+    async def aclose(self) -> None:
+        with self.held_clock.hold():
+            await super().aclose()  # type: ignore[misc]  # as above
+
+
 def _held_store(location: str | os.PathLike[str], clock: VirtualClock) -> Store:
     """The store at ``location``, holding ``clock`` still while its database works.
 
     SQLite: every call reaches its thread through ``open``, ``aclose``, ``_write``,
     ``_fetchall`` or ``acquire_lease`` (quick commits run on the event loop's own thread:
-    virtual time cannot move during them). PostgreSQL: every statement runs on a connection
-    borrowed through ``_connection``. A commit that waits on a slow disk or a busy server then
-    keeps virtual time where it is instead of letting it jump past the run's next step.
+    virtual time cannot move during them). PostgreSQL: every statement after ``open`` runs on
+    a connection borrowed through ``_connection``. A commit that waits on a slow disk or a busy
+    server then keeps virtual time where it is instead of letting it jump past the run's next
+    step.
     """
     from batchkling.store.postgres import PostgresStore
     from batchkling.store.sqlite import SqliteStore
 
+    store: _HeldOpenClose
     if is_postgres(location):
 
-        class HeldPostgres(PostgresStore):
-            async def open(self) -> None:
-                with clock.hold():
-                    await super().open()
-
-            async def aclose(self) -> None:
-                with clock.hold():
-                    await super().aclose()
-
+        class HeldPostgres(_HeldOpenClose, PostgresStore):
             @contextlib.asynccontextmanager
             async def _connection(self, *, quick: bool = False
                                   ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -382,28 +390,26 @@ def _held_store(location: str | os.PathLike[str], clock: VirtualClock) -> Store:
                     async with super()._connection(quick=quick) as conn:
                         yield conn
 
-        return HeldPostgres(os.fspath(location))
+        store = HeldPostgres(os.fspath(location))
+    else:
 
-    class HeldStore(SqliteStore):
-        async def open(self) -> None:
-            with clock.hold():
-                await super().open()
+        class HeldSqlite(_HeldOpenClose, SqliteStore):
+            async def _write(self, statements: Iterable[tuple[str, Iterable[Any]]]) -> None:
+                with clock.hold():
+                    await super()._write(statements)
 
-        async def aclose(self) -> None:
-            with clock.hold():
-                await super().aclose()
+            async def _fetchall(self, sql: str, params: Iterable[Any] = ()
+                                ) -> list[sqlite3.Row]:
+                with clock.hold():
+                    return await super()._fetchall(sql, params)
 
-        async def _write(self, statements: Iterable[tuple[str, Iterable[Any]]]) -> None:
-            with clock.hold():
-                await super()._write(statements)
+            async def acquire_lease(self, run_id: str, owner: str, *, now: float,
+                                    stale_after: float) -> None:
+                with clock.hold():
+                    await super().acquire_lease(run_id, owner, now=now,
+                                                stale_after=stale_after)
 
-        async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-            with clock.hold():
-                return await super()._fetchall(sql, params)
-
-        async def acquire_lease(self, run_id: str, owner: str, *, now: float,
-                                stale_after: float) -> None:
-            with clock.hold():
-                await super().acquire_lease(run_id, owner, now=now, stale_after=stale_after)
-
-    return HeldStore(sqlite_path(location))
+        store = HeldSqlite(sqlite_path(location))
+    store.held_clock = clock
+    assert isinstance(store, Store)
+    return store

@@ -13,26 +13,14 @@ import anyio
 import pytest
 from invariants import db_query
 from pgcluster import PgCluster, RoundTrips, count_round_trips
+from test_store import _spec, _store_with_jobs
 
 from batchkling.errors import ConfigError, RunLocked, StoreError, StoreRefused
-from batchkling.models import JobSpec, JobState
+from batchkling.models import JobState
 from batchkling.store import store_exists, store_from
 from batchkling.store.postgres import PostgresStore, redact_url
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _spec(job_id: str) -> JobSpec:
-    return JobSpec(job_id=job_id, model="kling-v2-6", prompt="p", duration=5, size="16:9")
-
-
-async def _with_jobs(store: PostgresStore, *ids: str) -> PostgresStore:
-    await store.open()
-    await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
-                         provider="imarouter", base_url="http://x", simulated=False, now=1.0)
-    await store.sync_jobs("r", added=[(i, _spec(j)) for i, j in enumerate(ids)], changed=[],
-                          reordered=[], removed=[], now=1.0)
-    return store
 
 
 def _free_port() -> int:
@@ -119,7 +107,7 @@ class TestSchema:
     async def test_integrity_check_names_what_is_wrong(self, pg_url: str) -> None:
         """A sound store is ``ok``; a job in no known state, or whose attempt has no row, is
         reported by name."""
-        store = await _with_jobs(PostgresStore(pg_url), "a", "b")
+        store = await _store_with_jobs(pg_url, "a", "b")
         try:
             await store.transition("r", "a", JobState.SUBMITTING, now=2.0, event="e",
                                    new_attempt=(1, "k1"))
@@ -137,7 +125,7 @@ class TestLease:
     async def test_the_database_clock_decides_not_the_callers(self, pg_url: str) -> None:
         """A runner whose clock is a day ahead cannot take a live lease by calling it old, and
         the heartbeat it writes is the database's time, not its own."""
-        store = await _with_jobs(PostgresStore(pg_url))
+        store = await _store_with_jobs(pg_url)
         try:
             await store.acquire_lease("r", "owner-a", now=0.0, stale_after=30)
             with pytest.raises(RunLocked, match="last heartbeat 0s ago"):
@@ -163,7 +151,7 @@ class TestCommits:
                                                   round_trips: RoundTrips) -> None:
         """A transition — the job's row, its attempt's row and its event — is one statement,
         one round trip, quick or durable; and all three rows are there after it."""
-        store = await _with_jobs(PostgresStore(pg_url), "a")
+        store = await _store_with_jobs(pg_url, "a")
         try:
             round_trips.count = 0
             await store.transition("r", "a", JobState.SUBMITTING, now=2.0, event="e1",

@@ -30,7 +30,6 @@ judged by the database's ``clock_timestamp()`` (see :meth:`PostgresStore.acquire
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import socket
@@ -54,14 +53,17 @@ from batchkling.store.interface import RECENT_ENDS, Store
 from batchkling.store.lease import lease_is_stale
 from batchkling.store.postgres_schema import MIGRATIONS, SCHEMA, SCHEMA_LOCK, SCHEMA_VERSION
 from batchkling.store.rows import (
-    FRESH_ATTEMPT,
-    JOB_COLUMNS,
+    ATTEMPT_KEYS,
+    ATTEMPT_SELECT,
     JOB_SELECT,
     RUN_SELECT,
     JobRow,
     RunRow,
+    event_data,
     job_row,
+    retry_selection,
     run_row,
+    transition_fields,
 )
 
 __all__ = ["INTEGRITY_CHECKS", "SCHEMA_VERSION", "PostgresStore", "redact_url"]
@@ -498,14 +500,7 @@ class PostgresStore(Store):
         taken from any state where no task is in flight. Without states or ids: failed jobs.
         One statement: the jobs picked, reset and their events written together.
         """
-        wanted = {s.value for s in states}
-        ids = list(job_ids)
-        if not wanted and not ids:
-            wanted = {JobState.FAILED.value}
-        if ids:
-            movable = [s.value for s in JobState if s.value not in
-                       ("submitting", "submitted", "running", "pending")]
-            wanted = wanted or set(movable)
+        wanted, ids = retry_selection(states, job_ids)
         rows = await self._rows(
             "WITH picked AS (SELECT job_id, state FROM jobs WHERE run_id = %(run)s"
             " AND state = ANY(%(states)s::text[])"
@@ -528,7 +523,7 @@ class PostgresStore(Store):
             " SELECT %(run)s, job_id, %(now)s, 'job.retry_requested',"
             " jsonb_build_object('from', state) FROM reset)"
             " SELECT count(*) FROM reset",
-            {"run": run_id, "states": sorted(wanted), "any_id": not ids, "ids": ids,
+            {"run": run_id, "states": wanted, "any_id": not ids, "ids": ids,
              "now": now},
         )
         return int(rows[0][0])
@@ -589,14 +584,8 @@ class PostgresStore(Store):
     async def attempts(self, run_id: str, job_id: str) -> list[dict[str, Any]]:
         """The job's attempts, oldest first."""
         rows = await self._rows(
-            "SELECT number, idempotency_key, fingerprint, state, task_id, submitted_at,"
-            " completed_at, cost_usd, cost_units, error_code, error_message FROM attempts"
-            " WHERE run_id = %s AND job_id = %s ORDER BY number",
-            (run_id, job_id),
-        )
-        keys = ("number", "idempotency_key", "fingerprint", "state", "task_id", "submitted_at",
-                "completed_at", "cost_usd", "cost_units", "error_code", "error_message")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+            f"{ATTEMPT_SELECT} WHERE run_id = %s AND job_id = %s ORDER BY number", (run_id, job_id))
+        return [dict(zip(ATTEMPT_KEYS, r, strict=True)) for r in rows]
 
     async def transition(
         self,
@@ -619,22 +608,16 @@ class PostgresStore(Store):
         event — all in the statement's own transaction. ``quick`` commits without waiting for
         the WAL flush (see the module docstring).
         """
-        unknown = set(fields) - JOB_COLUMNS
-        if unknown:
-            raise StoreError(f"unknown job fields {sorted(unknown)}")
-        if new_attempt is not None:
-            number, key = new_attempt
-            fields = {**dict.fromkeys(FRESH_ATTEMPT), **fields, "attempt": number,
-                      "idempotency_key": key}
+        fields = transition_fields(fields, new_attempt)
         for name in _BOOLEAN_FIELDS & fields.keys():
             if fields[name] is not None:
                 fields[name] = bool(fields[name])
-        # Column names come from JOB_COLUMNS (checked above), never from outside.
+        # Column names come from JOB_COLUMNS (transition_fields checks), never from outside.
         sets = "".join(f", {name} = %s" for name in fields)
         await self._execute(
             "UPDATE jobs SET state = %s, updated_at = %s, last_event = %s,"
             f" last_event_data = %s{sets} WHERE run_id = %s AND job_id = %s",
-            (state.value, now, event, _json(data), *fields.values(), run_id, job_id),
+            (state.value, now, event, event_data(data), *fields.values(), run_id, job_id),
             quick=quick,
         )
 
@@ -645,7 +628,7 @@ class PostgresStore(Store):
         """Append an event that changes no state (a stop, a limit change)."""
         await self._execute(
             "INSERT INTO events (run_id, job_id, at, event, data) VALUES (%s, %s, %s, %s, %s)",
-            (run_id, job_id, now, event, _json(data)),
+            (run_id, job_id, now, event, event_data(data)),
         )
 
     async def integrity_check(self) -> str:
@@ -671,10 +654,6 @@ def _columns(jobs: list[tuple[int, JobSpec]]) -> tuple[list[str], list[int], lis
     """``(job ids, seqs, specs, fingerprints)``: one array per column, for ``unnest``."""
     return ([spec.job_id for _, spec in jobs], [seq for seq, _ in jobs],
             [spec.to_json() for _, spec in jobs], [spec.fingerprint for _, spec in jobs])
-
-
-def _json(data: Mapping[str, Any] | None) -> str | None:
-    return json.dumps(dict(data), default=str, separators=(",", ":")) if data else None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,7 +22,6 @@ Two ways to commit, both WAL:
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import secrets
 import socket
@@ -39,14 +38,17 @@ from batchkling.models import TERMINAL, JobSpec, JobState
 from batchkling.store.interface import RECENT_ENDS, Store
 from batchkling.store.lease import lease_is_stale
 from batchkling.store.rows import (
-    FRESH_ATTEMPT,
-    JOB_COLUMNS,
+    ATTEMPT_KEYS,
+    ATTEMPT_SELECT,
     JOB_SELECT,
     RUN_SELECT,
     JobRow,
     RunRow,
+    event_data,
     job_row,
+    retry_selection,
     run_row,
+    transition_fields,
 )
 from batchkling.store.sqlite_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
@@ -367,16 +369,9 @@ class SqliteStore(Store):
         budget: ``attempt_base`` moves up to the current attempt. Jobs named in ``job_ids`` are
         taken from any state where no task is in flight. Without states or ids: failed jobs.
         """
-        wanted = {s.value for s in states}
-        ids = list(job_ids)
-        if not wanted and not ids:
-            wanted = {JobState.FAILED.value}
-        if ids:
-            movable = [s.value for s in JobState if s.value not in
-                       ("submitting", "submitted", "running", "pending")]
-            wanted = wanted or set(movable)
+        wanted, ids = retry_selection(states, job_ids)
         clauses = [f"state IN ({','.join('?' * len(wanted))})"]
-        params: list[Any] = [run_id, *sorted(wanted)]
+        params: list[Any] = [run_id, *wanted]
         if ids:
             clauses.append(f"job_id IN ({','.join('?' * len(ids))})")
             params.extend(ids)
@@ -464,14 +459,8 @@ class SqliteStore(Store):
     async def attempts(self, run_id: str, job_id: str) -> list[dict[str, Any]]:
         """The job's attempts, oldest first."""
         rows = await self._fetchall(
-            "SELECT number, idempotency_key, fingerprint, state, task_id, submitted_at,"
-            " completed_at, cost_usd, cost_units, error_code, error_message FROM attempts"
-            " WHERE run_id = ? AND job_id = ? ORDER BY number",
-            (run_id, job_id),
-        )
-        keys = ("number", "idempotency_key", "fingerprint", "state", "task_id", "submitted_at",
-                "completed_at", "cost_usd", "cost_units", "error_code", "error_message")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+            f"{ATTEMPT_SELECT} WHERE run_id = ? AND job_id = ? ORDER BY number", (run_id, job_id))
+        return [dict(zip(ATTEMPT_KEYS, r, strict=True)) for r in rows]
 
     async def transition(
         self,
@@ -493,14 +482,8 @@ class SqliteStore(Store):
         attempt fields of every transition are mirrored onto the current attempt's row.
         ``quick`` commits without fsync, on the event loop's thread (see the module docstring).
         """
-        unknown = set(fields) - JOB_COLUMNS
-        if unknown:
-            raise StoreError(f"unknown job fields {sorted(unknown)}")
-        if new_attempt is not None:
-            number, key = new_attempt
-            fields = {**dict.fromkeys(FRESH_ATTEMPT), **fields, "attempt": number,
-                      "idempotency_key": key}
-        blob = json.dumps(dict(data), default=str, separators=(",", ":")) if data else None
+        fields = transition_fields(fields, new_attempt)
+        blob = event_data(data)
         sets = "".join(f", {name} = ?" for name in fields)
         statement = (
             f"UPDATE jobs SET state = ?, updated_at = ?, last_event = ?, last_event_data = ?"
@@ -566,8 +549,7 @@ def _quick_connection(path: Path) -> sqlite3.Connection:
 def _event(
     run_id: str, job_id: str | None, now: float, event: str, data: Mapping[str, Any] | None
 ) -> tuple[str, tuple[Any, ...]]:
-    blob = json.dumps(dict(data), default=str, separators=(",", ":")) if data else None
     return (
         "INSERT INTO events (run_id, job_id, at, event, data) VALUES (?, ?, ?, ?, ?)",
-        (run_id, job_id, now, event, blob),
+        (run_id, job_id, now, event, event_data(data)),
     )
