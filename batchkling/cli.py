@@ -153,6 +153,11 @@ def _configure_console() -> None:
     interactive = sys.stderr.isatty()
     configure_logging(console="pretty" if interactive else "json",
                       level="warning" if interactive else "info")
+    # psycopg-pool's own warnings (a connection dropped, a reconnect refused) would reach
+    # stderr as bare text; the store's error says the same once, in batchkling's words.
+    import logging
+
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 
 def _simulated_env(config: Any) -> dict[str, str]:

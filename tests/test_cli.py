@@ -164,6 +164,35 @@ class TestStoreOption:
         assert result.exit_code == 2, result.output
         assert "has no such database" in result.output
 
+    @pytest.mark.timeout(120)
+    def test_a_server_that_goes_away_mid_run_is_exit_3(self, tmp_path: Path, workdir: Path,
+                                                       pg_cluster: Any) -> None:
+        """The database server stops while a run is going: exit 3 with one line naming the
+        store (no password, no traceback, no driver chatter), and the run is resumable."""
+        from pgcluster import PgCluster
+
+        n = 8
+        path = write_manifest(tmp_path, [{"id": f"j{i}", "prompt": f"p{i}"} for i in range(n)],
+                              name="pgdie", limits={"max_in_flight": 2})
+        with PgCluster(pg_cluster.bindir) as own:
+            # connect_timeout=1: the run waits 3 s, not 30, for the server to come back.
+            url = own.create_database("gone").replace("postgres@", "postgres:pw-4f1e9a@")
+            url += "?connect_timeout=1"
+            env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHKLING")}
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "batchkling", "run", str(path), "--simulate", "--speed",
+                 "20", "--workdir", str(workdir), "--store", url],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            wait_until_running(proc, url, "pgdie")
+            own.stop()
+            _out, err_bytes = proc.communicate(timeout=90)
+        err = err_bytes.decode()
+        assert proc.returncode == 3, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("batchkling: error: PostgreSQL store postgresql://postgres@"), err
+        assert "pw-4f1e9a" not in err and "Traceback" not in err
+        assert "discarding closed connection" not in err and "error connecting" not in err
+
     def test_a_store_from_a_newer_batchkling_is_exit_2(self, workdir: Path,
                                                        store_url: str) -> None:
         """A store whose schema is newer than this batchkling: exit 2 and "upgrade", on

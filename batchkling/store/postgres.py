@@ -73,8 +73,9 @@ POOL_SIZE = 4
 QUICK_POOL_SIZE = 4
 #: Seconds to wait for the server when connecting, unless the URL says ``connect_timeout``.
 CONNECT_TIMEOUT = 10
-#: Seconds a call waits for a free (or re-established) connection before it fails.
-POOL_TIMEOUT = 30.0
+#: A call waits this many connect timeouts for a free (or re-established) connection before it
+#: fails: 30 s by default, long enough to ride out a server restart or a failover.
+POOL_WAIT_CONNECTS = 3
 
 #: Session settings of the two pools' connections (see the module docstring).
 _QUICK_SESSION = "SET synchronous_commit = off"
@@ -145,7 +146,9 @@ class PostgresStore(Store):
 
     ``url`` is a libpq URL, ``postgresql://user@host:5432/dbname?sslmode=require``. Keep the
     password out of it where you can (``PGPASSWORD``, ``~/.pgpass``): it is never shown, but a
-    command line is visible to other users of the machine.
+    command line is visible to other users of the machine. A call waits up to three connect
+    timeouts (the URL's ``connect_timeout``, else 10 s) for a connection — through a server
+    restart — before it raises :class:`StoreError`.
     """
 
     def __init__(self, url: str, *, pool_size: int = POOL_SIZE,
@@ -161,6 +164,12 @@ class PostgresStore(Store):
         self._connect_args: dict[str, Any] = {"autocommit": True}
         if "connect_timeout" not in params:
             self._connect_args["connect_timeout"] = CONNECT_TIMEOUT
+        try:
+            connect_timeout = float(params.get("connect_timeout") or CONNECT_TIMEOUT)
+        except ValueError:
+            raise ConfigError(f"store URL {self.location!r}: connect_timeout must be a number "
+                              "of seconds") from None
+        self._pool_timeout = POOL_WAIT_CONNECTS * max(connect_timeout, 1.0)
         self._pool_size = pool_size
         self._quick_pool_size = quick_pool_size
         self._pool: AsyncConnectionPool | None = None
@@ -187,8 +196,8 @@ class PostgresStore(Store):
         pool = self._make_pool(self._pool_size, quick=False)
         quick = self._make_pool(self._quick_pool_size, quick=True)
         try:
-            await pool.open(wait=True, timeout=POOL_TIMEOUT)
-            await quick.open(wait=True, timeout=POOL_TIMEOUT)
+            await pool.open(wait=True, timeout=self._pool_timeout)
+            await quick.open(wait=True, timeout=self._pool_timeout)
         except BaseException as exc:
             await pool.close()
             await quick.close()
@@ -225,7 +234,7 @@ class PostgresStore(Store):
 
         return AsyncConnectionPool(
             self.url, kwargs=self._connect_args, min_size=1, max_size=size, open=False,
-            configure=configure, timeout=POOL_TIMEOUT,
+            configure=configure, timeout=self._pool_timeout,
             name="batchkling-quick" if quick else "batchkling",
         )
 
