@@ -41,7 +41,7 @@ _T = TypeVar("_T")
 WORKDIR = click.option(
     "--workdir", type=click.Path(file_okay=False, path_type=Path), envvar="BATCHKLING_HOME",
     default=Path("jobs"), show_default=True, show_envvar=True,
-    help="Where the state DB and run folders live.",
+    help="Where the run folders live, and the state DB unless --store names another.",
 )
 
 STORE = click.option(
@@ -124,6 +124,13 @@ def _require_db(workdir: Path, store: str | None) -> None:
     from batchkling.store import store_from
 
     raise RunNotFound(f"no runs yet in {store_from(store).location}: check --store")
+
+
+def _check_location(location: str) -> None:
+    """Refuse a store location that names no backend before anything else happens."""
+    from batchkling.store import store_from
+
+    store_from(location)
 
 
 def _run_async(fn: Callable[[], Awaitable[_T]]) -> _T:
@@ -266,7 +273,7 @@ def run(manifest: Path, run_id: str | None, workdir: Path, store: str | None, si
 
     with _errors_to_exit_codes():
         location = _location(workdir, store)
-        _check_location(location)
+        _check_location(location)  # a --store that names no store fails before anything runs
         loaded = load_manifest(manifest)
         for warning in loaded.warnings:
             click.echo(f"warning: {warning}", err=True)
@@ -300,7 +307,6 @@ def _resume_like(run_id: str, workdir: Path, store: str | None, speed: float | N
             return await db.require_run(run_id)
 
     with _errors_to_exit_codes():
-        _check_location(location)
         _require_db(workdir, store)
         stored = _run_async(lookup)
         _configure_console()
@@ -317,13 +323,6 @@ def _resume_like(run_id: str, workdir: Path, store: str | None, speed: float | N
                                      base_url=sim_url, simulated=simulated, time_scale=scale),
                 action))
     _finish(summary)
-
-
-def _check_location(location: str) -> None:
-    """Refuse a store location that names no backend before anything else happens."""
-    from batchkling.store import store_from
-
-    store_from(location)
 
 
 @cli.command()
@@ -369,7 +368,6 @@ def status(run_id: str | None, workdir: Path, store: str | None, as_json: bool) 
 
     with _errors_to_exit_codes():
         location = _location(workdir, store)
-        _check_location(location)
         if run_id:
             _require_db(workdir, store)
         if not _store_exists(workdir, store):
@@ -397,7 +395,6 @@ def export(run_id: str, workdir: Path, store: str | None, output: Path | None) -
 
     with _errors_to_exit_codes():
         location = _location(workdir, store)
-        _check_location(location)
         _require_db(workdir, store)
         path = _run_async(lambda: export_csv(workdir, run_id, output, location))
     click.echo(str(path))
@@ -421,7 +418,6 @@ def report(run_id: str, workdir: Path, store: str | None, output: Path | None) -
             return await write_report(db, run_id, output or workdir / run_id / "report.html")
 
     with _errors_to_exit_codes():
-        _check_location(location)
         _require_db(workdir, store)
         path = _run_async(go)
     click.echo(str(path))
