@@ -128,9 +128,10 @@ def test_crash_at_the_worst_moment(tmp_path: Path, workdir: Path, simulator: Any
     task-id commit: the job is reported `unknown` (ImaRouter has no lookup), never resubmitted
     blindly; the rest of the run completes."""
     sim = simulator(speed=SPEED, honor_idempotency_key=False)
-    # Creates 200 ms apart, so the first two have their answers committed before the third
-    # crashes even on a loaded machine: exactly one job is caught in the window.
-    manifest = _manifest(tmp_path, sim, 6, limits={**LIMITS, "submit_rate": 5})
+    # One task at a time, so the first two jobs are finished before the third create crashes,
+    # however loaded the machine: exactly one job is caught in the window. (Creates merely
+    # 200 ms apart left four jobs in it at a load average of 12.)
+    manifest = _manifest(tmp_path, sim, 6, limits={**LIMITS, "max_in_flight": 1})
     code, _err = _finish(_cli("run", str(manifest), *_where(workdir, store_url),
                               extra_env={"BATCHKLING_CRASH_AT": f"{point}:3"}))
     assert code == -9  # SIGKILL
