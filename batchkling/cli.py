@@ -21,6 +21,7 @@ from batchkling.errors import (
     RunLocked,
     RunNotFound,
     StoreError,
+    StoreRefused,
     WorkerFenced,
     unwrapped_groups,
 )
@@ -42,15 +43,15 @@ _T = TypeVar("_T")
 WORKDIR = click.option(
     "--workdir", type=click.Path(file_okay=False, path_type=Path), envvar="BATCHKLING_HOME",
     default=Path("jobs"), show_default=True, show_envvar=True,
-    help="Where the state DB and run folders live.",
+    help="Where the run folders live, and the state DB unless --store names another.",
 )
 
 STORE = click.option(
-    "--store", envvar="BATCHKLING_STORE", show_envvar=True, default=None, metavar="URL",
-    help="The shared store: a SQLite file path (default <workdir>/batchkling.db) or "
-    "postgresql://user@host/db (password from PGPASSWORD or ~/.pgpass).",
+    "--store", metavar="PATH|URL", envvar="BATCHKLING_STORE", show_envvar=True,
+    help="The state store: a SQLite file (default: <workdir>/batchkling.db) or a "
+    "postgresql://user@host/db URL that many machines share (password from PGPASSWORD or "
+    "~/.pgpass). Run folders stay in the workdir.",
 )
-
 
 def _duration(ctx: click.Context, param: click.Parameter, value: Any) -> float:
     """``--stale-after``: seconds, or a duration like 30s, 2m, 1h30m."""
@@ -106,6 +107,8 @@ def _errors_to_exit_codes() -> Iterator[None]:
         _fail(str(exc), EXIT_INCOMPLETE)
     except WorkerFenced as exc:
         _fail(str(exc), EXIT_FENCED)
+    except StoreRefused as exc:  # the store's setup is wrong (login, database, newer schema)
+        _fail(str(exc), EXIT_BAD_INPUT)
     except StoreError as exc:
         _fail(str(exc), EXIT_INCOMPLETE)
     except BatchklingError as exc:
@@ -120,10 +123,36 @@ def _errors_to_exit_codes() -> Iterator[None]:
               "state database is consistent: `resume` continues the run.", EXIT_FAILED_JOBS)
 
 
-def _require_db(workdir: Path) -> None:
-    # Reading commands must not create an empty database in a mistyped folder.
-    if not (workdir / "batchkling.db").exists():
+def _location(workdir: Path, store: str | None) -> str:
+    """The store a command uses: ``--store``, else the workdir's own SQLite file."""
+    from batchkling.store import default_location
+
+    return store or str(default_location(workdir))
+
+
+def _store_exists(workdir: Path, store: str | None) -> bool:
+    from batchkling.store import store_exists
+
+    location = _location(workdir, store)
+    return _run_async(lambda: store_exists(location))
+
+
+def _require_db(workdir: Path, store: str | None) -> None:
+    # Reading commands must not create an empty store in a mistyped folder or database.
+    if _store_exists(workdir, store):
+        return
+    if store is None:
         raise RunNotFound(f"no runs in {workdir} (no batchkling.db): check --workdir")
+    from batchkling.store import store_from
+
+    raise RunNotFound(f"no runs yet in {store_from(store).location}: check --store")
+
+
+def _check_location(location: str) -> None:
+    """Refuse a store location that names no backend before anything else happens."""
+    from batchkling.store import store_from
+
+    store_from(location)
 
 
 def _run_async(fn: Callable[[], Awaitable[_T]]) -> _T:
@@ -153,6 +182,11 @@ def _configure_console() -> None:
     interactive = sys.stderr.isatty()
     configure_logging(console="pretty" if interactive else "json",
                       level="warning" if interactive else "info")
+    # psycopg-pool's own warnings (a connection dropped, a reconnect refused) would reach
+    # stderr as bare text; the store's error says the same once, in batchkling's words.
+    import logging
+
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 
 def _simulated_env(config: Any) -> dict[str, str]:
@@ -250,6 +284,7 @@ def _speed(speed: float | None, simulated: bool) -> float:
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--run-id", help="Run id (default: the manifest's name); '{date}' expands to today.")
 @WORKDIR
+@STORE
 @click.option("--simulate", is_flag=True,
               help="Run against the built-in simulator: no account, nothing billed.")
 @SPEED
@@ -257,13 +292,15 @@ def _speed(speed: float | None, simulated: bool) -> float:
               help="Override limits.max_in_flight.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation on a terminal.")
 @STALE_AFTER
-def run(manifest: Path, run_id: str | None, workdir: Path, simulate: bool, speed: float | None,
-        max_in_flight: int | None, yes: bool, stale_after: float) -> None:
+def run(manifest: Path, run_id: str | None, workdir: Path, store: str | None, simulate: bool,
+        speed: float | None, max_in_flight: int | None, yes: bool, stale_after: float) -> None:
     """Run MANIFEST: submit, poll, download. Re-running an unfinished run resumes it."""
     from batchkling.manifest.document import load_manifest
     from batchkling.run.orchestrator import Orchestrator
 
     with _errors_to_exit_codes():
+        location = _location(workdir, store)
+        _check_location(location)  # a --store that names no store fails before anything runs
         loaded = load_manifest(manifest)
         for warning in loaded.warnings:
             click.echo(f"warning: {warning}", err=True)
@@ -278,25 +315,27 @@ def run(manifest: Path, run_id: str | None, workdir: Path, simulate: bool, speed
         with _simulator(simulate, scale, workdir) as sim_url:
             env = _simulated_env(loaded) if simulate else None
             summary = _run_async(lambda: _drive(
-                lambda: Orchestrator(loaded, run_id=run_id, workdir=workdir, env=env,
-                                     base_url=sim_url, simulated=simulate,
+                lambda: Orchestrator(loaded, run_id=run_id, workdir=workdir, store=location,
+                                     env=env, base_url=sim_url, simulated=simulate,
                                      max_in_flight=max_in_flight, time_scale=scale,
                                      stale_after=stale_after),
                 lambda orch: orch.run()))
     _finish(summary)
 
 
-def _resume_like(run_id: str, workdir: Path, speed: float | None,
+def _resume_like(run_id: str, workdir: Path, store: str | None, speed: float | None,
                  action: Callable[[Any], Awaitable[Any]], stale_after: float) -> NoReturn:
     from batchkling.run.orchestrator import Orchestrator
-    from batchkling.store.sqlite import SqliteStore
+    from batchkling.store import store_from
+
+    location = _location(workdir, store)
 
     async def lookup() -> Any:
-        async with SqliteStore(workdir / "batchkling.db") as store:
-            return await store.require_run(run_id)
+        async with store_from(location) as db:
+            return await db.require_run(run_id)
 
     with _errors_to_exit_codes():
-        _require_db(workdir)
+        _require_db(workdir, store)
         stored = _run_async(lookup)
         _configure_console()
         simulated = stored.simulated
@@ -308,7 +347,7 @@ def _resume_like(run_id: str, workdir: Path, speed: float | None,
         scale = _speed(speed, simulated)
         with _simulator(simulated, scale, workdir) as sim_url:
             summary = _run_async(lambda: _drive(
-                lambda: Orchestrator(run_id=run_id, workdir=workdir, env=env,
+                lambda: Orchestrator(run_id=run_id, workdir=workdir, store=location, env=env,
                                      base_url=sim_url, simulated=simulated, time_scale=scale,
                                      stale_after=stale_after),
                 action))
@@ -318,16 +357,19 @@ def _resume_like(run_id: str, workdir: Path, speed: float | None,
 @cli.command()
 @click.argument("run_id")
 @WORKDIR
+@STORE
 @SPEED
 @STALE_AFTER
-def resume(run_id: str, workdir: Path, speed: float | None, stale_after: float) -> None:
+def resume(run_id: str, workdir: Path, store: str | None, speed: float | None,
+           stale_after: float) -> None:
     """Continue RUN_ID from its checkpoint; the manifest file is not needed."""
-    _resume_like(run_id, workdir, speed, lambda orch: orch.resume(), stale_after)
+    _resume_like(run_id, workdir, store, speed, lambda orch: orch.resume(), stale_after)
 
 
 @cli.command()
 @click.argument("run_id")
 @WORKDIR
+@STORE
 @click.option("--failed", is_flag=True, help="Resubmit failed jobs (the default).")
 @click.option("--unknown", is_flag=True,
               help="Resubmit jobs whose create had no clear answer (same idempotency key).")
@@ -335,22 +377,24 @@ def resume(run_id: str, workdir: Path, speed: float | None, stale_after: float) 
 @click.option("--job", "job_ids", multiple=True, metavar="ID", help="Only these jobs (repeat).")
 @SPEED
 @STALE_AFTER
-def retry(run_id: str, workdir: Path, failed: bool, unknown: bool, timed_out: bool,
-          job_ids: tuple[str, ...], speed: float | None, stale_after: float) -> None:
+def retry(run_id: str, workdir: Path, store: str | None, failed: bool, unknown: bool,
+          timed_out: bool, job_ids: tuple[str, ...], speed: float | None,
+          stale_after: float) -> None:
     """Resubmit finished-but-unsuccessful jobs of RUN_ID, then continue the run."""
     from batchkling.run.engine import select_states
 
     states = select_states({"failed": failed, "unknown": unknown, "timed_out": timed_out})
-    _resume_like(run_id, workdir, speed, lambda orch: orch.retry(states, job_ids), stale_after)
+    _resume_like(run_id, workdir, store, speed, lambda orch: orch.retry(states, job_ids),
+                 stale_after)
 
 
 # ---- many machines: submit and worker -----------------------------------------------------
 
 
 def _store_at(store: str | None, workdir: Path) -> Any:
-    from batchkling.store import default_location, store_from
+    from batchkling.store import store_from
 
-    return store_from(store if store else default_location(workdir))
+    return store_from(_location(workdir, store))
 
 
 @cli.command()
@@ -439,19 +483,21 @@ def worker(workdir: Path, store: str | None, runs: tuple[str, ...], stale_after:
 @cli.command()
 @click.argument("run_id", required=False)
 @WORKDIR
+@STORE
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(run_id: str | None, workdir: Path, as_json: bool) -> None:
-    """Counts by state and cost for RUN_ID; without it, every run in the workdir."""
+def status(run_id: str | None, workdir: Path, store: str | None, as_json: bool) -> None:
+    """Counts by state and cost for RUN_ID; without it, every run in the store."""
     from batchkling.outputs.views import run_status, runs_table
 
     with _errors_to_exit_codes():
+        location = _location(workdir, store)
         if run_id:
-            _require_db(workdir)
-        if not (workdir / "batchkling.db").exists():
+            _require_db(workdir, store)
+        if not _store_exists(workdir, store):
             data: Any = []
         else:
-            data = _run_async(lambda: run_status(workdir, run_id) if run_id
-                              else runs_table(workdir))
+            data = _run_async(lambda: run_status(workdir, run_id, store=location) if run_id
+                              else runs_table(workdir, location))
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
@@ -463,34 +509,39 @@ def status(run_id: str | None, workdir: Path, as_json: bool) -> None:
 @cli.command()
 @click.argument("run_id")
 @WORKDIR
+@STORE
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the CSV (default: the run's results.csv).")
-def export(run_id: str, workdir: Path, output: Path | None) -> None:
+def export(run_id: str, workdir: Path, store: str | None, output: Path | None) -> None:
     """Write RUN_ID's results CSV."""
     from batchkling.outputs.views import export_csv
 
     with _errors_to_exit_codes():
-        _require_db(workdir)
-        path = _run_async(lambda: export_csv(workdir, run_id, output))
+        location = _location(workdir, store)
+        _require_db(workdir, store)
+        path = _run_async(lambda: export_csv(workdir, run_id, output, location))
     click.echo(str(path))
 
 
 @cli.command()
 @click.argument("run_id")
 @WORKDIR
+@STORE
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the page (default: the run's report.html).")
-def report(run_id: str, workdir: Path, output: Path | None) -> None:
+def report(run_id: str, workdir: Path, store: str | None, output: Path | None) -> None:
     """Write RUN_ID's contact sheet: one card per job with its video, grouped by matrix axes."""
     from batchkling.outputs.report import write_report
-    from batchkling.store.sqlite import SqliteStore
+    from batchkling.store import store_from
+
+    location = _location(workdir, store)
 
     async def go() -> Path:
-        async with SqliteStore(workdir / "batchkling.db") as store:
-            return await write_report(store, run_id, output or workdir / run_id / "report.html")
+        async with store_from(location) as db:
+            return await write_report(db, run_id, output or workdir / run_id / "report.html")
 
     with _errors_to_exit_codes():
-        _require_db(workdir)
+        _require_db(workdir, store)
         path = _run_async(go)
     click.echo(str(path))
 

@@ -8,7 +8,10 @@ The tree, in one place::
     ├── RunLocked              another live process holds the run's lease
     ├── WorkerFenced           this worker was presumed dead and its jobs taken over: it stops
     ├── RunNotFound            no run with that id in the store
-    ├── StoreError             the checkpoint database failed (sqlite3 errors translated)
+    ├── StoreError             the checkpoint store failed (sqlite3 and psycopg errors translated)
+    │   └── StoreRefused       the store answered but will not serve this batchkling: wrong
+    │       │                  credentials, no such database (a setup to fix, not a blip)
+    │       └── SchemaTooNew   the store was written by a newer batchkling
     ├── DownloadError          a result could not be fetched or verified (never re-renders)
     │   └── UnsafeURL          a result URL points somewhere batchkling refuses to go
     └── ProviderError          the provider answered with an error, or not at all
@@ -19,7 +22,7 @@ The tree, in one place::
         ├── AmbiguousCreate    a create may or may not have made a task: reconcile, never retry
         └── TransientError     a request safe to repeat failed (connect error, 5xx on a poll)
 
-Foreign exceptions (httpx, sqlite3, OSError) are translated at the boundary with
+Foreign exceptions (httpx, sqlite3, psycopg, OSError) are translated at the boundary with
 ``raise … from exc``. Only the CLI maps these to exit codes.
 """
 
@@ -85,6 +88,17 @@ class RunNotFound(BatchklingError):
 
 class StoreError(BatchklingError):
     """The checkpoint store could not be read or written."""
+
+
+class StoreRefused(StoreError):
+    """The store is there but refuses this batchkling (credentials, database name, schema).
+
+    Unlike a store that cannot be reached, trying again later will not help: the setup is wrong.
+    """
+
+
+class SchemaTooNew(StoreRefused):
+    """The store's schema was written by a newer batchkling; upgrade to use it."""
 
 
 class DownloadError(BatchklingError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import os
 import sqlite3
 import time
 from collections.abc import (
@@ -37,12 +38,15 @@ import yaml
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchkling.simulator import SimConfig, SimulatorServer, create_app
+from batchkling.store import Store, is_postgres
+from batchkling.store.locate import sqlite_path
 
 if TYPE_CHECKING:
+    import psycopg
+
     from batchkling.models import RunSummary
     from batchkling.run.orchestrator import Orchestrator
     from batchkling.simulator.state import SimState
-    from batchkling.store.sqlite import SqliteStore
 
 __all__ = [
     "RequestLog",
@@ -314,7 +318,11 @@ class VirtualSim:
 
         kwargs.setdefault("env", self.env)
         kwargs.setdefault("seed", 3)
-        kwargs.setdefault("store", _held_store(Path(workdir) / "batchkling.db", self.clock))
+        # A location (the workdir's file by default, or a postgresql:// URL) gets a store that
+        # holds the clock still while the database works; a Store given is used as it is.
+        location = kwargs.get("store") or Path(workdir) / "batchkling.db"
+        if not isinstance(location, Store):
+            kwargs["store"] = _held_store(location, self.clock)
         return Orchestrator(load_manifest(path) if path else None, run_id=run_id,
                             workdir=workdir, transport=httpx.ASGITransport(app=self.requests),
                             clock=self.clock, **kwargs)
@@ -344,41 +352,70 @@ class VirtualSim:
             return summary
 
 
-def _held_store(path: Path, clock: VirtualClock) -> SqliteStore:
-    """A :class:`~batchkling.store.sqlite.SqliteStore` holding ``clock`` still while SQLite works.
+class _HeldOpenClose:
+    """Mixed in before a store backend: ``open`` and ``aclose`` hold ``held_clock`` still."""
 
-    Every call reaches SQLite's thread through ``open``, ``aclose``, ``_write``,
-    ``_write_returning``, ``_fetchall`` or ``acquire_lease``; a commit that waits on a slow disk
-    then keeps virtual time where it is instead of letting it jump past the run's next step.
-    (Quick commits run on the event loop's own thread: virtual time cannot move during them.)
+    held_clock: VirtualClock
+
+    async def open(self) -> None:
+        with self.held_clock.hold():
+            await super().open()  # type: ignore[misc]  # a mixin: the backend is next in line
+
+    async def aclose(self) -> None:
+        with self.held_clock.hold():
+            await super().aclose()  # type: ignore[misc]  # as above
+
+
+def _held_store(location: str | os.PathLike[str], clock: VirtualClock) -> Store:
+    """The store at ``location``, holding ``clock`` still while its database works.
+
+    SQLite: every call reaches its thread through ``open``, ``aclose``, ``_write``,
+    ``_write_returning``, ``_fetchall`` or ``acquire_lease`` (quick commits run on the event
+    loop's own thread: virtual time cannot move during them). PostgreSQL: every statement after
+    ``open`` runs on a connection borrowed through ``_connection``. A commit that waits on a
+    slow disk or a busy server then keeps virtual time where it is instead of letting it jump
+    past the run's next step.
     """
+    from batchkling.store.postgres import PostgresStore
     from batchkling.store.sqlite import SqliteStore
 
-    class HeldStore(SqliteStore):
-        async def open(self) -> None:
-            with clock.hold():
-                await super().open()
+    store: _HeldOpenClose
+    if is_postgres(location):
 
-        async def aclose(self) -> None:
-            with clock.hold():
-                await super().aclose()
+        class HeldPostgres(_HeldOpenClose, PostgresStore):
+            @contextlib.asynccontextmanager
+            async def _connection(self, *, quick: bool = False
+                                  ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+                with clock.hold():
+                    async with super()._connection(quick=quick) as conn:
+                        yield conn
 
-        async def _write(self, statements: Iterable[tuple[str, Iterable[Any]]]) -> int:
-            with clock.hold():
-                return await super()._write(statements)
+        store = HeldPostgres(os.fspath(location))
+    else:
 
-        async def _write_returning(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
-            with clock.hold():
-                return await super()._write_returning(sql, params)
+        class HeldSqlite(_HeldOpenClose, SqliteStore):
+            async def _write(self, statements: Iterable[tuple[str, Iterable[Any]]]) -> int:
+                with clock.hold():
+                    return await super()._write(statements)
 
-        async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-            with clock.hold():
-                return await super()._fetchall(sql, params)
+            async def _write_returning(self, sql: str, params: Iterable[Any]
+                                       ) -> list[sqlite3.Row]:
+                with clock.hold():
+                    return await super()._write_returning(sql, params)
 
-        async def acquire_lease(self, run_id: str, worker_id: str, *, stale_after: float,
-                                now: float) -> None:
-            with clock.hold():
-                await super().acquire_lease(run_id, worker_id, stale_after=stale_after, now=now)
+            async def _fetchall(self, sql: str, params: Iterable[Any] = ()
+                                ) -> list[sqlite3.Row]:
+                with clock.hold():
+                    return await super()._fetchall(sql, params)
 
-    # Heartbeats and pauses on the same virtual clock as everything else.
-    return HeldStore(path, clock=clock)
+            async def acquire_lease(self, run_id: str, worker_id: str, *, stale_after: float,
+                                    now: float) -> None:
+                with clock.hold():
+                    await super().acquire_lease(run_id, worker_id, stale_after=stale_after,
+                                                now=now)
+
+        # Heartbeats and pauses on the same virtual clock as everything else.
+        store = HeldSqlite(sqlite_path(location), clock=clock)
+    store.held_clock = clock
+    assert isinstance(store, Store)
+    return store

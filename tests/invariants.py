@@ -7,7 +7,8 @@ After any run — faulty, killed, interrupted, hostile — :func:`check_invarian
 - every job is in exactly one documented state (one row per job, a known ``JobState``);
 - every ``succeeded`` CSV row has its MP4 on disk: complete (the recorded size and sha256),
   starting with an ``ftyp`` box; and no ``.part`` file is left in the run's folder;
-- ``PRAGMA integrity_check`` is ``ok``;
+- the store is sound: ``PRAGMA integrity_check`` is ``ok`` on SQLite, and on PostgreSQL
+  the backend's own consistency checks (``postgres.INTEGRITY_CHECKS``) find nothing;
 - the results CSV agrees with the database: the same jobs in the same order, each status the
   one :func:`batchkling.outputs.results.csv_status` maps the job's state to.
 """
@@ -15,6 +16,7 @@ After any run — faulty, killed, interrupted, hostile — :func:`check_invarian
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from typing import Any
 
 from batchkling.models import JobState
 from batchkling.outputs.results import csv_status, read_results, unescape_cell
+from batchkling.store import default_location, is_postgres
 
 CSV_STATUSES = frozenset({"succeeded", "failed", "timed_out", "unknown", "pending", "skipped"})
 
@@ -38,35 +41,90 @@ class Checked:
     creates: int | None = None
 
 
-def db_query(workdir: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    """Rows of ``sql`` against the workdir's state database (read-only use)."""
-    con = sqlite3.connect(workdir / "batchkling.db")
+def _location(where: Path | str) -> str:
+    """A store location from a workdir, a SQLite file or a PostgreSQL URL."""
+    if is_postgres(where):
+        return str(where)
+    path = Path(where)
+    return str(default_location(path) if path.is_dir() else path)
+
+
+def db_query(where: Path | str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` (``?`` placeholders) against a store, directly: ``where`` is a workdir
+    (its ``batchkling.db``), a SQLite file, or a PostgreSQL URL. A write is committed."""
+    return [tuple(r.values()) for r in db_dicts(where, sql, *args)]
+
+
+def db_dicts(where: Path | str, sql: str, *args: Any) -> list[dict[str, Any]]:
+    """Like :func:`db_query`, each row a dict by column name."""
+    location = _location(where)
+    if is_postgres(location):
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(location, autocommit=True, row_factory=dict_row) as conn:
+            cur = conn.execute(sql.replace("?", "%s"), args)
+            return list(cur.fetchall()) if cur.description else []
+    con = sqlite3.connect(location)
+    con.row_factory = sqlite3.Row
     try:
-        return con.execute(sql, args).fetchall()
+        with con:
+            return [dict(r) for r in con.execute(sql, args).fetchall()]
     finally:
         con.close()
+
+
+def db_dump(where: Path | str) -> str:
+    """Every row of every table of a store, as text (to search for what must not be there)."""
+    location = _location(where)
+    if not is_postgres(location):
+        con = sqlite3.connect(location)
+        try:
+            return "\n".join(con.iterdump())
+        finally:
+            con.close()
+    tables = [t for (t,) in db_query(location, "SELECT tablename FROM pg_tables"
+                                               " WHERE schemaname = current_schema()")]
+    assert tables, "no tables in the store"
+    return "\n".join(str(row) for table in tables
+                     for row in db_query(location, f"SELECT t::text FROM {table} t"))
+
+
+def store_problems(where: Path | str) -> list[str]:
+    """What the store's own health check finds wrong (empty when sound)."""
+    location = _location(where)
+    if not is_postgres(location):
+        verdict = db_query(location, "PRAGMA integrity_check")[0][0]
+        return [] if verdict == "ok" else [verdict]
+    import psycopg
+
+    from batchkling.store.postgres import INTEGRITY_CHECKS
+
+    problems = []
+    with psycopg.connect(location, autocommit=True) as conn:
+        for problem, query in INTEGRITY_CHECKS:
+            row = conn.execute(query, {"states": [s.value for s in JobState]}).fetchone()
+            if row and row[0]:
+                problems.append(f"{row[0]} {problem}")
+    return problems
 
 
 def check_invariants(workdir: Path, run_id: str, stats: dict[str, Any] | None = None, *,
                      provider: str = "imarouter", download: bool = True,
-                     jobs: int | None = None, csv_path: Path | None = None) -> Checked:
-    """Assert the invariants above for ``run_id``; ``stats`` is the simulator's, if one ran."""
+                     jobs: int | None = None, csv_path: Path | None = None,
+                     store: str | os.PathLike[str] | None = None) -> Checked:
+    """Assert the invariants above for ``run_id``; ``stats`` is the simulator's, if one ran;
+    ``store`` is where the run's store is (default: the workdir's SQLite file)."""
     out = Checked()
-    con = sqlite3.connect(workdir / "batchkling.db")
-    con.row_factory = sqlite3.Row
-    try:
-        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        db_rows = con.execute("SELECT * FROM jobs WHERE run_id = ? ORDER BY seq",
-                              (run_id,)).fetchall()
-        keys_by_job: dict[str, set[str]] = {}
-        for job_id, key in con.execute(
-                "SELECT job_id, idempotency_key FROM attempts WHERE run_id = ?", (run_id,)):
-            keys_by_job.setdefault(job_id, set()).add(key)
-    finally:
-        con.close()
+    where = os.fspath(store) if store is not None else workdir
+    assert store_problems(where) == []
+    db_rows = db_dicts(where, "SELECT * FROM jobs WHERE run_id = ? ORDER BY seq", run_id)
+    keys_by_job: dict[str, set[str]] = {}
+    for job_id, key in db_query(where, "SELECT job_id, idempotency_key FROM attempts"
+                                       " WHERE run_id = ?", run_id):
+        keys_by_job.setdefault(job_id, set()).add(key)
     valid_states = {s.value for s in JobState}
-    for row in db_rows:
-        record = dict(row)
+    for record in db_rows:
         assert record["job_id"] not in out.db, f"job {record['job_id']} has two rows"
         assert record["state"] in valid_states, record
         out.db[record["job_id"]] = record

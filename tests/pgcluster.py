@@ -17,6 +17,9 @@ tell ruff the imports are deliberate re-exports (no F401/F811 in the importing f
 Import both, even if only ``pg_url`` is used: pytest looks its dependency ``pg_cluster``
 up by name. Do not mix in ``tests.pgcluster``: that would be a second copy of the module.
 
+``count_round_trips()`` counts the network round trips of every psycopg async connection while
+it is active (the test of one round trip per transition, and tests/bench/bench_store.py).
+
 ``pg_cluster`` (session scope) is one cluster per process: under pytest-xdist each worker
 starts its own, which keeps workers independent and costs about a second each.
 ``pg_url`` (function scope) is the URL of a new, empty database, dropped after the test.
@@ -53,8 +56,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -65,6 +69,8 @@ __all__ = [
     "REQUIRE_ENV",
     "PgCluster",
     "PgClusterError",
+    "RoundTrips",
+    "count_round_trips",
     "find_bindir",
     "pg_cluster",
     "pg_url",
@@ -167,9 +173,12 @@ class PgCluster:
     deletes every file; both are idempotent. Also usable as a context manager.
     """
 
-    def __init__(self, bindir: Path, *, startup_timeout: float = 30.0) -> None:
+    def __init__(self, bindir: Path, *, startup_timeout: float = 30.0,
+                 settings: dict[str, str] | None = None) -> None:
         self.bindir = bindir
         self.startup_timeout = startup_timeout
+        #: Server settings over the defaults (a benchmark turns durability back on).
+        self.settings = {**_SERVER_SETTINGS, **(settings or {})}
         self.port = 0
         self.root: Path | None = None
         #: Seconds the last ``start()`` took, initdb included.
@@ -304,7 +313,7 @@ class PgCluster:
         assert self.root is not None
         cmd = [str(self.bindir / "postgres"), "-D", str(self.root / "data")]
         settings = {
-            **_SERVER_SETTINGS,
+            **self.settings,
             "port": str(self.port),
             "listen_addresses": "127.0.0.1",
             # Inside our directory: never collides with a system server's /var/run socket.
@@ -389,6 +398,51 @@ def _sweep_stale_dirs(parent: Path) -> None:
             if _pid_alive(postmaster):
                 continue
         shutil.rmtree(path, ignore_errors=True)
+
+
+# -- counting round trips ----------------------------------------------------------------
+
+
+class RoundTrips:
+    """How many exchanges with the server psycopg's async connections made (``count``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def track(self, gen: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
+        """``gen`` (a psycopg I/O generator), counted once if it touches the network.
+
+        Every statement, BEGIN, COMMIT or pipeline sync is one generator that
+        ``AsyncConnection.wait`` drives: it writes, then reads the answer. A generator that
+        finishes without waiting on the socket (the commit a pool issues on an autocommit
+        connection) made no round trip and is not counted.
+        """
+        try:
+            state = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        self.count += 1
+        while True:
+            try:
+                state = gen.send((yield state))
+            except StopIteration as stop:
+                return stop.value
+
+
+@contextlib.contextmanager
+def count_round_trips() -> Iterator[RoundTrips]:
+    """Count the round trips of every ``psycopg.AsyncConnection`` while the block runs."""
+    counter = RoundTrips()
+    original = psycopg.AsyncConnection.wait
+
+    async def wait(conn: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        return await original(conn, counter.track(gen), *args, **kwargs)
+
+    psycopg.AsyncConnection.wait = wait  # type: ignore[method-assign]
+    try:
+        yield counter
+    finally:
+        psycopg.AsyncConnection.wait = original  # type: ignore[method-assign]
 
 
 # -- pytest fixtures ---------------------------------------------------------------------

@@ -77,28 +77,143 @@ class TestBadInput:
 
 class TestViews:
     def test_status_export_and_date_run_id(self, tmp_path: Path, workdir: Path,
-                                           simulator: Any, api_key: str) -> None:
-        """`{date}` expands in run ids; status and export read the finished run."""
+                                           simulator: Any, api_key: str,
+                                           store_url: str) -> None:
+        """`{date}` expands in run ids; status and export read the finished run, from the
+        store `--store` names (SQLite or PostgreSQL)."""
         sim = simulator()
         path = write_manifest(tmp_path, [{"id": "a", "prompt": "x"}], base_url=sim.base_url)
-        result = _invoke("run", str(path), "--run-id", "nightly-{date}", "--workdir",
-                         str(workdir), "--speed", "400")
+        where = ("--workdir", str(workdir), "--store", store_url)
+        result = _invoke("run", str(path), "--run-id", "nightly-{date}", *where,
+                         "--speed", "400")
         assert result.exit_code == 0, result.output
         run_id = f"nightly-{date.today().isoformat()}"
-        status = json.loads(_invoke("status", run_id, "--json", "--workdir",
-                                    str(workdir)).output)
+        status = json.loads(_invoke("status", run_id, "--json", *where).output)
         assert status["counts"] == {"downloaded": 1} and status["in_flight"] == 0
-        table = json.loads(_invoke("status", "--json", "--workdir", str(workdir)).output)
+        table = json.loads(_invoke("status", "--json", *where).output)
         assert [r["run_id"] for r in table] == [run_id]
         out = tmp_path / "export.csv"
-        assert _invoke("export", run_id, "-o", str(out), "--workdir",
-                       str(workdir)).exit_code == 0
+        assert _invoke("export", run_id, "-o", str(out), *where).exit_code == 0
         assert out.read_text().count("\n") == 2
+        assert _invoke("report", run_id, *where).exit_code == 0
+        assert (workdir / run_id / "report.html").exists()
 
-    def test_status_without_runs(self, workdir: Path) -> None:
-        """status on an empty workdir says so and exits 0."""
-        result = _invoke("status", "--workdir", str(workdir))
+    def test_status_without_runs(self, workdir: Path, store_url: str) -> None:
+        """status on an empty workdir or database says so, exits 0, and creates nothing; a
+        run id there is exit 2 naming where it looked."""
+        result = _invoke("status", "--workdir", str(workdir), "--store", store_url)
         assert result.exit_code == 0 and "no runs yet" in result.output
+        result = _invoke("export", "ghost", "--workdir", str(workdir), "--store", store_url)
+        assert result.exit_code == 2 and "no runs" in result.output
+        if store_url.startswith("postgresql://"):
+            assert "postgresql://postgres@127.0.0.1" in result.output
+            assert db_query(store_url, "SELECT to_regclass('meta')") == [(None,)]
+        else:
+            assert not Path(store_url).exists()
+
+
+class TestStoreOption:
+    def test_the_store_comes_from_the_environment(self, tmp_path: Path, workdir: Path,
+                                                  simulator: Any, api_key: str,
+                                                  pg_url: str) -> None:
+        """BATCHKLING_STORE names the store when --store does not: the run is in the
+        database, and no SQLite file appears in the workdir."""
+        sim = simulator()
+        path = write_manifest(tmp_path, [{"id": "a", "prompt": "x"}], base_url=sim.base_url)
+        env = {"BATCHKLING_STORE": pg_url}
+        result = _invoke("run", str(path), "--workdir", str(workdir), "--speed", "400", env=env)
+        assert result.exit_code == 0, result.output
+        assert db_query(pg_url, "SELECT state FROM jobs") == [("downloaded",)]
+        assert not (workdir / "batchkling.db").exists()
+        table = json.loads(_invoke("status", "--json", "--workdir", str(workdir),
+                                   env=env).output)
+        assert [r["run_id"] for r in table] == ["test-run"]
+
+    @pytest.mark.parametrize("url", ["mysql://db/jobs", "sqlite://relative.db",
+                                     "postgresql://bk:pw-4f1e9a@db/jobs?bogus_option=1"])
+    def test_a_store_that_names_no_backend_is_bad_input(self, workdir: Path, url: str) -> None:
+        """An unsupported scheme or a malformed URL: exit 2, one line, no password."""
+        for command in (["status"], ["resume", "r"], ["export", "r"], ["report", "r"]):
+            result = _invoke(*command, "--workdir", str(workdir), "--store", url)
+            assert result.exit_code == 2, (command, result.output)
+            assert "Traceback" not in result.output and "pw-4f1e9a" not in result.output
+
+    def test_an_unreachable_server_is_exit_3(self, tmp_path: Path, workdir: Path,
+                                            api_key: str) -> None:
+        """Nothing listening at the URL: exit 3 (try again later), naming host and database
+        without the password; nothing is submitted."""
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        url = f"postgresql://bk:pw-4f1e9a@127.0.0.1:{port}/jobs"
+        path = write_manifest(tmp_path, [{"id": "a", "prompt": "x"}])
+        for command in (["run", str(path)], ["status"], ["resume", "r"]):
+            result = _invoke(*command, "--workdir", str(workdir), "--store", url)
+            assert result.exit_code == 3, (command, result.output)
+            assert f"cannot reach the PostgreSQL store postgresql://bk@127.0.0.1:{port}/jobs" \
+                in result.output
+            assert "pw-4f1e9a" not in result.output and "Traceback" not in result.output
+
+    def test_a_database_that_does_not_exist_is_exit_2(self, workdir: Path,
+                                                      pg_cluster: Any) -> None:
+        """A URL naming a database the server does not have: exit 2, saying so."""
+        result = _invoke("status", "--workdir", str(workdir), "--store",
+                         pg_cluster.url("no_such_db"))
+        assert result.exit_code == 2, result.output
+        assert "has no such database" in result.output
+
+    @pytest.mark.timeout(120)
+    def test_a_server_that_goes_away_mid_run_is_exit_3(self, tmp_path: Path, workdir: Path,
+                                                       pg_cluster: Any) -> None:
+        """The database server stops while a run is going: exit 3 with one line naming the
+        store (no password, no traceback, no driver chatter), and the run is resumable."""
+        from pgcluster import PgCluster
+
+        n = 8
+        path = write_manifest(tmp_path, [{"id": f"j{i}", "prompt": f"p{i}"} for i in range(n)],
+                              name="pgdie", limits={"max_in_flight": 2})
+        with PgCluster(pg_cluster.bindir) as own:
+            # connect_timeout=1: the run waits 3 s, not 30, for the server to come back.
+            url = own.create_database("gone").replace("postgres@", "postgres:pw-4f1e9a@")
+            url += "?connect_timeout=1"
+            env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHKLING")}
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "batchkling", "run", str(path), "--simulate", "--speed",
+                 "20", "--workdir", str(workdir), "--store", url],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            wait_until_running(proc, url, "pgdie")
+            own.stop()
+            _out, err_bytes = proc.communicate(timeout=90)
+        err = err_bytes.decode()
+        assert proc.returncode == 3, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("batchkling: error: PostgreSQL store postgresql://postgres@"), err
+        assert "pw-4f1e9a" not in err and "Traceback" not in err
+        assert "discarding closed connection" not in err and "error connecting" not in err
+
+    def test_a_store_from_a_newer_batchkling_is_exit_2(self, workdir: Path,
+                                                       store_url: str) -> None:
+        """A store whose schema is newer than this batchkling: exit 2 and "upgrade", on
+        either backend, for reading and running commands alike."""
+        from batchkling.store import store_from
+        from batchkling.testing import write_manifest as manifest_at
+
+        async def create() -> None:
+            async with store_from(store_url):
+                pass
+
+        import anyio
+
+        anyio.run(create)
+        db_query(store_url, "UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+        path = manifest_at(workdir, [{"id": "a", "prompt": "x"}])
+        for command in (["status"], ["run", str(path)]):
+            result = _invoke(*command, "--workdir", str(workdir), "--store", store_url,
+                             env={"BATCHKLING_TEST_KEY": TEST_KEY})
+            assert result.exit_code == 2, (command, result.output)
+            assert "newer batchkling" in result.output and "upgrade" in result.output
 
 
 @pytest.mark.timeout(120)

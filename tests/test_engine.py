@@ -1,14 +1,14 @@
-"""The run engine against the simulator as a real loopback server."""
+"""The run engine against the simulator as a real loopback server, on each store backend
+(``store_url``: SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SPEED, TEST_KEY
-from invariants import db_query
+from conftest import SPEED, SQLITE_UNLESS_ALL, TEST_KEY
+from invariants import db_dump, db_query
 
 from batchkling.errors import RunLocked, WorkerFenced
 from batchkling.manifest.document import load_manifest
@@ -16,6 +16,7 @@ from batchkling.models import JobState, RunSummary
 from batchkling.outputs.results import read_results
 from batchkling.run.orchestrator import Orchestrator
 from batchkling.simulator import SimulatorServer
+from batchkling.store import Store, store_from
 from batchkling.store.sqlite import SqliteStore
 from batchkling.testing import StepClock, write_manifest
 
@@ -40,9 +41,10 @@ async def _run(path: Path, workdir: Path, **kwargs: Any) -> RunSummary:
         return await orch.run()
 
 
-async def _again(run_id: str, workdir: Path, action: str = "resume",
+async def _again(run_id: str, workdir: Path, action: str = "resume", *, store: str,
                  **kwargs: Any) -> RunSummary:
-    async with Orchestrator(run_id=run_id, workdir=workdir, time_scale=SPEED, seed=4) as orch:
+    async with Orchestrator(run_id=run_id, workdir=workdir, store=store, time_scale=SPEED,
+                            seed=4) as orch:
         if action == "retry":
             return await orch.retry(**kwargs)
         return await orch.resume()
@@ -74,10 +76,11 @@ def _assert_videos_complete(workdir: Path, rows: list[dict[str, str]]) -> None:
 
 class TestHappyPath:
     async def test_every_job_is_downloaded_once(self, tmp_path: Path, workdir: Path,
-                                                simulator: Any, api_key: str) -> None:
+                                                simulator: Any, api_key: str,
+            store_url: str) -> None:
         """Ten jobs end downloaded, each with one provider task and a verified MP4."""
         sim = simulator()
-        summary = await _run(_manifest(tmp_path, sim, _jobs(10)), workdir)
+        summary = await _run(_manifest(tmp_path, sim, _jobs(10)), workdir, store=store_url)
         assert summary.exit_code == 0
         assert summary.counts == {"succeeded": 10}
         rows = _rows(workdir)
@@ -88,32 +91,37 @@ class TestHappyPath:
         assert sim.stats()["creates"] == 10
         _assert_no_duplicates(sim)
 
+    @SQLITE_UNLESS_ALL
     async def test_slot_limit_is_never_exceeded(self, tmp_path: Path, workdir: Path,
-                                                simulator: Any, api_key: str) -> None:
+                                                simulator: Any, api_key: str,
+            store_url: str) -> None:
         """With max_in_flight 3 the provider never sees more than 3 live tasks."""
         sim = simulator()
         path = _manifest(tmp_path, sim, _jobs(12), limits={"max_in_flight": 3})
-        summary = await _run(path, workdir)
+        summary = await _run(path, workdir, store=store_url)
         assert summary.exit_code == 0
         assert sim.stats()["peak_slots"] <= 3
 
+    @SQLITE_UNLESS_ALL
     async def test_polls_stay_few(self, tmp_path: Path, workdir: Path, simulator: Any,
-                                  api_key: str) -> None:
+                                  api_key: str,
+            store_url: str) -> None:
         """Adaptive polling needs only a handful of polls per task on average."""
         sim = simulator()
-        summary = await _run(_manifest(tmp_path, sim, _jobs(20)), workdir)
+        summary = await _run(_manifest(tmp_path, sim, _jobs(20)), workdir, store=store_url)
         assert summary.exit_code == 0
         assert sim.stats()["polls"] / 20 <= 6
 
     async def test_only_the_create_intent_and_task_id_need_an_fsync(
-            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
-        """The intent and the task id are committed durably (synchronous=FULL); running,
-        succeeded and downloaded take the quick commit (the kill tests show a SIGKILL loses
-        none of them)."""
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str,
+            store_url: str) -> None:
+        """The intent and the task id are committed durably (SQLite's synchronous=FULL, a
+        flushed WAL on PostgreSQL); running, succeeded and downloaded take the quick commit
+        (the kill tests show a SIGKILL loses none of them)."""
         sim = simulator()
         seen: dict[JobState, set[bool]] = {}
 
-        class Recording(SqliteStore):
+        class Recording(type(store_from(store_url))):  # type: ignore[misc]
             async def transition(self, *args: Any, **kwargs: Any) -> None:
                 seen.setdefault(args[2], set()).add(kwargs.get("quick", False))
                 await super().transition(*args, **kwargs)
@@ -125,7 +133,7 @@ class TestHappyPath:
                     seen.setdefault(claim.job.state, set()).add(False)
                 return claim
 
-        store = Recording(workdir / "batchkling.db")
+        store = Recording(store_url)
         async with store:
             summary = await _run(_manifest(tmp_path, sim, _jobs(4)), workdir, store=store)
         assert summary.counts == {"succeeded": 4}
@@ -136,39 +144,43 @@ class TestHappyPath:
         assert seen.get(JobState.RUNNING, {True}) == {True}
 
     async def test_progress_is_stored_for_the_report(
-            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str,
+            store_url: str) -> None:
         """The progress a poll reads is stored on the job (as a fraction), so the report can
         say "rendering · 42%" while a task runs."""
         sim = simulator()
-        summary = await _run(_manifest(tmp_path, sim, _jobs(6)), workdir)
+        summary = await _run(_manifest(tmp_path, sim, _jobs(6)), workdir, store=store_url)
         assert summary.counts == {"succeeded": 6}
-        stored = [p for (p,) in db_query(workdir, "SELECT progress FROM jobs") if p is not None]
+        stored = [p for (p,) in db_query(store_url, "SELECT progress FROM jobs")
+                  if p is not None]
         assert stored, "no job kept the progress its polls read"
         assert all(0.0 <= p < 1.0 for p in stored), stored
 
     async def test_rerun_of_finished_run_submits_nothing(self, tmp_path: Path, workdir: Path,
-                                                         simulator: Any, api_key: str) -> None:
+                                                         simulator: Any, api_key: str,
+            store_url: str) -> None:
         """Running a finished, unchanged manifest again creates no task."""
         sim = simulator()
         path = _manifest(tmp_path, sim, _jobs(4))
-        assert (await _run(path, workdir)).exit_code == 0
-        assert (await _run(path, workdir)).exit_code == 0
+        assert (await _run(path, workdir, store=store_url)).exit_code == 0
+        assert (await _run(path, workdir, store=store_url)).exit_code == 0
         assert sim.stats()["creates"] == 4
 
 
 class TestEditedManifest:
     async def test_only_the_edited_job_is_submitted_again(self, tmp_path: Path, workdir: Path,
-                                                          simulator: Any, api_key: str) -> None:
+                                                          simulator: Any, api_key: str,
+            store_url: str) -> None:
         """Editing one job's prompt in a finished run resubmits exactly that job."""
         sim = simulator()
         jobs = _jobs(5)
-        assert (await _run(_manifest(tmp_path, sim, jobs), workdir)).exit_code == 0
+        assert (await _run(_manifest(tmp_path, sim, jobs), workdir, store=store_url)).exit_code == 0
         jobs[2]["prompt"] = "a different scene"
         jobs.append({"id": "job-new", "prompt": "brand new"})
-        assert (await _run(_manifest(tmp_path, sim, jobs), workdir)).exit_code == 0
+        assert (await _run(_manifest(tmp_path, sim, jobs), workdir, store=store_url)).exit_code == 0
         stats = sim.stats()
         assert stats["creates"] == 7
-        async with SqliteStore(workdir / "batchkling.db") as store:
+        async with store_from(store_url) as store:
             attempts = await store.attempts("test-run", "job-002")
         assert [a["number"] for a in attempts] == [1, 2]
         assert attempts[0]["fingerprint"] != attempts[1]["fingerprint"]
@@ -176,13 +188,14 @@ class TestEditedManifest:
 
 class TestProviderTrouble:
     async def test_flaky_provider_loses_nothing(self, tmp_path: Path, workdir: Path,
-                                                simulator: Any, api_key: str) -> None:
+                                                simulator: Any, api_key: str,
+            store_url: str) -> None:
         """Under 5xx, drops, rate limits, failures, truncation and expiry: every job ends
         succeeded or with a reason, and no key ever made two tasks."""
         sim = simulator("flaky")
         path = _manifest(tmp_path, sim, _jobs(30), on_unknown="resubmit",
                          limits={"max_attempts": 3})
-        summary = await _run(path, workdir)
+        summary = await _run(path, workdir, store=store_url)
         rows = _rows(workdir)
         assert len(rows) == 30
         for row in rows:
@@ -195,23 +208,27 @@ class TestProviderTrouble:
         assert sim.stats()["rejected"]  # faults were really injected
 
     async def test_quirky_gateway_is_understood(self, tmp_path: Path, workdir: Path,
-                                                simulator: Any, api_key: str) -> None:
+                                                simulator: Any, api_key: str,
+            store_url: str) -> None:
         """Status synonyms, wrapped bodies, "42%" progress, ms timestamps, late URLs and
         404-after-create all end in downloaded videos."""
         sim = simulator("quirks")
-        summary = await _run(_manifest(tmp_path, sim, _jobs(12)), workdir)
+        summary = await _run(_manifest(tmp_path, sim, _jobs(12)), workdir, store=store_url)
         assert summary.exit_code == 0, summary
         _assert_videos_complete(workdir, _rows(workdir))
         _assert_no_duplicates(sim)
 
+    @SQLITE_UNLESS_ALL
     async def test_account_slots_below_max_in_flight(self, tmp_path: Path, workdir: Path,
-                                                     simulator: Any, api_key: str) -> None:
+                                                     simulator: Any, api_key: str,
+                                                     store_url: str) -> None:
         """An account with 3 slots and a run asking for 10: requeued, not failed, and the
         effective limit comes down to what the account holds."""
         sim = simulator(slot_limit=3)
         path = _manifest(tmp_path, sim, _jobs(24), limits={"max_in_flight": 10})
         manifest = load_manifest(path)
-        async with Orchestrator(manifest, workdir=workdir, time_scale=SPEED) as orch:
+        async with Orchestrator(manifest, workdir=workdir, store=store_url,
+                                time_scale=SPEED) as orch:
             summary = await orch.run()
             engine = orch._engine
         assert summary.exit_code == 0
@@ -221,22 +238,25 @@ class TestProviderTrouble:
         # The first round of rejections teaches the limit; probes after that are rare.
         assert stats["rejected"].get("slots", 0) < 24
 
+    @SQLITE_UNLESS_ALL
     async def test_rate_limits_are_honoured(self, tmp_path: Path, workdir: Path,
-                                            simulator: Any, api_key: str) -> None:
+                                            simulator: Any, api_key: str,
+            store_url: str) -> None:
         """429s with Retry-After pause creates; no job fails."""
         sim = simulator(rate_limit_per_s=4, retry_after_s=0.2)
         path = _manifest(tmp_path, sim, _jobs(16), limits={"submit_rate": 200,
                                                            "max_in_flight": 16})
-        summary = await _run(path, workdir)
+        summary = await _run(path, workdir, store=store_url)
         assert summary.exit_code == 0
         assert sim.stats()["rejected"].get("rate_limited", 0) >= 1
         _assert_no_duplicates(sim)
 
     async def test_content_policy_failure_is_final(self, tmp_path: Path, workdir: Path,
-                                                   simulator: Any, api_key: str) -> None:
+                                                   simulator: Any, api_key: str,
+            store_url: str) -> None:
         """A content-policy failure is not retried, and its reason is in the CSV."""
         sim = simulator(fail_rate=1.0, fail_reasons=("content_policy",))
-        summary = await _run(_manifest(tmp_path, sim, _jobs(3)), workdir)
+        summary = await _run(_manifest(tmp_path, sim, _jobs(3)), workdir, store=store_url)
         assert summary.exit_code == 1
         rows = _rows(workdir)
         assert {r["status"] for r in rows} == {"failed"}
@@ -244,26 +264,28 @@ class TestProviderTrouble:
         assert sim.stats()["creates"] == 3
 
     async def test_internal_failure_is_retried_as_new_attempts(
-            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str,
+            store_url: str) -> None:
         """An internal failure gets a new task, up to max_attempts, each its own attempt."""
         sim = simulator(fail_rate=1.0, fail_reasons=("internal",))
         path = _manifest(tmp_path, sim, _jobs(2), limits={"max_attempts": 3})
-        summary = await _run(path, workdir)
+        summary = await _run(path, workdir, store=store_url)
         assert summary.exit_code == 1
         assert {r["attempts"] for r in _rows(workdir)} == {"3"}
         assert sim.stats()["creates"] == 6
         _assert_no_duplicates(sim)
-        async with SqliteStore(workdir / "batchkling.db") as store:
+        async with store_from(store_url) as store:
             attempts = await store.attempts("test-run", "job-000")
         assert len({a["task_id"] for a in attempts}) == 3
 
     async def test_out_of_credit_stops_creates_then_resume_continues(
-            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str,
+            store_url: str) -> None:
         """Out of credit: no create afterwards, in-flight tasks finish, exit 4; after a top-up
         ``resume`` finishes the rest without paying twice."""
         sim = simulator(credits_after_creates=3)
         path = _manifest(tmp_path, sim, _jobs(8), limits={"max_in_flight": 2})
-        summary = await _run(path, workdir)
+        summary = await _run(path, workdir, store=store_url)
         assert summary.exit_code == 4
         assert "refused the account" in (summary.stop_reason or "")
         stats = sim.stats()
@@ -271,7 +293,7 @@ class TestProviderTrouble:
         requests_at_stop = stats["create_requests"]
         assert summary.counts.get("succeeded") == 3
         sim.update_config(credits_after_creates=None)
-        resumed = await _again("test-run", workdir)
+        resumed = await _again("test-run", workdir, store=store_url)
         assert resumed.exit_code == 0
         stats = sim.stats()
         assert stats["creates"] == 8
@@ -281,13 +303,14 @@ class TestProviderTrouble:
 
 class TestBudget:
     async def test_creates_stop_before_the_budget_is_passed(
-            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str,
+            store_url: str) -> None:
         """With $1.00 and $0.35 jobs (the simulator's price), two are created and the rest
         wait; exit 3 says why, and what was spent stays within the budget."""
         sim = simulator()
         path = _manifest(tmp_path, sim, _jobs(10, model="kling-v2-6", duration=5, mode="std"),
                          budget={"max_usd": 1.0}, pricing={"kling-v2-6:std": 0.07})
-        summary = await _run(path, workdir)
+        summary = await _run(path, workdir, store=store_url)
         assert summary.exit_code == 3
         assert "budget reached" in (summary.stop_reason or "")
         assert sim.stats()["creates"] == 2
@@ -297,23 +320,27 @@ class TestBudget:
 
 class TestAmbiguousCreates:
     async def test_unanswered_create_becomes_unknown_not_a_second_task(
-            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str,
+            store_url: str) -> None:
         """A 5xx after the task was made is reported `unknown`; nothing is resubmitted."""
         sim = simulator(create_5xx_after_create_rate=1.0, honor_idempotency_key=False)
-        summary = await _run(_manifest(tmp_path, sim, _jobs(3)), workdir)
+        summary = await _run(_manifest(tmp_path, sim, _jobs(3)), workdir, store=store_url)
         assert summary.exit_code == 3
         assert {r["status"] for r in _rows(workdir)} == {"unknown"}
         assert sim.stats()["creates"] == 3
         _assert_no_duplicates(sim)
 
     async def test_retry_unknown_reuses_the_key(self, tmp_path: Path, workdir: Path,
-                                                simulator: Any, api_key: str) -> None:
+                                                simulator: Any, api_key: str,
+            store_url: str) -> None:
         """`retry --unknown` sends the same idempotency key: a provider that honours it
         returns the task it already made, so nothing is paid twice."""
         sim = simulator(create_5xx_after_create_rate=1.0)
-        assert (await _run(_manifest(tmp_path, sim, _jobs(3)), workdir)).exit_code == 3
+        summary = await _run(_manifest(tmp_path, sim, _jobs(3)), workdir, store=store_url)
+        assert summary.exit_code == 3
         sim.update_config(create_5xx_after_create_rate=0.0)
-        summary = await _again("test-run", workdir, "retry", states=[JobState.UNKNOWN])
+        summary = await _again("test-run", workdir, "retry", store=store_url,
+                               states=[JobState.UNKNOWN])
         assert summary.exit_code == 0
         stats = sim.stats()
         assert stats["creates"] == 3
@@ -323,12 +350,13 @@ class TestAmbiguousCreates:
 
 class TestDownloads:
     async def test_failed_downloads_never_rerender(
-            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str,
+            store_url: str) -> None:
         """URLs that are always expired and bodies that are often truncated: the paid renders
         stay `succeeded` with the reason, nothing is re-rendered, and `resume` fetches them
         once the provider behaves."""
         sim = simulator(download_truncate_rate=0.5, url_ttl_s=0.0001)
-        summary = await _run(_manifest(tmp_path, sim, _jobs(8)), workdir)
+        summary = await _run(_manifest(tmp_path, sim, _jobs(8)), workdir, store=store_url)
         assert summary.exit_code == 3
         rows = _rows(workdir)
         assert {r["status"] for r in rows} == {"pending"}
@@ -336,7 +364,7 @@ class TestDownloads:
         assert not list(workdir.rglob("*.mp4*"))
         polls_before = sim.stats()["polls"]
         sim.update_config(url_ttl_s=None)
-        resumed = await _again("test-run", workdir)
+        resumed = await _again("test-run", workdir, store=store_url)
         assert resumed.exit_code == 0
         _assert_videos_complete(workdir, _rows(workdir))
         stats = sim.stats()
@@ -346,12 +374,14 @@ class TestDownloads:
 
 class TestInterruptAndLease:
     async def test_interrupt_then_resume_pays_once(self, tmp_path: Path, workdir: Path,
-                                                   simulator: Any, api_key: str) -> None:
+                                                   simulator: Any, api_key: str,
+            store_url: str) -> None:
         """An interrupt stops creating and exits 130; resume adopts the in-flight tasks."""
         sim = simulator()
         manifest = load_manifest(_manifest(tmp_path, sim, _jobs(10),
                                            limits={"max_in_flight": 3, "submit_rate": 5}))
-        async with Orchestrator(manifest, workdir=workdir, time_scale=SPEED) as orch:
+        async with Orchestrator(manifest, workdir=workdir, store=store_url,
+                                time_scale=SPEED) as orch:
             import anyio
 
             async with anyio.create_task_group() as tg:
@@ -365,14 +395,14 @@ class TestInterruptAndLease:
         assert summary.exit_code == 130
         first = sim.stats()["creates"]
         assert 2 <= first < 10
-        resumed = await _again("test-run", workdir)
+        resumed = await _again("test-run", workdir, store=store_url)
         assert resumed.exit_code == 0
         assert sim.stats()["creates"] == 10
         _assert_no_duplicates(sim)
 
-    async def test_second_runner_is_refused(self, tmp_path: Path, workdir: Path) -> None:
+    async def test_second_runner_is_refused(self, store_url: str) -> None:
         """A live lease holder (this very process) locks the run against another runner."""
-        async with SqliteStore(workdir / "batchkling.db") as store:
+        async with store_from(store_url) as store:
             await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
                                  provider="imarouter", base_url="http://x", simulated=False,
                                  now=100.0)
@@ -423,40 +453,40 @@ class TestInterruptAndLease:
 
 class TestSecrets:
     async def test_key_never_reaches_disk(self, tmp_path: Path, workdir: Path,
-                                          simulator: Any, api_key: str) -> None:
+                                          simulator: Any, api_key: str,
+            store_url: str) -> None:
         """The API key appears in no file batchkling writes: DB, WAL, CSV, run.log."""
         sim = simulator("flaky")
-        await _run(_manifest(tmp_path, sim, _jobs(6), on_unknown="resubmit"), workdir)
+        await _run(_manifest(tmp_path, sim, _jobs(6), on_unknown="resubmit"), workdir,
+                   store=store_url)
         needle = TEST_KEY.encode()
         files = [p for p in workdir.rglob("*") if p.is_file()]
         assert any(p.name == "run.log" for p in files)
         for path in files:
             assert needle not in path.read_bytes(), path
-        con = sqlite3.connect(workdir / "batchkling.db")
-        dump = "\n".join(con.iterdump())
-        con.close()
-        assert TEST_KEY not in dump
+        assert TEST_KEY not in db_dump(store_url)
 
 
 class TestStoreFailure:
     async def test_a_failing_database_stops_all_creates(
-            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str,
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str, store_url: str,
             monkeypatch: pytest.MonkeyPatch) -> None:
         """When checkpoints cannot be written, no further task is paid for; exit 3."""
         sim = simulator()
         path = _manifest(tmp_path, sim, _jobs(8), limits={"max_in_flight": 2, "submit_rate": 5})
-        original = SqliteStore.transition
+        backend = type(store_from(store_url))
+        original = backend.transition
         calls = {"n": 0}
 
-        async def flaky(self: SqliteStore, *args: Any, **kwargs: Any) -> None:
+        async def flaky(self: Store, *args: Any, **kwargs: Any) -> None:
             calls["n"] += 1
             if calls["n"] > 6:
                 from batchkling.errors import StoreError
                 raise StoreError("disk I/O error")
             await original(self, *args, **kwargs)
 
-        monkeypatch.setattr(SqliteStore, "transition", flaky)
-        summary = await _run(path, workdir)
+        monkeypatch.setattr(backend, "transition", flaky)
+        summary = await _run(path, workdir, store=store_url)
         assert summary.exit_code == 3
         assert "state database failed" in (summary.stop_reason or "")
         assert sim.stats()["creates"] <= 3

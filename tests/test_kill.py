@@ -1,4 +1,5 @@
-"""Killing the CLI at any moment loses nothing and pays for nothing twice.
+"""Killing the CLI at any moment loses nothing and pays for nothing twice, on each store
+backend (``store_url``: SQLite, PostgreSQL).
 
 The CLI runs in a subprocess against the simulator as a real loopback server; the test
 SIGKILLs it (at random moments, or at labelled crash points) and resumes, then checks the
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import TEST_KEY, wait_until_running
+from invariants import db_query, store_problems
 
 from batchkling.outputs.results import read_results
 from batchkling.simulator import SimulatorServer
@@ -37,6 +38,11 @@ def _cli(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.Pope
     )
 
 
+def _where(workdir: Path, store: str) -> tuple[str, ...]:
+    """The options that point the CLI at the test's workdir and store."""
+    return ("--workdir", str(workdir), "--store", store)
+
+
 def _finish(proc: subprocess.Popen[bytes], timeout: float = 90) -> tuple[int, str]:
     _out, err = proc.communicate(timeout=timeout)
     return proc.returncode, err.decode(errors="replace")
@@ -51,19 +57,16 @@ def _manifest(tmp_path: Path, sim: SimulatorServer, n: int, **sections: Any) -> 
     return write_manifest(tmp_path, jobs, name="killme", base_url=sim.base_url, **sections)
 
 
-def _check_invariants(workdir: Path, sim: SimulatorServer, n: int) -> list[dict[str, str]]:
+def _check_invariants(workdir: Path, store: str, sim: SimulatorServer, n: int
+                      ) -> list[dict[str, str]]:
     stats = sim.stats()
     assert stats["duplicate_keys"] == [], "a key made two paid tasks"
     assert stats["creates_without_key"] == 0
-    con = sqlite3.connect(workdir / "batchkling.db")
-    try:
-        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        db_states = dict(con.execute("SELECT job_id, state FROM jobs WHERE run_id='killme'"))
-        tasks = dict(con.execute(
-            "SELECT job_id, COUNT(DISTINCT task_id) FROM attempts WHERE run_id='killme'"
-            " AND task_id IS NOT NULL GROUP BY job_id"))
-    finally:
-        con.close()
+    assert store_problems(store) == []
+    db_states = dict(db_query(store, "SELECT job_id, state FROM jobs WHERE run_id='killme'"))
+    tasks = dict(db_query(
+        store, "SELECT job_id, COUNT(DISTINCT task_id) FROM attempts WHERE run_id='killme'"
+        " AND task_id IS NOT NULL GROUP BY job_id"))
     rows = read_results(workdir / "killme" / "results.csv")
     assert len(rows) == n == len(db_states)
     for row in rows:
@@ -85,7 +88,7 @@ def _check_invariants(workdir: Path, sim: SimulatorServer, n: int) -> list[dict[
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigkill_at_random_moments_then_resume(tmp_path: Path, workdir: Path,
-                                               simulator: Any) -> None:
+                                               simulator: Any, store_url: str) -> None:
     """SIGKILLed a dozen times mid-run and resumed each time: every job ends downloaded or
     honestly `unknown`, and no idempotency key ever made two tasks."""
     # A gateway that ignores Idempotency-Key: only batchkling's own discipline prevents
@@ -96,60 +99,62 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path, workdir: Path,
     rng = random.Random(20261125)
     kills = 0
     for _ in range(12):
-        proc = _cli("run", str(manifest), "--workdir", str(workdir))
-        wait_until_running(proc, workdir / "batchkling.db", "killme")
+        proc = _cli("run", str(manifest), *_where(workdir, store_url))
+        wait_until_running(proc, store_url, "killme")
         time.sleep(rng.uniform(0.05, 1.0))
         if proc.poll() is None:
             proc.kill()
             kills += 1
         proc.wait(timeout=30)
-    code, err = _finish(_cli("resume", "killme", "--workdir", str(workdir)))
+    code, err = _finish(_cli("resume", "killme", *_where(workdir, store_url)))
     assert code in (0, 3), err
     assert kills >= 6
-    rows = _check_invariants(workdir, sim, n)
+    rows = _check_invariants(workdir, store_url, sim, n)
     unknown = [r["job_id"] for r in rows if r["status"] == "unknown"]
     assert (code == 0) == (not unknown)
     # Resolving the unknowns with a provider that honours the key pays for nothing twice.
     sim.update_config(honor_idempotency_key=True)
-    code, err = _finish(_cli("retry", "killme", "--unknown", "--workdir", str(workdir)))
+    code, err = _finish(_cli("retry", "killme", "--unknown", *_where(workdir, store_url)))
     assert code == 0, err
-    rows = _check_invariants(workdir, sim, n)
+    rows = _check_invariants(workdir, store_url, sim, n)
     assert {r["status"] for r in rows} == {"succeeded"}
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("point", ["after_intent", "after_create"])
 def test_crash_at_the_worst_moment(tmp_path: Path, workdir: Path, simulator: Any,
-                                   point: str) -> None:
+                                   point: str, store_url: str) -> None:
     """Killed between the intent commit and the create, or between the create and the
     task-id commit: the job is reported `unknown` (ImaRouter has no lookup), never resubmitted
     blindly; the rest of the run completes."""
     sim = simulator(speed=SPEED, honor_idempotency_key=False)
-    # Creates 200 ms apart, so the first two have their answers committed before the third
-    # crashes even on a loaded machine: exactly one job is caught in the window.
-    manifest = _manifest(tmp_path, sim, 6, limits={**LIMITS, "submit_rate": 5})
-    code, _err = _finish(_cli("run", str(manifest), "--workdir", str(workdir),
+    # One task at a time, so the first two jobs are finished before the third create crashes,
+    # however loaded the machine: exactly one job is caught in the window. (Creates merely
+    # 200 ms apart left four jobs in it at a load average of 12.)
+    manifest = _manifest(tmp_path, sim, 6, limits={**LIMITS, "max_in_flight": 1})
+    code, _err = _finish(_cli("run", str(manifest), *_where(workdir, store_url),
                               extra_env={"BATCHKLING_CRASH_AT": f"{point}:3"}))
     assert code == -9  # SIGKILL
-    code, err = _finish(_cli("resume", "killme", "--workdir", str(workdir)))
+    code, err = _finish(_cli("resume", "killme", *_where(workdir, store_url)))
     assert code == 3, err
-    rows = _check_invariants(workdir, sim, 6)
+    rows = _check_invariants(workdir, store_url, sim, 6)
     assert [r["status"] for r in rows].count("unknown") == 1
     expected_tasks = 6 if point == "after_create" else 5
     assert sim.stats()["creates"] == expected_tasks
 
 
 @pytest.mark.timeout(120)
-def test_second_runner_refuses(tmp_path: Path, workdir: Path, simulator: Any) -> None:
+def test_second_runner_refuses(tmp_path: Path, workdir: Path, simulator: Any,
+                               store_url: str) -> None:
     """While one process runs a run id, a second `run` of it exits 3 with a clear message."""
     sim = simulator(speed=20.0)  # slow renders: the first runner is busy for seconds
     manifest = _manifest(tmp_path, sim, 4)
-    first = _cli("run", str(manifest), "--workdir", str(workdir))
+    first = _cli("run", str(manifest), *_where(workdir, store_url))
     try:
         deadline = time.monotonic() + 20
         while sim.stats()["creates"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        code, err = _finish(_cli("run", str(manifest), "--workdir", str(workdir)))
+        code, err = _finish(_cli("run", str(manifest), *_where(workdir, store_url)))
         assert code == 3, err
         assert "is being run by process" in err
         assert "Traceback" not in err
@@ -157,6 +162,6 @@ def test_second_runner_refuses(tmp_path: Path, workdir: Path, simulator: Any) ->
         first.kill()
         first.wait()
     # The killed runner's lease is stale at once (its process is gone): resume takes over.
-    code, err = _finish(_cli("resume", "killme", "--workdir", str(workdir)))
+    code, err = _finish(_cli("resume", "killme", *_where(workdir, store_url)))
     assert code == 0, err
     assert sim.stats()["duplicate_keys"] == []

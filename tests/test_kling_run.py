@@ -9,7 +9,6 @@ import os
 import random
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import SPEED, wait_until_running
+from invariants import db_query, store_problems
 
 from batchkling.cli import cli
 from batchkling.manifest.document import load_manifest
@@ -49,8 +49,9 @@ def _manifest(folder: Path, sim: SimulatorServer, jobs: list[dict[str, Any]], *,
                           limits=settings)
 
 
-async def _run(path: Path, workdir: Path, sim: SimulatorServer) -> RunSummary:
-    async with Orchestrator(load_manifest(path), workdir=workdir, env=KLING_ENV,
+async def _run(path: Path, workdir: Path, sim: SimulatorServer, store: str | None = None
+               ) -> RunSummary:
+    async with Orchestrator(load_manifest(path), workdir=workdir, store=store, env=KLING_ENV,
                             base_url=sim.base_url, time_scale=SPEED, seed=3) as orch:
         return await orch.run()
 
@@ -65,12 +66,15 @@ def _rows(workdir: Path, run_id: str = "test-run") -> list[dict[str, str]]:
     return read_results(workdir / run_id / "results.csv")
 
 
-def _db(workdir: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    con = sqlite3.connect(workdir / "batchkling.db")
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
+def _db(where: Path | str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` against a workdir's store or the store at a URL."""
+    return db_query(where, sql, *args)
+
+
+def _found(where: Path | str) -> list[bool]:
+    """What each reconciliation's lookup found (event data: JSON text, or parsed jsonb)."""
+    rows = _db(where, "SELECT data FROM events WHERE event = 'job.reconciled' ORDER BY id")
+    return [(json.loads(d) if isinstance(d, str) else d)["found"] for (d,) in rows]
 
 
 def _assert_paid_once(sim: SimulatorServer) -> dict[str, Any]:
@@ -195,19 +199,19 @@ class TestFailures:
         assert retryable["policy"] == 0 and retryable["internal"] == 1
 
     async def test_lost_create_answers_are_adopted_by_lookup(
-            self, tmp_path: Path, workdir: Path, simulator: Any) -> None:
+            self, tmp_path: Path, workdir: Path, simulator: Any, store_url: str) -> None:
         """Creates whose answer is a 5xx after the task was made are found by external_task_id
-        and adopted: no job ends `unknown`, none is paid twice."""
+        and adopted: no job ends `unknown`, none is paid twice (on each store backend)."""
         sim = simulator(create_5xx_after_create_rate=0.5)
-        summary = await _run(_manifest(tmp_path, sim, _jobs(10)), workdir, sim)
+        summary = await _run(_manifest(tmp_path, sim, _jobs(10)), workdir, sim, store_url)
         assert summary.exit_code == 0, summary.stop_reason
         _assert_downloaded(workdir, _rows(workdir))
         stats = _assert_paid_once(sim)
         assert stats["creates"] == 10
         assert stats["rejected"]["server_error_after_create"] > 0
-        found = _db(workdir, "SELECT data FROM events WHERE event = 'job.reconciled'")
+        found = _found(store_url)
         assert len(found) == stats["rejected"]["server_error_after_create"]
-        assert all(json.loads(data) == {"found": True} for (data,) in found)
+        assert all(found)
 
 
 class TestPlan:
@@ -262,15 +266,15 @@ def _finish(proc: subprocess.Popen[bytes], timeout: float = 90) -> tuple[int, st
     return proc.returncode, err.decode(errors="replace")
 
 
-def _check_exact(workdir: Path, sim: SimulatorServer, n: int) -> None:
+def _check_exact(workdir: Path, sim: SimulatorServer, n: int, store: Path | str) -> None:
     """Every job downloaded from exactly one task, each key paid once, nothing `unknown`."""
     stats = _assert_paid_once(sim)
-    assert _db(workdir, "PRAGMA integrity_check") == [("ok",)]
+    assert store_problems(store) == []
     rows = read_results(workdir / "killme" / "results.csv")
     assert len(rows) == n
     _assert_downloaded(workdir, rows)
-    tasks = dict(_db(workdir, "SELECT job_id, COUNT(DISTINCT task_id) FROM attempts "
-                              "WHERE task_id IS NOT NULL GROUP BY job_id"))
+    tasks = dict(_db(store, "SELECT job_id, COUNT(DISTINCT task_id) FROM attempts "
+                            "WHERE task_id IS NOT NULL GROUP BY job_id"))
     assert tasks == {r["job_id"]: 1 for r in rows}
     assert stats["creates"] == n  # one paid task per job, not one more
 
@@ -279,21 +283,21 @@ def _check_exact(workdir: Path, sim: SimulatorServer, n: int) -> None:
 @pytest.mark.parametrize(("point", "creates_before"), [("after_intent", 2),
                                                        ("after_create", 3)])
 def test_crash_at_the_worst_moment(tmp_path: Path, workdir: Path, simulator: Any,
-                                   point: str, creates_before: int) -> None:
+                                   point: str, creates_before: int, store_url: str) -> None:
     """Killed between intent and create, or between create and the task-id commit: the resume
-    looks the key up and creates the task (none existed) or adopts it (it did) — no `unknown`."""
+    looks the key up and creates the task (none existed) or adopts it (it did) — no `unknown`
+    (on each store backend)."""
     sim = simulator(speed=CLI_SPEED, honor_idempotency_key=False)
     manifest = _manifest(tmp_path, sim, _jobs(6), name="killme", max_in_flight=6,
                          submit_rate=40)
-    code, _err = _finish(_cli("run", str(manifest), "--workdir", str(workdir),
-                              crash_at=f"{point}:3"))
+    where = ("--workdir", str(workdir), "--store", store_url)
+    code, _err = _finish(_cli("run", str(manifest), *where, crash_at=f"{point}:3"))
     assert code == -9  # SIGKILL
     assert sim.stats()["creates"] >= creates_before
-    code, err = _finish(_cli("resume", "killme", "--workdir", str(workdir)))
+    code, err = _finish(_cli("resume", "killme", *where))
     assert code == 0, err
-    _check_exact(workdir, sim, 6)
-    found = [json.loads(d)["found"] for (d,) in _db(
-        workdir, "SELECT data FROM events WHERE event = 'job.reconciled'")]
+    _check_exact(workdir, sim, 6, store_url)
+    found = _found(store_url)
     # The crashed job's lookup says what happened to it; creates of other jobs still in the
     # air at the kill are reconciled too (found, when their request had arrived).
     assert (point == "after_create") in found
@@ -323,5 +327,5 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path, workdir: Path,
     code, err = _finish(_cli("resume", "killme", "--workdir", str(workdir)))
     assert code == 0, err
     assert kills >= 6
-    _check_exact(workdir, sim, n)
+    _check_exact(workdir, sim, n, workdir)
     assert not _db(workdir, "SELECT job_id FROM events WHERE event = 'job.unknown'")

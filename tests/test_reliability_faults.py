@@ -1,4 +1,5 @@
-"""Provider and disk faults, each ending on the shared invariants (tests/invariants.py).
+"""Provider and disk faults, each ending on the shared invariants (tests/invariants.py), on
+each store backend (``store_url``: SQLite, PostgreSQL).
 
 Scenarios (docs/reliability.md numbers them): 3 ambiguous creates, 6 rate limits, 7 account
 slots, 8 auth revoked mid-run, 9 ten minutes of poll failures, 11 oversized downloads, 12 disk
@@ -10,13 +11,14 @@ use the simulator on loopback.
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from conftest import SPEED, TEST_KEY
+from conftest import SPEED, SQLITE_UNLESS_ALL, TEST_KEY
 from invariants import check_invariants, db_query
 
 import batchkling.run.download
@@ -27,7 +29,7 @@ from batchkling.providers.imarouter import ImaRouterProvider
 from batchkling.providers.kling import KlingProvider
 from batchkling.run.orchestrator import Orchestrator
 from batchkling.simulator import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, SimulatorServer
-from batchkling.store.sqlite import SqliteStore
+from batchkling.store import store_from
 from batchkling.testing import VirtualSim, write_manifest
 
 pytestmark = pytest.mark.timeout(60)
@@ -62,15 +64,22 @@ async def _run(path: Path, workdir: Path, **kwargs: Any) -> RunSummary:
         return await orch.run()
 
 
-async def _resume(workdir: Path) -> RunSummary:
-    async with Orchestrator(run_id=RUN, workdir=workdir, env=ENV, time_scale=SPEED,
+async def _resume(workdir: Path, store: str) -> RunSummary:
+    async with Orchestrator(run_id=RUN, workdir=workdir, store=store, env=ENV, time_scale=SPEED,
                             seed=4) as orch:
         return await orch.resume()
 
 
-def _events(workdir: Path, event: str) -> list[tuple[Any, ...]]:
-    return db_query(workdir, "SELECT job_id, at, data FROM events WHERE event = ? ORDER BY id",
+def _events(store: str, event: str) -> list[tuple[Any, ...]]:
+    """``(job id, at, data)`` of each such event; ``data`` parsed from its JSON."""
+    rows = db_query(store, "SELECT job_id, at, data FROM events WHERE event = ? ORDER BY id",
                     event)
+    return [(job, at, _parsed(data)) for job, at, data in rows]
+
+
+def _parsed(data: Any) -> Any:
+    # SQLite keeps the JSON text; PostgreSQL's jsonb comes back parsed.
+    return json.loads(data) if isinstance(data, str) else data
 
 
 class TestAmbiguousCreate:
@@ -78,7 +87,7 @@ class TestAmbiguousCreate:
 
     @pytest.mark.parametrize("provider", ["imarouter", "kling"])
     async def test_hanging_create_answer(self, tmp_path: Path, workdir: Path, simulator: Any,
-                                         provider: str) -> None:
+                                         provider: str, store_url: str) -> None:
         """A create answer held past the client's timeout: ImaRouter reports the job `unknown`
         and sends no second create; Kling finds the task by external_task_id and adopts it."""
         sim = simulator(create_hang_after_create_rate=1.0, hang_s=5.0,
@@ -91,13 +100,13 @@ class TestAmbiguousCreate:
                                    secret_key=DEFAULT_SECRET_KEY, timeout=0.4)
         path = _manifest(tmp_path, sim, 3, provider=provider, max_in_flight=3)
         try:
-            summary = await _run(path, workdir, provider=client)
+            summary = await _run(path, workdir, store=store_url, provider=client)
         finally:
             await client.aclose()
         stats = sim.stats()
         assert stats["rejected"]["hung_after_create"] == 3  # every create was left hanging
         assert stats["creates"] == stats["create_requests"] == 3  # and never sent twice
-        checked = check_invariants(workdir, RUN, stats, provider=provider, jobs=3)
+        checked = check_invariants(workdir, RUN, stats, provider=provider, jobs=3, store=store_url)
         if provider == "imarouter":
             assert summary.exit_code == 3
             assert checked.statuses == {"unknown": 3}
@@ -105,14 +114,16 @@ class TestAmbiguousCreate:
         else:
             assert summary.exit_code == 0, summary.stop_reason
             assert checked.statuses == {"succeeded": 3}
-            found = [d for _j, _at, d in _events(workdir, "job.reconciled")]
-            assert found == ['{"found":true}'] * 3
+            found = [d for _j, _at, d in _events(store_url, "job.reconciled")]
+            assert found == [{"found": True}] * 3
 
 
 class TestRateLimits:
     """#6: 429 with Retry-After on every create for a while."""
 
-    async def test_no_create_before_retry_after_ends(self, tmp_path: Path, workdir: Path) -> None:
+    @SQLITE_UNLESS_ALL
+    async def test_no_create_before_retry_after_ends(self, tmp_path: Path, workdir: Path,
+                                                     store_url: str) -> None:
         """For five virtual minutes the account admits one create per two minutes and answers
         the rest 429 with Retry-After 20: no create is sent while a pause runs, the retries
         stay few, and every job ends downloaded."""
@@ -126,7 +137,7 @@ class TestRateLimits:
             window["end"] = vs.clock.monotonic()
 
         start = vs.clock.monotonic()
-        summary = await vs.run(path, workdir, during=lift)
+        summary = await vs.run(path, workdir, store=store_url, during=lift)
         assert summary.exit_code == 0, summary
         creates = vs.requests.creates()
         limited = [at for at, status in creates if status == 429]
@@ -143,22 +154,23 @@ class TestRateLimits:
         assert stats["creates"] == 8
         print(f"#6: {len(limited)} answers 429, {len(in_window)} create requests in "
               f"{window['end'] - start:.0f} virtual s, {stats['creates']} creates")
-        check_invariants(workdir, RUN, stats, jobs=8)
+        check_invariants(workdir, RUN, stats, jobs=8, store=store_url)
 
+    @SQLITE_UNLESS_ALL
     async def test_pause_starts_when_the_429_arrives(self, tmp_path: Path,
-                                                     workdir: Path) -> None:
+                                                     workdir: Path, store_url: str) -> None:
         """A slow state write after a 429 does not let the next create slip out before the
         Retry-After pause ends."""
         vs = _vsim(rate_limit_per_s=1 / 120, retry_after_s=20.0)
         path = vs.manifest(tmp_path, 4, limits={"max_in_flight": 4, "submit_rate": 10})
 
-        class SlowCommits(SqliteStore):
+        class SlowCommits(type(store_from(store_url))):  # type: ignore[misc]
             async def transition(self, *args: Any, **kwargs: Any) -> None:
                 if kwargs.get("event") == "job.requeued":
                     await vs.clock.sleep(0.5)  # a commit on a slow disk: 0.5 s
                 await super().transition(*args, **kwargs)
 
-        store = SlowCommits(workdir / "batchkling.db", clock=vs.clock)
+        store = SlowCommits(store_url, clock=vs.clock)
         async with store:
             summary = await vs.run(path, workdir, store=store)
         assert summary.exit_code == 0
@@ -172,18 +184,20 @@ class TestRateLimits:
 class TestSlots:
     """#7: an account with fewer slots than max_in_flight."""
 
+    @SQLITE_UNLESS_ALL
     async def test_limit_converges_and_rejections_stay_rare(self, tmp_path: Path,
-                                                            workdir: Path) -> None:
+                                                            workdir: Path, store_url: str) -> None:
         """3 account slots under max_in_flight 20: the provider never holds more than 3 tasks,
         no job fails, and once the limit has converged only occasional probes are refused."""
         vs = _vsim(slot_limit=3)  # virtual time: the slot backoff is in real seconds
         n = 42
-        summary = await vs.run(vs.manifest(tmp_path, n, limits={"max_in_flight": 20}), workdir)
+        summary = await vs.run(vs.manifest(tmp_path, n, limits={"max_in_flight": 20}), workdir,
+                               store=store_url)
         assert summary.exit_code == 0, summary
         stats = vs.stats()
         assert stats["peak_slots"] == 3
-        check_invariants(workdir, RUN, stats, jobs=n)
-        events = db_query(workdir, "SELECT event FROM events WHERE event IN "
+        check_invariants(workdir, RUN, stats, jobs=n, store=store_url)
+        events = db_query(store_url, "SELECT event FROM events WHERE event IN "
                           "('job.submitted', 'job.requeued') ORDER BY id")
         names = [e for (e,) in events]
         half = [i for i, e in enumerate(names) if e == "job.submitted"][n // 2]
@@ -201,7 +215,7 @@ class TestAccountRevoked:
 
     @pytest.mark.parametrize("provider", ["imarouter", "kling"])
     async def test_key_revoked_mid_run(self, tmp_path: Path, workdir: Path, simulator: Any,
-                                       provider: str) -> None:
+                                       provider: str, store_url: str) -> None:
         """After the account starts refusing the key: no task is created, the run stops with
         exit 4 and the provider's reason, the in-flight tasks are kept without sitting out
         their deadline (polls refused → tracking stops, nothing `timed_out`), and once the key
@@ -228,7 +242,7 @@ class TestAccountRevoked:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(revoke_after_three)
-            summary = await _run(path, workdir)
+            summary = await _run(path, workdir, store=store_url)
         assert summary.exit_code == 4, summary
         assert "refused the account" in (summary.stop_reason or "")
         stats = sim.stats()
@@ -236,25 +250,25 @@ class TestAccountRevoked:
         assert stats["create_requests"] - at_switch["requests"] <= 2  # the ones under way
         print(f"#8 {provider}: revoked after {at_switch['creates']} creates, "
               f"{stats['create_requests'] - at_switch['requests']} refused create requests after")
-        checked = check_invariants(workdir, RUN, stats, provider=provider, jobs=n)
+        checked = check_invariants(workdir, RUN, stats, provider=provider, jobs=n, store=store_url)
         assert checked.statuses["pending"] >= n - at_switch["creates"]
-        assert not _events(workdir, "job.timed_out")
-        in_flight = db_query(workdir, "SELECT job_id FROM jobs WHERE state IN "
+        assert not _events(store_url, "job.timed_out")
+        in_flight = db_query(store_url, "SELECT job_id FROM jobs WHERE state IN "
                                       "('submitted', 'running')")
-        refused = {job for job, _at, _data in _events(workdir, "job.poll_refused")}
+        refused = {job for job, _at, _data in _events(store_url, "job.poll_refused")}
         assert refused == {job for (job,) in in_flight}
         print(f"#8 {provider}: {len(refused)} tasks in flight kept, polling stopped")
         sim.update_config(**restore)
-        resumed = await _resume(workdir)
+        resumed = await _resume(workdir, store_url)
         assert resumed.exit_code == 0, resumed
         stats = sim.stats()
         assert stats["creates"] == n
-        checked = check_invariants(workdir, RUN, stats, provider=provider, jobs=n)
+        checked = check_invariants(workdir, RUN, stats, provider=provider, jobs=n, store=store_url)
         assert checked.statuses == {"succeeded": n}
         assert not any(r["error_message"] for r in checked.rows.values())  # no stale reason
 
     async def test_a_deadline_reached_while_polls_are_refused_is_not_a_timeout(
-            self, tmp_path: Path, workdir: Path) -> None:
+            self, tmp_path: Path, workdir: Path, store_url: str) -> None:
         """Every poll refused (the key died after the create), and the deadline comes before
         the third refusal: the task was never seen to time out, so the job keeps its task with
         the refusal as the reason — not `timed_out`."""
@@ -271,14 +285,15 @@ class TestAccountRevoked:
         vs.requests.app = refuse_polls
         # First poll after ~10 s, the next one capped at the 15 s deadline: two refusals.
         path = vs.manifest(tmp_path, 1, limits={"max_in_flight": 1, "task_timeout": "15s"})
-        summary = await vs.run(path, workdir)
+        summary = await vs.run(path, workdir, store=store_url)
         assert summary.exit_code != 0, summary
-        assert not _events(workdir, "job.timed_out")
-        assert [job for job, _at, _data in _events(workdir, "job.poll_refused")] == ["job-000"]
-        assert db_query(workdir, "SELECT state FROM jobs") in ([("submitted",)], [("running",)])
+        assert not _events(store_url, "job.timed_out")
+        assert [job for job, _at, _data in _events(store_url, "job.poll_refused")] == ["job-000"]
+        assert db_query(store_url, "SELECT state FROM jobs") in ([("submitted",)], [("running",)])
 
     async def test_a_refused_poll_now_and_then_is_not_a_dead_key(self, tmp_path: Path,
-                                                                 workdir: Path) -> None:
+                                                                 workdir: Path,
+                                                                 store_url: str) -> None:
         """A 401 on each task's first poll (a gateway blip), with creates still accepted: the
         tasks are polled on and every job finishes; only refusals in a row stop tracking."""
         vs = _vsim()
@@ -296,19 +311,21 @@ class TestAccountRevoked:
 
         vs.requests.app = blip
         n = 4
-        summary = await vs.run(vs.manifest(tmp_path, n), workdir)
+        summary = await vs.run(vs.manifest(tmp_path, n), workdir, store=store_url)
         assert summary.exit_code == 0, summary
         assert len(refused) == n
-        assert not _events(workdir, "job.poll_refused")
-        assert check_invariants(workdir, RUN, vs.stats(), jobs=n).statuses == {"succeeded": n}
+        assert not _events(store_url, "job.poll_refused")
+        checked = check_invariants(workdir, RUN, vs.stats(), jobs=n, store=store_url)
+        assert checked.statuses == {"succeeded": n}
 
 
 class TestPollFailures:
     """#9: ten minutes in which every poll fails, on virtual time."""
 
+    @SQLITE_UNLESS_ALL
     @pytest.mark.parametrize("provider", ["imarouter", "kling"])
     async def test_ten_minutes_of_failed_polls(self, tmp_path: Path, workdir: Path,
-                                               provider: str) -> None:
+                                               provider: str, store_url: str) -> None:
         """Every poll answers 5xx or drops the connection for ten minutes: no job fails or
         times out, no create is sent again, and each finished task is noticed within one
         maximum poll interval (120 s) of the failures ending."""
@@ -322,20 +339,20 @@ class TestPollFailures:
             vs.sim.update_config(poll_5xx_rate=0.0, poll_drop_rate=0.0)
             healed["wall"] = vs.clock.wall()
 
-        summary = await vs.run(path, workdir, during=heal)
+        summary = await vs.run(path, workdir, store=store_url, during=heal)
         assert summary.exit_code == 0, summary
         stats = vs.stats()
         assert stats["creates"] == stats["create_requests"] == n
         faults = stats["rejected"].get("server_error", 0) + stats["rejected"].get("dropped", 0)
         assert faults >= 5 * n
         # Every render ended (a few virtual minutes) well inside the failure window.
-        done = [at for _job, at, _data in _events(workdir, "job.succeeded")]
+        done = [at for _job, at, _data in _events(store_url, "job.succeeded")]
         assert len(done) == n
         assert all(0 <= at - healed["wall"] <= 126.0 for at in done), (
             [round(at - healed["wall"]) for at in done])
         print(f"#9 {provider}: {faults} failed polls over 600 virtual s, {stats['polls']} polls, "
               f"noticed {max(at - healed['wall'] for at in done):.0f} s after the failures ended")
-        checked = check_invariants(workdir, RUN, stats, provider=provider, jobs=n)
+        checked = check_invariants(workdir, RUN, stats, provider=provider, jobs=n, store=store_url)
         assert checked.statuses == {"succeeded": n}
 
 
@@ -343,33 +360,35 @@ class TestDownloadLimits:
     """#11: a body larger than the limit, through a whole run."""
 
     async def test_oversized_video_is_refused_and_not_rerendered(
-            self, tmp_path: Path, workdir: Path) -> None:
+            self, tmp_path: Path, workdir: Path, store_url: str) -> None:
         """Videos over output.max_video_mb are not written: the job keeps its paid render
         with the reason, and after the limit is raised a re-run downloads it without a new
         task."""
         vs = _vsim()
         n = 3
         summary = await vs.run(vs.manifest(tmp_path, n, output={"max_video_mb": 0.001}),
-                               workdir)
+                               workdir, store=store_url)
         assert summary.exit_code == 3
-        checked = check_invariants(workdir, RUN, vs.stats(), jobs=n)
+        checked = check_invariants(workdir, RUN, vs.stats(), jobs=n, store=store_url)
         assert checked.statuses == {"pending": n}
         assert all("over the 1,048-byte limit" in r["error_message"]
                    for r in checked.rows.values())
         assert not list(workdir.rglob("*.mp4"))
         assert vs.stats()["downloads"] == n  # refused on Content-Length once, not retried
-        summary = await vs.run(vs.manifest(tmp_path, n, output={"max_video_mb": 50}), workdir)
+        summary = await vs.run(vs.manifest(tmp_path, n, output={"max_video_mb": 50}), workdir,
+                               store=store_url)
         assert summary.exit_code == 0
         stats = vs.stats()
         assert stats["creates"] == n
-        assert check_invariants(workdir, RUN, stats, jobs=n).statuses == {"succeeded": n}
+        checked = check_invariants(workdir, RUN, stats, jobs=n, store=store_url)
+        assert checked.statuses == {"succeeded": n}
 
 
 class TestDisk:
     """#12: the videos folder vanishes or is replaced, the disk fills up."""
 
     async def test_videos_folder_replaced_by_a_file(self, tmp_path: Path,
-                                                    workdir: Path) -> None:
+                                                    workdir: Path, store_url: str) -> None:
         """With `videos` turned into a file while tasks render, downloads fail with a reason
         naming the path, nothing is marked downloaded, and a resume after the folder is back
         downloads every video without a new task."""
@@ -382,21 +401,23 @@ class TestDisk:
             shutil.rmtree(videos, ignore_errors=True)
             videos.write_text("not a folder")
 
-        summary = await vs.run(vs.manifest(tmp_path, n), workdir, during=replace)
+        summary = await vs.run(vs.manifest(tmp_path, n), workdir, store=store_url, during=replace)
         assert summary.exit_code == 3
-        checked = check_invariants(workdir, RUN, vs.stats(), jobs=n)
+        checked = check_invariants(workdir, RUN, vs.stats(), jobs=n, store=store_url)
         assert checked.statuses == {"pending": n}
         assert all(f"cannot write {videos}/" in r["error_message"]
                    for r in checked.rows.values())
         videos.unlink()
-        summary = await vs.resume(RUN, workdir)
+        summary = await vs.resume(RUN, workdir, store=store_url)
         assert summary.exit_code == 0
         stats = vs.stats()
         assert stats["creates"] == n
-        assert check_invariants(workdir, RUN, stats, jobs=n).statuses == {"succeeded": n}
+        checked = check_invariants(workdir, RUN, stats, jobs=n, store=store_url)
+        assert checked.statuses == {"succeeded": n}
 
     async def test_disk_full_during_download(self, tmp_path: Path, workdir: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             store_url: str) -> None:
         """ENOSPC while writing a video: a clear error, no partial file, nothing marked
         downloaded; once there is space a resume downloads every video without a new task."""
         vs = _vsim()
@@ -422,21 +443,23 @@ class TestDisk:
             return FullDisk(open(path, mode, *args, **kwargs))
 
         monkeypatch.setattr(batchkling.run.download, "open", full_open, raising=False)
-        summary = await vs.run(vs.manifest(tmp_path, n), workdir)
+        summary = await vs.run(vs.manifest(tmp_path, n), workdir, store=store_url)
         assert summary.exit_code == 3
-        checked = check_invariants(workdir, RUN, vs.stats(), jobs=n)
+        checked = check_invariants(workdir, RUN, vs.stats(), jobs=n, store=store_url)
         assert checked.statuses == {"pending": n}
         assert all("No space left on device" in r["error_message"]
                    for r in checked.rows.values())
         assert not list(workdir.rglob("*.mp4*"))
         monkeypatch.undo()
-        summary = await vs.resume(RUN, workdir)
+        summary = await vs.resume(RUN, workdir, store=store_url)
         assert summary.exit_code == 0
         stats = vs.stats()
         assert stats["creates"] == n
-        assert check_invariants(workdir, RUN, stats, jobs=n).statuses == {"succeeded": n}
+        checked = check_invariants(workdir, RUN, stats, jobs=n, store=store_url)
+        assert checked.statuses == {"succeeded": n}
 
-    async def test_videos_folder_deleted_mid_run(self, tmp_path: Path, workdir: Path) -> None:
+    async def test_videos_folder_deleted_mid_run(self, tmp_path: Path, workdir: Path,
+                                                 store_url: str) -> None:
         """The videos folder deleted after some downloads: later downloads recreate it, and a
         resume fetches the lost videos again (from the provider's URL, no new task), so every
         `succeeded` row is on disk."""
@@ -450,10 +473,11 @@ class TestDisk:
             shutil.rmtree(videos)
 
         summary = await vs.run(vs.manifest(tmp_path, n, limits={"max_in_flight": 2}),
-                               workdir, during=delete)
+                               workdir, store=store_url, during=delete)
         assert summary.exit_code == 0
         assert 0 < len(list(videos.glob("*.mp4"))) < n  # some videos went with the folder
-        await vs.resume(RUN, workdir)
+        await vs.resume(RUN, workdir, store=store_url)
         stats = vs.stats()
         assert stats["creates"] == n
-        assert check_invariants(workdir, RUN, stats, jobs=n).statuses == {"succeeded": n}
+        checked = check_invariants(workdir, RUN, stats, jobs=n, store=store_url)
+        assert checked.statuses == {"succeeded": n}

@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import TEST_KEY, wait_until_running
-from invariants import check_invariants, db_query
+from conftest import SQLITE_UNLESS_ALL, TEST_KEY, wait_until_running
+from invariants import check_invariants, db_dump, db_query
 
 from batchkling.manifest.document import load_manifest
 from batchkling.run.orchestrator import Orchestrator
@@ -185,8 +185,9 @@ class TestSignals:
     @pytest.mark.parametrize(("signum", "times"), [(signal.SIGINT, 1), (signal.SIGINT, 2),
                                                     (signal.SIGTERM, 1)],
                              ids=["ctrl-c", "ctrl-c-twice", "sigterm"])
+    @SQLITE_UNLESS_ALL
     def test_interrupt_then_resume(self, tmp_path: Path, workdir: Path, simulator: Any,
-                                   signum: signal.Signals, times: int) -> None:
+                                   signum: signal.Signals, times: int, store_url: str) -> None:
         """One Ctrl-C (or SIGTERM) stops creating, checkpoints and exits 130 within seconds;
         a second exits at once; either way `resume` adopts the tasks left rendering and pays
         for none twice."""
@@ -200,7 +201,8 @@ class TestSignals:
             # wind down: only the second makes the process leave at once.
             sim = simulator(speed=speed, honor_idempotency_key=False, slow_response_s=1.0)
             manifest = _manifest(tmp_path, sim, n, max_in_flight=n, submit_rate=4)
-        proc = _cli("run", str(manifest), "--workdir", str(workdir), speed=speed)
+        where = ("--workdir", str(workdir), "--store", store_url)
+        proc = _cli("run", str(manifest), *where, speed=speed)
         _wait_for(lambda: sim.stats()["creates"] >= 3)
         proc.send_signal(signum)
         sent = time.monotonic()
@@ -221,13 +223,13 @@ class TestSignals:
               f"{created} of {n} created")
         if times == 1:
             assert "stopping: no new tasks" in err
-            states = dict(db_query(workdir, "SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+            states = dict(db_query(store_url, "SELECT state, COUNT(*) FROM jobs GROUP BY state"))
             assert "submitting" not in states  # every create's outcome was checkpointed
             assert states.get("submitted", 0) + states.get("running", 0) > 0
-            check_invariants(workdir, RUN, sim.stats(), jobs=n)
-        code, _out, err = _finish(_cli("resume", RUN, "--workdir", str(workdir), speed=speed))
+            check_invariants(workdir, RUN, sim.stats(), jobs=n, store=store_url)
+        code, _out, err = _finish(_cli("resume", RUN, *where, speed=speed))
         stats = sim.stats()
-        checked = check_invariants(workdir, RUN, stats, jobs=n)
+        checked = check_invariants(workdir, RUN, stats, jobs=n, store=store_url)
         if times == 1:
             assert code == 0, err
             assert checked.statuses == {"succeeded": n}
@@ -238,7 +240,7 @@ class TestSignals:
             assert set(checked.statuses) <= {"succeeded", "unknown"}
             assert stats["creates"] <= n
         # The tasks left rendering were adopted, not made again: one task per job.
-        tasks = db_query(workdir, "SELECT job_id, COUNT(DISTINCT task_id) FROM attempts "
+        tasks = db_query(store_url, "SELECT job_id, COUNT(DISTINCT task_id) FROM attempts "
                          "WHERE task_id IS NOT NULL GROUP BY job_id")
         assert {count for _job, count in tasks} == {1}
 
@@ -248,10 +250,11 @@ class TestSignals:
 ACCESS = "AK-sweep-4d1c9e0b7a"
 SECRET = "SK-sweep-93be0f55c2d1"
 JWT_HEADER = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"  # {"alg":"HS256","typ":"JWT"}
+DB_PASSWORD = "pw-sweep-5e0a2c77b1"
 
 
-def _sweep(workdir: Path, texts: list[str], secrets: list[str]) -> int:
-    """Count hits of any secret in every file under the workdir, a dump of the DB, and
+def _sweep(workdir: Path, store: str, texts: list[str], secrets: list[str]) -> int:
+    """Count hits of any secret in every file under the workdir, a dump of the store, and
     ``texts`` (the process's stdout and stderr); returns the number of places searched."""
     places = 0
     needles = [s.encode() for s in secrets]
@@ -260,10 +263,7 @@ def _sweep(workdir: Path, texts: list[str], secrets: list[str]) -> int:
             data = path.read_bytes()
             assert not [n for n in needles if n in data], path
             places += 1
-    con = sqlite3.connect(workdir / "batchkling.db")
-    dump = "\n".join(con.iterdump())
-    con.close()
-    for text in [dump, *texts]:
+    for text in [db_dump(store), *texts]:
         assert not [s for s in secrets if s in text]
         places += 1
     return places
@@ -273,12 +273,14 @@ class TestSecretSweep:
     """The keys of a faulty run appear nowhere it writes."""
 
     @pytest.mark.timeout(120)
-    @pytest.mark.parametrize("provider", ["imarouter", "kling"])
+    @pytest.mark.parametrize(("provider", "backend"), [
+        ("imarouter", "sqlite"), ("kling", "sqlite"), ("imarouter", "postgres")])
     def test_faulty_run_leaks_no_key(self, tmp_path: Path, workdir: Path, simulator: Any,
-                                     provider: str) -> None:
+                                     provider: str, backend: str, store_url: str) -> None:
         """After a run through 5xx, drops, rate limits, failed tasks, truncated downloads and
-        a key revoked mid-run, no file under the workdir, no row of the database, and nothing
-        the CLI printed holds the API key, the Kling access or secret key, or a JWT."""
+        a key revoked mid-run, no file under the workdir, no row of the store, and nothing
+        the CLI printed holds the API key, the Kling access or secret key, a JWT, or the
+        password in a PostgreSQL store's URL."""
         speed = 400.0
         if provider == "imarouter":
             sim = simulator("flaky", speed=speed, api_key=TEST_KEY, url_ttl_s=None)
@@ -289,6 +291,13 @@ class TestSecretSweep:
                             url_ttl_s=None)
             env = {"KLING_ACCESS_KEY": ACCESS, "KLING_SECRET_KEY": SECRET}
             secrets = [ACCESS, SECRET, JWT_HEADER]
+        if backend == "postgres":
+            # The test cluster trusts local logins, so a password in the URL is accepted and
+            # unused: it must still appear nowhere.
+            store_url = store_url.replace("postgres@", f"postgres:{DB_PASSWORD}@", 1)
+            secrets.append(DB_PASSWORD)
+        # The store comes from the environment here (BATCHKLING_STORE), as a deployment has it.
+        env["BATCHKLING_STORE"] = store_url
         manifest = _manifest(tmp_path, sim, 10, provider=provider, max_attempts=3)
         code, out, err = _finish(_cli("run", str(manifest), "--workdir", str(workdir),
                                       speed=speed, env=env), timeout=100)
@@ -298,13 +307,17 @@ class TestSecretSweep:
         code2, out2, err2 = _finish(_cli("retry", RUN, "--unknown", "--failed", "--workdir",
                                          str(workdir), speed=speed, env=env), timeout=100)
         assert code2 in (0, 3, 4), err2
-        report = _finish(subprocess.Popen(
-            [sys.executable, "-m", "batchkling", "report", RUN, "--workdir", str(workdir)],
+        views = [_finish(subprocess.Popen(
+            [sys.executable, "-m", "batchkling", *command, "--workdir", str(workdir)],
             env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            for command in (["report", RUN], ["status", RUN], ["status", "--json"],
+                            ["status", "no-such-run"])]
+        assert [code for code, _out, _err in views] == [0, 0, 0, 2]
         assert (workdir / RUN / "run.log").stat().st_size > 0
         assert (workdir / RUN / "results.csv").exists()
-        places = _sweep(workdir, [out, err, out2, err2, report[1], report[2]], secrets)
+        texts = [out, err, out2, err2, *(text for _c, o, e in views for text in (o, e))]
+        places = _sweep(workdir, store_url, texts, secrets)
         assert places >= 6
         stats = sim.stats()
         assert sum(stats["rejected"].values()) > 0  # faults were really injected
-        check_invariants(workdir, RUN, stats, provider=provider, jobs=10)
+        check_invariants(workdir, RUN, stats, provider=provider, jobs=10, store=store_url)

@@ -1,4 +1,9 @@
-"""The checkpoint store: transitions with history, retry resets, schema versioning."""
+"""The checkpoint store: transitions with history, retry resets, schema versioning.
+
+Store-level behaviour runs on both backends (``store_url``: SQLite, PostgreSQL); what is
+SQLite's own (page size, its quick connection, its migrations) stays SQLite-only, and
+PostgreSQL's own (its schema lock, URLs, the database clock) is in tests/test_store_postgres.py.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,11 @@ from pathlib import Path
 
 import anyio
 import pytest
+from invariants import db_query
 
-from batchkling.errors import StoreError
+from batchkling.errors import SchemaTooNew, StoreError
 from batchkling.models import JobSpec, JobState
+from batchkling.store import Store, store_from
 from batchkling.store.sqlite import SqliteStore
 
 
@@ -18,8 +25,8 @@ def _spec(job_id: str, prompt: str = "p") -> JobSpec:
     return JobSpec(job_id=job_id, model="kling-v2-6", prompt=prompt, duration=5, size="16:9")
 
 
-async def _store_with_jobs(path: Path, *ids: str) -> SqliteStore:
-    store = SqliteStore(path)
+async def _store_with_jobs(location: str | Path, *ids: str) -> Store:
+    store = store_from(location)
     await store.open()
     await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
                          provider="imarouter", base_url="http://x", simulated=False, now=1.0)
@@ -29,9 +36,9 @@ async def _store_with_jobs(path: Path, *ids: str) -> SqliteStore:
 
 
 class TestTransitions:
-    async def test_attempts_keep_history(self, tmp_path: Path) -> None:
+    async def test_attempts_keep_history(self, store_url: str) -> None:
         """Each attempt is its own row; a retry never overwrites the previous task."""
-        store = await _store_with_jobs(tmp_path / "db", "a")
+        store = await _store_with_jobs(store_url, "a")
         for number in (1, 2):
             await store.transition("r", "a", JobState.SUBMITTING, now=2.0, event="e",
                                    new_attempt=(number, f"key-{number}"))
@@ -47,9 +54,9 @@ class TestTransitions:
         assert await store.integrity_check() == "ok"
         await store.aclose()
 
-    async def test_retry_resets(self, tmp_path: Path) -> None:
+    async def test_retry_resets(self, store_url: str) -> None:
         """Failed jobs get a fresh attempt budget and key; unknown ones keep their key."""
-        store = await _store_with_jobs(tmp_path / "db", "f", "u", "d")
+        store = await _store_with_jobs(store_url, "f", "u", "d")
         await store.transition("r", "f", JobState.FAILED, now=2, event="e", attempt=2,
                                idempotency_key="kf")
         await store.transition("r", "u", JobState.UNKNOWN, now=2, event="e", attempt=1,
@@ -65,9 +72,9 @@ class TestTransitions:
         assert d is not None and d.state is JobState.DOWNLOADED
         await store.aclose()
 
-    async def test_removed_jobs_are_skipped_but_videos_kept(self, tmp_path: Path) -> None:
+    async def test_removed_jobs_are_skipped_but_videos_kept(self, store_url: str) -> None:
         """A job dropped from the manifest is skipped unless it was already downloaded."""
-        store = await _store_with_jobs(tmp_path / "db", "keep", "gone", "done")
+        store = await _store_with_jobs(store_url, "keep", "gone", "done")
         await store.transition("r", "done", JobState.DOWNLOADED, now=2, event="e")
         await store.sync_jobs("r", added=[], changed=[], reordered=[],
                               removed=["gone", "done"], now=3)
@@ -76,22 +83,29 @@ class TestTransitions:
         await store.aclose()
 
 
-async def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    """A database from a newer batchkling is not touched."""
-    path = tmp_path / "db"
-    async with SqliteStore(path):
+async def test_newer_schema_is_refused(store_url: str) -> None:
+    """A store written by a newer batchkling is not touched: SchemaTooNew (exit 2) names it."""
+    async with store_from(store_url):
         pass
-    con = sqlite3.connect(path)
-    con.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
-    con.commit()
-    con.close()
-    with pytest.raises(StoreError, match="newer batchkling"):
-        await SqliteStore(path).open()
+    if store_url.startswith("postgresql://"):
+        db_query(store_url, "UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    else:
+        con = sqlite3.connect(store_url)
+        con.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+        con.commit()
+        con.close()
+    store = store_from(store_url)
+    with pytest.raises(SchemaTooNew, match="newer batchkling") as caught:
+        await store.open()
+    await store.aclose()
+    assert store.location in str(caught.value)
+    assert db_query(store_url, "SELECT value FROM meta WHERE key = 'schema_version'") == [
+        ("999",)]
 
 
-async def test_closed_store_refuses_reuse(tmp_path: Path) -> None:
+async def test_closed_store_refuses_reuse(store_url: str) -> None:
     """A closed store cannot be reopened by accident."""
-    store = SqliteStore(tmp_path / "db")
+    store = store_from(store_url)
     await store.open()
     await store.aclose()
     await store.aclose()  # idempotent
@@ -184,20 +198,20 @@ async def test_new_files_use_small_pages_and_old_files_still_open(tmp_path: Path
 
 
 class TestQuickCommits:
-    """``transition(quick=True)``: no fsync, no trip to the database thread, still committed."""
+    """``transition(quick=True)``: no fsync (SQLite: no trip to the database thread either;
+    PostgreSQL: no wait for the WAL flush), still committed."""
 
     async def test_a_quick_commit_is_visible_to_other_processes_at_once(
-            self, tmp_path: Path) -> None:
+            self, store_url: str) -> None:
         """The row and its event are committed before transition() returns: another
         connection (a `status` in another shell, or the next process after a kill) sees them."""
-        store = await _store_with_jobs(tmp_path / "db", "a")
+        store = await _store_with_jobs(store_url, "a")
         try:
             await store.transition("r", "a", JobState.RUNNING, now=2.0, event="job.running",
                                    quick=True)
-            with sqlite3.connect(tmp_path / "db") as other:
-                state = other.execute("SELECT state FROM jobs WHERE job_id = 'a'").fetchone()
-                events = other.execute("SELECT event FROM events WHERE job_id = 'a'").fetchall()
-            assert state == ("running",)
+            state = db_query(store_url, "SELECT state FROM jobs WHERE job_id = 'a'")
+            events = db_query(store_url, "SELECT event FROM events WHERE job_id = 'a'")
+            assert state == [("running",)]
             assert ("job.running",) in events
         finally:
             await store.aclose()
@@ -232,12 +246,12 @@ class TestQuickCommits:
             other.close()
             await store.aclose()
 
-    async def test_reads_between_quick_and_durable_commits(self, tmp_path: Path) -> None:
+    async def test_reads_between_quick_and_durable_commits(self, store_url: str) -> None:
         """A page read interleaved with quick and durable commits never leaves the durable
         connection on an old snapshot (which made its next write fail, SQLITE_BUSY_SNAPSHOT,
         when a read's cursor stayed open across an await)."""
         ids = [f"j{i:03d}" for i in range(60)]
-        store = await _store_with_jobs(tmp_path / "db", *ids)
+        store = await _store_with_jobs(store_url, *ids)
         try:
             async def reader(done: anyio.Event) -> None:
                 while not done.is_set():

@@ -79,9 +79,10 @@ def _check_every_job_paid_once(workdir: Path, sim: SimulatorServer, n: int) -> N
     assert not list(workdir.rglob("*.part"))
 
 
-def _one_driving(workdir: Path, crew: list[subprocess.Popen[bytes]]) -> int:
-    """The index of a worker process that is registered and drives at least one job now."""
-    deadline = time.monotonic() + 60
+def _one_driving(workdir: Path, crew: list[subprocess.Popen[bytes]]) -> int | None:
+    """The index of a worker process that is registered and drives a job now (None if none
+    does for a few seconds: the run is over)."""
+    deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         try:
             pids = {pid for (pid,) in _db(
@@ -93,7 +94,7 @@ def _one_driving(workdir: Path, crew: list[subprocess.Popen[bytes]]) -> int:
         if driving:
             return driving[0]
         time.sleep(0.01)
-    raise AssertionError("no worker drove a job for a minute")
+    return None
 
 
 @pytest.mark.timeout(120)
@@ -149,28 +150,32 @@ def test_four_workers_killed_and_paused_share_ten_slots(tmp_path: Path, workdir:
     rng = random.Random(20261202)
     crew = [worker() for _ in range(4)]
     kills, paused_code = 0, None
-    while kills < 10 and sim.stats()["creates"] < n * 0.95:
-        time.sleep(rng.uniform(0.1, 0.4))
-        # Kill a worker that is in the run (registered, driving jobs), not one still starting.
+    # A kill each time another tenth of the creates has gone out, at a random moment after it,
+    # so the number of kills does not depend on how loaded the machine is; the second one is
+    # a pause past --stale-after instead.
+    for tenth in range(1, 10):
+        while sim.stats()["creates"] < n * tenth / 10:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.2))
         victim = _one_driving(workdir, crew)
-        if kills == 1 and paused_code is None:
+        if victim is None:
+            break  # the run finished first
+        if tenth == 2:
             # One worker sleeps through its staleness while it drives jobs: the others take
             # its jobs over, and it must change nothing once it wakes.
             crew[victim].send_signal(signal.SIGSTOP)
             time.sleep(2.0)
             crew[victim].send_signal(signal.SIGCONT)
             paused_code, _err = _finish(crew[victim], timeout=30)
-            crew[victim] = worker()
-            kills += 1
-            continue
-        crew[victim].kill()
-        crew[victim].wait()
+        else:
+            crew[victim].kill()
+            crew[victim].wait()
         crew[victim] = worker()
         kills += 1
     for proc in crew:
         code, err = _finish(proc, timeout=120)
         assert code in (0, 5), err
-    assert kills >= 6
+    assert kills >= 5
     assert paused_code == 5
     stats = sim.stats()
     assert stats["peak_slots"] <= 10

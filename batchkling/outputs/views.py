@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -11,9 +12,12 @@ from batchkling.models import IN_FLIGHT, TERMINAL, JobState, describe_cost
 from batchkling.outputs.results import write_results
 from batchkling.store import RunRow, Store, default_location, store_from
 
+#: Where a view reads: a store location (path or URL), or None for the workdir's own file.
+Location = str | os.PathLike[str] | None
 
-def _db(workdir: Path) -> Store:
-    return store_from(default_location(workdir))
+
+def _db(workdir: Path, store: Location) -> Store:
+    return store_from(default_location(workdir) if store is None else store)
 
 
 async def _summary(store: Store, run: RunRow) -> dict[str, Any]:
@@ -37,10 +41,10 @@ async def _summary(store: Store, run: RunRow) -> dict[str, Any]:
     }
 
 
-async def runs_table(workdir: Path) -> list[dict[str, Any]]:
-    """One summary per run in the workdir, newest first."""
-    async with _db(workdir) as store:
-        return [await _summary(store, run) for run in await store.list_runs()]
+async def runs_table(workdir: Path, store: Location = None) -> list[dict[str, Any]]:
+    """One summary per run in the store (default: the workdir's), newest first."""
+    async with _db(workdir, store) as db:
+        return [await _summary(db, run) for run in await db.list_runs()]
 
 
 def eta_seconds(remaining: int, ends: list[float], now: float) -> float | None:
@@ -55,36 +59,38 @@ def eta_seconds(remaining: int, ends: list[float], now: float) -> float | None:
     return max(0.0, remaining * per_job - (now - ends[0]))
 
 
-async def run_status(workdir: Path, run_id: str, *, now: float | None = None) -> dict[str, Any]:
+async def run_status(workdir: Path, run_id: str, *, now: float | None = None,
+                     store: Location = None) -> dict[str, Any]:
     """Counts by state, in flight, cost, ETA and failures by reason for one run.
 
     The ETA is given while the run is going: the jobs left at the pace of its last 20 to end
     (so a resumed run is not measured across the time it was stopped).
     """
-    async with _db(workdir) as store:
-        run = await store.require_run(run_id)
-        data = await _summary(store, run)
+    async with _db(workdir, store) as db:
+        run = await db.require_run(run_id)
+        data = await _summary(db, run)
         eta = None
         if data["state"] == "running":
             ended = sum(data["counts"].get(s.value, 0) for s in TERMINAL)
-            eta = eta_seconds(data["jobs"] - ended, await store.recent_ends(run_id),
+            eta = eta_seconds(data["jobs"] - ended, await db.recent_ends(run_id),
                               time.time() if now is None else now)
         data["eta_seconds"] = None if eta is None else round(eta)
         reasons: dict[str, int] = {}
         states = [JobState.FAILED, JobState.UNKNOWN, JobState.TIMED_OUT]
-        async for row in store.iter_jobs(run_id, states):
+        async for row in db.iter_jobs(run_id, states):
             key = f"{row.state.value}: {row.error_code or '-'}"
             reasons[key] = reasons.get(key, 0) + 1
         data["problems"] = reasons
         return data
 
 
-async def export_csv(workdir: Path, run_id: str, output: Path | None) -> Path:
+async def export_csv(workdir: Path, run_id: str, output: Path | None,
+                     store: Location = None) -> Path:
     """Write the run's CSV to ``output`` (default: the run folder's results.csv)."""
-    async with _db(workdir) as store:
-        run = await store.require_run(run_id)
+    async with _db(workdir, store) as db:
+        run = await db.require_run(run_id)
         dest = output or workdir / run_id / "results.csv"
-        return await write_results(store, run_id, dest, download=run.downloads)
+        return await write_results(db, run_id, dest, download=run.downloads)
 
 
 def print_status(data: Any, *, single: bool) -> None:

@@ -3,6 +3,9 @@
     async with Orchestrator(load_manifest("spring.yaml"), workdir="jobs") as orch:
         summary = await orch.run()
 
+``store=`` names another store than the workdir's ``batchkling.db``: a path, or a
+``postgresql://`` URL (the run folders — videos, CSV, report, run.log — stay in the workdir).
+
 The orchestrator owns everything around the engine: the run record and its manifest snapshot,
 the single-runner lease and its heartbeat, syncing an edited manifest into the jobs table,
 building the provider from environment credentials, the results CSV, and the summary whose
@@ -109,7 +112,7 @@ class Orchestrator:
         time_scale: float = 1.0,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Clock | None = None,
-        store: Store | None = None,
+        store: Store | str | os.PathLike[str] | None = None,
         provider: Provider | None = None,
         seed: int | None = None,
         stale_after: float = STALE_AFTER,
@@ -130,8 +133,11 @@ class Orchestrator:
         self.time_scale = time_scale
         self.transport = transport
         self.clock = clock or SystemClock()
-        self._own_store = store is None
-        self.store = store or store_from(default_location(self.workdir))
+        # A Store is the caller's to open and close; a location (a path, a sqlite:/// or
+        # postgresql:// URL) or none (the workdir's batchkling.db) is this orchestrator's.
+        self._own_store = not isinstance(store, Store)
+        self.store = store if isinstance(store, Store) else store_from(
+            default_location(self.workdir) if store is None else store)
         self._provider = provider
         self._rng = random.Random(seed)
         # This process's worker id: readable in `status`, unique across machines and restarts.
@@ -385,8 +391,9 @@ class Orchestrator:
                             run_dir=self.run_dir, clock=self.clock, http=http,
                             estimate_usd=estimate, rng=self._rng)
             self._engine = engine
+            # The store's location never holds a password (each backend strips it).
             self.log.info("run.started", provider=run.provider, simulated=run.simulated,
-                          max_in_flight=options.max_in_flight)
+                          max_in_flight=options.max_in_flight, store=self.store.location)
             try:
                 async with anyio.create_task_group() as tg:
                     if not self._member:

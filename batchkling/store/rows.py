@@ -8,10 +8,11 @@ A backend's SQL differs; what it hands the engine and the views does not: a run 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from batchkling.errors import StoreError
 from batchkling.models import JobSpec, JobState
 
 #: Columns of ``jobs`` a transition may set.
@@ -154,3 +155,43 @@ class AccountRow:
     #: Seconds until creates on this account may go again (0 when not paused).
     paused_for: float
     in_flight: int
+
+
+#: The keys of each dict :meth:`Store.attempts` returns, in their columns' order.
+ATTEMPT_KEYS = ("number", "idempotency_key", "fingerprint", "state", "task_id", "submitted_at",
+                "completed_at", "cost_usd", "cost_units", "error_code", "error_message")
+ATTEMPT_SELECT = "SELECT " + ", ".join(ATTEMPT_KEYS) + " FROM attempts"
+#: States ``retry --job`` may not take a job from: its task may still be running.
+_NOT_RETRYABLE = frozenset({"submitting", "submitted", "running", "pending"})
+
+
+def transition_fields(fields: Mapping[str, Any],
+                      new_attempt: tuple[int, str] | None) -> dict[str, Any]:
+    """The job columns a transition sets: ``fields``, checked against :data:`JOB_COLUMNS`,
+    and for a new attempt (``(number, idempotency_key)``) its number and key with the
+    attempt's own columns starting empty."""
+    unknown = set(fields) - JOB_COLUMNS
+    if unknown:
+        raise StoreError(f"unknown job fields {sorted(unknown)}")
+    if new_attempt is None:
+        return dict(fields)
+    number, key = new_attempt
+    return {**dict.fromkeys(FRESH_ATTEMPT), **fields, "attempt": number, "idempotency_key": key}
+
+
+def retry_selection(states: Iterable[JobState], job_ids: Iterable[str]
+                    ) -> tuple[list[str], list[str]]:
+    """``(states, job ids)`` a retry reset picks jobs by: the states asked for, or any state
+    where no task is in flight when only ids are named, or ``failed`` when neither is."""
+    wanted = {s.value for s in states}
+    ids = list(job_ids)
+    if not wanted and not ids:
+        wanted = {JobState.FAILED.value}
+    if ids and not wanted:
+        wanted = {s.value for s in JobState if s.value not in _NOT_RETRYABLE}
+    return sorted(wanted), ids
+
+
+def event_data(data: Mapping[str, Any] | None) -> str | None:
+    """An event's data as compact JSON, or None when there is none."""
+    return json.dumps(dict(data), default=str, separators=(",", ":")) if data else None

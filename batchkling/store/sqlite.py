@@ -38,7 +38,7 @@ import aiosqlite
 import anyio
 
 from batchkling.clock import Clock
-from batchkling.errors import RunLocked, RunNotFound, StoreError, WorkerFenced
+from batchkling.errors import RunLocked, RunNotFound, SchemaTooNew, StoreError, WorkerFenced
 from batchkling.models import TERMINAL, JobSpec, JobState
 from batchkling.store.interface import (
     ORPHAN_STATES,
@@ -50,16 +50,19 @@ from batchkling.store.interface import (
     Store,
 )
 from batchkling.store.rows import (
-    FRESH_ATTEMPT,
-    JOB_COLUMNS,
+    ATTEMPT_KEYS,
+    ATTEMPT_SELECT,
     JOB_SELECT,
     RUN_SELECT,
     AccountRow,
     JobRow,
     RunRow,
     WorkerRow,
+    event_data,
     job_row,
+    retry_selection,
     run_row,
+    transition_fields,
 )
 from batchkling.store.sqlite_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
@@ -122,7 +125,7 @@ class SqliteStore(Store):
             row = await cur.fetchone()
         version = SCHEMA_VERSION if row is None else int(row[0])
         if version > SCHEMA_VERSION:
-            raise StoreError(
+            raise SchemaTooNew(
                 f"{self.path} was written by a newer batchkling (schema {version}); "
                 "upgrade batchkling to use it"
             )
@@ -484,12 +487,8 @@ class SqliteStore(Store):
             if max_usd is not None and committed + plan.reserved_usd > max_usd + 1e-9:
                 return seen.claim(ClaimOutcome.BUDGET, price=plan.reserved_usd,
                                   committed_usd=float(committed))
-            fields: dict[str, Any] = {"reserved_usd": plan.reserved_usd, "error_code": None,
-                                      "error_message": None}
-            if plan.new_attempt is not None:
-                number, key = plan.new_attempt
-                fields = {**dict.fromkeys(FRESH_ATTEMPT), **fields, "attempt": number,
-                          "idempotency_key": key}
+            fields = transition_fields({"reserved_usd": plan.reserved_usd, "error_code": None,
+                                        "error_message": None}, plan.new_attempt)
             sets = "".join(f", {name} = ?" for name in fields)
             claimed = await self._write_returning(
                 "UPDATE jobs SET state = 'submitting', updated_at = ?,"
@@ -638,16 +637,9 @@ class SqliteStore(Store):
         budget: ``attempt_base`` moves up to the current attempt. Jobs named in ``job_ids`` are
         taken from any state where no task is in flight. Without states or ids: failed jobs.
         """
-        wanted = {s.value for s in states}
-        ids = list(job_ids)
-        if not wanted and not ids:
-            wanted = {JobState.FAILED.value}
-        if ids:
-            movable = [s.value for s in JobState if s.value not in
-                       ("submitting", "submitted", "running", "pending")]
-            wanted = wanted or set(movable)
+        wanted, ids = retry_selection(states, job_ids)
         clauses = [f"state IN ({','.join('?' * len(wanted))})"]
-        params: list[Any] = [run_id, *sorted(wanted)]
+        params: list[Any] = [run_id, *wanted]
         if ids:
             clauses.append(f"job_id IN ({','.join('?' * len(ids))})")
             params.extend(ids)
@@ -735,14 +727,8 @@ class SqliteStore(Store):
     async def attempts(self, run_id: str, job_id: str) -> list[dict[str, Any]]:
         """The job's attempts, oldest first."""
         rows = await self._fetchall(
-            "SELECT number, idempotency_key, fingerprint, state, task_id, submitted_at,"
-            " completed_at, cost_usd, cost_units, error_code, error_message FROM attempts"
-            " WHERE run_id = ? AND job_id = ? ORDER BY number",
-            (run_id, job_id),
-        )
-        keys = ("number", "idempotency_key", "fingerprint", "state", "task_id", "submitted_at",
-                "completed_at", "cost_usd", "cost_units", "error_code", "error_message")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+            f"{ATTEMPT_SELECT} WHERE run_id = ? AND job_id = ? ORDER BY number", (run_id, job_id))
+        return [dict(zip(ATTEMPT_KEYS, r, strict=True)) for r in rows]
 
     async def transition(
         self,
@@ -766,14 +752,8 @@ class SqliteStore(Store):
         ``quick`` commits without fsync, on the event loop's thread (see the module docstring).
         ``epoch`` fences the write to the claim the caller holds (:class:`WorkerFenced`).
         """
-        unknown = set(fields) - JOB_COLUMNS
-        if unknown:
-            raise StoreError(f"unknown job fields {sorted(unknown)}")
-        if new_attempt is not None:
-            number, key = new_attempt
-            fields = {**dict.fromkeys(FRESH_ATTEMPT), **fields, "attempt": number,
-                      "idempotency_key": key}
-        blob = json.dumps(dict(data), default=str, separators=(",", ":")) if data else None
+        fields = transition_fields(fields, new_attempt)
+        blob = event_data(data)
         sets = "".join(f", {name} = ?" for name in fields)
         fence = "" if epoch is None else " AND claim_epoch = ?"
         statement = (
@@ -843,10 +823,9 @@ def _quick_connection(path: Path) -> sqlite3.Connection:
 def _event(
     run_id: str, job_id: str | None, now: float, event: str, data: Mapping[str, Any] | None
 ) -> tuple[str, tuple[Any, ...]]:
-    blob = json.dumps(dict(data), default=str, separators=(",", ":")) if data else None
     return (
         "INSERT INTO events (run_id, job_id, at, event, data) VALUES (?, ?, ?, ?, ?)",
-        (run_id, job_id, now, event, blob),
+        (run_id, job_id, now, event, event_data(data)),
     )
 
 

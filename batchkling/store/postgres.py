@@ -1,0 +1,674 @@
+"""The PostgreSQL backend of the checkpoint store: one database that many processes share.
+
+Same rows, states, attempts and events as SQLite (:mod:`batchkling.store.sqlite`), through
+psycopg 3 (async) and psycopg-pool. Every SQL statement of this backend is in this module and
+its schema in :mod:`batchkling.store.postgres_schema`, in the manner of procrastinate's psycopg
+connector: a new store method is one more statement here.
+
+**One round trip per transition.** A job state change is one ``UPDATE`` of its ``jobs`` row on
+an autocommit connection: a single statement, so a single transaction, and the schema's trigger
+writes the attempt's row and the event inside it. Reads are one statement each; writes that
+touch many jobs (a manifest sync, a retry reset) are set-based statements over arrays, a few
+round trips whatever the number of jobs.
+
+**Two ways to commit**, as on SQLite, from two pools of the same database:
+
+- **durable** (the default): the server's ``synchronous_commit`` (its default ``on``, or what
+  the operator chose, such as ``remote_apply``; ``off`` is raised to ``on`` for these
+  connections): once the transition returns its WAL record is flushed, so it survives a server
+  crash — what the create intent and the task-id commit need (DESIGN.md §4).
+- **quick** (``transition(..., quick=True)``): on connections whose session has
+  ``synchronous_commit = off``. The commit is visible to every other connection at once and
+  survives the batchkling process being killed; a server crash in the next few hundred
+  milliseconds may lose it, which costs a repeated poll or download, never a task.
+
+**Time.** Rows keep the times callers pass (``now``), as SQLite does, except the run lease's
+heartbeat: workers on different machines do not share a clock, so the lease is stamped and
+judged by the database's ``clock_timestamp()`` (see :meth:`PostgresStore.acquire_lease`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any, LiteralString
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from batchkling.errors import (
+    ConfigError,
+    RunLocked,
+    RunNotFound,
+    SchemaTooNew,
+    StoreError,
+    StoreRefused,
+)
+from batchkling.models import TERMINAL, JobSpec, JobState
+from batchkling.store.interface import RECENT_ENDS, Store
+from batchkling.store.lease import lease_is_stale
+from batchkling.store.postgres_schema import MIGRATIONS, SCHEMA, SCHEMA_LOCK, SCHEMA_VERSION
+from batchkling.store.rows import (
+    ATTEMPT_KEYS,
+    ATTEMPT_SELECT,
+    JOB_SELECT,
+    RUN_SELECT,
+    JobRow,
+    RunRow,
+    event_data,
+    job_row,
+    retry_selection,
+    run_row,
+    transition_fields,
+)
+
+__all__ = ["INTEGRITY_CHECKS", "SCHEMA_VERSION", "PostgresStore", "redact_url"]
+
+#: Connections per process for durable writes and reads, and for quick commits.
+POOL_SIZE = 4
+QUICK_POOL_SIZE = 4
+#: Seconds to wait for the server when connecting, unless the URL says ``connect_timeout``.
+CONNECT_TIMEOUT = 10
+#: A call waits this many connect timeouts for a free (or re-established) connection before it
+#: fails: 30 s by default, long enough to ride out a server restart or a failover.
+POOL_WAIT_CONNECTS = 3
+
+#: Session settings of the two pools' connections (see the module docstring).
+_QUICK_SESSION = "SET synchronous_commit = off"
+_DURABLE_SESSION = ("SELECT set_config('synchronous_commit', 'on', false)"
+                    " WHERE current_setting('synchronous_commit') = 'off'")
+
+#: The database's clock, in the epoch seconds every row uses.
+_DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
+
+#: Job columns stored as ``boolean`` here: the engine may hand 0/1.
+_BOOLEAN_FIELDS = frozenset({"retryable"})
+
+#: The checks :meth:`PostgresStore.integrity_check` runs: ``(problem, query counting cases)``.
+#: Tests run the same list against a database they read directly.
+INTEGRITY_CHECKS: tuple[tuple[str, LiteralString], ...] = (
+    ("jobs in no known state",
+     "SELECT count(*) FROM jobs WHERE NOT state = ANY(%(states)s)"),
+    ("jobs of no run",
+     "SELECT count(*) FROM jobs j WHERE NOT EXISTS"
+     " (SELECT 1 FROM runs r WHERE r.run_id = j.run_id)"),
+    ("attempts of no job",
+     "SELECT count(*) FROM attempts a WHERE NOT EXISTS"
+     " (SELECT 1 FROM jobs j WHERE j.run_id = a.run_id AND j.job_id = a.job_id)"),
+    ("attempts in no known state",
+     "SELECT count(*) FROM attempts WHERE NOT state = ANY(%(states)s)"),
+    ("jobs whose current attempt has no row",
+     "SELECT count(*) FROM jobs j WHERE j.attempt > 0 AND NOT EXISTS"
+     " (SELECT 1 FROM attempts a WHERE a.run_id = j.run_id AND a.job_id = j.job_id"
+     " AND a.number = j.attempt)"),
+    ("attempts numbered past their job's attempt",
+     "SELECT count(*) FROM attempts a JOIN jobs j USING (run_id, job_id)"
+     " WHERE a.number > j.attempt"),
+    ("jobs below their attempt base",
+     "SELECT count(*) FROM jobs WHERE attempt < attempt_base OR attempt_base < 0"),
+    ("events of no run",
+     "SELECT count(*) FROM events e WHERE NOT EXISTS"
+     " (SELECT 1 FROM runs r WHERE r.run_id = e.run_id)"),
+)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (in the user part or a ``password=`` parameter).
+
+    This is the store's ``location``: what messages, ``status`` and logs may show.
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, hosts = netloc.rsplit("@", 1)
+        netloc = f"{userinfo.split(':', 1)[0]}@{hosts}"
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                       if k != "password"])
+    # Rebuilt by hand: urlunsplit would drop the "//" of a URL with no host (a local socket).
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
+
+
+def _password(url: str) -> str | None:
+    try:
+        password = psycopg.conninfo.conninfo_to_dict(url).get("password")
+    except psycopg.Error:
+        return None
+    return None if password is None else str(password)
+
+
+class PostgresStore(Store):
+    """The checkpoint store in a PostgreSQL database: ``async with PostgresStore(url) as s``.
+
+    ``url`` is a libpq URL, ``postgresql://user@host:5432/dbname?sslmode=require``. Keep the
+    password out of it where you can (``PGPASSWORD``, ``~/.pgpass``): it is never shown, but a
+    command line is visible to other users of the machine. A call waits up to three connect
+    timeouts (the URL's ``connect_timeout``, else 10 s) for a connection — through a server
+    restart — before it raises :class:`StoreError`.
+    """
+
+    def __init__(self, url: str, *, pool_size: int = POOL_SIZE,
+                 quick_pool_size: int = QUICK_POOL_SIZE) -> None:
+        try:
+            params = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise ConfigError(f"store URL {redact_url(url)!r} is not a valid PostgreSQL URL: "
+                              f"{_scrub(str(exc), _password(url))}") from None
+        self.url = url
+        self.location = redact_url(url)
+        self._secret = _password(url)
+        self._connect_args: dict[str, Any] = {"autocommit": True}
+        if "connect_timeout" not in params:
+            self._connect_args["connect_timeout"] = CONNECT_TIMEOUT
+        try:
+            connect_timeout = float(params.get("connect_timeout") or CONNECT_TIMEOUT)
+        except ValueError:
+            raise ConfigError(f"store URL {self.location!r}: connect_timeout must be a number "
+                              "of seconds") from None
+        self._pool_timeout = POOL_WAIT_CONNECTS * max(connect_timeout, 1.0)
+        self._pool_size = pool_size
+        self._quick_pool_size = quick_pool_size
+        self._pool: AsyncConnectionPool | None = None
+        self._quick: AsyncConnectionPool | None = None
+        self._closed = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, create the schema or migrate it to this version's; refuse a newer one."""
+        if self._closed:
+            raise StoreError("this store was closed; open a new one")
+        if self._pool is not None:
+            return
+        # One plain connection first: its failure says why (refused, password, no database),
+        # where a pool would only time out.
+        conn = await self._connect()
+        try:
+            await self._migrate(conn)
+        except psycopg.Error as exc:
+            raise self._error("cannot prepare the schema of", exc) from exc
+        finally:
+            await conn.close()
+        pool = self._make_pool(self._pool_size, quick=False)
+        quick = self._make_pool(self._quick_pool_size, quick=True)
+        try:
+            await pool.open(wait=True, timeout=self._pool_timeout)
+            await quick.open(wait=True, timeout=self._pool_timeout)
+        except BaseException as exc:
+            await pool.close()
+            await quick.close()
+            if isinstance(exc, psycopg.Error):
+                raise self._error("cannot connect to", exc) from exc
+            raise
+        self._pool, self._quick = pool, quick
+
+    async def exists(self) -> bool:
+        """Whether the database holds a batchkling schema (without creating one)."""
+        conn = await self._connect()
+        try:
+            cur = await conn.execute("SELECT to_regclass('meta') IS NOT NULL"
+                                     " AND to_regclass('runs') IS NOT NULL")
+            row = await cur.fetchone()
+            return bool(row and row[0])
+        except psycopg.Error as exc:
+            raise self._error("cannot read", exc) from exc
+        finally:
+            await conn.close()
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        try:
+            return await psycopg.AsyncConnection.connect(self.url, **self._connect_args)
+        except psycopg.Error as exc:
+            raise self._connect_error(exc) from exc
+
+    def _make_pool(self, size: int, *, quick: bool) -> AsyncConnectionPool:
+        async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+            # Once per connection, not per commit. Durable: whatever the server says
+            # (remote_apply, local, ...) unless it says off — then on, or the create intent
+            # could be lost in a crash after batchkling was told it was committed.
+            await conn.execute(_QUICK_SESSION if quick else _DURABLE_SESSION)
+
+        return AsyncConnectionPool(
+            self.url, kwargs=self._connect_args, min_size=1, max_size=size, open=False,
+            configure=configure, timeout=self._pool_timeout,
+            name="batchkling-quick" if quick else "batchkling",
+        )
+
+    async def _migrate(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Bring the schema to :data:`SCHEMA_VERSION` under an advisory lock, in one
+        transaction: two processes opening a new database at once take turns, and a crash
+        mid-upgrade leaves the old schema intact."""
+        if await self._version(conn) == SCHEMA_VERSION:
+            return  # the common case: no lock, no DDL (DDL would wait on running workers)
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            # Again under the lock: another process may have done it meanwhile.
+            version = await self._version(conn)
+            if version is None:
+                version = SCHEMA_VERSION  # a new database: the schema below is the whole of it
+            for step in range(version, SCHEMA_VERSION):
+                await conn.execute(MIGRATIONS[step])
+            await conn.execute(SCHEMA)
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', %s)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
+
+    async def _version(self, conn: psycopg.AsyncConnection[Any]) -> int | None:
+        cur = await conn.execute("SELECT to_regclass('meta') IS NOT NULL")
+        row = await cur.fetchone()
+        if not (row and row[0]):
+            return None
+        cur = await conn.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+        row = await cur.fetchone()
+        version = None if row is None else int(row[0])
+        if version is not None and version > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"the PostgreSQL store {self.location} was written by a newer batchkling "
+                f"(schema {version}; this one knows {SCHEMA_VERSION}): upgrade batchkling "
+                "to use it"
+            )
+        return version
+
+    async def aclose(self) -> None:
+        """Close both pools; idempotent."""
+        self._closed = True
+        for pool in (self._quick, self._pool):
+            if pool is not None:
+                await pool.close()
+        self._pool = self._quick = None
+
+    # ---- the one way to the database -------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, *, quick: bool = False
+                          ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled autocommit connection; psycopg's errors leave as :class:`StoreError`."""
+        pool = self._quick if quick else self._pool
+        if pool is None:
+            raise StoreError("the store is not open")
+        try:
+            async with pool.connection() as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise self._error("failed:", exc) from exc
+
+    async def _rows(self, sql: LiteralString, params: Sequence[Any] | Mapping[str, Any] = ()
+                    ) -> list[tuple[Any, ...]]:
+        async with self._connection() as conn:
+            cur = await conn.execute(sql, params)
+            return await cur.fetchall()
+
+    async def _execute(self, sql: LiteralString,
+                       params: Sequence[Any] | Mapping[str, Any] = (), *,
+                       quick: bool = False) -> int:
+        async with self._connection(quick=quick) as conn:
+            cur = await conn.execute(sql, params)
+            return cur.rowcount
+
+    def _error(self, doing: str, exc: psycopg.Error) -> StoreError:
+        text = _scrub(_first_line(exc), self._secret)
+        if doing.endswith(":"):
+            return StoreError(f"PostgreSQL store {self.location} {doing} {text}")
+        return StoreError(f"{doing} the PostgreSQL store {self.location}: {text}")
+
+    def _connect_error(self, exc: psycopg.Error) -> StoreError:
+        """Why a connection failed, named by host and database, never the password."""
+        text = _scrub(_first_line(exc), self._secret)
+        where = f"the PostgreSQL store {self.location}"
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        lowered = text.lower()
+        if sqlstate.startswith("28") or "authentication failed" in lowered \
+                or "no pg_hba.conf entry" in lowered or "password" in lowered:
+            return StoreRefused(f"{where} refused the login: {text} — check the user and its "
+                                "password (PGPASSWORD or ~/.pgpass)")
+        if sqlstate == "3D000" or ("database" in lowered and "does not exist" in lowered):
+            return StoreRefused(f"{where} has no such database: {text} — create it "
+                                "(createdb) or fix the URL")
+        if sqlstate == "42501" or "permission denied" in lowered:
+            return StoreRefused(f"{where} refused access: {text}")
+        return StoreError(f"cannot reach {where}: {text}")
+
+    # ---- runs ------------------------------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> RunRow | None:
+        """The run with this id, or None."""
+        rows = await self._rows(f"{RUN_SELECT} WHERE run_id = %s", (run_id,))
+        return run_row(rows[0]) if rows else None
+
+    async def list_runs(self) -> list[RunRow]:
+        """Every run, newest first."""
+        return [run_row(r) for r in await self._rows(f"{RUN_SELECT} ORDER BY created_at DESC")]
+
+    async def save_run(
+        self,
+        run_id: str,
+        *,
+        manifest_path: str | None,
+        manifest_text: str | None,
+        config_json: str,
+        provider: str,
+        base_url: str,
+        simulated: bool,
+        now: float,
+    ) -> None:
+        """Create the run, or refresh its manifest snapshot when it exists."""
+        await self._execute(
+            "INSERT INTO runs (run_id, manifest_path, manifest_text, config_json, provider,"
+            " base_url, simulated, nonce, state, created_at, updated_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'running', %s, %s)"
+            " ON CONFLICT (run_id) DO UPDATE SET manifest_path = excluded.manifest_path,"
+            " manifest_text = excluded.manifest_text, config_json = excluded.config_json,"
+            " provider = excluded.provider, base_url = excluded.base_url,"
+            " updated_at = excluded.updated_at",
+            (run_id, manifest_path, manifest_text, config_json, provider, base_url,
+             bool(simulated), secrets.token_hex(4), now, now),
+        )
+
+    async def set_run_state(
+        self, run_id: str, state: str, stop_reason: str | None, now: float
+    ) -> None:
+        """Record how the latest invocation on this run ended."""
+        await self._execute(
+            "UPDATE runs SET state = %s, stop_reason = %s, updated_at = %s WHERE run_id = %s",
+            (state, stop_reason, now, run_id),
+        )
+
+    # ---- the single-runner lease -----------------------------------------------------------
+
+    async def acquire_lease(
+        self, run_id: str, owner: str, *, now: float, stale_after: float
+    ) -> None:
+        """Take the run's lease, or raise :class:`RunLocked` naming the live holder.
+
+        The database's clock decides, not ``now``: the heartbeat is stamped with the server's
+        ``clock_timestamp()`` and its age measured against the same clock, so runners whose
+        clocks disagree still agree on who is alive. A lease is stale when its heartbeat is
+        older than ``stale_after`` seconds, or when its holder was on this host and that
+        process no longer exists. The row is locked (``FOR UPDATE``) while this is decided.
+        """
+        del now  # the database's clock is the one all runners share
+        pid, host = os.getpid(), socket.gethostname()
+        async with self._connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "SELECT lease_owner, lease_pid, lease_host,"
+                f" {_DB_NOW} - lease_heartbeat FROM runs WHERE run_id = %s FOR UPDATE",
+                (run_id,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise RunNotFound(f"no run {run_id!r} in {self.location}")
+            holder, holder_pid, holder_host, age = row
+            if holder is not None and holder != owner and not lease_is_stale(
+                holder_pid, holder_host, age, stale_after=stale_after
+            ):
+                raise RunLocked(
+                    f"run {run_id!r} is being run by process {holder_pid} on {holder_host} "
+                    f"(last heartbeat {max(0.0, age or 0.0):.0f}s ago); wait for it to finish, "
+                    "or stop it first"
+                )
+            await conn.execute(
+                "UPDATE runs SET lease_owner = %s, lease_pid = %s, lease_host = %s,"
+                f" lease_heartbeat = {_DB_NOW} WHERE run_id = %s",
+                (owner, pid, host, run_id),
+            )
+
+    async def heartbeat(self, run_id: str, owner: str, now: float) -> None:
+        """Refresh the lease, stamped with the database's clock (``now`` is not used)."""
+        await self._execute(
+            f"UPDATE runs SET lease_heartbeat = {_DB_NOW} WHERE run_id = %s AND lease_owner = %s",
+            (run_id, owner),
+        )
+
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        """Give the lease up; a no-op if another process has taken it over."""
+        await self._execute(
+            "UPDATE runs SET lease_owner = NULL, lease_pid = NULL, lease_host = NULL,"
+            " lease_heartbeat = NULL WHERE run_id = %s AND lease_owner = %s",
+            (run_id, owner),
+        )
+
+    # ---- jobs ------------------------------------------------------------------------------
+
+    async def job_index(self, run_id: str) -> dict[str, tuple[str, JobState]]:
+        """``{job_id: (fingerprint, state)}`` for every job of the run."""
+        rows = await self._rows(
+            "SELECT job_id, fingerprint, state FROM jobs WHERE run_id = %s", (run_id,))
+        return {r[0]: (r[1], JobState(r[2])) for r in rows}
+
+    async def sync_jobs(
+        self,
+        run_id: str,
+        *,
+        added: list[tuple[int, JobSpec]],
+        changed: list[tuple[int, JobSpec]],
+        reordered: list[tuple[int, str]],
+        removed: list[str],
+        now: float,
+    ) -> None:
+        """Apply a manifest's expansion to the run in one transaction.
+
+        New jobs start ``pending``; changed jobs (new fingerprint) go back to ``pending`` keeping
+        their attempt history; removed jobs become ``skipped`` (finished ones keep their video).
+        Each kind is one statement over arrays, however many jobs it names.
+        """
+        if not (added or changed or reordered or removed):
+            return
+        async with self._connection() as conn, conn.transaction():
+            if added:
+                await conn.execute(
+                    "INSERT INTO jobs (run_id, job_id, seq, spec_json, fingerprint, state,"
+                    " updated_at) SELECT %s, job_id, seq, spec, fp, 'pending', %s"
+                    " FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[])"
+                    " AS t(job_id, seq, spec, fp)",
+                    (run_id, now, *_columns(added)),
+                )
+            if changed:
+                await conn.execute(
+                    "WITH t AS (SELECT * FROM unnest(%s::text[], %s::int[], %s::text[],"
+                    " %s::text[]) AS t(job_id, seq, spec, fp)),"
+                    " reset AS (UPDATE jobs SET seq = t.seq, spec_json = t.spec,"
+                    " fingerprint = t.fp, state = 'pending', task_id = NULL,"
+                    " idempotency_key = NULL, progress = NULL, video_url = NULL,"
+                    " video_path = NULL, video_size = NULL, video_sha256 = NULL,"
+                    " cost_usd = NULL, cost_units = NULL, reserved_usd = 0, error_code = NULL,"
+                    " error_message = NULL, retryable = NULL, submitted_at = NULL,"
+                    " completed_at = NULL, render_seconds = NULL, updated_at = %s"
+                    " FROM t WHERE jobs.run_id = %s AND jobs.job_id = t.job_id)"
+                    " INSERT INTO events (run_id, job_id, at, event)"
+                    " SELECT %s, job_id, %s, 'job.changed' FROM t",
+                    (*_columns(changed), now, run_id, run_id, now),
+                )
+            if reordered:
+                await conn.execute(
+                    "UPDATE jobs SET seq = t.seq FROM unnest(%s::int[], %s::text[])"
+                    " AS t(seq, job_id) WHERE jobs.run_id = %s AND jobs.job_id = t.job_id",
+                    ([seq for seq, _ in reordered], [job_id for _, job_id in reordered],
+                     run_id),
+                )
+            if removed:
+                await conn.execute(
+                    "UPDATE jobs SET state = 'skipped', updated_at = %s WHERE run_id = %s"
+                    " AND job_id = ANY(%s::text[]) AND state != 'downloaded'",
+                    (now, run_id, removed),
+                )
+
+    async def reset_for_retry(
+        self, run_id: str, *, states: Iterable[JobState], job_ids: Iterable[str], now: float
+    ) -> int:
+        """Put jobs back to ``pending`` for ``retry``; return how many.
+
+        ``unknown`` jobs keep their attempt and idempotency key (the create is repeated, so a
+        provider that honours the key cannot bill twice). Every other job gets a fresh attempt
+        budget: ``attempt_base`` moves up to the current attempt. Jobs named in ``job_ids`` are
+        taken from any state where no task is in flight. Without states or ids: failed jobs.
+        One statement: the jobs picked, reset and their events written together.
+        """
+        wanted, ids = retry_selection(states, job_ids)
+        rows = await self._rows(
+            "WITH picked AS (SELECT job_id, state FROM jobs WHERE run_id = %(run)s"
+            " AND state = ANY(%(states)s::text[])"
+            " AND (%(any_id)s OR job_id = ANY(%(ids)s::text[]))"
+            " FOR UPDATE),"
+            " reset AS (UPDATE jobs j SET state = 'pending', error_code = NULL,"
+            " error_message = NULL, updated_at = %(now)s,"
+            # An unknown job repeats its create with the same attempt and key.
+            " attempt_base = CASE WHEN p.state = 'unknown' THEN j.attempt_base"
+            " ELSE j.attempt END,"
+            " idempotency_key = CASE WHEN p.state = 'unknown' THEN j.idempotency_key END,"
+            " task_id = CASE WHEN p.state = 'unknown' THEN j.task_id END,"
+            " progress = CASE WHEN p.state = 'unknown' THEN j.progress END,"
+            " video_url = CASE WHEN p.state = 'unknown' THEN j.video_url END,"
+            " retryable = CASE WHEN p.state = 'unknown' THEN j.retryable END,"
+            " reserved_usd = CASE WHEN p.state = 'unknown' THEN j.reserved_usd ELSE 0 END"
+            " FROM picked p WHERE j.run_id = %(run)s AND j.job_id = p.job_id"
+            " RETURNING j.job_id, p.state),"
+            " logged AS (INSERT INTO events (run_id, job_id, at, event, data)"
+            " SELECT %(run)s, job_id, %(now)s, 'job.retry_requested',"
+            " jsonb_build_object('from', state) FROM reset)"
+            " SELECT count(*) FROM reset",
+            {"run": run_id, "states": wanted, "any_id": not ids, "ids": ids,
+             "now": now},
+        )
+        return int(rows[0][0])
+
+    async def get_job(self, run_id: str, job_id: str) -> JobRow | None:
+        """One job, or None."""
+        rows = await self._rows(f"{JOB_SELECT} WHERE run_id = %s AND job_id = %s",
+                                (run_id, job_id))
+        return job_row(rows[0]) if rows else None
+
+    async def jobs_in(
+        self,
+        run_id: str,
+        states: Iterable[JobState],
+        *,
+        after_seq: int = -1,
+        limit: int = 500,
+    ) -> list[JobRow]:
+        """Jobs in any of ``states``, in manifest order, a page at a time."""
+        rows = await self._rows(
+            f"{JOB_SELECT} WHERE run_id = %s AND state = ANY(%s::text[]) AND seq > %s"
+            " ORDER BY seq LIMIT %s",
+            (run_id, [s.value for s in states], after_seq, limit),
+        )
+        return [job_row(r) for r in rows]
+
+    async def counts(self, run_id: str) -> dict[JobState, int]:
+        """Number of jobs in each state."""
+        rows = await self._rows(
+            "SELECT state, count(*) FROM jobs WHERE run_id = %s GROUP BY state", (run_id,))
+        return {JobState(r[0]): int(r[1]) for r in rows}
+
+    async def recent_ends(self, run_id: str, limit: int = RECENT_ENDS) -> list[float]:
+        """When the last ``limit`` jobs to end (downloaded, failed, skipped) ended, newest first."""
+        rows = await self._rows(
+            "SELECT updated_at FROM jobs WHERE run_id = %s AND state = ANY(%s::text[])"
+            " ORDER BY updated_at DESC LIMIT %s",
+            (run_id, sorted(s.value for s in TERMINAL), limit),
+        )
+        return [float(r[0]) for r in rows]
+
+    async def units(self, run_id: str) -> float:
+        """Provider units reported so far (Kling bills in units and reports no USD)."""
+        rows = await self._rows(
+            "SELECT COALESCE(SUM(cost_units), 0) FROM attempts WHERE run_id = %s", (run_id,))
+        return float(rows[0][0])
+
+    async def money(self, run_id: str) -> tuple[float, float]:
+        """``(spent, committed)``: reported cost so far, and cost plus open reservations."""
+        rows = await self._rows(
+            "SELECT COALESCE((SELECT SUM(cost_usd) FROM attempts WHERE run_id = %(run)s), 0),"
+            " COALESCE((SELECT SUM(reserved_usd) FROM jobs WHERE run_id = %(run)s), 0)",
+            {"run": run_id},
+        )
+        spent, reserved = float(rows[0][0]), float(rows[0][1])
+        return spent, spent + reserved
+
+    async def attempts(self, run_id: str, job_id: str) -> list[dict[str, Any]]:
+        """The job's attempts, oldest first."""
+        rows = await self._rows(
+            f"{ATTEMPT_SELECT} WHERE run_id = %s AND job_id = %s ORDER BY number", (run_id, job_id))
+        return [dict(zip(ATTEMPT_KEYS, r, strict=True)) for r in rows]
+
+    async def transition(
+        self,
+        run_id: str,
+        job_id: str,
+        state: JobState,
+        *,
+        now: float,
+        event: str,
+        new_attempt: tuple[int, str] | None = None,
+        data: Mapping[str, Any] | None = None,
+        quick: bool = False,
+        **fields: Any,
+    ) -> None:
+        """Move a job to ``state`` and set ``fields``: one ``UPDATE``, one round trip.
+
+        The schema's trigger inserts the attempt's row when the attempt number grows
+        (``new_attempt`` = ``(number, idempotency_key)``, the create intent, with the attempt
+        fields starting empty), mirrors the attempt fields onto it otherwise, and appends the
+        event — all in the statement's own transaction. ``quick`` commits without waiting for
+        the WAL flush (see the module docstring).
+        """
+        fields = transition_fields(fields, new_attempt)
+        for name in _BOOLEAN_FIELDS & fields.keys():
+            if fields[name] is not None:
+                fields[name] = bool(fields[name])
+        # Column names come from JOB_COLUMNS (transition_fields checks), never from outside.
+        sets = "".join(f", {name} = %s" for name in fields)
+        await self._execute(
+            "UPDATE jobs SET state = %s, updated_at = %s, last_event = %s,"
+            f" last_event_data = %s{sets} WHERE run_id = %s AND job_id = %s",
+            (state.value, now, event, event_data(data), *fields.values(), run_id, job_id),
+            quick=quick,
+        )
+
+    async def log_event(
+        self, run_id: str, job_id: str | None, now: float, event: str,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append an event that changes no state (a stop, a limit change)."""
+        await self._execute(
+            "INSERT INTO events (run_id, job_id, at, event, data) VALUES (%s, %s, %s, %s, %s)",
+            (run_id, job_id, now, event, event_data(data)),
+        )
+
+    async def integrity_check(self) -> str:
+        """``ok``, or the consistency problems found (:data:`INTEGRITY_CHECKS`), one per line."""
+        async with self._connection() as conn:
+            problems = await integrity_problems(conn)
+        return "\n".join(problems) or "ok"
+
+
+async def integrity_problems(conn: psycopg.AsyncConnection[Any]) -> list[str]:
+    """What :data:`INTEGRITY_CHECKS` finds wrong in the database ``conn`` is connected to."""
+    params = {"states": [s.value for s in JobState]}
+    problems = []
+    for problem, sql in INTEGRITY_CHECKS:
+        cur = await conn.execute(sql, params)
+        row = await cur.fetchone()
+        if row and row[0]:
+            problems.append(f"{row[0]} {problem}")
+    return problems
+
+
+def _columns(jobs: list[tuple[int, JobSpec]]) -> tuple[list[str], list[int], list[str], list[str]]:
+    """``(job ids, seqs, specs, fingerprints)``: one array per column, for ``unnest``."""
+    return ([spec.job_id for _, spec in jobs], [seq for seq, _ in jobs],
+            [spec.to_json() for _, spec in jobs], [spec.fingerprint for _, spec in jobs])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
