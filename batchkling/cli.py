@@ -49,6 +49,13 @@ SPEED = click.option(
     "simulator started with `batchkling simulate --speed X`. Polls and deadlines shrink with it.",
 )
 
+#: Shared by every command that runs jobs (``run``; workers too).
+OUTPUT_STORE = click.option(
+    "--output-store", metavar="s3://BUCKET/PREFIX/", default=None,
+    help="Put each verified video in this S3-compatible bucket (overrides output.store; "
+    "credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE).",
+)
+
 
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"batchkling: error: {message}", err=True)
@@ -223,8 +230,9 @@ def _speed(speed: float | None, simulated: bool) -> float:
 @click.option("--max-in-flight", type=click.IntRange(min=1, max=1000),
               help="Override limits.max_in_flight.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation on a terminal.")
+@OUTPUT_STORE
 def run(manifest: Path, run_id: str | None, workdir: Path, simulate: bool, speed: float | None,
-        max_in_flight: int | None, yes: bool) -> None:
+        max_in_flight: int | None, yes: bool, output_store: str | None) -> None:
     """Run MANIFEST: submit, poll, download. Re-running an unfinished run resumes it."""
     from batchkling.manifest.document import load_manifest
     from batchkling.run.orchestrator import Orchestrator
@@ -246,7 +254,8 @@ def run(manifest: Path, run_id: str | None, workdir: Path, simulate: bool, speed
             summary = _run_async(lambda: _drive(
                 lambda: Orchestrator(loaded, run_id=run_id, workdir=workdir, env=env,
                                      base_url=sim_url, simulated=simulate,
-                                     max_in_flight=max_in_flight, time_scale=scale),
+                                     max_in_flight=max_in_flight, time_scale=scale,
+                                     output_store=output_store),
                 lambda orch: orch.run()))
     _finish(summary)
 

@@ -31,12 +31,20 @@ from batchkling.clock import Clock, SystemClock
 from batchkling.errors import BatchklingError, ConfigError, unwrapped_groups
 from batchkling.logs import get_logger, redactor, run_log
 from batchkling.models import TERMINAL, JobState, RunSummary
+from batchkling.outputs.objectstore import ObjectStore
 from batchkling.outputs.report import write_report
 from batchkling.outputs.results import csv_status, write_results
 from batchkling.outputs.views import eta_seconds
 from batchkling.providers.base import Provider
 from batchkling.providers.http import HttpClient
 from batchkling.run.engine import Engine, EngineOptions
+from batchkling.run.upload import (
+    InputImages,
+    VideoUploads,
+    input_link_seconds,
+    open_output_store,
+    uploads_inputs,
+)
 from batchkling.store import RunRow, Store, default_location, store_from
 
 if TYPE_CHECKING:
@@ -107,6 +115,7 @@ class Orchestrator:
         store: Store | None = None,
         provider: Provider | None = None,
         seed: int | None = None,
+        output_store: str | None = None,
     ) -> None:
         if manifest is None and run_id is None:
             raise ConfigError("give a manifest, or the run id of an existing run")
@@ -127,6 +136,9 @@ class Orchestrator:
         self.store = store or store_from(default_location(self.workdir))
         self._provider = provider
         self._rng = random.Random(seed)
+        # `--output-store`: replaces the manifest's output.store (and, on `run`, its snapshot).
+        self.output_store = output_store
+        self._objects: ObjectStore | None = None
         self._owner = uuid.uuid4().hex
         self._engine: Engine | None = None
         self._scope: anyio.CancelScope | None = None
@@ -199,6 +211,8 @@ class Orchestrator:
             where = "the simulator" if existing.simulated else "the real provider"
             raise ConfigError(f"run {self.run_id!r} was started against {where}; "
                               "pick another --run-id for this one")
+        if self.output_store:
+            manifest = manifest.with_output_store(self.output_store)
         config_json, source_text = _snapshot(manifest)
         base_url = self.base_url_override or manifest.provider.base_url
         await self.store.save_run(
@@ -250,6 +264,8 @@ class Orchestrator:
     async def _drive_locked(self, *, sync: Manifest | None) -> RunSummary:
         run = await self.store.require_run(self.run_id)
         config = _config_from(run)
+        if self.output_store:
+            config = config.with_output_store(self.output_store)
         await self._lease()
         try:
             with run_log(self.run_dir / "run.log"):
@@ -284,6 +300,9 @@ class Orchestrator:
 
     async def _execute(self, run: RunRow, config: RunConfig) -> RunSummary:
         options = self._options(run, config)
+        # Before the provider and the first create: a store that cannot take the videos is a
+        # bad configuration (exit 2), not something to find out after paying for renders.
+        objects = self._objects = await open_output_store(config, self.env)
         provider = self._provider or self._build_provider(run, config)
         async with HttpClient(transport=self.transport, timeout=120.0) as http:
             from batchkling.pricing import estimate_usd
@@ -293,7 +312,8 @@ class Orchestrator:
 
             engine = Engine(store=self.store, provider=provider, run_id=self.run_id,
                             nonce=run.nonce, options=options, run_dir=self.run_dir,
-                            clock=self.clock, http=http, estimate_usd=estimate, rng=self._rng)
+                            clock=self.clock, http=http, estimate_usd=estimate, rng=self._rng,
+                            **self._store_steps(objects, run, config, options))
             self._engine = engine
             self.log.info("run.started", provider=run.provider, simulated=run.simulated,
                           max_in_flight=options.max_in_flight)
@@ -324,7 +344,8 @@ class Orchestrator:
         csv_path = await write_results(self.store, self.run_id, self.run_dir / "results.csv",
                                        download=options.download)
         try:
-            await write_report(self.store, self.run_id, self.run_dir / "report.html")
+            await write_report(self.store, self.run_id, self.run_dir / "report.html",
+                               objects=self._objects, env=self.env)
         except OSError as exc:
             # The page is a convenience view; the CSV and the DB are the record.
             self.log.warning("run.report_failed", error=str(exc))
@@ -379,6 +400,20 @@ class Orchestrator:
             max_video_bytes=int(config.output.max_video_mb * 1024 * 1024),
             trusted_hosts=frozenset(trusted),
         )
+
+    def _store_steps(self, objects: ObjectStore | None, run: RunRow, config: RunConfig,
+                     options: EngineOptions) -> dict[str, Any]:
+        """The engine's object-store steps: video uploads, and input images as URLs."""
+        log = get_logger(run_id=self.run_id)
+        inputs = InputImages(
+            objects if uploads_inputs(config, run.provider) else None,
+            link_seconds=input_link_seconds(config.limits.task_timeout),
+            warn=run.provider == "imarouter", log=log)
+        if objects is None:
+            return {"inputs": inputs}
+        uploads = VideoUploads(objects, self.run_id, keep_local=config.output.keep_local,
+                               concurrency=options.download_concurrency)
+        return {"inputs": inputs, "uploads": uploads}
 
     def _base_url(self, run: RunRow) -> str:
         # A simulated run gets a new simulator (and port) on every invocation.

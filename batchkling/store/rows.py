@@ -20,13 +20,15 @@ JOB_COLUMNS = frozenset(
         "attempt", "attempt_base", "idempotency_key", "task_id", "progress", "video_url",
         "video_path", "video_size", "video_sha256", "cost_usd", "cost_units", "reserved_usd",
         "error_code", "error_message", "retryable", "submitted_at", "completed_at",
-        "render_seconds",
+        "render_seconds", "video_uri", "video_etag",
     }
 )
-#: Job columns that describe one attempt: a new attempt starts with them empty.
+#: Job columns that describe one attempt: a new attempt starts with them empty. The video
+#: columns are among them: a staged or stored video belongs to the attempt that rendered it.
 FRESH_ATTEMPT = (
     "task_id", "progress", "video_url", "submitted_at", "completed_at", "render_seconds",
-    "cost_usd", "cost_units", "error_code", "error_message", "retryable",
+    "cost_usd", "cost_units", "error_code", "error_message", "retryable", "video_path",
+    "video_size", "video_sha256", "video_uri", "video_etag",
 )
 
 
@@ -89,6 +91,10 @@ class JobRow:
     completed_at: float | None
     render_seconds: float | None
     updated_at: float
+    #: ``s3://bucket/key`` of the video once the object store confirmed it (``output.store``).
+    video_uri: str | None = None
+    #: The store's ETag of that object (unquoted).
+    video_etag: str | None = None
 
     @property
     def spec(self) -> JobSpec:

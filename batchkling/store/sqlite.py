@@ -332,6 +332,7 @@ class SqliteStore(Store):
                     "UPDATE jobs SET seq = ?, spec_json = ?, fingerprint = ?, state = 'pending',"
                     " task_id = NULL, idempotency_key = NULL, progress = NULL, video_url = NULL,"
                     " video_path = NULL, video_size = NULL, video_sha256 = NULL,"
+                    " video_uri = NULL, video_etag = NULL,"
                     " cost_usd = NULL, cost_units = NULL, reserved_usd = 0, error_code = NULL,"
                     " error_message = NULL, retryable = NULL, submitted_at = NULL,"
                     " completed_at = NULL, render_seconds = NULL, updated_at = ?"
@@ -463,12 +464,14 @@ class SqliteStore(Store):
         """The job's attempts, oldest first."""
         rows = await self._fetchall(
             "SELECT number, idempotency_key, fingerprint, state, task_id, submitted_at,"
-            " completed_at, cost_usd, cost_units, error_code, error_message FROM attempts"
+            " completed_at, cost_usd, cost_units, error_code, error_message, video_uri,"
+            " video_size, video_sha256, video_etag FROM attempts"
             " WHERE run_id = ? AND job_id = ? ORDER BY number",
             (run_id, job_id),
         )
         keys = ("number", "idempotency_key", "fingerprint", "state", "task_id", "submitted_at",
-                "completed_at", "cost_usd", "cost_units", "error_code", "error_message")
+                "completed_at", "cost_usd", "cost_units", "error_code", "error_message",
+                "video_uri", "video_size", "video_sha256", "video_etag")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     async def transition(
