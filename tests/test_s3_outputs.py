@@ -407,3 +407,28 @@ class TestInputImages:
                 unwrapped_groups():
             await sim.run(manifest, workdir)
         assert sim.stats()["create_requests"] == 0
+
+
+class TestReportLinks:
+    async def test_report_signs_links_or_says_why_it_cannot(
+            self, tmp_path: Path, workdir: Path, s3_bucket: tuple[str, str]) -> None:
+        """`batchkling report` with AWS credentials signs a link per stored video and says when
+        they expire; without credentials each card names its object instead."""
+        from batchkling.outputs.report import write_report
+        from batchkling.store.sqlite import SqliteStore
+
+        endpoint, bucket = s3_bucket
+        sim = VirtualSim(env=_vsim_env(endpoint, tmp_path))
+        manifest = sim.manifest(tmp_path, 2, output={"store": f"s3://{bucket}/r/",
+                                                     "link_expiry": "2h"})
+        assert (await sim.run(manifest, workdir)).exit_code == 0
+        dest = tmp_path / "page.html"
+        async with SqliteStore(workdir / "batchkling.db") as store:
+            await write_report(store, "test-run", dest, env=_aws(endpoint, tmp_path))
+            signed = dest.read_text()
+            await write_report(store, "test-run", dest, env={"HOME": str(tmp_path)})
+            unsigned = dest.read_text()
+        assert signed.count("X-Amz-Signature=") == 2 and "X-Amz-Expires=7200" in signed
+        assert "links that expire" in signed and "batchkling report test-run" in signed
+        assert "X-Amz-Signature" not in unsigned and "links that expire" not in unsigned
+        assert f"in s3://{bucket}/r/test-run/job-000.mp4 (no credentials" in unsigned

@@ -110,9 +110,9 @@ async def _sign_links(run: RunRow, rows: list[dict[str, Any]], objects: ObjectSt
 
 
 def _video_link(stored: str | None, run_dir: Path, uri: str | None = None,
-                signed: str | None = None) -> dict[str, str | None]:
-    """``video`` (a URL relative to the run folder, else a pre-signed link to the object) or
-    ``video_note`` saying why there is none."""
+                signed: str | None = None) -> dict[str, Any]:
+    """``video`` (a URL relative to the run folder, else a pre-signed link to the object, then
+    ``signed``) or ``video_note`` saying why there is none."""
     if stored:
         path = Path(stored)
         # A relative path was recorded relative to the runner's working directory; the run
@@ -124,7 +124,7 @@ def _video_link(stored: str | None, run_dir: Path, uri: str | None = None,
                 rel = os.path.relpath(candidate, run_dir).replace(os.sep, "/")
                 return {"video": quote(rel), "video_note": None}
     if signed:
-        return {"video": signed, "video_note": None}
+        return {"video": signed, "video_note": None, "signed": True}
     if uri:
         return {"video": None, "video_note": f"in {uri} (no credentials here to sign a link)"}
     if not stored:
@@ -298,7 +298,8 @@ def _card(index: int, r: dict[str, Any], dims: list[dict[str, Any]]) -> str:
         ("last frame", r["image_tail"]), ("task id", r["task_id"]), ("state", r["state"]),
         ("completed", _stamp(r["completed_at"])),
         ("progress", None if r["progress"] is None else f"{r['progress']:.0%}"),
-        ("video", r.get("video")), ("stored as", r.get("stored_uri")),
+        ("video", None if r.get("signed") else r.get("video")),
+        ("stored as", r.get("stored_uri")),
         ("id template", r["group"]),
         *((k, v) for k, v in r["variables"].items()),
     ]

@@ -87,8 +87,8 @@ def _hint(exc: ObjectStoreError, store: ObjectStore) -> str:
     if isinstance(exc, ObjectMissing):
         return "create the bucket, or fix the bucket name in output.store"
     if isinstance(exc, ObjectStoreDenied):
-        return (f"the credentials (from {store.credentials_source}) need s3:PutObject, "
-                f"s3:GetObject and s3:DeleteObject on {store.where}*")
+        return (f"the credentials (from {store.credentials_source}) need s3:PutObject and "
+                f"s3:GetObject on {store.where}*")
     if isinstance(exc, ObjectStoreUnavailable):
         return "check output.endpoint_url (or AWS_ENDPOINT_URL), output.region and the network"
     return "check output.store, output.endpoint_url and output.region"
