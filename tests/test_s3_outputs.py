@@ -244,6 +244,48 @@ class TestCrashBetweenUploadAndCommit:
         assert sim.stats()["creates"] == n
 
 
+    @pytest.mark.slow
+    @pytest.mark.timeout(300)
+    def test_sigkill_at_random_moments_with_uploads(
+            self, tmp_path: Path, workdir: Path, simulator: Any, s3_server: MotoS3Server,
+            s3_fault_proxy: FaultProxy) -> None:
+        """Killed eight times at random moments, then resumed: every job is `downloaded` with
+        its object in the bucket, each video was stored by exactly one answered PUT, and no
+        idempotency key made two tasks."""
+        import random
+        import time
+
+        endpoint = s3_server.endpoint_url
+        bucket = make_bucket(endpoint)
+        sim = simulator(speed=300)
+        n = 24
+        jobs = [{"id": f"clip-{i:02d}", "prompt": f"shot {i}"} for i in range(n)]
+        manifest = write_manifest(tmp_path, jobs, name="killme", base_url=sim.base_url,
+                                  limits={"max_in_flight": 6, "submit_rate": 40,
+                                          "task_timeout": "2h"},
+                                  output={"store": f"s3://{bucket}/k/"})
+        env = _aws(s3_fault_proxy.endpoint_url, tmp_path)
+        rng = random.Random(20261202)
+        for _ in range(8):
+            proc = _cli("run", str(manifest), "--workdir", str(workdir), env=env)
+            wait_until_running(proc, workdir / "batchkling.db", "killme")
+            time.sleep(rng.uniform(0.05, 0.8))
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=30)
+            _assert_stored(endpoint, bucket, workdir, "killme")
+        code, _, err = _finish(_cli("resume", "killme", "--workdir", str(workdir), env=env))
+        states = dict(_db(workdir, "SELECT job_id, state FROM jobs"))
+        assert code in (0, 3), err
+        assert set(states.values()) <= {"downloaded", "unknown"}, states
+        _assert_stored(endpoint, bucket, workdir, "killme")
+        puts = _video_puts(s3_fault_proxy)
+        assert set(puts.values()) == {1}, puts
+        assert len(puts) == sum(s == "downloaded" for s in states.values())
+        assert sim.stats()["duplicate_keys"] == []
+        assert not list(workdir.rglob("*.part"))
+
+
 def _vsim_env(endpoint: str, home: Path) -> dict[str, str]:
     return {"BATCHKLING_TEST_KEY": TEST_KEY, **_aws(endpoint, home)}
 
@@ -292,6 +334,47 @@ class TestFailingStore:
         assert sim.stats()["creates"] == 1  # the render was not repeated
         _assert_stored(s3_server.endpoint_url, bucket, workdir, "test-run")
         assert not Path(path).exists()
+
+
+    async def test_uploads_refused_mid_run_stop_the_creates(
+            self, tmp_path: Path, workdir: Path, s3_server: MotoS3Server,
+            s3_fault_proxy: FaultProxy) -> None:
+        """The store starts refusing uploads (403) after the probe: the rendered job stays
+        `succeeded` with the reason, no further task is paid for, and the run exits 3."""
+        bucket = make_bucket(s3_server.endpoint_url)
+        sim = VirtualSim(env=_vsim_env(s3_fault_proxy.endpoint_url, tmp_path))
+        manifest = sim.manifest(tmp_path, 4, limits={"max_in_flight": 1},
+                                output={"store": f"s3://{bucket}/v/"})
+        s3_fault_proxy.fail_next(1000, status=403, match=lambda m, p: ".mp4" in p)
+        summary = await sim.run(manifest, workdir)
+        assert summary.exit_code == 3
+        assert summary.stop_reason is not None and "refused an upload" in summary.stop_reason
+        # The slot frees when a render ends, so one more task may start while the first
+        # video uploads; after the refusal, nothing more.
+        creates = sim.stats()["creates"]
+        rows = _db(workdir, "SELECT state, error_code FROM jobs ORDER BY seq")
+        assert creates <= 2
+        assert rows[:creates] == [("succeeded", "upload_failed")] * creates
+        assert [state for state, _ in rows[creates:]] == ["pending"] * (4 - creates)
+
+    async def test_input_images_refused_stop_before_any_create(
+            self, tmp_path: Path, workdir: Path, s3_server: MotoS3Server,
+            s3_fault_proxy: FaultProxy) -> None:
+        """An input image the store refuses to take: no create is sent (nothing falls back
+        to a data URI), creates stop, the job waits in `pending` with the reason."""
+        bucket = make_bucket(s3_server.endpoint_url)
+        sim = VirtualSim(env=_vsim_env(s3_fault_proxy.endpoint_url, tmp_path))
+        shutil.copytree(SAMPLES / "assets", tmp_path / "assets")
+        manifest = write_manifest(tmp_path, [{"id": "lamp", "prompt": "glow",
+                                              "image": "assets/lantern.jpg"}],
+                                  base_url=sim.base_url, output={"store": f"s3://{bucket}/v/"})
+        s3_fault_proxy.fail_next(1000, status=403, match=lambda m, p: "/inputs/" in p
+                                 and m == "PUT")
+        summary = await sim.run(manifest, workdir)
+        assert summary.exit_code == 3 and "input image" in (summary.stop_reason or "")
+        assert sim.stats()["create_requests"] == 0
+        ((state, code),) = _db(workdir, "SELECT state, error_code FROM jobs")
+        assert (state, code) == ("pending", "input_upload_failed")
 
 
 class TestStoreCheckedBeforeAnyCreate:
