@@ -341,7 +341,7 @@ class ObjectStore:
         max_retries: int = 3,
         retry_timeout: float = 60.0,
         connect_timeout: float = 5.0,
-        request_timeout: float = 300.0,
+        request_timeout: float = 120.0,
     ) -> None:
         from obstore.store import S3Store
 
@@ -383,7 +383,8 @@ class ObjectStore:
                     # Set every time: it overrides an AWS_ALLOW_HTTP in the environment.
                     "allow_http": http,
                     "connect_timeout": timedelta(seconds=connect_timeout),
-                    # The whole request, body included: a single PUT of 8 MiB on a slow line.
+                    # The whole request, body included: 8 MiB (one part, or a small video's
+                    # single PUT) in two minutes needs about 0.6 Mbit/s.
                     "timeout": timedelta(seconds=request_timeout),
                 },
                 retry_config={

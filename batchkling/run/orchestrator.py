@@ -404,11 +404,10 @@ class Orchestrator:
     def _store_steps(self, objects: ObjectStore | None, run: RunRow, config: RunConfig,
                      options: EngineOptions) -> dict[str, Any]:
         """The engine's object-store steps: video uploads, and input images as URLs."""
-        log = get_logger(run_id=self.run_id)
         inputs = InputImages(
             objects if uploads_inputs(config, run.provider) else None,
             link_seconds=input_link_seconds(config.limits.task_timeout),
-            warn=run.provider == "imarouter", log=log)
+            warn=run.provider == "imarouter", log=self.log)
         if objects is None:
             return {"inputs": inputs}
         uploads = VideoUploads(objects, self.run_id, keep_local=config.output.keep_local,
