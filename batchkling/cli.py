@@ -77,6 +77,13 @@ SPEED = click.option(
     "simulator started with `batchkling simulate --speed X`. Polls and deadlines shrink with it.",
 )
 
+#: Shared by every command that runs jobs (``run``; workers too).
+OUTPUT_STORE = click.option(
+    "--output-store", metavar="s3://BUCKET/PREFIX/", default=None,
+    help="Put each verified video in this S3-compatible bucket (overrides output.store; "
+    "credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE).",
+)
+
 
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"batchkling: error: {message}", err=True)
@@ -292,8 +299,10 @@ def _speed(speed: float | None, simulated: bool) -> float:
               help="Override limits.max_in_flight.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation on a terminal.")
 @STALE_AFTER
+@OUTPUT_STORE
 def run(manifest: Path, run_id: str | None, workdir: Path, store: str | None, simulate: bool,
-        speed: float | None, max_in_flight: int | None, yes: bool, stale_after: float) -> None:
+        speed: float | None, max_in_flight: int | None, yes: bool, stale_after: float,
+        output_store: str | None) -> None:
     """Run MANIFEST: submit, poll, download. Re-running an unfinished run resumes it."""
     from batchkling.manifest.document import load_manifest
     from batchkling.run.orchestrator import Orchestrator
@@ -318,7 +327,7 @@ def run(manifest: Path, run_id: str | None, workdir: Path, store: str | None, si
                 lambda: Orchestrator(loaded, run_id=run_id, workdir=workdir, store=location,
                                      env=env, base_url=sim_url, simulated=simulate,
                                      max_in_flight=max_in_flight, time_scale=scale,
-                                     stale_after=stale_after),
+                                     stale_after=stale_after, output_store=output_store),
                 lambda orch: orch.run()))
     _finish(summary)
 

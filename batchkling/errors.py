@@ -14,6 +14,11 @@ The tree, in one place::
     │       └── SchemaTooNew   the store was written by a newer batchkling
     ├── DownloadError          a result could not be fetched or verified (never re-renders)
     │   └── UnsafeURL          a result URL points somewhere batchkling refuses to go
+    ├── ObjectStoreError       the object store (``output.store``) failed a request
+    │   ├── ObjectStoreDenied      credentials refused, bucket not writable (403/401)
+    │   ├── ObjectMissing          no such bucket, or no such object (404)
+    │   ├── ObjectStoreUnavailable 5xx, timeouts, dropped connections after retries: try later
+    │   └── ObjectCorrupted        what the store holds is not what was sent (ETag, size, sha256)
     └── ProviderError          the provider answered with an error, or not at all
         ├── RateLimited        too many requests; ``retry_after`` seconds to wait (may be None)
         ├── SlotsExhausted     account task slots full (Kling 1303): requeue, shrink concurrency
@@ -22,8 +27,8 @@ The tree, in one place::
         ├── AmbiguousCreate    a create may or may not have made a task: reconcile, never retry
         └── TransientError     a request safe to repeat failed (connect error, 5xx on a poll)
 
-Foreign exceptions (httpx, sqlite3, psycopg, OSError) are translated at the boundary with
-``raise … from exc``. Only the CLI maps these to exit codes.
+Foreign exceptions (httpx, sqlite3, psycopg, obstore, OSError) are translated at the boundary
+with ``raise … from exc``. Only the CLI maps these to exit codes.
 """
 
 from __future__ import annotations
@@ -107,6 +112,33 @@ class DownloadError(BatchklingError):
 
 class UnsafeURL(DownloadError):
     """A result URL was refused (scheme, private address, redirect target)."""
+
+
+class ObjectStoreError(BatchklingError):
+    """The object store refused or failed a request; ``retryable`` says whether a later try may
+    succeed without a person acting."""
+
+    retryable = False
+
+
+class ObjectStoreDenied(ObjectStoreError):
+    """The credentials were refused, or they may not write (or read) there."""
+
+
+class ObjectMissing(ObjectStoreError):
+    """The bucket or the object does not exist."""
+
+
+class ObjectStoreUnavailable(ObjectStoreError):
+    """5xx answers, timeouts or dropped connections, after the client's own retries."""
+
+    retryable = True
+
+
+class ObjectCorrupted(ObjectStoreError):
+    """The store's copy differs from the bytes sent (ETag, size or sha256): upload again."""
+
+    retryable = True
 
 
 class ProviderError(BatchklingError):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class JobKind(StrEnum):
@@ -169,3 +171,41 @@ def describe_cost(usd: float, units: float, committed_usd: float) -> str:
     text = f"{units:g} units" if usd <= 0 else f"${usd:.2f} + {units:g} units"
     return f"{text} (the provider reports units, not USD; about ${committed_usd:.2f} by the " \
            "price table)"
+
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreURL:
+    """An object store location, ``s3://bucket/prefix/``, taken apart; ``prefix`` is empty or
+    ends with ``/`` (``output.store`` in a manifest)."""
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> StoreURL:
+        """Check and normalise a store URL; raise ValueError saying what is wrong."""
+        parts = urlsplit(url.strip())
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ValueError(f"expected s3://bucket/prefix/; found {url!r}")
+        if parts.query or parts.fragment or "@" in parts.netloc or ":" in parts.netloc:
+            raise ValueError(f"expected s3://bucket/prefix/ with no credentials, port, query or "
+                             f"fragment; found {url!r}")
+        bucket = parts.netloc
+        if not _BUCKET_RE.match(bucket) or ".." in bucket:
+            raise ValueError(f"{bucket!r} is not a valid bucket name (3-63 lowercase letters, "
+                             "digits, '.' and '-')")
+        segments = [s for s in parts.path.split("/") if s]
+        if any(s in (".", "..") for s in segments) or "//" in parts.path.strip("/"):
+            raise ValueError(f"the prefix of {url!r} has empty, '.' or '..' segments")
+        prefix = "".join(f"{s}/" for s in segments)
+        return cls(bucket, prefix)
+
+    def uri(self, key: str = "") -> str:
+        """``s3://bucket/<prefix><key>``."""
+        return f"s3://{self.bucket}/{self.prefix}{key}"
+
+    def __str__(self) -> str:
+        return self.uri()

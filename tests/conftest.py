@@ -22,6 +22,9 @@ from batchkling.logs import configure_logging
 from batchkling.simulator import SimConfig, SimulatorServer, load_faults
 from batchkling.store import is_postgres
 
+#: The S3 test server's fixtures (s3_server, s3_bucket, s3_env, s3_fault_proxy).
+pytest_plugins = ["s3server"]
+
 #: A distinctive key: the secret sweep greps every output for it.
 TEST_KEY = "sk-test-SECRET-7f3a9c2e51d84b06"
 #: Renders of ~90 s take ~0.2 s: fast tests, same shapes and timings in proportion.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -154,6 +155,9 @@ def test_second_runner_refuses(tmp_path: Path, workdir: Path, simulator: Any,
         deadline = time.monotonic() + 20
         while sim.stats()["creates"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
+        # Paused (well within its staleness), the first runner cannot finish before the second
+        # asks, however loaded the machine is; its lease is as live as a busy runner's.
+        first.send_signal(signal.SIGSTOP)
         code, err = _finish(_cli("run", str(manifest), *_where(workdir, store_url)))
         assert code == 3, err
         assert "is being run by process" in err

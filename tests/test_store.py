@@ -120,6 +120,10 @@ _V3_ONLY = (
     " ALTER TABLE jobs DROP COLUMN account_id; ALTER TABLE jobs DROP COLUMN worker_id;"
     " ALTER TABLE jobs DROP COLUMN claim_epoch;"
     " ALTER TABLE runs DROP COLUMN reserved_usd; ALTER TABLE runs DROP COLUMN spent_usd;"
+    " DROP TRIGGER job_new_attempt; DROP TRIGGER job_transition;"
+    " ALTER TABLE jobs DROP COLUMN video_uri; ALTER TABLE jobs DROP COLUMN video_etag;"
+    + "".join(f" ALTER TABLE attempts DROP COLUMN {c};"
+              for c in ("video_uri", "video_size", "video_sha256", "video_etag"))
 )
 
 
@@ -128,10 +132,10 @@ async def test_version_1_database_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "db"
     store = await _store_with_jobs(path, "a")
     await store.aclose()
+    _downgrade(path, 2)
     con = sqlite3.connect(path)
     con.executescript(
-        _V3_ONLY + "DROP TRIGGER job_new_attempt; DROP TRIGGER job_transition;"
-        " ALTER TABLE jobs DROP COLUMN last_event; ALTER TABLE jobs DROP COLUMN last_event_data;"
+        "ALTER TABLE jobs DROP COLUMN last_event; ALTER TABLE jobs DROP COLUMN last_event_data;"
         " UPDATE meta SET value = '1' WHERE key = 'schema_version';"
     )
     con.close()
@@ -139,6 +143,37 @@ async def test_version_1_database_is_migrated(tmp_path: Path) -> None:
         await upgraded.transition("r", "a", JobState.SUBMITTING, now=2, event="job.submitting",
                                   new_attempt=(1, "k1"))
         assert [a["idempotency_key"] for a in await upgraded.attempts("r", "a")] == ["k1"]
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT value FROM meta").fetchone()[0] == "3"
+    con.close()
+
+
+def _downgrade(path: Path, version: int) -> None:
+    """Make a current database look like one written by schema 2."""
+    assert version == 2
+    con = sqlite3.connect(path)
+    con.executescript(_V3_ONLY + " UPDATE meta SET value = '2' WHERE key = 'schema_version';")
+    con.close()
+
+
+async def test_version_2_database_gains_the_object_store_columns(tmp_path: Path) -> None:
+    """A schema-2 database gets video_uri/video_etag on jobs and the video columns on attempts,
+    and its remade triggers mirror them onto the current attempt."""
+    path = tmp_path / "db"
+    store = await _store_with_jobs(path, "a")
+    await store.transition("r", "a", JobState.SUBMITTING, now=2, event="job.submitting",
+                           new_attempt=(1, "k1"))
+    await store.aclose()
+    _downgrade(path, 2)
+    async with SqliteStore(path) as upgraded:
+        await upgraded.transition("r", "a", JobState.DOWNLOADED, now=3, event="job.downloaded",
+                                  video_uri="s3://b/p/r/a.mp4", video_etag="e1", video_size=7,
+                                  video_sha256="ab")
+        job = await upgraded.get_job("r", "a")
+        assert job is not None and (job.video_uri, job.video_etag) == ("s3://b/p/r/a.mp4", "e1")
+        (attempt,) = await upgraded.attempts("r", "a")
+        assert (attempt["video_uri"], attempt["video_size"], attempt["video_sha256"],
+                attempt["video_etag"]) == ("s3://b/p/r/a.mp4", 7, "ab", "e1")
     con = sqlite3.connect(path)
     assert con.execute("SELECT value FROM meta").fetchone()[0] == "3"
     con.close()

@@ -80,11 +80,13 @@ def _check_every_job_paid_once(workdir: Path, sim: SimulatorServer, n: int) -> N
 
 
 def _one_driving(workdir: Path, crew: list[subprocess.Popen[bytes]]) -> int | None:
-    """The index of a worker process that is registered and drives a job now (None if none
-    does for a few seconds: the run is over)."""
-    deadline = time.monotonic() + 5
+    """The index of a worker process that is registered and drives a job now (None once
+    every job is downloaded: the run is over)."""
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
+            if _db(workdir, "SELECT COUNT(*) FROM jobs WHERE state != 'downloaded'") == [(0,)]:
+                return None
             pids = {pid for (pid,) in _db(
                 workdir, "SELECT DISTINCT w.pid FROM jobs j JOIN workers w USING (worker_id)"
                 " WHERE w.state = 'alive'")}

@@ -16,13 +16,21 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
-from batchkling.errors import ManifestError, Problem
+from batchkling.errors import ConfigError, ManifestError, Problem
 from batchkling.manifest.jobs import Axes, JobEntry, JobFields, MatrixEntry, StrictModel
-from batchkling.manifest.settings import Budget, Limits, Output, PriceKey, ProviderConfig, Slug
+from batchkling.manifest.settings import (
+    Budget,
+    Inputs,
+    Limits,
+    Output,
+    PriceKey,
+    ProviderConfig,
+    Slug,
+)
 from batchkling.manifest.yamlsource import (
     DataPath,
     LoadedYAML,
@@ -46,6 +54,7 @@ class RunConfig(StrictModel):
     limits: Limits = Field(default_factory=Limits)
     budget: Budget = Field(default_factory=Budget)
     output: Output = Field(default_factory=Output)
+    inputs: Inputs = Field(default_factory=Inputs)
     on_unknown: Literal["wait", "resubmit"] = Field(
         default="wait",
         description="A create whose outcome is unknown: wait for a person, or resubmit.",
@@ -55,6 +64,16 @@ class RunConfig(StrictModel):
         description="USD per video second overriding the built-in estimate: keys "
         "'<model>' or '<model>:<mode>'.",
     )
+
+
+    def with_output_store(self, url: str) -> Self:
+        """A copy whose ``output.store`` is ``url`` (``--output-store``); ConfigError if bad."""
+        try:
+            output = Output.model_validate({**self.output.model_dump(), "store": url})
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"--output-store: {reason}") from None
+        return self.model_copy(update={"output": output})
 
 
 class Manifest(RunConfig):
@@ -106,6 +125,7 @@ _MODELS_AT: dict[tuple[str, ...], type[BaseModel]] = {
     ("limits",): Limits,
     ("budget",): Budget,
     ("output",): Output,
+    ("inputs",): Inputs,
     ("defaults",): JobFields,
     ("jobs", "*"): JobEntry,
     ("matrices", "*"): MatrixEntry,

@@ -16,6 +16,7 @@ from pydantic import BeforeValidator, Field, PlainValidator, WithJsonSchema, mod
 from batchkling.catalog import MODELS, MODES
 from batchkling.manifest.jobs import StrictModel
 from batchkling.manifest.yamlsource import show, suggest
+from batchkling.models import StoreURL
 
 DEFAULT_BASE_URL = {
     "imarouter": "https://api.imarouter.com",
@@ -239,6 +240,28 @@ class Budget(StrictModel):
     )
 
 
+def _store_url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected s3://bucket/prefix/; found {show(value)}")
+    return StoreURL.parse(value).uri()
+
+
+def _endpoint_url(value: Any) -> str:
+    if isinstance(value, str) and re.match(r"^https?://[^/\s@]+(/\S*)?$", value.strip()):
+        return value.strip().rstrip("/")
+    raise ValueError(
+        f"endpoint_url must be an http(s) URL without credentials; found {show(value)}"
+    )
+
+
+StoreLocation = Annotated[
+    str, PlainValidator(_store_url), WithJsonSchema({"type": "string", "pattern": "^s3://"})
+]
+EndpointURL = Annotated[
+    str, PlainValidator(_endpoint_url), WithJsonSchema({"type": "string", "pattern": "^https?://"})
+]
+
+
 class Output(StrictModel):
     """What happens to finished videos."""
 
@@ -247,6 +270,45 @@ class Output(StrictModel):
         default=False, description="Allow result URLs on private addresses."
     )
     max_video_mb: float = Field(default=500, gt=0, description="Refuse downloads larger than this.")
+    store: StoreLocation | None = Field(
+        default=None,
+        description="s3://bucket/prefix/: each verified video goes to "
+        "<prefix>/<run_id>/<job_id>.mp4 in this S3-compatible bucket (credentials from the "
+        "AWS_* environment variables or AWS_PROFILE, never the manifest).",
+    )
+    endpoint_url: EndpointURL | None = Field(
+        default=None,
+        description="S3 endpoint for non-AWS stores (R2, MinIO, GCS); default AWS_ENDPOINT_URL "
+        "or AWS itself.",
+    )
+    region: str | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="Bucket region; default AWS_REGION / AWS_DEFAULT_REGION, else us-east-1.",
+    )
+    allow_http: bool = Field(
+        default=False,
+        description="Allow a plain-http endpoint off loopback (a trusted network only).",
+    )
+    keep_local: bool = Field(
+        default=False,
+        description="With a store: also keep each video in the run's videos/ folder (by "
+        "default the local copy is deleted once the store has confirmed the upload).",
+    )
+    link_expiry: Seconds = Field(
+        default=86400.0,
+        description="How long the report's pre-signed video links stay valid (at most 7 days).",
+    )
+
+
+class Inputs(StrictModel):
+    """How local input images reach the provider."""
+
+    upload: bool | None = Field(
+        default=None,
+        description="Upload local image/image_tail files to output.store (once, by content "
+        "hash) and send pre-signed https URLs instead of base64; default on when output.store "
+        "is set and the provider is imarouter.",
+    )
 
 
 def _price_key(value: Any) -> str:

@@ -1,7 +1,9 @@
 """The contact sheet: ``report.html``, one card per job, a self-contained view of the store.
 
 The page needs no network: CSS and JS are inline and videos are referenced by a path relative to
-the run folder (``videos/<job_id>.mp4``), so the folder can be zipped and sent as it is. Every
+the run folder (``videos/<job_id>.mp4``), so the folder can be zipped and sent as it is. Videos
+kept only in an object store (``output.store``) play from pre-signed links made when the page is
+written; the page says when they expire, and ``batchkling report`` makes fresh ones. Every
 text from the database (prompts, provider error messages) is untrusted and escaped; the data the
 script sorts and filters on travels as a JSON blob in which ``<``, ``>`` and ``&`` are escaped.
 A Content-Security-Policy admits only the page's own script (by hash), so markup that did slip
@@ -16,16 +18,18 @@ import html
 import json
 import os
 import time
-from collections.abc import Iterable
-from datetime import UTC, datetime
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import anyio.to_thread
 
-from batchkling.models import JobSpec
+from batchkling.errors import BatchklingError
+from batchkling.models import JobSpec, StoreURL
 from batchkling.outputs.atomic import atomic_text
+from batchkling.outputs.objectstore import ObjectStore, key_of
 from batchkling.outputs.results import csv_status
 from batchkling.store import JobRow, RunRow, Store
 
@@ -38,21 +42,28 @@ _KIND = {"text": "text → video", "image": "image → video", "first-last": "fi
 _PARAMS = ("model", "duration", "size", "mode", "kind")
 
 
-async def write_report(store: Store, run_id: str, dest: Path) -> Path:
+async def write_report(store: Store, run_id: str, dest: Path, *,
+                       objects: ObjectStore | None = None,
+                       env: Mapping[str, str] | None = None) -> Path:
     """Render the run's contact sheet to ``dest`` atomically and return ``dest``.
 
-    Only reads the store, so it is safe while another process is running the batch.
+    Only reads the store, so it is safe while another process is running the batch. Videos in
+    an object store are linked through pre-signed URLs signed with ``objects`` (default: the
+    run's ``output.store`` with the credentials of ``env``, the process environment).
     """
     run = await store.require_run(run_id)
     download = run.downloads
     spent, _ = await store.money(run_id)
     rows = [job_record(row, download=download) async for row in store.iter_jobs(run_id)]
+    signed, expires = await _sign_links(run, rows, objects, env)
 
     def finish() -> Path:
         for record in rows:
-            record.update(_video_link(record.pop("stored_video"), dest.parent))
+            uri = record["stored_uri"]
+            record.update(_video_link(record.pop("stored_video"), dest.parent, uri,
+                                      signed.get(uri or "")))
         with atomic_text(dest) as fh:
-            fh.write(render_report(run, rows, spent=spent))
+            fh.write(render_report(run, rows, spent=spent, links_expire=expires))
         return dest
 
     return await anyio.to_thread.run_sync(finish)
@@ -72,23 +83,52 @@ def job_record(row: JobRow, *, download: bool) -> dict[str, Any]:
         "cost_usd": row.cost_usd, "error_code": row.error_code,
         "error_message": row.error_message, "submitted_at": row.submitted_at,
         "completed_at": row.completed_at, "render_seconds": row.render_seconds,
-        "stored_video": row.video_path,
+        "stored_video": row.video_path, "stored_uri": row.video_uri,
     }
 
 
-def _video_link(stored: str | None, run_dir: Path) -> dict[str, str | None]:
-    """``video`` (a URL relative to the run folder) or ``video_note`` saying why there is none."""
+async def _sign_links(run: RunRow, rows: list[dict[str, Any]], objects: ObjectStore | None,
+                      env: Mapping[str, str] | None) -> tuple[dict[str, str], float | None]:
+    """Pre-signed links for the videos kept only in the object store, and when they expire."""
+    uris = [r["stored_uri"] for r in rows if r["stored_uri"] and not r["stored_video"]]
+    if not uris:
+        return {}, None
+    try:
+        output = json.loads(run.config_json).get("output") or {}
+        if objects is None:
+            objects = ObjectStore.from_output(output, env)
+        if objects is None:
+            return {}, None
+        seconds = min(float(output.get("link_expiry") or 86400), 7 * 86400.0)
+        keys = [(uri, key_of(uri, objects.where)) for uri in uris]
+        wanted = [(uri, key) for uri, key in keys if key is not None]
+        urls = await objects.presign([key for _, key in wanted], timedelta(seconds=seconds))
+    except (BatchklingError, ValueError):
+        # No credentials here, say: the cards name the objects instead of playing them.
+        return {}, None
+    return dict(zip([uri for uri, _ in wanted], urls, strict=True)), time.time() + seconds
+
+
+def _video_link(stored: str | None, run_dir: Path, uri: str | None = None,
+                signed: str | None = None) -> dict[str, Any]:
+    """``video`` (a URL relative to the run folder, else a pre-signed link to the object, then
+    ``signed``) or ``video_note`` saying why there is none."""
+    if stored:
+        path = Path(stored)
+        # A relative path was recorded relative to the runner's working directory; the run
+        # folder may have moved since, so the conventional place inside it is tried as well.
+        candidates = [path] if path.is_absolute() else [path, run_dir / path]
+        candidates.append(run_dir / "videos" / path.name)
+        for candidate in candidates:
+            if candidate.is_file():
+                rel = os.path.relpath(candidate, run_dir).replace(os.sep, "/")
+                return {"video": quote(rel), "video_note": None}
+    if signed:
+        return {"video": signed, "video_note": None, "signed": True}
+    if uri:
+        return {"video": None, "video_note": f"in {uri} (no credentials here to sign a link)"}
     if not stored:
         return {"video": None, "video_note": None}
-    path = Path(stored)
-    # A relative path was recorded relative to the runner's working directory; the run folder
-    # may have moved since, so the conventional place inside it is tried as well.
-    candidates = [path] if path.is_absolute() else [path, run_dir / path]
-    candidates.append(run_dir / "videos" / path.name)
-    for candidate in candidates:
-        if candidate.is_file():
-            rel = os.path.relpath(candidate, run_dir).replace(os.sep, "/")
-            return {"video": quote(rel), "video_note": None}
     return {"video": None, "video_note": "video file missing"}
 
 
@@ -101,10 +141,12 @@ def render_report(
     *,
     spent: float | None = None,
     generated_at: float | None = None,
+    links_expire: float | None = None,
 ) -> str:
     """The whole page for ``rows`` (as made by :func:`job_record` plus ``video``/``video_note``).
 
     ``spent`` is the run's total cost including earlier attempts (default: the jobs' costs).
+    ``links_expire``: when the pre-signed video links expire, if any video plays from one.
     """
     generated_at = time.time() if generated_at is None else generated_at
     dims, constants = _dimensions(rows)
@@ -134,6 +176,7 @@ def render_report(
         "</head>",
         "<body>",
         _header(run, rows, total, constants, generated_at),
+        _links_note(run, links_expire),
         _controls(rows, dims, default_group),
         '<main id="groups">',
     ]
@@ -255,7 +298,9 @@ def _card(index: int, r: dict[str, Any], dims: list[dict[str, Any]]) -> str:
         ("last frame", r["image_tail"]), ("task id", r["task_id"]), ("state", r["state"]),
         ("completed", _stamp(r["completed_at"])),
         ("progress", None if r["progress"] is None else f"{r['progress']:.0%}"),
-        ("video", r.get("video")), ("id template", r["group"]),
+        ("video", None if r.get("signed") else r.get("video")),
+        ("stored as", r.get("stored_uri")),
+        ("id template", r["group"]),
         *((k, v) for k, v in r["variables"].items()),
     ]
     extra_html = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in extra if v)
@@ -333,6 +378,18 @@ def _header(
         f'<div class="bar">{bar}</div>{shared}{reasons_html}'
         "</header>"
     )
+
+
+def _links_note(run: RunRow, expires: float | None) -> str:
+    if expires is None:
+        return ""
+    try:
+        store = StoreURL.parse(str(json.loads(run.config_json)["output"]["store"])).uri()
+    except (ValueError, KeyError, TypeError):
+        store = "the object store"
+    return (f'<p class="links">Videos play from {_e(store)} through links that expire '
+            f"{_e(_stamp(expires))}; <code>batchkling report {_e(run.run_id)}</code> writes "
+            "fresh ones.</p>")
 
 
 def _controls(rows: list[dict[str, Any]], dims: list[dict[str, Any]], group: str) -> str:

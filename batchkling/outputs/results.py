@@ -13,8 +13,8 @@ from batchkling.store import JobRow, Store
 COLUMNS = (
     "run_id", "job_id", "status", "model", "prompt", "negative_prompt", "duration", "size",
     "mode", "image", "image_tail", "task_id", "attempts", "video_url", "video_path",
-    "video_sha256", "cost_usd", "error_code", "error_message", "submitted_at", "completed_at",
-    "render_seconds",
+    "video_uri", "video_sha256", "cost_usd", "error_code", "error_message", "submitted_at",
+    "completed_at", "render_seconds",
 )
 
 # A spreadsheet runs cells starting with these as formulas (OWASP "CSV injection").
@@ -65,6 +65,7 @@ def job_record(run_id: str, row: JobRow, *, download: bool) -> dict[str, Any]:
         "attempts": row.attempt,
         "video_url": row.video_url or "",
         "video_path": row.video_path or "",
+        "video_uri": row.video_uri or "",
         "video_sha256": row.video_sha256 or "",
         "cost_usd": "" if row.cost_usd is None else f"{row.cost_usd:.4f}",
         "error_code": row.error_code or "",

@@ -2,8 +2,9 @@
 
 Only tests set the variable. ``after_intent`` fires once the create intent is committed and
 before the request leaves; ``after_create`` once the provider has answered with a task id and
-before that id is committed — the two moments a crash could cost a paid task. ``:n`` fires at
-the n-th time the label is reached (default the first).
+before that id is committed — the two moments a crash could cost a paid task. ``after_upload``
+fires once the object store has confirmed a video and before ``downloaded`` is committed. ``:n``
+fires at the n-th time the label is reached (default the first).
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ over (this one was presumed dead), the write changes nothing and raises
 Where each state change happens, in this file:
 ``pending → submitting`` in :meth:`Engine._submitter` (the claim), ``submitting → submitted`` in
 :meth:`Engine._submit`, ``running / succeeded / failed / timed_out`` in :meth:`Engine._track`,
-``downloaded`` in :meth:`Engine._fetch`, and the reconciliation of ``submitting`` jobs left by a
-process that died in :meth:`Engine._settle_ambiguous`.
+``downloaded`` in :meth:`Engine._fetch` (or, with an object store, :meth:`Engine._upload`, once
+the store confirms the video), and the reconciliation of ``submitting`` jobs left by a process
+that died in :meth:`Engine._settle_ambiguous`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from batchkling.clock import Clock
 from batchkling.errors import (
     AccountBlocked,
     AmbiguousCreate,
+    BatchklingError,
     DownloadError,
+    ObjectStoreError,
     ProviderError,
     RateLimited,
     SlotsExhausted,
@@ -52,9 +55,10 @@ from batchkling.models import TERMINAL, JobSpec, JobState
 from batchkling.providers.base import Phase, Provider, TaskStatus
 from batchkling.providers.http import HttpClient
 from batchkling.run import crashpoints
-from batchkling.run.download import DownloadPolicy, ExpiredURL, TooLarge, download
+from batchkling.run.download import Downloaded, DownloadPolicy, ExpiredURL, TooLarge, download
 from batchkling.run.limits import RateGate, SlotPool, full_jitter
 from batchkling.run.polling import PollPlanner
+from batchkling.run.upload import InputImages, VideoUploads
 from batchkling.store import RECENT_ENDS, JobRow, Store
 from batchkling.store.interface import ClaimOutcome, Intent
 
@@ -145,6 +149,8 @@ class Engine:
         http: HttpClient,
         estimate_usd: Callable[[JobSpec], float],
         rng: random.Random | None = None,
+        uploads: VideoUploads | None = None,
+        inputs: InputImages | None = None,
     ) -> None:
         self.store = store
         self.run_id = run_id
@@ -183,6 +189,10 @@ class Engine:
         self.recent_ends: deque[float] = deque(maxlen=RECENT_ENDS)
         self._create_failures = 0
         self._tg: anyio.abc.TaskGroup | None = None
+        # With output.store: videos go to the bucket, local input images go as its URLs.
+        self.uploads = uploads
+        self.inputs = inputs
+        self._input_failures = 0
 
     # ---- bookkeeping ---------------------------------------------------------------------
 
@@ -394,8 +404,8 @@ class Engine:
         Runs beside the submitter, so a resume's first create does not wait for these checks.
         """
         async for job in self.store.iter_jobs(self.run_id, [JobState.DOWNLOADED]):
-            if job.video_path and await anyio.Path(job.video_path).is_file():
-                continue
+            if job.video_uri or (job.video_path and await anyio.Path(job.video_path).is_file()):
+                continue  # an object the store confirmed is not checked again
             await self._set(job, JobState.SUCCEEDED, "job.video_missing",
                             error_code="video_missing",
                             error_message=f"{job.video_path} is gone; downloading it again")
@@ -475,6 +485,13 @@ class Engine:
             account.slots.release()
             await self._set(job, JobState.PENDING, "job.requeued", reserved_usd=0)
             return
+        if self.inputs is not None:
+            try:
+                spec = await self.inputs.resolve(spec)
+            except (ObjectStoreError, TaskFailed) as exc:
+                await self._inputs_failed(job, account, exc)
+                return
+            self._input_failures = 0
         # From the intent (the claim) to the task-id commit nothing may interrupt: a create
         # that left the machine must have its outcome recorded.
         with anyio.CancelScope(shield=True):
@@ -511,6 +528,30 @@ class Engine:
         account.slots.created()
         log.info("job.submitted", task_id=task_id)
         await self._track(job, task_id, submitted_at)
+
+    async def _inputs_failed(self, job: JobRow, account: Account, exc: BatchklingError) -> None:
+        """A job's local image could not be put in the object store: no task was made."""
+        account.slots.release()
+        message = str(exc)
+        if isinstance(exc, TaskFailed):  # the file is unreadable or changed: a person must act
+            await self._set(job, JobState.FAILED, "job.failed", error_code="input_image",
+                            error_message=message, retryable=0, reserved_usd=0)
+            self.log.warning("job.failed", job_id=job.job_id, error_code="input_image",
+                             error=message)
+            return
+        self._input_failures += 1
+        if not isinstance(exc, ObjectStoreError) or not exc.retryable:
+            self.stop_creating(f"the object store refused an input image: {message}",
+                               "object_store")
+        elif self._input_failures >= _MAX_CREATE_FAILURES:
+            self.stop_creating(f"the object store could not be reached for "
+                               f"{self._input_failures} input images in a row: {message}",
+                               "unreachable")
+        else:
+            account.create_gate.pause(self._backoff(self._input_failures))
+        await self._set(job, JobState.PENDING, "job.requeued", error_code="input_upload_failed",
+                        error_message=message, reserved_usd=0)
+        self._poke()
 
     async def _create_failed(self, job: JobRow, account: Account, exc: ProviderError,
                              log: Any) -> None:
@@ -722,8 +763,18 @@ class Engine:
     # ---- download ------------------------------------------------------------------------
 
     async def _fetch(self, job: JobRow, url: str | None) -> None:
-        """Download a finished video; never resubmits the render."""
+        """Download a finished video (and store it, with an object store); never resubmits the
+        render."""
         dest = self.videos / f"{job.job_id}.mp4"
+        stored_before = False
+        if self.uploads is not None:
+            # The row as committed: an earlier process may have staged this attempt's video.
+            job = await self.store.get_job(self.run_id, job.job_id) or job
+            staged = await self.uploads.staged(job)
+            if staged is not None:
+                await self._upload(job, staged, staged=True)
+                return
+            stored_before = job.video_sha256 is not None
         refreshed = False
         tries = 0
         async with self.downloads:
@@ -758,10 +809,49 @@ class Engine:
                     await self.clock.sleep(self._backoff(tries, low=0.2))
                     continue
                 break
+        if self.uploads is not None:
+            await self._upload(job, result, check=stored_before)
+            return
         await self._set(job, JobState.DOWNLOADED, "job.downloaded", video_path=str(result.path),
                         video_size=result.size, video_sha256=result.sha256, error_code=None,
                         error_message=None)
         self.log.info("job.downloaded", job_id=job.job_id, bytes=result.size)
+
+    async def _upload(self, job: JobRow, video: Downloaded, *, staged: bool = False,
+                      check: bool = False) -> None:
+        """Put a verified video in the object store; ``downloaded`` only once it is confirmed.
+
+        The local copy is committed first (``job.fetched``), so a crash during the upload
+        resumes from it, and the resumed upload first checks whether the object already holds
+        it (``staged``/``check``). A failed upload leaves the job ``succeeded`` (the render is
+        never repeated) for ``resume`` to upload.
+        """
+        assert self.uploads is not None
+        if not staged:
+            await self._set(job, JobState.SUCCEEDED, "job.fetched", video_path=str(video.path),
+                            video_size=video.size, video_sha256=video.sha256)
+        try:
+            stored = await self.uploads.put(
+                job.job_id, video, check_existing=staged or check, clock=self.clock,
+                backoff=lambda tries: self._backoff(tries, low=0.5))
+        except ObjectStoreError as exc:
+            await self._set(job, JobState.SUCCEEDED, "job.upload_failed", let_go=True,
+                            error_code="upload_failed",
+                            error_message=f"{exc}; the video is kept in {video.path} and "
+                            f"`batchkling resume {self.run_id}` uploads it (no new render)")
+            self.log.warning("job.upload_failed", job_id=job.job_id, error=str(exc))
+            if not exc.retryable:
+                self.stop_creating(f"the object store refused an upload: {exc}", "object_store")
+            return
+        crashpoints.reached("after_upload")
+        keep = self.uploads.keep_local
+        await self._set(job, JobState.DOWNLOADED, "job.downloaded",
+                        video_path=str(video.path) if keep else None, video_size=stored.size,
+                        video_sha256=stored.sha256, video_uri=stored.uri, video_etag=stored.etag,
+                        error_code=None, error_message=None)
+        self.log.info("job.downloaded", job_id=job.job_id, bytes=stored.size, uri=stored.uri)
+        if not keep:
+            await self.uploads.discard(video.path)
 
     async def _fresh_url(self, job: JobRow, old: str | None) -> str | None:
         current = await self.store.get_job(self.run_id, job.job_id)

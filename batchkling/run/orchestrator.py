@@ -35,12 +35,20 @@ from batchkling.clock import Clock, SystemClock
 from batchkling.errors import BatchklingError, ConfigError, WorkerFenced, unwrapped_groups
 from batchkling.logs import get_logger, redactor, run_log
 from batchkling.models import TERMINAL, JobState, RunSummary
+from batchkling.outputs.objectstore import ObjectStore
 from batchkling.outputs.report import write_report
 from batchkling.outputs.results import csv_status, write_results
 from batchkling.outputs.views import eta_seconds
 from batchkling.providers.base import Provider
 from batchkling.providers.http import HttpClient
 from batchkling.run.engine import Engine, EngineOptions
+from batchkling.run.upload import (
+    InputImages,
+    VideoUploads,
+    input_link_seconds,
+    open_output_store,
+    uploads_inputs,
+)
 from batchkling.store import RunRow, Store, default_location, store_from
 
 if TYPE_CHECKING:
@@ -117,6 +125,7 @@ class Orchestrator:
         seed: int | None = None,
         stale_after: float = STALE_AFTER,
         worker: str | None = None,
+        output_store: str | None = None,
     ) -> None:
         if manifest is None and run_id is None:
             raise ConfigError("give a manifest, or the run id of an existing run")
@@ -145,6 +154,9 @@ class Orchestrator:
         self._owner = worker or worker_id()
         self._member = worker is not None
         self.stale_after = stale_after
+        # `--output-store`: replaces the manifest's output.store (and, on `run`, its snapshot).
+        self.output_store = output_store
+        self._objects: ObjectStore | None = None
         self._engine: Engine | None = None
         self._scope: anyio.CancelScope | None = None
         self._interrupted = False
@@ -215,6 +227,8 @@ class Orchestrator:
             where = "the simulator" if existing.simulated else "the real provider"
             raise ConfigError(f"run {self.run_id!r} was started against {where}; "
                               "pick another --run-id for this one")
+        if self.output_store:
+            manifest = manifest.with_output_store(self.output_store)
         config_json, source_text = _snapshot(manifest)
         base_url = self.base_url_override or manifest.provider.base_url
 
@@ -302,7 +316,7 @@ class Orchestrator:
         try:
             with unwrapped_groups():
                 run = await self.store.require_run(self.run_id)
-                config = _config_from(run)
+                config = self._config(run)
                 with run_log(self.run_dir / "run.log"):
                     return await self._execute(run, config)
         except WorkerFenced as exc:
@@ -335,7 +349,7 @@ class Orchestrator:
                 if before is not None:
                     await before()
                 run = await self.store.require_run(self.run_id)
-                config = _config_from(run)
+                config = self._config(run)
                 with run_log(self.run_dir / "run.log"):
                     if sync is not None:
                         await self._sync(sync)
@@ -379,6 +393,9 @@ class Orchestrator:
 
     async def _execute(self, run: RunRow, config: RunConfig) -> RunSummary:
         options = self._options(run, config)
+        # Before the provider and the first create: a store that cannot take the videos is a
+        # bad configuration (exit 2), not something to find out after paying for renders.
+        objects = self._objects = await open_output_store(config, self.env)
         accounts = await self._accounts(run, config, options)
         async with HttpClient(transport=self.transport, timeout=120.0) as http:
             from batchkling.pricing import estimate_usd
@@ -389,7 +406,8 @@ class Orchestrator:
             engine = Engine(store=self.store, accounts=accounts, run_id=self.run_id,
                             nonce=run.nonce, worker_id=self._owner, options=options,
                             run_dir=self.run_dir, clock=self.clock, http=http,
-                            estimate_usd=estimate, rng=self._rng)
+                            estimate_usd=estimate, rng=self._rng,
+                            **self._store_steps(objects, run, config, options))
             self._engine = engine
             # The store's location never holds a password (each backend strips it).
             self.log.info("run.started", provider=run.provider, simulated=run.simulated,
@@ -463,7 +481,8 @@ class Orchestrator:
                                            self.run_dir / "results.csv",
                                            download=options.download)
             try:
-                await write_report(self.store, self.run_id, self.run_dir / "report.html")
+                await write_report(self.store, self.run_id, self.run_dir / "report.html",
+                                   objects=self._objects, env=self.env)
             except OSError as exc:
                 # The page is a convenience view; the CSV and the DB are the record.
                 self.log.warning("run.report_failed", error=str(exc))
@@ -499,6 +518,26 @@ class Orchestrator:
             max_video_bytes=int(config.output.max_video_mb * 1024 * 1024),
             trusted_hosts=frozenset(trusted),
         )
+
+    def _store_steps(self, objects: ObjectStore | None, run: RunRow, config: RunConfig,
+                     options: EngineOptions) -> dict[str, Any]:
+        """The engine's object-store steps: video uploads, and input images as URLs."""
+        inputs = InputImages(
+            objects if uploads_inputs(config, run.provider) else None,
+            link_seconds=input_link_seconds(config.limits.task_timeout),
+            warn=run.provider == "imarouter", log=self.log)
+        if objects is None:
+            return {"inputs": inputs}
+        uploads = VideoUploads(objects, self.run_id, keep_local=config.output.keep_local,
+                               concurrency=options.download_concurrency)
+        return {"inputs": inputs, "uploads": uploads}
+
+    def _config(self, run: RunRow) -> RunConfig:
+        """The run's settings from its snapshot, with ``--output-store`` over them."""
+        config = _config_from(run)
+        if self.output_store:
+            config = config.with_output_store(self.output_store)
+        return config
 
     def _base_url(self, run: RunRow) -> str:
         # A simulated run gets a new simulator (and port) on every invocation.

@@ -197,6 +197,7 @@ async def create(request: Request) -> Response:
     except Invalid as exc:
         sim.reject("invalid")
         return error(400, "invalid_request", exc.message)
+    sim.note_images(body.get("image"), meta.get("image_tail"))
     if FORBIDDEN_WORD.search(spec.prompt):
         sim.reject("content_policy")
         return error(400, "content_policy_violation",

@@ -217,6 +217,7 @@ async def create(request: Request) -> Response:
         spec, body = parse_request(kind, body, decode_images=cfg.validate_images)
     except KlingError as exc:
         return fail(sim, exc, "invalid")
+    sim.note_images(body.get("image"), body.get("image_tail"))
     if FORBIDDEN_WORD.search(spec.prompt):
         return fail(sim, KlingError(1301, 400, "The prompt violates the content policy"),
                     "content_policy")

@@ -15,7 +15,7 @@ import math
 import random
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,6 +75,8 @@ class _Counters:
     creates_by_key: Counter[str] = field(default_factory=Counter)
     create_requests_by_key: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
+    # Images of valid creates by the form they came in: "url", "data_uri" or "base64".
+    image_forms: Counter[str] = field(default_factory=Counter)
 
 
 class SimState:
@@ -103,6 +105,7 @@ class SimState:
         # origin their creator used (result URLs in callbacks must point where it can reach).
         self.callback_pending: dict[str, tuple[Task, str]] = {}
         self.callback_inbox: list[Any] = []  # what /_sim/callback-sink received
+        self.image_urls: deque[str] = deque(maxlen=1000)  # image URLs valid creates carried
         self._seed_streams()
         self._tokens, self._tokens_at = 0.0, c
         self._reset_bucket()
@@ -223,6 +226,19 @@ class SimState:
         self.counters.create_requests += 1
         if key is not None:
             self.counters.create_requests_by_key[key] += 1
+
+    def note_images(self, *values: Any) -> None:
+        """Record the form of each image a valid create carried (URLs kept, the last 1,000),
+        so tests can check what reached the provider."""
+        for value in values:
+            if not isinstance(value, str):
+                continue
+            if value.startswith(("http://", "https://")):
+                self.counters.image_forms["url"] += 1
+                self.image_urls.append(value)
+            else:
+                self.counters.image_forms["data_uri" if value.startswith("data:") else
+                                          "base64"] += 1
 
     def reject(self, reason: str) -> None:
         """Count a refused request by reason."""
@@ -418,6 +434,8 @@ class SimState:
             "peak_slots": self.peak_slots,
             "slot_limit": self.config.slot_limit,
             "rejected": dict(c.rejected),
+            "image_forms": dict(c.image_forms),
+            "image_urls": list(self.image_urls),
             "callbacks_sent": c.callbacks_sent,
             "callbacks_failed": c.callbacks_failed,
             "sim_time": round(now, 3),

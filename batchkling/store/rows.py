@@ -21,13 +21,15 @@ JOB_COLUMNS = frozenset(
         "attempt", "attempt_base", "idempotency_key", "task_id", "progress", "video_url",
         "video_path", "video_size", "video_sha256", "cost_usd", "cost_units", "reserved_usd",
         "error_code", "error_message", "retryable", "submitted_at", "completed_at",
-        "render_seconds", "worker_id",
+        "render_seconds", "worker_id", "video_uri", "video_etag",
     }
 )
-#: Job columns that describe one attempt: a new attempt starts with them empty.
+#: Job columns that describe one attempt: a new attempt starts with them empty. The video
+#: columns are among them: a staged or stored video belongs to the attempt that rendered it.
 FRESH_ATTEMPT = (
     "task_id", "progress", "video_url", "submitted_at", "completed_at", "render_seconds",
-    "cost_usd", "cost_units", "error_code", "error_message", "retryable",
+    "cost_usd", "cost_units", "error_code", "error_message", "retryable", "video_path",
+    "video_size", "video_sha256", "video_uri", "video_etag",
 )
 
 
@@ -95,6 +97,10 @@ class JobRow:
     account_id: str | None = None
     worker_id: str | None = None
     claim_epoch: int = 0
+    #: ``s3://bucket/key`` of the video once the object store confirmed it (``output.store``).
+    video_uri: str | None = None
+    #: The store's ETag of that object (unquoted).
+    video_etag: str | None = None
 
     @property
     def spec(self) -> JobSpec:
@@ -159,7 +165,8 @@ class AccountRow:
 
 #: The keys of each dict :meth:`Store.attempts` returns, in their columns' order.
 ATTEMPT_KEYS = ("number", "idempotency_key", "fingerprint", "state", "task_id", "submitted_at",
-                "completed_at", "cost_usd", "cost_units", "error_code", "error_message")
+                "completed_at", "cost_usd", "cost_units", "error_code", "error_message",
+                "video_uri", "video_size", "video_sha256", "video_etag")
 ATTEMPT_SELECT = "SELECT " + ", ".join(ATTEMPT_KEYS) + " FROM attempts"
 #: States ``retry --job`` may not take a job from: its task may still be running.
 _NOT_RETRYABLE = frozenset({"submitting", "submitted", "running", "pending"})

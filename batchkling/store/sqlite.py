@@ -604,6 +604,7 @@ class SqliteStore(Store):
                     "UPDATE jobs SET seq = ?, spec_json = ?, fingerprint = ?, state = 'pending',"
                     " task_id = NULL, idempotency_key = NULL, progress = NULL, video_url = NULL,"
                     " video_path = NULL, video_size = NULL, video_sha256 = NULL,"
+                    " video_uri = NULL, video_etag = NULL,"
                     " cost_usd = NULL, cost_units = NULL, reserved_usd = 0, error_code = NULL,"
                     " error_message = NULL, retryable = NULL, submitted_at = NULL,"
                     " completed_at = NULL, render_seconds = NULL, updated_at = ?"

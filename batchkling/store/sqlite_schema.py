@@ -11,7 +11,9 @@ SCHEMA_VERSION = 3
 
 #: Steps from each older schema version to the next; ``SCHEMA`` then adds what is missing
 #: (tables, indexes, triggers) with ``IF NOT EXISTS``. Version 1 had no ``last_event`` columns;
-#: version 2 had no accounts, workers or claims, and no running money totals on the run.
+#: version 2 had no accounts, workers or claims, no running money totals on the run, no
+#: object-store columns (``video_uri``, ``video_etag``; the attempt's video) and triggers that
+#: did not mirror them, so those are dropped and made again.
 MIGRATIONS = {
     1: """
         ALTER TABLE jobs ADD COLUMN last_event TEXT;
@@ -28,6 +30,14 @@ MIGRATIONS = {
                             WHERE jobs.run_id = runs.run_id),
             spent_usd = (SELECT COALESCE(SUM(cost_usd), 0) FROM attempts
                          WHERE attempts.run_id = runs.run_id);
+        ALTER TABLE jobs ADD COLUMN video_uri TEXT;
+        ALTER TABLE jobs ADD COLUMN video_etag TEXT;
+        ALTER TABLE attempts ADD COLUMN video_uri TEXT;
+        ALTER TABLE attempts ADD COLUMN video_size INTEGER;
+        ALTER TABLE attempts ADD COLUMN video_sha256 TEXT;
+        ALTER TABLE attempts ADD COLUMN video_etag TEXT;
+        DROP TRIGGER IF EXISTS job_new_attempt;
+        DROP TRIGGER IF EXISTS job_transition;
     """,
 }
 
@@ -90,6 +100,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     account_id TEXT,
     worker_id TEXT,
     claim_epoch INTEGER NOT NULL DEFAULT 0,
+    video_uri TEXT,
+    video_etag TEXT,
     PRIMARY KEY (run_id, job_id)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (run_id, state, seq);
@@ -134,6 +146,10 @@ CREATE TABLE IF NOT EXISTS attempts (
     cost_units REAL,
     error_code TEXT,
     error_message TEXT,
+    video_uri TEXT,
+    video_size INTEGER,
+    video_sha256 TEXT,
+    video_etag TEXT,
     PRIMARY KEY (run_id, job_id, number)
 );
 -- No AUTOINCREMENT: ids still only grow (events are never deleted), and each insert does not
@@ -153,10 +169,11 @@ WHEN NEW.attempt > OLD.attempt
 BEGIN
     INSERT INTO attempts (run_id, job_id, number, idempotency_key, fingerprint, state, task_id,
                           submitted_at, completed_at, cost_usd, cost_units, error_code,
-                          error_message)
+                          error_message, video_uri, video_size, video_sha256, video_etag)
     VALUES (NEW.run_id, NEW.job_id, NEW.attempt, NEW.idempotency_key, NEW.fingerprint,
             NEW.state, NEW.task_id, NEW.submitted_at, NEW.completed_at, NEW.cost_usd,
-            NEW.cost_units, NEW.error_code, NEW.error_message);
+            NEW.cost_units, NEW.error_code, NEW.error_message, NEW.video_uri, NEW.video_size,
+            NEW.video_sha256, NEW.video_etag);
 END;
 -- The run's money totals follow the jobs' reservations and the attempts' reported costs.
 CREATE TRIGGER IF NOT EXISTS job_reserved AFTER UPDATE OF reserved_usd ON jobs
@@ -181,7 +198,8 @@ BEGIN
     UPDATE attempts SET state = NEW.state, task_id = NEW.task_id,
         submitted_at = NEW.submitted_at, completed_at = NEW.completed_at,
         cost_usd = NEW.cost_usd, cost_units = NEW.cost_units, error_code = NEW.error_code,
-        error_message = NEW.error_message
+        error_message = NEW.error_message, video_uri = NEW.video_uri,
+        video_size = NEW.video_size, video_sha256 = NEW.video_sha256, video_etag = NEW.video_etag
     WHERE run_id = NEW.run_id AND job_id = NEW.job_id AND number = NEW.attempt;
     INSERT INTO events (run_id, job_id, at, event, data)
     VALUES (NEW.run_id, NEW.job_id, NEW.updated_at, NEW.last_event, NEW.last_event_data);
