@@ -76,6 +76,23 @@ SPEED = click.option(
     help="How much faster than real renders are: with --simulate (default 60), or for a "
     "simulator started with `batchkling simulate --speed X`. Polls and deadlines shrink with it.",
 )
+#: ``resume`` and ``retry`` take no --simulate: a simulated run is resumed against a simulator.
+RESUME_SPEED = click.option(
+    "--speed", type=click.FloatRange(min=1), default=None,
+    help="How much faster than real renders are, for a run against a simulator (a simulated "
+    "run defaults to 60). Polls and deadlines shrink with it.",
+)
+
+#: What the simulator's named fault profiles do, for ``simulate --help``.
+FAULT_PROFILES = {
+    "none": "no faults (default)",
+    "quirks": "the response quirks real gateways show (status synonyms, wrapped bodies, "
+              "string progress, millisecond timestamps, a 404 right after create)",
+    "flaky": "5xx and dropped polls, rate limits, 10% failed tasks, truncated downloads, "
+             "expiring URLs",
+    "slots": "an account of 3 task slots",
+    "chaos": "quirks + flaky + 8 slots, hanging creates and tasks that never finish",
+}
 
 #: Shared by every command that runs jobs (``run``; workers too).
 OUTPUT_STORE = click.option(
@@ -149,7 +166,9 @@ def _require_db(workdir: Path, store: str | None) -> None:
     if _store_exists(workdir, store):
         return
     if store is None:
-        raise RunNotFound(f"no runs in {workdir} (no batchkling.db): check --workdir")
+        raise RunNotFound(f"no runs in {workdir.absolute()} (no batchkling.db there): runs "
+                          "started from another folder are in its jobs/; use --workdir DIR, "
+                          "BATCHKLING_HOME or --store")
     from batchkling.store import store_from
 
     raise RunNotFound(f"no runs yet in {store_from(store).location}: check --store")
@@ -174,8 +193,12 @@ def cli() -> None:
     """batchkling — run YAML manifests of Kling video jobs to finished, downloaded videos.
 
     Exit codes: 0 all jobs succeeded · 1 some jobs failed · 2 bad input, nothing submitted ·
-    3 stopped with jobs left to do (resume later) · 4 the provider refused the account ·
-    5 this process was presumed dead and another took its jobs over · 130 interrupted.
+    3 stopped with jobs left to do · 4 the provider refused the account · 5 this process was
+    presumed dead and another took its jobs over · 130 interrupted. The run's last lines
+    ("next: …") name the command that continues it.
+
+    Shell completion: eval "$(_BATCHKLING_COMPLETE=bash_source batchkling)" (zsh_source,
+    fish_source for those shells).
     """
 
 
@@ -237,6 +260,19 @@ def _simulator(enabled: bool, speed: float, workdir: Path) -> Iterator[str | Non
 
 async def _drive(make: Callable[[], Any], action: Callable[[Any], Awaitable[Any]]) -> Any:
     """Run ``action(orchestrator)`` with Ctrl-C/SIGTERM handling around it."""
+    console: Any = None
+    if sys.stderr.isatty():
+        from rich.console import Console
+
+        console = Console(stderr=True, highlight=False)
+
+    def say(message: str) -> None:
+        # Through the display's console, so the line lands above the frame, not inside it.
+        if console is not None:
+            console.print(message, markup=False, soft_wrap=True)
+        else:
+            click.echo(message, err=True)
+
     async with make() as orch, anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:
@@ -245,40 +281,48 @@ async def _drive(make: Callable[[], Any], action: Callable[[Any], Awaitable[Any]
                 async for _signum in signals:
                     count += 1
                     if count == 1:
-                        click.echo("\nbatchkling: stopping: no new tasks; checkpointing "
-                                   "(press Ctrl-C again to exit at once)", err=True)
+                        say("batchkling: stopping: no new tasks; the tasks already created keep "
+                            "rendering and are checkpointed (press Ctrl-C again to exit at once)")
                         orch.interrupt()
                     else:
                         # The DB is consistent at every commit; remote tasks are resumable.
                         os._exit(EXIT_INTERRUPTED)
 
         tg.start_soon(watch_signals)
-        if sys.stderr.isatty():
-            from rich.console import Console
-
+        if console is not None:
             from batchkling.progress import show_progress
 
-            tg.start_soon(show_progress, orch, Console(stderr=True))
+            tg.start_soon(show_progress, orch, console)
         summary = await action(orch)
         tg.cancel_scope.cancel()
     return summary
 
 
-def _finish(summary: Any) -> NoReturn:
+def _finish(summary: Any, workdir: Path, manifest: str | None = None,
+            simulated: bool = False) -> NoReturn:
+    """The end-of-run lines: jobs in the store's words, cost, files, and what to do next."""
     if summary.exit_code == EXIT_FENCED:
         click.echo(f"batchkling: run {summary.run_id}: stopped: {summary.stop_reason}. "
                    f"`batchkling status {summary.run_id}` shows who drives it now.", err=True)
         sys.exit(EXIT_FENCED)
-    counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.counts.items()) if n)
-    click.echo(f"batchkling: run {summary.run_id}: {counts or 'no jobs'}; "
-               f"cost {summary.cost_text()}", err=True)
+    from batchkling.outputs.nextstep import next_steps, outcome_of
+    from batchkling.outputs.views import describe_states, money_text
+
+    states = summary.states or summary.counts
+    click.echo(f"batchkling: run {summary.run_id}: {describe_states(states) or 'no jobs'}; "
+               f"cost {money_text(summary.cost_usd, summary.committed_usd, summary.cost_units)}",
+               err=True)
+    # Said once, here: the display's last frame leaves it to this line.
     if summary.stop_reason:
         click.echo(f"batchkling: creates stopped: {summary.stop_reason}", err=True)
-    if summary.results_csv:
-        click.echo(f"batchkling: results: {summary.results_csv}", err=True)
-    if summary.exit_code == EXIT_INCOMPLETE:
-        click.echo(f"batchkling: jobs are left to do: `batchkling resume {summary.run_id}`",
-                   err=True)
+    files = [f for f in (summary.results_csv, summary.report_html) if f]
+    if files:
+        click.echo(f"batchkling: results: {' · '.join(files)}", err=True)
+    outcome = outcome_of(summary.run_id, exit_code=summary.exit_code,
+                         stop_kind=summary.stop_kind, states=states, manifest=manifest,
+                         simulated=simulated, live=False, workdir=workdir)
+    for step in next_steps(outcome):
+        click.echo(f"batchkling: next: {step}", err=True)
     sys.exit(summary.exit_code)
 
 
@@ -329,7 +373,7 @@ def run(manifest: Path, run_id: str | None, workdir: Path, store: str | None, si
                                      max_in_flight=max_in_flight, time_scale=scale,
                                      stale_after=stale_after, output_store=output_store),
                 lambda orch: orch.run()))
-    _finish(summary)
+    _finish(summary, workdir, str(loaded.source_path), simulate)
 
 
 def _resume_like(run_id: str, workdir: Path, store: str | None, speed: float | None,
@@ -360,14 +404,14 @@ def _resume_like(run_id: str, workdir: Path, store: str | None, speed: float | N
                                      base_url=sim_url, simulated=simulated, time_scale=scale,
                                      stale_after=stale_after),
                 action))
-    _finish(summary)
+    _finish(summary, workdir, stored.manifest_path, simulated)
 
 
 @cli.command()
 @click.argument("run_id")
 @WORKDIR
 @STORE
-@SPEED
+@RESUME_SPEED
 @STALE_AFTER
 def resume(run_id: str, workdir: Path, store: str | None, speed: float | None,
            stale_after: float) -> None:
@@ -384,7 +428,7 @@ def resume(run_id: str, workdir: Path, store: str | None, speed: float | None,
               help="Resubmit jobs whose create had no clear answer (same idempotency key).")
 @click.option("--timed-out", is_flag=True, help="Give up waiting on timed-out tasks; new tasks.")
 @click.option("--job", "job_ids", multiple=True, metavar="ID", help="Only these jobs (repeat).")
-@SPEED
+@RESUME_SPEED
 @STALE_AFTER
 def retry(run_id: str, workdir: Path, store: str | None, failed: bool, unknown: bool,
           timed_out: bool, job_ids: tuple[str, ...], speed: float | None,
@@ -511,8 +555,10 @@ def status(run_id: str | None, workdir: Path, store: str | None, as_json: bool) 
         click.echo(json.dumps(data, indent=2, default=str))
         return
     from batchkling.outputs.views import print_status
+    from batchkling.store import store_from
 
-    print_status(data, single=run_id is not None)
+    print_status(data, single=run_id is not None, store=store_from(location).location
+                 if store else str((workdir / "batchkling.db").absolute()))
 
 
 @cli.command()
@@ -547,12 +593,63 @@ def report(run_id: str, workdir: Path, store: str | None, output: Path | None) -
 
     async def go() -> Path:
         async with store_from(location) as db:
-            return await write_report(db, run_id, output or workdir / run_id / "report.html")
+            return await write_report(db, run_id, output or workdir / run_id / "report.html",
+                                      workdir=workdir)
 
     with _errors_to_exit_codes():
         _require_db(workdir, store)
         path = _run_async(go)
     click.echo(str(path))
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("job_id")
+@WORKDIR
+@STORE
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def show(run_id: str, job_id: str, workdir: Path, store: str | None, as_json: bool) -> None:
+    """Everything about one job: its request, every attempt, its events and its file."""
+    from batchkling.outputs.views import job_detail
+
+    with _errors_to_exit_codes():
+        location = _location(workdir, store)
+        _require_db(workdir, store)
+        data = _run_async(lambda: job_detail(workdir, run_id, job_id, location))
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+        return
+    from batchkling.outputs.views import print_job
+
+    print_job(data)
+
+
+@cli.command()
+@click.argument("run_id")
+@WORKDIR
+@STORE
+@click.option("--files", is_flag=True,
+              help="Also delete the run's folder (videos, results.csv, report.html, run.log).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation on a terminal.")
+def forget(run_id: str, workdir: Path, store: str | None, files: bool, yes: bool) -> None:
+    """Remove RUN_ID's records from the store (refused while it runs); --files: its folder too.
+
+    Tasks the provider still renders for it are not cancelled; a later run of the same id
+    starts afresh and pays again for every job.
+    """
+    from batchkling.run.forget import forget_run
+
+    with _errors_to_exit_codes():
+        location = _location(workdir, store)
+        _require_db(workdir, store)
+        if not yes and sys.stdin.isatty() and sys.stderr.isatty():
+            what = "its records and its folder" if files else "its records"
+            click.confirm(f"Forget run {run_id} ({what})? A later run of this id pays again "
+                          "for every job.", abort=True, err=True)
+        jobs, folder = _run_async(lambda: forget_run(workdir, run_id, files=files,
+                                                     store=location))
+    click.echo(f"batchkling: forgot run {run_id} ({jobs:,} job{'s' if jobs != 1 else ''})"
+               + (f"; deleted {folder}" if folder else ""), err=True)
 
 
 # ---- plan, schema, simulate --------------------------------------------------------------
@@ -562,17 +659,57 @@ def report(run_id: str, workdir: Path, store: str | None, output: Path | None) -
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--max-in-flight", type=click.IntRange(min=1), help="Override limits.max_in_flight.")
-def plan(manifest: Path, as_json: bool, max_in_flight: int | None) -> None:
-    """Validate and expand MANIFEST; show jobs, cost and time estimates. Submits nothing."""
+@click.option("--run-id", help="Compare with this run (default: the manifest's name, if such a "
+              "run exists): what is new, changed, unchanged or reused, and what it would cost.")
+@WORKDIR
+@STORE
+def plan(manifest: Path, as_json: bool, max_in_flight: int | None, run_id: str | None,
+         workdir: Path, store: str | None) -> None:
+    """Validate and expand MANIFEST; show jobs, cost and time estimates. Submits nothing.
+
+    Against an existing run, only what `run` would submit is priced.
+    """
     from batchkling.manifest.plan import print_plan
+
+    def against(name: str) -> tuple[dict[str, tuple[str, str]], str, float] | None:
+        return _plan_against(workdir, store, run_id, name)
 
     with _errors_to_exit_codes():
         try:
-            print_plan(manifest, as_json=as_json, max_in_flight=max_in_flight)
+            print_plan(manifest, as_json=as_json, max_in_flight=max_in_flight, against=against)
         except BatchklingError as exc:
             if isinstance(exc, ManifestError):
                 raise
             _fail(str(exc), EXIT_BAD_INPUT)
+
+
+def _plan_against(workdir: Path, store: str | None, run_id: str | None, name: str
+                  ) -> tuple[dict[str, tuple[str, str]], str, float] | None:
+    """The stored run a plan compares with: ``--run-id``, else the manifest's name."""
+    from batchkling.run.orchestrator import resolve_run_id
+    from batchkling.store import store_from
+
+    wanted = resolve_run_id(run_id or name)
+    location = _location(workdir, store)
+    if not _store_exists(workdir, store):
+        if run_id:
+            click.echo(f"batchkling: no run {wanted!r} in {workdir.absolute()}: every job is new",
+                       err=True)
+        return None
+
+    async def read() -> tuple[dict[str, tuple[str, str]], str, float] | None:
+        async with store_from(location) as db:
+            if await db.get_run(wanted) is None:
+                return None
+            index = await db.job_index(wanted)
+            _spent, committed = await db.money(wanted)
+        return {job: (fp, state.value) for job, (fp, state) in index.items()}, wanted, committed
+
+    found = _run_async(read)
+    if found is None and run_id:
+        click.echo(f"batchkling: no run {wanted!r} in {workdir.absolute()}: every job is new",
+                   err=True)
+    return found
 
 
 @cli.command()
@@ -590,8 +727,10 @@ def schema() -> None:
               type=click.FloatRange(min=0, min_open=True),
               help="Render-time divisor: 60 makes a one-minute render take one second.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--faults", default="none", show_default=True,
-              help="A named fault profile, or a YAML/JSON file of simulator settings.")
+@click.option("--faults", default="none", show_default=True, metavar="PROFILE|FILE",
+              help="A named fault profile — " + "; ".join(
+                  f"{name}: {what}" for name, what in FAULT_PROFILES.items())
+              + " — or a YAML/JSON file of simulator settings (`profile: flaky` plus fields).")
 @click.option("--api-key", default=None, help="Require this bearer key on the ImaRouter shape.")
 @click.option("--access-key", default=None, help="Kling-shape JWT access key.")
 @click.option("--secret-key", default=None, help="Kling-shape JWT secret key.")

@@ -1,7 +1,8 @@
 """Logging: structlog events with stable names, JSON lines to run.log, secrets redacted.
 
-Configured once by the CLI (library users may call :func:`configure_logging` or leave structlog
-as they set it). Events carry ``run_id`` and ``job_id`` through contextvars. Every value passes
+Configured once by the CLI. A library user gets no console output unless they call
+:func:`configure_logging` (or configure structlog their own way, which batchkling then
+follows). Events carry ``run_id`` and ``job_id`` through contextvars. Every value passes
 through a redaction processor that knows the secrets in use, so an API key cannot reach a log
 even when an exception message quotes it.
 """
@@ -75,7 +76,8 @@ class _Sinks:
 
     def __init__(self) -> None:
         self.file: TextIO | None = None
-        self.console: TextIO | None = sys.stderr
+        # Off until configure_logging says otherwise: a library prints nothing unasked.
+        self.console_on = False
         self.console_json = True
         self.console_level = _LEVELS["info"]
         self.lock = threading.Lock()
@@ -86,9 +88,12 @@ class _Sinks:
                 self.file.write(line + "\n")
                 self.file.flush()
             level = _LEVELS.get(str(event.get("level", "info")), 20)
-            if self.console is not None and level >= self.console_level:
-                self.console.write((line if self.console_json else _pretty(event)) + "\n")
-                self.console.flush()
+            if self.console_on and level >= self.console_level:
+                # Looked up at each write: a live display that redirects stderr gets the line
+                # above its frame instead of through it.
+                console = sys.stderr
+                console.write((line if self.console_json else _pretty(event)) + "\n")
+                console.flush()
 
 
 _sinks = _Sinks()
@@ -120,21 +125,23 @@ def _pretty(event: MutableMapping[str, Any]) -> str:
 
 def configure_logging(*, console: str = "json", level: str = "info") -> None:
     """Set up structlog. ``console``: ``json`` (cron), ``pretty`` (a person), ``off``."""
-    _sinks.console = None if console == "off" else sys.stderr
+    _sinks.console_on = console != "off"
     _sinks.console_json = console == "json"
     _sinks.console_level = _LEVELS.get(level, 20)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            redactor,
-            _render,
-        ],
-        logger_factory=_SinkLogger,
-        cache_logger_on_first_use=False,
+        processors=_processors(), logger_factory=_SinkLogger, cache_logger_on_first_use=False
     )
+
+
+def _processors() -> list[Any]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redactor,
+        _render,
+    ]
 
 
 @contextmanager
@@ -151,5 +158,13 @@ def run_log(path: Path) -> Iterator[None]:
 
 
 def get_logger(**bound: Any) -> Any:
-    """A structlog logger with ``bound`` values."""
-    return structlog.get_logger("batchkling").bind(**bound)
+    """A structlog logger with ``bound`` values.
+
+    Where nobody configured structlog (a program using batchkling as a library), batchkling's
+    events still reach ``run.log`` but nothing reaches stdout or stderr (structlog's own
+    default would print every event to stdout); :func:`configure_logging` turns the console on.
+    A program that configured structlog itself gets the events its own way.
+    """
+    if structlog.is_configured():
+        return structlog.get_logger("batchkling").bind(**bound)
+    return structlog.wrap_logger(_SinkLogger(), processors=_processors()).bind(**bound)

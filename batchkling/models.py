@@ -39,6 +39,10 @@ class JobState(StrEnum):
 TERMINAL = frozenset({JobState.DOWNLOADED, JobState.FAILED, JobState.SKIPPED})
 #: States in which a provider task may exist and hold an account slot.
 IN_FLIGHT = frozenset({JobState.SUBMITTED, JobState.RUNNING})
+#: A run's lease is presumed dead when its heartbeat is older than this many seconds (the
+#: heartbeat comes every 5 s): another runner may take it over, and screens stop calling the
+#: run "running".
+LEASE_STALE_AFTER = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +157,12 @@ class RunSummary:
     results_csv: str | None = None
     cost_units: float = 0.0  #: provider units (Kling), which carry no USD price
     committed_usd: float = 0.0  #: cost plus estimates for what reported no price
+    #: Why creates stopped, in one word: ``account``, ``budget``, ``unreachable``, ``store``,
+    #: ``interrupted`` (None: they did not stop early).
+    stop_kind: str | None = None
+    #: Jobs by store state (``downloaded``, ``running`` …), where ``counts`` uses the CSV's words.
+    states: Mapping[str, int] = field(default_factory=dict)
+    report_html: str | None = None
 
     def cost_text(self) -> str:
         """The cost as a person should read it: USD, or units with the estimate beside them."""

@@ -109,21 +109,38 @@ def estimate_wall_seconds(
     Better than ``ceil(n / slots) × typical`` when render times differ (pro next to std, 5 s next
     to 10 s) and when ``submit_rate`` rather than slots is the bottleneck.
     """
-    free_at: list[float] = [0.0] * max(1, slots)  # min-heap of the time each slot frees up
-    finish, count = 0.0, 0
-    interval = 1.0 / submit_rate if submit_rate > 0 else 0.0
-    slot_wait = 0.0
-    for i, seconds in enumerate(render_seconds):
-        slot_free = heapq.heappop(free_at)
-        start = max(slot_free, i * interval)
-        slot_wait += max(0.0, slot_free - i * interval)
+    run = WallSimulation(slots=slots, submit_rate=submit_rate)
+    for seconds in render_seconds:
+        run.add(seconds)
+    return run.result()
+
+
+class WallSimulation:
+    """:func:`estimate_wall_seconds` one job at a time, in memory of the slots only (for plans
+    of a million jobs, fed as they are expanded)."""
+
+    def __init__(self, *, slots: int, submit_rate: float) -> None:
+        self._free_at: list[float] = [0.0] * max(1, slots)  # min-heap: when each slot frees
+        self._interval = 1.0 / submit_rate if submit_rate > 0 else 0.0
+        self._finish = 0.0
+        self._count = 0
+        self._slot_wait = 0.0
+
+    def add(self, seconds: float) -> None:
+        """The next job in plan order, rendering for ``seconds``."""
+        slot_free = heapq.heappop(self._free_at)
+        ready = self._count * self._interval
+        start = max(slot_free, ready)
+        self._slot_wait += max(0.0, slot_free - ready)
         end = start + seconds
-        heapq.heappush(free_at, end)
-        finish = max(finish, end)
-        count += 1
-    if count == 0:
-        return WallTime(0.0, "slots")
-    # If some job waited for a slot, more slots would shorten the run; otherwise every job
-    # started as soon as the submit rate allowed and the longest render decides.
-    bound = "slots" if slot_wait > 0 else "longest job"
-    return WallTime(finish, bound)
+        heapq.heappush(self._free_at, end)
+        self._finish = max(self._finish, end)
+        self._count += 1
+
+    def result(self) -> WallTime:
+        """The run's wall time so far and what bounds it."""
+        if self._count == 0:
+            return WallTime(0.0, "slots")
+        # If some job waited for a slot, more slots would shorten the run; otherwise every job
+        # started as soon as the submit rate allowed and the longest render decides.
+        return WallTime(self._finish, "slots" if self._slot_wait > 0 else "longest job")

@@ -170,3 +170,63 @@ class TestEstimates:
         paced = estimate_wall_seconds([90.0] * 10, slots=100, submit_rate=0.1)
         assert paced.seconds == pytest.approx(9 * 10 + 90)
         assert estimate_wall_seconds([], slots=5, submit_rate=1).seconds == 0
+
+
+class TestPlanAgainstARun:
+    def test_plan_shows_prompts_and_images(self, tmp_path: Path) -> None:
+        """The table shows each job's prompt (cut short) and image names; --json has them whole."""
+        from PIL import Image
+
+        Image.new("RGB", (640, 360), "red").save(tmp_path / "first.png")
+        Image.new("RGB", (640, 360), "blue").save(tmp_path / "last.png")
+        long_prompt = "A slow orbit around the watch on dark marble, " * 4
+        path = write(tmp_path, f"""\
+            version: 1
+            name: p
+            jobs:
+              - {{id: a, prompt: "{long_prompt}", image: first.png, image_tail: last.png}}
+            """)
+        code, out, _ = plan(str(path))
+        assert code == 0
+        assert "A slow orbit around the watch" in out and "first.png → last.png" in out
+        doc = json.loads(plan(str(path), "--json")[1])
+        job = doc["jobs"][0]
+        assert job["prompt"] == long_prompt and job["image"] == str(tmp_path / "first.png")
+        assert job["image_tail"] == str(tmp_path / "last.png")
+
+    def test_plan_against_the_run_prices_only_what_run_would_submit(
+        self, tmp_path: Path, simulator: object, api_key: str
+    ) -> None:
+        """After one job of a finished run is edited and one added, `plan` counts 1 changed,
+        1 new and the rest reused, and prices the 2 that `run` would submit — which `run`
+        then submits, no more."""
+        from typing import Any
+
+        sim: Any = simulator  # type: ignore[assignment]
+        server = sim()
+        workdir = tmp_path / "jobs"
+        jobs = [{"id": f"j{i}", "prompt": f"shot {i}"} for i in range(4)]
+        from batchkling.testing import write_manifest
+
+        path = write_manifest(tmp_path, jobs, base_url=server.base_url)
+        runner = CliRunner()
+        first = runner.invoke(cli, ["run", str(path), "--workdir", str(workdir), "--speed",
+                                    "400"])
+        assert first.exit_code == 0, first.output
+        jobs[1]["prompt"] = "shot 1, edited"
+        jobs.append({"id": "j4", "prompt": "shot 4"})
+        path = write_manifest(tmp_path, jobs, base_url=server.base_url)
+        result = runner.invoke(cli, ["plan", str(path), "--json", "--workdir", str(workdir)])
+        assert result.exit_code == 0, result.output
+        doc = json.loads(result.stdout)
+        statuses = {j["id"]: j["against_run"] for j in doc["jobs"]}
+        assert statuses == {"j0": "reused", "j1": "changed", "j2": "reused", "j3": "reused",
+                            "j4": "new"}
+        assert doc["against_run"]["submitted_jobs"] == 2
+        assert doc["estimate_usd"] == pytest.approx(2 * doc["jobs"][0]["estimate_usd"])
+        table = runner.invoke(cli, ["plan", str(path), "--workdir", str(workdir)]).stdout
+        assert "Would submit 2 of 5 jobs" in table and "against run test-run" in table
+        creates = server.stats()["creates"]
+        again = runner.invoke(cli, ["run", str(path), "--workdir", str(workdir), "--speed",
+                                    "400"])
+        assert again.exit_code == 0 and server.stats()["creates"] - creates == 2

@@ -237,6 +237,96 @@ class TestReportInBrowser:
             page.switch_to.alert.text  # noqa: B018  (reading it is how selenium probes)
         assert page.execute_script("return document.querySelectorAll('main script').length") == 0
 
+    def test_state_badge_says_finished_like_status(self, page: Any) -> None:
+        """The run's badge reads "finished" for a run whose last invocation ended."""
+        from selenium.webdriver.common.by import By
+
+        badge = page.find_element(By.ID, "runstate")
+        assert badge.text == "finished" and badge.get_attribute("data-state") == "finished"
+        assert "still going" not in page.find_element(By.TAG_NAME, "header").text
+
+    def test_cards_take_the_shape_of_their_video(self, page: Any) -> None:
+        """A 9:16 clip sits in a 9:16 frame (no pillarbox): the frame's shape is the clip's,
+        and a 16:9 card's frame stays 16:9."""
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(page, 10).until(lambda d: d.execute_script(
+            "return Array.from(document.querySelectorAll('video'))"
+            ".every(v => v.readyState >= 1);"))
+        shapes = page.execute_script(
+            "return Object.fromEntries(Array.from(document.querySelectorAll('article.card'))"
+            ".map(c => { const m = c.querySelector('.media').getBoundingClientRect();"
+            " const v = c.querySelector('video');"
+            " return [c.dataset.job, [m.width, m.height, v ? v.videoWidth : 0,"
+            " v ? v.videoHeight : 0]]; }));")
+        width, height, clip_w, clip_h = shapes["watch-9x16-std"]
+        assert height > width
+        assert height / width == pytest.approx(clip_h / clip_w, rel=0.02)
+        assert height / width == pytest.approx(16 / 9, rel=0.02)
+        width, height, clip_w, clip_h = shapes["watch-16x9-std"]
+        assert width / height == pytest.approx(16 / 9, rel=0.02)
+        width, height, _w, _h = shapes["headphones-9x16-std"]  # a placeholder, shaped too
+        assert height / width == pytest.approx(16 / 9, rel=0.02)
+        width, height, _w, _h = shapes["watch-1x1-std"]
+        assert height == pytest.approx(width, rel=0.02)
+
+    def test_card_shows_parameters_timings_and_attempts(self, page: Any) -> None:
+        """A card names model, duration, size, mode, kind, cost, render time and attempts."""
+        from selenium.webdriver.common.by import By
+
+        card = page.find_element(By.CSS_SELECTOR, "article[data-job='watch-16x9-pro']")
+        assert "kling-v2-6 · 5 s · 16:9 · pro · text → video" in card.text
+        meta = card.find_element(By.CSS_SELECTOR, ".meta").text.split()
+        assert "$0.35" in meta and "77" in meta and "12:00:08" in meta
+        unknown = page.find_element(By.CSS_SELECTOR, "article[data-job='headphones-1x1-pro']")
+        assert "Next: batchkling retry spring-ads --unknown" in unknown.text
+
+
+class TestLargeReport:
+    def test_cards_are_drawn_a_page_at_a_time(self, browser: Any,
+                                              tmp_path_factory: pytest.TempPathFactory) -> None:
+        """A 1,000-job page draws the first cards at once and more as the reader scrolls;
+        the summary stays at the top and the filters still count every job."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        dest = _big_report(tmp_path_factory.mktemp("big"), 1000)
+        browser.get(dest.as_uri())
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(
+            "return document.body.dataset.ready === '1'"))
+        drawn = len(browser.find_elements(By.CSS_SELECTOR, "article.card"))
+        assert 0 < drawn < 200
+        assert browser.find_element(By.ID, "shown").text == "showing 1000 of 1000"
+        assert browser.execute_script(
+            "return document.querySelector('header.top').getBoundingClientRect().top") == 0
+        browser.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+        WebDriverWait(browser, 10).until(lambda d: len(d.find_elements(
+            By.CSS_SELECTOR, "article.card")) > drawn)
+        browser.find_element(By.ID, "q").send_keys("job-0999")
+        assert visible_ids(browser) == ["job-0999"]
+
+
+def _big_report(workdir: Path, n: int) -> Path:
+    """A run of ``n`` finished text jobs, its report written."""
+    from batchkling.models import JobSpec, JobState
+
+    async def build() -> Path:
+        async with SqliteStore(workdir / "batchkling.db") as store:
+            await store.save_run("big", manifest_path=None, manifest_text=None, config_json="{}",
+                                 provider="imarouter", base_url="http://127.0.0.1",
+                                 simulated=True, now=0.0)
+            specs = [JobSpec(job_id=f"job-{i:04d}", model="kling-v2-6", prompt=f"shot {i}",
+                             duration=5, size=("16:9", "9:16")[i % 2]) for i in range(n)]
+            await store.sync_jobs("big", added=list(enumerate(specs)), changed=[],
+                                  reordered=[], removed=[], now=0.0)
+            for spec in specs:
+                await store.transition("big", spec.job_id, JobState.FAILED, now=1.0, event="e",
+                                       error_code="X")
+            await store.set_run_state("big", "finished", None, 2.0)
+            return await write_report(store, "big", workdir / "big" / "report.html")
+
+    return asyncio.run(build())
+
 
 def test_screenshot(browser: Any, report: Path) -> None:
     """With BATCHKLING_REPORT_SCREENSHOT set, save the whole page as a PNG for the docs."""

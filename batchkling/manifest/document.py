@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
 
@@ -89,6 +90,7 @@ class Manifest(RunConfig):
     _base_dir: Path = PrivateAttr(default=Path())
     _warnings: list[Problem] = PrivateAttr(default_factory=list)
     _specs: tuple[JobSpec, ...] = PrivateAttr(default=())
+    _job_count: int = PrivateAttr(default=0)
 
     @property
     def source_path(self) -> Path:
@@ -109,6 +111,11 @@ class Manifest(RunConfig):
     def specs(self) -> tuple[JobSpec, ...]:
         """The expanded jobs: explicit jobs in file order, then each matrix in file order."""
         return self._specs
+
+    @property
+    def job_count(self) -> int:
+        """How many jobs the manifest expands to (also when they went to ``on_job``)."""
+        return self._job_count
 
     def expand(self) -> tuple[JobSpec, ...]:
         """The expanded jobs (same as :attr:`specs`; expansion happened in ``load_manifest``)."""
@@ -150,8 +157,18 @@ def manifest_json_schema() -> dict[str, Any]:
     }
 
 
-def load_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """Read, validate and expand a manifest; raise ManifestError listing every problem at once."""
+def load_manifest(
+    path: str | os.PathLike[str], *, on_job: Callable[[JobSpec], None] | None = None,
+    on_settings: Callable[[Manifest], None] | None = None,
+) -> Manifest:
+    """Read, validate and expand a manifest; raise ManifestError listing every problem at once.
+
+    With ``on_job``, each valid job is handed to it as it is expanded and none is kept
+    (``specs`` stays empty, ``job_count`` counts them): a million-job plan in little memory.
+    ``on_settings`` gets the validated manifest (settings, no jobs yet) before the first job;
+    it is not called when the settings are invalid. The caller must discard what it made of
+    the jobs if ManifestError is raised.
+    """
     file = os.fspath(path)
     try:
         raw = Path(file).read_bytes()
@@ -175,10 +192,12 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
                 )
             ]
         )
-    return _validate_and_expand(loaded, Path(os.path.abspath(file)))
+    return _validate_and_expand(loaded, Path(os.path.abspath(file)), on_job, on_settings)
 
 
-def _validate_and_expand(loaded: LoadedYAML, source_path: Path) -> Manifest:
+def _validate_and_expand(loaded: LoadedYAML, source_path: Path,
+                         on_job: Callable[[JobSpec], None] | None = None,
+                         on_settings: Callable[[Manifest], None] | None = None) -> Manifest:
     # Imported here: expansion loads Pillow, which `schema` and resume (RunConfig) do not need.
     from batchkling.manifest.expand import expand_manifest
 
@@ -189,6 +208,10 @@ def _validate_and_expand(loaded: LoadedYAML, source_path: Path) -> Manifest:
         manifest = Manifest.model_validate(data)
         defaults, jobs = manifest.defaults, list(enumerate(manifest.jobs))
         matrices, provider = list(enumerate(manifest.matrices)), manifest.provider.name
+        if on_settings is not None:
+            manifest._source_path = source_path
+            manifest._base_dir = source_path.parent
+            on_settings(manifest)
     except ValidationError as exc:
         problems += [
             _secret_hint(p)
@@ -211,6 +234,11 @@ def _validate_and_expand(loaded: LoadedYAML, source_path: Path) -> Manifest:
         problems.append(
             source.problem((), "the manifest defines no jobs: add 'jobs:' or 'matrices:'")
         )
+    built = {index for index, _job in jobs}
+    raw_jobs = data.get("jobs")
+    unbuilt = [(i, entry["id"]) for i, entry in enumerate(raw_jobs)
+               if i not in built and isinstance(entry, dict) and isinstance(entry.get("id"), str)
+               and "{" not in entry["id"]] if isinstance(raw_jobs, list) else []
     result = expand_manifest(
         defaults=defaults,
         jobs=jobs,
@@ -218,9 +246,11 @@ def _validate_and_expand(loaded: LoadedYAML, source_path: Path) -> Manifest:
         provider=provider,
         source=source,
         base_dir=source_path.parent,
+        unbuilt_ids=unbuilt,
+        sink=on_job,
     )
     problems += result.problems
-    if not problems and not result.specs:
+    if not problems and not result.count:
         problems.append(source.problem((), "the manifest expands to no jobs (all excluded?)"))
     if problems or manifest is None:
         raise ManifestError(sort_problems(problems, source.file))
@@ -228,6 +258,7 @@ def _validate_and_expand(loaded: LoadedYAML, source_path: Path) -> Manifest:
     manifest._base_dir = source_path.parent
     manifest._warnings = sort_problems([*loaded.warnings, *result.warnings], source.file)
     manifest._specs = result.specs
+    manifest._job_count = result.count
     return manifest
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,10 +49,11 @@ FIELDS = tuple(JobFields.model_fields)
 class Expansion:
     """What expansion produced: the jobs, the problems (errors) and the warnings."""
 
-    specs: tuple[JobSpec, ...]
+    specs: tuple[JobSpec, ...]  # empty when the jobs went to a sink
     problems: list[Problem]
     warnings: list[Problem]
     images_checked: int
+    count: int = 0  # jobs built
 
 
 def expand_manifest(
@@ -63,14 +64,27 @@ def expand_manifest(
     provider: str,
     source: SourceMap,
     base_dir: Path,
+    unbuilt_ids: Sequence[tuple[int, str]] = (),
+    sink: Callable[[JobSpec], None] | None = None,
 ) -> Expansion:
-    """Expand validated entries (with their index in the file) into job specs, checking each."""
-    builder = JobBuilder(provider, source, base_dir)
+    """Expand validated entries (with their index in the file) into job specs, checking each.
+
+    ``unbuilt_ids`` are ``(index, id)`` of explicit jobs too broken to build: their ids are
+    still checked (safe, unique) in file order, so every problem is reported at once. With a
+    ``sink``, each job goes to it as it is built instead of into ``specs``.
+    """
+    builder = JobBuilder(provider, source, base_dir, sink)
     base: Fields = {name: (value, None) for name, value in BUILTIN_DEFAULTS.items()}
     base.update(_layer(defaults, ("defaults",)))
-    for index, job in jobs:
+    entries: list[tuple[int, JobEntry | str]] = sorted([*jobs, *unbuilt_ids],
+                                                       key=lambda item: item[0])
+    for index, job in entries:
+        origin = Origin(f"jobs[{index}]")
+        if isinstance(job, str):
+            builder.claim_only(job, ("jobs", index, "id"), origin)
+            continue
         fields = {**base, **_layer(job, ("jobs", index))}
-        builder.build(fields, {}, job.id, ("jobs", index, "id"), Origin(f"jobs[{index}]"), None)
+        builder.build(fields, {}, job.id, ("jobs", index, "id"), origin, None)
     for index, matrix in matrices:
         _MatrixExpansion(builder, index, matrix, base).run()
     return Expansion(
@@ -78,6 +92,7 @@ def expand_manifest(
         builder.errors.finish(),
         builder.warnings.finish(),
         builder.images.checked,
+        builder.count,
     )
 
 

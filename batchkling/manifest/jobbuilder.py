@@ -12,7 +12,7 @@ jobs is reported a few times, then counted.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,12 +86,18 @@ class JobBuilder:
     Holds the caches that make large matrices cheap and the job ids claimed so far.
     """
 
-    def __init__(self, provider: str, source: SourceMap, base_dir: Path) -> None:
+    def __init__(self, provider: str, source: SourceMap, base_dir: Path,
+                 sink: Callable[[JobSpec], None] | None = None) -> None:
         self.provider, self.source, self.base_dir = provider, source, base_dir
         self.errors, self.warnings = ProblemSink(source), ProblemSink(source)
         self.images = ImageCache()
         self.specs: list[JobSpec] = []
+        #: With a sink, jobs go to it as they are built and are not kept: a million-job plan
+        #: holds one job at a time, and the ids table keeps shared, variable-free origins.
+        self.sink = sink
+        self.count = 0
         self._ids: dict[str, tuple[Prov, Origin]] = {}
+        self._shared: dict[tuple[Any, ...], tuple[Prov, Origin]] = {}
         self._templates: dict[str, Template | TemplateError] = {}
         self._image_refs: dict[str, tuple[str | None, str | None, str | None]] = {}
         self._nested_static: dict[int, bool] = {}
@@ -192,10 +198,16 @@ class JobBuilder:
                 value = self.render_nested(value, variables, prov, origin)
             out[name] = value
         job_id = self.render(id_raw, variables, id_prov, origin)
-        if not ok or job_id is None:
+        if job_id is None:
             return
-        if not self._check_id(job_id, id_raw, id_prov, origin):
+        # The id is checked and claimed whatever else is wrong with the job, so an unsafe or
+        # duplicate id is reported with the other problems, not after they are fixed.
+        rendered = ok
+        id_ok = self._check_id(job_id, id_raw, id_prov, origin)
+        if not (id_ok and self._claim_id(job_id, id_prov, origin)):
             ok = False
+        if not rendered:
+            return  # the checks below would report fields that could not be rendered
         for name, allowed in (
             ("model", MODELS),
             ("size", SIZES),
@@ -261,11 +273,12 @@ class JobBuilder:
                 )
             out["mode"] = None
         ok = self._provider_rules(out, fields, job_id) and ok
-        if not ok or not self._claim_id(job_id, id_prov, origin):
+        if not ok:
             return
         image, image_sha = images.get("image", (None, None))
         tail, tail_sha = images.get("image_tail", (None, None))
-        self.specs.append(
+        self.count += 1
+        (self.specs.append if self.sink is None else self.sink)(
             JobSpec(
                 job_id=job_id,
                 model=model,
@@ -287,6 +300,12 @@ class JobBuilder:
             )
         )
 
+    def claim_only(self, job_id: str, prov: Prov, origin: Origin) -> None:
+        """Check and claim the id of an entry that cannot be built (its other problems are
+        reported already), so its id problems come in the same report."""
+        if self._check_id(job_id, job_id, prov, origin):
+            self._claim_id(job_id, prov, origin)
+
     def _check_id(self, job_id: str, id_raw: str, prov: Prov, origin: Origin) -> bool:
         if _ID_RE.match(job_id) and ".." not in job_id:
             return True
@@ -305,7 +324,15 @@ class JobBuilder:
     def _claim_id(self, job_id: str, prov: Prov, origin: Origin) -> bool:
         first = self._ids.get(job_id)
         if first is None:
-            self._ids[job_id] = (prov, origin)
+            if self.sink is None:
+                self._ids[job_id] = (prov, origin)
+            else:  # one entry per (id field, CSV line), not a job's variables per job
+                key = (prov, origin.label, origin.csv, origin.csv_line)
+                entry = self._shared.get(key)
+                if entry is None:
+                    entry = self._shared[key] = (
+                        prov, Origin(origin.label, origin.csv, origin.csv_line))
+                self._ids[job_id] = entry
             return True
         first_prov, first_origin = first
         line, column = self.source.locate(first_prov or ())

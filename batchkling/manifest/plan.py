@@ -2,20 +2,33 @@
 
 This is CLI-facing output code: it prints through rich (tables) or writes one JSON document.
 All figures come from :mod:`batchkling.pricing` and are labelled as estimates.
+
+A plan is made while the manifest expands: each job is priced, tallied and, for ``--json``,
+written to a spool file as it comes, then dropped; the table keeps its first and last rows.
+A million-job matrix is planned in the memory of its job ids, not of its jobs.
+
+Against an existing run (``previous``: the run's ``{job_id: (fingerprint, state)}``, read from
+the store by the caller — this module never reads the store) each job is classified as ``run``
+would treat it: new, changed, unchanged (to submit), reused (already downloaded), in flight,
+or left as it is (failed, unknown: ``retry`` decides) — and only what would be submitted is
+priced into the total.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
+import shutil
 import sys
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import tempfile
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from batchkling.manifest.document import Manifest, load_manifest
@@ -23,106 +36,224 @@ from batchkling.models import JobSpec
 from batchkling.pricing import (
     PRICE_TABLE_DATE,
     PRICE_TABLE_SOURCE,
+    WallSimulation,
     estimate_render_seconds,
     estimate_usd,
-    estimate_wall_seconds,
 )
 
-#: Above this many jobs the table shows only the first and last rows.
+#: Up to this many jobs the table shows every row; above, only the first and last rows.
 MAX_TABLE_ROWS = 200
 _EDGE_ROWS = 20
+_PROMPT_CELL = 48
+#: States of a previous job in which ``run`` leaves an unchanged job alone, and what to call it.
+_KEPT = {"downloaded": "reused", "succeeded": "reused", "submitting": "in flight",
+         "submitted": "in flight", "running": "in flight", "timed_out": "in flight",
+         "failed": "kept: failed", "unknown": "kept: unknown", "skipped": "kept: skipped"}
+_IN_FLIGHT = ("submitting", "submitted", "running")
 
 
-@dataclass(frozen=True, slots=True)
+def against_run(spec: JobSpec, previous: tuple[str, str] | None) -> str:
+    """What ``run`` would do with ``spec`` given the run's stored ``(fingerprint, state)``:
+    ``new``, ``changed`` or ``unchanged`` (all submitted), or why it is not submitted."""
+    if previous is None:
+        return "new"
+    fingerprint, state = previous
+    if fingerprint != spec.fingerprint:
+        # A changed job whose task is in flight keeps it (the run's sync does not touch it).
+        return "in flight" if state in _IN_FLIGHT else "changed"
+    return _KEPT.get(state, "unchanged")
+
+
+def submits(status: str | None) -> bool:
+    """Whether a job so classified would be submitted (no comparison: every job is)."""
+    return status in (None, "new", "changed", "unchanged")
+
+
+@dataclass(slots=True)
+class _Row:
+    index: int
+    spec: JobSpec
+    cost: float
+    status: str | None
+
+
+@dataclass(slots=True)
 class Plan:
-    """Estimates for one manifest: per-job costs (plan order) and the totals derived from them."""
+    """A plan being made, fed one job at a time by :meth:`add`; then its totals."""
 
-    manifest: Manifest
-    costs: tuple[float, ...]
-    total_usd: float
-    wall_seconds: float
-    wall_bound: str
+    manifest_name: str
+    pricing: Mapping[str, float] | None
     slots: int
-    jobs_within_budget: int | None  # None when there is no budget
+    submit_rate: float
+    max_usd: float | None
+    previous: Mapping[str, tuple[str, str]] | None = None
+    run_id: str | None = None
+    committed_usd: float = 0.0  # already committed by the run compared against
+    spool: TextIO | None = None
+    count: int = 0
+    total_usd: float = 0.0  # what would be submitted
+    all_usd: float = 0.0  # every job, as if none were done
+    video_seconds: int = 0
+    jobs_within_budget: int | None = None
+    head: list[_Row] = field(default_factory=list)
+    tail: deque[_Row] = field(default_factory=lambda: deque(maxlen=_EDGE_ROWS))
+    by: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    usd_by: dict[str, defaultdict[str, float]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    groups: dict[tuple[str, str], list[float]] = field(
+        default_factory=lambda: defaultdict(lambda: [0, 0, 0.0]))
+    statuses: Counter[str] = field(default_factory=Counter)
+    seen: set[str] | None = None
+    wall: WallSimulation | None = None
+    _budget_spent: float = 0.0
+    _budget_open: bool = True
+
+    def __post_init__(self) -> None:
+        self.wall = WallSimulation(slots=self.slots, submit_rate=self.submit_rate)
+        if self.previous is not None:
+            self.seen = set()
+            self._budget_spent = self.committed_usd
+        self.jobs_within_budget = None if self.max_usd is None else 0
+
+    def add(self, spec: JobSpec) -> None:
+        """Price, classify and tally the next job in plan order."""
+        cost = estimate_usd(spec, self.pricing)
+        status = None
+        if self.previous is not None:
+            status = against_run(spec, self.previous.get(spec.job_id))
+            self.statuses[status] += 1
+            assert self.seen is not None
+            self.seen.add(spec.job_id)
+        row = _Row(self.count, spec, cost, status)
+        self.count += 1
+        self.all_usd += cost
+        self.video_seconds += spec.duration
+        if submits(status):
+            self.total_usd += cost
+            assert self.wall is not None
+            self.wall.add(estimate_render_seconds(spec))
+            if self.max_usd is not None and self._budget_open:
+                # The engine reserves in plan order and stops at the cap.
+                if self._budget_spent + cost > self.max_usd + 1e-9:
+                    self._budget_open = False
+                else:
+                    self._budget_spent += cost
+                    self.jobs_within_budget = (self.jobs_within_budget or 0) + 1
+        for key, attr in (("by_model", spec.model), ("by_mode", spec.mode or "-"),
+                          ("by_kind", spec.kind.value)):
+            self.by[key][attr] += 1
+            self.usd_by[key][attr] += cost
+        group = self.groups[(spec.model, spec.mode or "-")]
+        group[0], group[1], group[2] = group[0] + 1, group[1] + spec.duration, group[2] + cost
+        if len(self.head) < MAX_TABLE_ROWS:
+            self.head.append(row)
+        self.tail.append(row)
+        if self.spool is not None:
+            self.spool.write(("," if self.count > 1 else "")
+                             + json.dumps(_job_json(row), ensure_ascii=False) + "\n")
 
     @property
     def over_budget(self) -> bool:
-        """True when the estimated total exceeds ``budget.max_usd``."""
-        cap = self.manifest.budget.max_usd
-        return cap is not None and self.total_usd > cap + 1e-9
+        """True when what would be submitted exceeds ``budget.max_usd``."""
+        return self.max_usd is not None and (self.committed_usd + self.total_usd
+                                             > self.max_usd + 1e-9)
 
+    @property
+    def submitted(self) -> int:
+        """How many jobs would be submitted."""
+        if self.previous is None:
+            return self.count
+        return sum(n for status, n in self.statuses.items() if submits(status))
 
-def make_plan(manifest: Manifest, *, max_in_flight: int | None = None) -> Plan:
-    """Estimate cost and wall time of a loaded manifest (``max_in_flight`` overrides limits)."""
-    specs = manifest.specs
-    overrides = manifest.pricing
-    costs = tuple(estimate_usd(spec, overrides) for spec in specs)
-    slots = max_in_flight or manifest.limits.max_in_flight
-    wall = estimate_wall_seconds(
-        (estimate_render_seconds(spec) for spec in specs),
-        slots=slots,
-        submit_rate=manifest.limits.submit_rate,
-    )
-    within: int | None = None
-    cap = manifest.budget.max_usd
-    if cap is not None:
-        spent, within = 0.0, 0
-        for cost in costs:  # the engine reserves in plan order and stops at the cap
-            if spent + cost > cap + 1e-9:
-                break
-            spent += cost
-            within += 1
-    return Plan(
-        manifest, costs, round(math.fsum(costs), 2), wall.seconds, wall.bound, slots, within
-    )
+    def removed(self) -> list[str]:
+        """Jobs of the run that the manifest no longer has (``run`` marks them skipped)."""
+        if self.previous is None or self.seen is None:
+            return []
+        return [job_id for job_id in self.previous if job_id not in self.seen]
 
-
-def totals(specs: Sequence[JobSpec], costs: Sequence[float]) -> dict[str, Any]:
-    """Job counts and estimated cost by model, by mode and by kind."""
-    out: dict[str, Any] = {}
-    for key, attr in (("by_model", "model"), ("by_mode", "mode"), ("by_kind", "kind")):
-        jobs: Counter[str] = Counter()
-        usd: defaultdict[str, float] = defaultdict(float)
-        for spec, cost in zip(specs, costs, strict=True):
-            value = str(getattr(spec, attr) or "-")
-            jobs[value] += 1
-            usd[value] += cost
-        out[key] = {k: {"jobs": jobs[k], "estimate_usd": round(usd[k], 2)} for k in jobs}
-    out["jobs"] = len(specs)
-    out["video_seconds"] = sum(spec.duration for spec in specs)
-    return out
-
-
-def plan_document(plan: Plan) -> dict[str, Any]:
-    """The ``plan --json`` document."""
-    m = plan.manifest
-    jobs = [
-        {
-            "id": spec.job_id,
-            "kind": spec.kind.value,
-            "model": spec.model,
-            "duration": spec.duration,
-            "size": spec.size,
-            "mode": spec.mode,
-            "fingerprint": spec.fingerprint,
-            "estimate_usd": cost,
-            "variables": spec.variables,
+    def totals(self) -> dict[str, Any]:
+        """Job counts and estimated cost by model, by mode and by kind."""
+        out: dict[str, Any] = {
+            key: {k: {"jobs": n, "estimate_usd": round(self.usd_by[key][k], 2)}
+                  for k, n in counter.items()}
+            for key, counter in self.by.items()
         }
-        for spec, cost in zip(m.specs, plan.costs, strict=True)
-    ]
-    return {
-        "name": m.name,
-        "jobs": jobs,
-        "totals": totals(m.specs, plan.costs),
-        "estimate_usd": plan.total_usd,
-        "estimate_seconds": round(plan.wall_seconds, 1),
+        out["jobs"] = self.count
+        out["video_seconds"] = self.video_seconds
+        return out
+
+
+def _job_json(row: _Row) -> dict[str, Any]:
+    spec = row.spec
+    job: dict[str, Any] = {
+        "id": spec.job_id, "kind": spec.kind.value, "model": spec.model,
+        "duration": spec.duration, "size": spec.size, "mode": spec.mode,
+        "prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "image": spec.image,
+        "image_tail": spec.image_tail, "fingerprint": spec.fingerprint,
+        "estimate_usd": row.cost, "variables": dict(spec.variables),
+    }
+    if row.status is not None:
+        job["against_run"] = row.status
+    return job
+
+
+#: Given the manifest's name, the run to compare against: ``(its jobs as {job_id:
+#: (fingerprint, state)}, its id, the money it has committed)``, or None for none.
+Against = Callable[[str], "tuple[Mapping[str, tuple[str, str]], str, float] | None"]
+
+
+def print_plan(path: Path, *, as_json: bool, max_in_flight: int | None,
+               against: Against | None = None) -> None:
+    """Load ``path`` and print its plan, against the run ``against`` finds for the manifest's
+    name (if any); ManifestError propagates (the CLI reports it, exit 2)."""
+    spool_fd, spool_name = tempfile.mkstemp(prefix="batchkling-plan-", suffix=".json")
+    try:
+        with os.fdopen(spool_fd, "w+", encoding="utf-8") as spool:
+            plans: list[Plan] = []
+
+            def on_settings(m: Manifest) -> None:
+                found = against(m.name) if against is not None else None
+                previous, run_id, committed_usd = found if found else (None, None, 0.0)
+                plans.append(Plan(m.name, m.pricing, max_in_flight or m.limits.max_in_flight,
+                                  m.limits.submit_rate, m.budget.max_usd, previous, run_id,
+                                  committed_usd, spool if as_json else None))
+
+            def on_job(spec: JobSpec) -> None:
+                if plans:  # without valid settings the load ends in ManifestError anyway
+                    plans[0].add(spec)
+
+            manifest = load_manifest(path, on_job=on_job, on_settings=on_settings)
+            plan = plans[0]
+            err = Console(stderr=True, highlight=False)
+            for warning in manifest.warnings:
+                err.print(f"warning: {warning}", markup=False, soft_wrap=True)
+            if as_json:
+                spool.seek(0)
+                _write_json(plan, manifest, spool, sys.stdout)
+                return
+        # A terminal gets its own width; a file or pipe gets room for long ids on one line.
+        out = Console(highlight=False)
+        if not out.is_terminal:
+            out = Console(highlight=False, width=160)
+        _print_human(plan, manifest, out)
+    finally:
+        os.unlink(spool_name)
+
+
+def _write_json(plan: Plan, manifest: Manifest, spool: TextIO, out: TextIO) -> None:
+    """The ``plan --json`` document, the jobs copied from the spool."""
+    m = manifest
+    tail: dict[str, Any] = {
+        "totals": plan.totals(),
+        "estimate_usd": round(plan.total_usd, 2),
+        "estimate_seconds": round(_wall(plan).seconds, 1),
         "estimate_basis": {
             "price_table_date": PRICE_TABLE_DATE,
             "price_table_source": PRICE_TABLE_SOURCE,
             "pricing_overrides": m.pricing or {},
             "max_in_flight": plan.slots,
             "submit_rate": m.limits.submit_rate,
-            "bound_by": plan.wall_bound,
+            "bound_by": _wall(plan).bound,
         },
         "budget": {
             "max_usd": m.budget.max_usd,
@@ -131,86 +262,85 @@ def plan_document(plan: Plan) -> dict[str, Any]:
         },
         "warnings": [str(w) for w in m.warnings],
     }
+    if plan.previous is not None:
+        tail["against_run"] = {
+            "run_id": plan.run_id,
+            "counts": dict(sorted(plan.statuses.items())),
+            "removed": len(plan.removed()),
+            "submitted_jobs": plan.submitted,
+            "estimate_usd_if_all_new": round(plan.all_usd, 2),
+            "committed_usd": round(plan.committed_usd, 2),
+        }
+    out.write('{"name": ' + json.dumps(m.name) + ', "jobs": [')
+    shutil.copyfileobj(spool, out, 1 << 20)
+    out.write("], " + json.dumps(tail, ensure_ascii=False)[1:] + "\n")
 
 
-def print_plan(path: Path, *, as_json: bool, max_in_flight: int | None) -> None:
-    """Load ``path`` and print its plan; ManifestError propagates (the CLI reports it, exit 2)."""
-    manifest = load_manifest(path)
-    err = Console(stderr=True, highlight=False)
-    for warning in manifest.warnings:
-        err.print(f"warning: {warning}", markup=False, soft_wrap=True)
-    plan = make_plan(manifest, max_in_flight=max_in_flight)
-    if as_json:
-        # Written directly: one machine-readable document, no wrapping or highlighting.
-        sys.stdout.write(json.dumps(plan_document(plan), ensure_ascii=False) + "\n")
-        return
-    # A terminal gets its own width; a file or pipe gets room for long ids on one line.
-    out = Console(highlight=False)
-    if not out.is_terminal:
-        out = Console(highlight=False, width=160)
-    _print_human(plan, out)
+def _wall(plan: Plan) -> Any:
+    assert plan.wall is not None
+    return plan.wall.result()
 
 
-def _rows(
-    specs: Sequence[JobSpec], costs: Sequence[float]
-) -> Iterable[tuple[int, JobSpec, float] | int]:
-    n = len(specs)
-    if n <= MAX_TABLE_ROWS:
-        yield from ((i, specs[i], costs[i]) for i in range(n))
-        return
-    yield from ((i, specs[i], costs[i]) for i in range(_EDGE_ROWS))
-    yield n - 2 * _EDGE_ROWS  # the number of rows left out
-    yield from ((i, specs[i], costs[i]) for i in range(n - _EDGE_ROWS, n))
-
-
-def _print_human(plan: Plan, out: Console) -> None:
-    m = plan.manifest
-    specs = m.specs
-    table = Table(title=f"{m.name}: {len(specs):,} job{'s' if len(specs) != 1 else ''}")
-    for column in ("#", "id", "kind", "model", "dur", "size", "mode"):
+def _print_human(plan: Plan, manifest: Manifest, out: Console) -> None:
+    m = manifest
+    n = plan.count
+    title = f"{m.name}: {n:,} job{'s' if n != 1 else ''}"
+    if plan.previous is not None:
+        title += f" against run {plan.run_id}"
+    table = Table(title=escape(title))
+    columns = ["#", "id", "kind", "model", "dur", "size", "mode", "prompt", "image"]
+    if plan.previous is not None:
+        columns.append("plan")
+    for column in columns:
         if column == "id":
             table.add_column(column, overflow="fold", min_width=12)  # ids are shown whole
+        elif column in ("prompt", "image"):
+            table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=_PROMPT_CELL)
         else:
             table.add_column(column, no_wrap=True)
     table.add_column("est. USD", justify="right")
-    for row in _rows(specs, plan.costs):
+    rows: list[_Row | int] = list(plan.head)
+    if n > MAX_TABLE_ROWS:
+        rows = [*plan.head[:_EDGE_ROWS], n - 2 * _EDGE_ROWS, *plan.tail]
+    for row in rows:
         if isinstance(row, int):
-            table.add_row("…", f"{row:,} more jobs not shown (use --json for all)", *[""] * 6)
+            table.add_row("…", f"{row:,} more jobs not shown (use --json for all)",
+                          *[""] * (len(columns) - 1))
             continue
-        i, spec, cost = row
-        table.add_row(
-            str(i + 1),
-            spec.job_id,
-            spec.kind.value,
-            spec.model,
-            f"{spec.duration}s",
-            spec.size,
-            spec.mode or "-",
-            f"{cost:.2f}",
-        )
+        spec = row.spec
+        cells = [str(row.index + 1), escape(spec.job_id), spec.kind.value, spec.model,
+                 f"{spec.duration}s", spec.size, spec.mode or "-",
+                 escape(_shorten(spec.prompt)), escape(_images(spec))]
+        if plan.previous is not None:
+            cells.append(row.status or "")
+        table.add_row(*cells, f"{row.cost:.2f}")
     out.print(table)
 
-    summary = Table(title="Totals (estimates)")
+    summary = Table(title="Totals (estimates, every job of the manifest)")
     for column in ("model", "mode", "jobs", "video s", "est. USD"):
         summary.add_column(column, justify="left" if column in ("model", "mode") else "right")
-    groups: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0, 0.0])
-    for spec, cost in zip(specs, plan.costs, strict=True):
-        g = groups[(spec.model, spec.mode or "-")]
-        g[0], g[1], g[2] = g[0] + 1, g[1] + spec.duration, g[2] + cost
-    for (model, mode), (jobs, seconds, usd) in sorted(groups.items()):
+    for (model, mode), (jobs, seconds, usd) in sorted(plan.groups.items()):
         summary.add_row(model, mode, f"{int(jobs):,}", f"{int(seconds):,}", f"{usd:,.2f}")
     out.print(summary)
 
+    if plan.previous is not None:
+        counts = ", ".join(f"{k} {v:,}" for k, v in sorted(plan.statuses.items()))
+        removed = len(plan.removed())
+        out.print(f"Against run {escape(plan.run_id or '')}: {counts}"
+                  + (f"; {removed:,} no longer in the manifest (would be skipped)"
+                     if removed else ""))
+        out.print(f"Would submit [bold]{plan.submitted:,}[/bold] of {n:,} jobs.")
     out.print(
-        f"Estimated cost: [bold]${plan.total_usd:,.2f}[/bold] — an ESTIMATE from the price "
-        f"table of {PRICE_TABLE_DATE} ({PRICE_TABLE_SOURCE})"
+        f"Estimated cost: [bold]${plan.total_usd:,.2f}[/bold]"
+        + (f" of ${plan.all_usd:,.2f} for every job" if plan.previous is not None else "")
+        + f" — an ESTIMATE from the price table of {PRICE_TABLE_DATE} ({PRICE_TABLE_SOURCE})"
         + ("; manifest pricing overrides applied" if m.pricing else "")
     )
+    wall = _wall(plan)
     out.print(
-        f"Estimated wall time: [bold]{_duration(plan.wall_seconds)}[/bold] with "
+        f"Estimated wall time: [bold]{_duration(wall.seconds)}[/bold] with "
         f"{plan.slots} task slot{'s' if plan.slots != 1 else ''} at "
-        f"{m.limits.submit_rate:g} creates/s (typical render times; bound by "
-        f"{plan.wall_bound})"
+        f"{m.limits.submit_rate:g} creates/s (typical render times; bound by {wall.bound})"
     )
     cap = m.budget.max_usd
     if cap is None:
@@ -219,11 +349,21 @@ def _print_human(plan: Plan, out: Console) -> None:
         out.print(
             f"[bold red]Budget: the estimate exceeds budget.max_usd ${cap:,.2f}[/bold red]; "
             f"a run would stop creating after about {plan.jobs_within_budget:,} of "
-            f"{len(specs):,} jobs."
+            f"{plan.submitted:,} jobs."
         )
     else:
         out.print(f"Budget: within budget.max_usd ${cap:,.2f}.")
     out.print("Nothing was submitted.")
+
+
+def _shorten(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _PROMPT_CELL else text[: _PROMPT_CELL - 1] + "…"
+
+
+def _images(spec: JobSpec) -> str:
+    names = [Path(p).name if "://" not in p else p for p in (spec.image, spec.image_tail) if p]
+    return " → ".join(names)
 
 
 def _duration(seconds: float) -> str:
@@ -232,3 +372,6 @@ def _duration(seconds: float) -> str:
     if hours:
         return f"{hours}h {minutes:02d}m"
     return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+__all__ = ["MAX_TABLE_ROWS", "Plan", "against_run", "print_plan", "submits"]

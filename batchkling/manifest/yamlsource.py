@@ -103,7 +103,9 @@ def format_path(path: Sequence[str | int]) -> str:
 
 def suggest(word: str, options: Sequence[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest option, or an empty string."""
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    # Case first: `PRO` is `pro` typed loudly, however little difflib thinks of the pair.
+    same = [option for option in options if option.lower() == word.lower()]
+    close = same or difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from batchkling.models import JobState
 from batchkling.outputs.atomic import atomic_text
+from batchkling.outputs.nextstep import job_next_step
 from batchkling.store import JobRow, Store
 
 COLUMNS = (
     "run_id", "job_id", "status", "model", "prompt", "negative_prompt", "duration", "size",
     "mode", "image", "image_tail", "task_id", "attempts", "video_url", "video_path",
     "video_uri", "video_sha256", "cost_usd", "error_code", "error_message", "submitted_at",
-    "completed_at", "render_seconds",
+    "completed_at", "render_seconds", "next_step",
 )
 
 # A spreadsheet runs cells starting with these as formulas (OWASP "CSV injection").
@@ -46,8 +48,9 @@ def _iso(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-def job_record(run_id: str, row: JobRow, *, download: bool) -> dict[str, Any]:
-    """One CSV row as a mapping (unescaped)."""
+def job_record(run_id: str, row: JobRow, *, download: bool,
+               where: Sequence[str] = ()) -> dict[str, Any]:
+    """One CSV row as a mapping (unescaped); ``where`` locates the store for ``next_step``."""
     spec = row.spec
     return {
         "run_id": run_id,
@@ -73,12 +76,16 @@ def job_record(run_id: str, row: JobRow, *, download: bool) -> dict[str, Any]:
         "submitted_at": _iso(row.submitted_at),
         "completed_at": _iso(row.completed_at),
         "render_seconds": "" if row.render_seconds is None else f"{row.render_seconds:.1f}",
+        "next_step": job_next_step(run_id, row.job_id, row.state.value, error_code=row.error_code,
+                                   retryable=row.retryable, where=where),
         **{f"var.{k}": v for k, v in spec.variables.items()},
     }
 
 
-async def write_results(store: Store, run_id: str, dest: Path, *, download: bool) -> Path:
-    """Write the run's CSV to ``dest`` atomically (temp file, fsync, rename)."""
+async def write_results(store: Store, run_id: str, dest: Path, *, download: bool,
+                        where: Sequence[str] = ()) -> Path:
+    """Write the run's CSV to ``dest`` atomically (temp file, fsync, rename); ``where`` are
+    the options the ``next_step`` commands need to find the store."""
     var_names: dict[str, None] = {}
     async for row in store.iter_jobs(run_id):
         for name in row.spec.variables:
@@ -88,7 +95,7 @@ async def write_results(store: Store, run_id: str, dest: Path, *, download: bool
         writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore", restval="")
         writer.writeheader()
         async for row in store.iter_jobs(run_id):
-            record = job_record(run_id, row, download=download)
+            record = job_record(run_id, row, download=download, where=where)
             writer.writerow({k: escape_cell(v) for k, v in record.items()})
     return dest
 

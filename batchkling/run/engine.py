@@ -393,8 +393,7 @@ class Engine:
             return None
         await self._set(job, JobState.UNKNOWN, "job.unknown", error_code="ambiguous_create",
                         error_message=f"{why}; the provider offers no lookup, so the task may or"
-                        f" may not exist. `batchkling retry {self.run_id} --unknown` resubmits "
-                        "it with the same idempotency key")
+                        " may not exist (next_step says what to do)")
         self.log.warning("job.unknown", job_id=job.job_id, reason=why)
         return None
 

@@ -34,11 +34,12 @@ import httpx
 from batchkling.clock import Clock, SystemClock
 from batchkling.errors import BatchklingError, ConfigError, WorkerFenced, unwrapped_groups
 from batchkling.logs import get_logger, redactor, run_log
-from batchkling.models import TERMINAL, JobState, RunSummary
+from batchkling.models import LEASE_STALE_AFTER, TERMINAL, JobState, RunSummary
+from batchkling.outputs.nextstep import location_args
 from batchkling.outputs.objectstore import ObjectStore
 from batchkling.outputs.report import write_report
 from batchkling.outputs.results import csv_status, write_results
-from batchkling.outputs.views import eta_seconds
+from batchkling.outputs.views import ENDED_EVENT, eta_seconds
 from batchkling.providers.base import Provider
 from batchkling.providers.http import HttpClient
 from batchkling.run.engine import Engine, EngineOptions
@@ -60,8 +61,9 @@ EXIT_OK, EXIT_FAILED, EXIT_INCOMPLETE, EXIT_ACCOUNT, EXIT_INTERRUPTED = 0, 1, 3,
 EXIT_FENCED = 5
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HEARTBEAT = 5.0
-#: Seconds without a heartbeat after which a worker is presumed dead (``--stale-after``).
-STALE_AFTER = 30.0
+#: Seconds without a heartbeat after which a worker is presumed dead (``--stale-after``);
+#: the screens' liveness rule goes by the same figure.
+STALE_AFTER = LEASE_STALE_AFTER
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +106,20 @@ def _private_host(host: str) -> bool:
 
 
 class Orchestrator:
-    """Runs (or resumes, or retries) one run id. Use as an async context manager, once."""
+    """Runs (or resumes, or retries) one run id. Use as an async context manager, once.
+
+    Options (all keyword): ``run_id`` (default: the manifest's name; ``{date}`` expands),
+    ``workdir`` (default ``$BATCHKLING_HOME`` or ``./jobs``), ``env`` (where API keys are read,
+    default ``os.environ``), ``base_url`` (overrides the manifest's provider URL),
+    ``simulated`` (marks the run as one against a simulator — it starts none: start
+    ``batchkling.simulator.SimulatorServer`` yourself and pass its ``base_url``, as
+    ``--simulate`` does), ``max_in_flight``, ``min_poll_interval``, ``time_scale`` (> 1 when
+    the provider renders faster than real time: deadlines and poll intervals shrink with it),
+    ``transport`` (any httpx transport instead of the network), ``clock``, ``store`` (an
+    open-able :class:`~batchkling.store.Store` instead of ``workdir/batchkling.db``),
+    ``provider`` (an adapter instance) and ``seed`` (for jitter). Nothing is printed: events go
+    to ``run.log``, and to the console only after :func:`batchkling.logs.configure_logging`.
+    """
 
     def __init__(
         self,
@@ -223,10 +238,11 @@ class Orchestrator:
         if manifest is None:
             return await self.resume()
         existing = await self.store.get_run(self.run_id)
-        if existing is not None and existing.simulated != self.simulated:
-            where = "the simulator" if existing.simulated else "the real provider"
-            raise ConfigError(f"run {self.run_id!r} was started against {where}; "
-                              "pick another --run-id for this one")
+        if existing is not None and existing.simulated and not self.simulated:
+            await self._replace_rehearsal()
+        elif existing is not None and existing.simulated != self.simulated:
+            raise ConfigError(f"run {self.run_id!r} holds tasks of the real provider; a "
+                              "simulation must not touch them: pick another --run-id")
         if self.output_store:
             manifest = manifest.with_output_store(self.output_store)
         config_json, source_text = _snapshot(manifest)
@@ -277,6 +293,20 @@ class Orchestrator:
                                      execute=False)
         counts = await self.store.counts(self.run_id)
         return {state.value: n for state, n in counts.items()}
+
+    async def _replace_rehearsal(self) -> None:
+        """A real run of an id last used with the simulator starts afresh.
+
+        The rehearsal's records would make the real run skip every job it "finished" and keep
+        its placeholder videos as results, so they go, with its folder (nothing real is lost:
+        a simulated run pays for nothing). Refused while the rehearsal is still running.
+        """
+        from batchkling.run.forget import forget_in
+
+        jobs, _folder = await forget_in(self.store, self.run_id, self.run_dir)
+        self.log.warning("run.rehearsal_replaced", simulated_jobs=jobs,
+                         note="this id was last run with --simulate; its simulated records and "
+                              "videos were removed and this real run starts afresh")
 
     async def resume(self) -> RunSummary:
         """Continue an existing run from its snapshot; no manifest file needed."""
@@ -370,17 +400,20 @@ class Orchestrator:
                                                now=self.clock.wall())
 
     async def _sync(self, manifest: Manifest) -> None:
+        from batchkling.manifest.plan import against_run
+
         known = await self.store.job_index(self.run_id)
         added, changed, reordered = [], [], []
         seen: set[str] = set()
         for seq, spec in enumerate(manifest.expand()):
             seen.add(spec.job_id)
             previous = known.get(spec.job_id)
-            if previous is None:
+            # The same rule as `plan` against a run, so the plan's counts are what happens.
+            action = against_run(spec, None if previous is None else
+                                 (previous[0], previous[1].value))
+            if action == "new":
                 added.append((seq, spec))
-            elif previous[0] != spec.fingerprint and previous[1] not in (
-                JobState.SUBMITTING, JobState.SUBMITTED, JobState.RUNNING
-            ):
+            elif action == "changed":
                 changed.append((seq, spec))
             else:
                 reordered.append((seq, spec.job_id))
@@ -453,8 +486,6 @@ class Orchestrator:
         for job_state, n in counts.items():
             key = csv_status(job_state, download=options.download)
             by_status[key] = by_status.get(key, 0) + n
-        spent, committed = await self.store.money(self.run_id)
-        units = await self.store.units(self.run_id)
         stop = engine.stop
         if self._interrupted:
             code, state = EXIT_INTERRUPTED, "interrupted"
@@ -467,32 +498,46 @@ class Orchestrator:
         else:
             code, state = EXIT_OK, "finished"
         reason = "interrupted" if self._interrupted else stop.reason
-        # The run's state first: the files below show it.
+        kind = "interrupted" if self._interrupted else stop.kind
+        now = self.clock.wall()
+        # The run's state first: the files below show it (the lease is still this process's
+        # until it returns), and `status` names the next step from the end record.
         if self._member:
             # A cooperating worker ends the run only when nobody drives it and nothing is left.
             ended = not self._interrupted and await self.store.close_run(
-                self.run_id, state, reason, self.clock.wall())
+                self.run_id, state, reason, now)
         else:
-            await self.store.set_run_state(self.run_id, state, reason, self.clock.wall())
+            await self.store.set_run_state(self.run_id, state, reason, now)
             ended = True
         csv_path: Path | None = None
+        report_path: Path | None = None
         if ended:
+            await self.store.log_event(self.run_id, None, now, ENDED_EVENT,
+                                       {"exit_code": code, "stop_kind": kind, "state": state})
             csv_path = await write_results(self.store, self.run_id,
                                            self.run_dir / "results.csv",
-                                           download=options.download)
+                                           download=options.download,
+                                           where=location_args(self.workdir))
+            report_path = self.run_dir / "report.html"
             try:
-                await write_report(self.store, self.run_id, self.run_dir / "report.html",
+                await write_report(self.store, self.run_id, report_path, state=state,
+                                   exit_code=code, stop_kind=kind, workdir=self.workdir,
                                    objects=self._objects, env=self.env)
             except OSError as exc:
                 # The page is a convenience view; the CSV and the DB are the record.
                 self.log.warning("run.report_failed", error=str(exc))
+                report_path = None
+        spent, committed = await self.store.money(self.run_id)
+        units = await self.store.units(self.run_id)
         self.log.info("run.finished", state=state, exit_code=code, counts=by_status,
                       cost_usd=round(spent, 4), polls=engine.polls, stop_reason=reason,
                       peak_in_flight=engine.slot_peak, slot_limit=engine.slot_limit)
         return RunSummary(run_id=self.run_id, counts=by_status, cost_usd=spent,
                           stop_reason=reason, exit_code=code,
                           results_csv=str(csv_path) if csv_path else None,
-                          cost_units=units, committed_usd=committed)
+                          cost_units=units, committed_usd=committed, stop_kind=kind,
+                          states={s.value: n for s, n in counts.items()},
+                          report_html=None if report_path is None else str(report_path))
 
     # ---- configuration -------------------------------------------------------------------
 

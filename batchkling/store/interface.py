@@ -18,6 +18,7 @@ raises :class:`~batchkling.errors.WorkerFenced`.
 from __future__ import annotations
 
 import abc
+import difflib
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -113,7 +114,12 @@ class Store(abc.ABC):
         """The run with this id; :class:`RunNotFound` if there is none."""
         run = await self.get_run(run_id)
         if run is None:
-            raise RunNotFound(f"no run {run_id!r} in {self.location}")
+            ids = [r.run_id for r in await self.list_runs()]
+            close = difflib.get_close_matches(run_id, ids, n=1, cutoff=0.6)
+            hint = (f" (did you mean {close[0]!r}?)" if close else
+                    f"; it has {len(ids)} other run{'s' if len(ids) != 1 else ''}: "
+                    "`batchkling status` lists them" if ids else "; it has no runs yet")
+            raise RunNotFound(f"no run {run_id!r} in {self.location}{hint}")
         return run
 
     @abc.abstractmethod
@@ -331,6 +337,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def attempts(self, run_id: str, job_id: str) -> list[dict[str, Any]]:
         """The job's attempts, oldest first."""
+
+    @abc.abstractmethod
+    async def events(
+        self, run_id: str, job_id: str | None, *, last: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Events as ``{"at", "event", "data"}``, oldest first: one job's, or with ``job_id``
+        None the run's own (how each invocation ended). ``last`` keeps only the newest ones."""
+
+    @abc.abstractmethod
+    async def forget_run(self, run_id: str) -> int:
+        """Delete the run with its jobs, attempts and events in one transaction; return how many
+        jobs it had. The caller holds the run's lease, so no runner is using it."""
 
     @abc.abstractmethod
     async def transition(

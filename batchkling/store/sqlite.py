@@ -683,6 +683,16 @@ class SqliteStore(Store):
     ) -> list[JobRow]:
         """Jobs in any of ``states``, in manifest order, a page at a time."""
         wanted = [s.value for s in states]
+        if len(set(wanted)) == len(JobState):
+            # Every job: walk the (run_id, seq) index. With the IN list SQLite gathered and
+            # sorted every job after the cursor for each page, O(n) memory and O(n²) time
+            # over a whole run (90 MB and seconds per pass at 100,000 jobs).
+            rows = await self._fetchall(
+                f"{JOB_SELECT} INDEXED BY jobs_by_seq WHERE run_id = ? AND seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (run_id, after_seq, limit),
+            )
+            return [job_row(r) for r in rows]
         marks = ",".join("?" * len(wanted))
         rows = await self._fetchall(
             f"{JOB_SELECT} WHERE run_id = ? AND state IN ({marks}) AND seq > ?"
@@ -730,6 +740,28 @@ class SqliteStore(Store):
         rows = await self._fetchall(
             f"{ATTEMPT_SELECT} WHERE run_id = ? AND job_id = ? ORDER BY number", (run_id, job_id))
         return [dict(zip(ATTEMPT_KEYS, r, strict=True)) for r in rows]
+
+    async def events(
+        self, run_id: str, job_id: str | None, *, last: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Events as ``{"at", "event", "data"}``, oldest first: one job's, or the run's own."""
+        who = "job_id = ?" if job_id is not None else "job_id IS NULL"
+        params: list[Any] = [run_id] if job_id is None else [run_id, job_id]
+        # Newest first with a LIMIT walks the (run_id, id) index back from the end.
+        sql = f"SELECT at, event, data FROM events WHERE run_id = ? AND {who} ORDER BY id DESC"
+        if last is not None:
+            sql += " LIMIT ?"
+            params.append(last)
+        rows = await self._fetchall(sql, params)
+        return [{"at": float(at), "event": event, "data": None if data is None else
+                 json.loads(data)} for at, event, data in reversed(rows)]
+
+    async def forget_run(self, run_id: str) -> int:
+        """Delete the run with its jobs, attempts and events in one transaction."""
+        rows = await self._fetchall("SELECT COUNT(*) FROM jobs WHERE run_id = ?", (run_id,))
+        await self._write([(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+                           for table in ("events", "attempts", "jobs", "runs")])
+        return int(rows[0][0])
 
     async def transition(
         self,

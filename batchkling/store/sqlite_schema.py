@@ -132,6 +132,9 @@ CREATE TABLE IF NOT EXISTS workers (
     beat REAL NOT NULL,
     stop_reason TEXT
 );
+-- Paging through every job of a run in manifest order (the CSV, the report). A transition
+-- does not change seq, so it never touches this index.
+CREATE INDEX IF NOT EXISTS jobs_by_seq ON jobs (run_id, seq);
 CREATE TABLE IF NOT EXISTS attempts (
     run_id TEXT NOT NULL,
     job_id TEXT NOT NULL,
