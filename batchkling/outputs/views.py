@@ -41,6 +41,38 @@ async def _summary(store: Store, run: RunRow) -> dict[str, Any]:
     }
 
 
+async def workers_table(db: Store, run_id: str | None = None) -> list[dict[str, Any]]:
+    """The live workers (those serving ``run_id``, or all), each with the jobs it drives."""
+    held = await db.held_by_workers()
+    found = []
+    for worker in await db.list_workers(alive_only=True):
+        if run_id is not None and worker.runs is not None and run_id not in worker.runs:
+            continue
+        found.append({
+            "worker_id": worker.worker_id, "host": worker.host, "pid": worker.pid,
+            "runs": worker.runs, "started_at": worker.started_at,
+            "silent_for": round(worker.silent_for, 1),
+            "holds": held.get(worker.worker_id, {}),
+        })
+    return found
+
+
+def print_workers(workers: list[dict[str, Any]]) -> None:
+    """``status``'s lines for the live workers."""
+    from rich.console import Console
+
+    console = Console()
+    if not workers:
+        return
+    console.print(f"[bold]live workers[/] ({len(workers)})")
+    for worker in workers:
+        holds = ", ".join(f"{n} {state}" for state, n in sorted(worker["holds"].items()))
+        serves = "every open run" if worker["runs"] is None else ", ".join(worker["runs"])
+        console.print(f"  {worker['worker_id']}  pid {worker['pid']} on {worker['host']} · "
+                      f"serves {serves} · heard from {worker['silent_for']:.0f}s ago · "
+                      f"drives {holds or 'nothing'}")
+
+
 async def runs_table(workdir: Path, store: Location = None) -> list[dict[str, Any]]:
     """One summary per run in the store (default: the workdir's), newest first."""
     async with _db(workdir, store) as db:
@@ -81,7 +113,14 @@ async def run_status(workdir: Path, run_id: str, *, now: float | None = None,
             key = f"{row.state.value}: {row.error_code or '-'}"
             reasons[key] = reasons.get(key, 0) + 1
         data["problems"] = reasons
+        data["workers"] = await workers_table(db, run_id)
         return data
+
+
+async def live_workers(workdir: Path, store: Location = None) -> list[dict[str, Any]]:
+    """Every live worker in the store, with what it drives."""
+    async with _db(workdir, store) as db:
+        return await workers_table(db)
 
 
 async def export_csv(workdir: Path, run_id: str, output: Path | None,
@@ -116,6 +155,7 @@ def print_status(data: Any, *, single: bool) -> None:
             console.print(f"last stop: {data['stop_reason']}")
         for reason, n in data.get("problems", {}).items():
             console.print(f"  {n} × {reason}")
+        print_workers(data.get("workers", []))
         return
     if not data:
         console.print("no runs yet")
