@@ -290,3 +290,18 @@ def test_status_lists_live_workers_and_what_they_drive(tmp_path: Path, workdir: 
     assert "w-gone" not in text
     listing = CliRunner().invoke(cli, ["status", "--workdir", str(workdir)])
     assert "w-busy" in listing.output and "live workers (1)" in listing.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_kill_and_pause_soak_in_small(tmp_path: Path) -> None:
+    """The soak of tests/soak_kill_pause.py in small: runners SIGKILLed, and SIGSTOPped while a
+    second runner takes over: no key created twice, no job lost, the paused runners fenced."""
+    from soak_kill_pause import soak
+
+    result = soak(tmp_path, kills=6, pauses=2, jobs=20, seed=11)
+    assert result.duplicate_keys == []
+    assert result.integrity == "ok"
+    assert result.states == {"downloaded": 20}
+    assert result.creates == 20
+    assert result.pauses == 2 and result.fenced == 2
