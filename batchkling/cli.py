@@ -554,11 +554,13 @@ def status(run_id: str | None, workdir: Path, store: str | None, as_json: bool) 
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
-    from batchkling.outputs.views import print_status
+    from batchkling.outputs.views import live_workers, print_status, print_workers
     from batchkling.store import store_from
 
     print_status(data, single=run_id is not None, store=store_from(location).location
                  if store else str((workdir / "batchkling.db").absolute()))
+    if not run_id and data:
+        print_workers(_run_async(lambda: live_workers(workdir, location)))
 
 
 @cli.command()

@@ -181,7 +181,7 @@ def test_readme_documents_the_screens() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     table = readme[readme.index("### Exit codes"):readme.index("A first Ctrl-C")]
     rows = dict(re.findall(r"^\| (\d+) \|[^|]*\| (.+) \|$", table, re.M))
-    assert sorted(rows, key=int) == ["0", "1", "2", "3", "4", "130"]
+    assert sorted(rows, key=int) == ["0", "1", "2", "3", "4", "5", "130"]
     for code in ("1", "3", "4", "130"):
         assert "`batchkling " in rows[code], code
     assert "retry RUN_ID --unknown" in rows["3"] and "budget.max_usd" in rows["3"]

@@ -17,13 +17,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import anyio
 import pytest
+import yaml
 from conftest import wait_until_running
 
 from batchkling.simulator import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, SimulatorServer
-from batchkling.testing import write_manifest
+from batchkling.simulator.state import account_label
+from batchkling.testing import VirtualSim, write_manifest
 
 KLING_ENV = {"KLING_ACCESS_KEY": DEFAULT_ACCESS_KEY, "KLING_SECRET_KEY": DEFAULT_SECRET_KEY}
 SPEED = 300.0
@@ -187,3 +190,118 @@ def test_four_workers_killed_and_paused_share_ten_slots(tmp_path: Path, workdir:
     code, err = _finish(worker())
     assert code == 0, err
     _check_every_job_paid_once(workdir, sim, n)
+
+
+class TestAccountPools:
+    """Several keys of one provider: jobs go to any account with a free slot."""
+
+    KEYS: ClassVar[dict[str, str]] = {"POOL_KEY_A": "sk-pool-a-0001",
+                                      "POOL_KEY_B": "sk-pool-b-0002",
+                                      "POOL_KEY_C": "sk-pool-c-0003"}
+
+    def _manifest(self, tmp_path: Path, accounts: list[dict[str, Any]], n: int) -> Path:
+        data = {
+            "version": 1, "name": "pool",
+            "provider": {"name": "imarouter", "base_url": VirtualSim.base_url,
+                         "accounts": accounts},
+            "limits": {"max_in_flight": 8, "submit_rate": 50, "task_timeout": "2h"},
+            "jobs": [{"id": f"job-{i:03d}", "prompt": f"scene {i}"} for i in range(n)],
+        }
+        path = tmp_path / "pool.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        return path
+
+    async def _makespan(self, tmp_path: Path, accounts: list[dict[str, Any]],
+                        account_slots: list[str], n: int) -> tuple[float, dict[str, Any]]:
+        vs = VirtualSim(self.KEYS, account_slots=account_slots)
+        folder = tmp_path / f"run-{len(accounts)}"
+        folder.mkdir()
+        start = vs.clock.monotonic()
+        summary = await vs.run(self._manifest(folder, accounts, n), folder / "jobs")
+        assert summary.exit_code == 0, summary
+        return vs.clock.monotonic() - start, vs.stats()
+
+    async def test_two_accounts_of_five_and_three_slots(self, tmp_path: Path) -> None:
+        """Accounts of 5 and 3 slots hold at most 5 and 3 tasks, nothing is refused, and the
+        pool finishes within 10 % of one 8-slot account on the same render times."""
+        n = 40
+        pooled, stats = await self._makespan(
+            tmp_path,
+            [{"api_key_env": "POOL_KEY_A", "max_in_flight": 5},
+             {"api_key_env": "POOL_KEY_B", "max_in_flight": 3}],
+            ["sk-pool-a-0001=5", "sk-pool-b-0002=3"], n)
+        peaks = stats["peak_slots_by_account"]
+        assert peaks == {account_label("sk-pool-a-0001"): 5, account_label("sk-pool-b-0002"): 3}
+        assert stats["rejected"].get("slots", 0) == 0
+        assert stats["creates"] == n and stats["duplicate_keys"] == []
+        single, one = await self._makespan(
+            tmp_path, [{"api_key_env": "POOL_KEY_C", "max_in_flight": 8}],
+            ["sk-pool-c-0003=8"], n)
+        assert one["peak_slots_by_account"] == {account_label("sk-pool-c-0003"): 8}
+        assert pooled <= single * 1.10, (pooled, single)
+
+    async def test_adding_a_key_adds_throughput(self, tmp_path: Path) -> None:
+        """A second 4-slot key roughly halves the makespan of a 4-slot key alone."""
+        n = 32
+        alone, _ = await self._makespan(
+            tmp_path, [{"api_key_env": "POOL_KEY_A", "max_in_flight": 4}],
+            ["sk-pool-a-0001=4"], n)
+        both, stats = await self._makespan(
+            tmp_path, [{"api_key_env": "POOL_KEY_A", "max_in_flight": 4},
+                       {"api_key_env": "POOL_KEY_B", "max_in_flight": 4}],
+            ["sk-pool-a-0001=4", "sk-pool-b-0002=4"], n)
+        assert both < alone * 0.65, (both, alone)
+        assert set(stats["peak_slots_by_account"].values()) == {4}
+
+
+def test_status_lists_live_workers_and_what_they_drive(tmp_path: Path, workdir: Path) -> None:
+    """`status` names every live worker, where it runs, and the jobs it drives; a worker that
+    stopped is not listed."""
+    from click.testing import CliRunner
+
+    from batchkling.cli import cli
+    from batchkling.models import JobSpec
+    from batchkling.store.interface import ClaimOutcome, Intent
+    from batchkling.store.sqlite import SqliteStore
+
+    async def setup() -> None:
+        async with SqliteStore(workdir / "batchkling.db") as store:
+            await store.save_run(RUN, manifest_path=None, manifest_text=None,
+                                 config_json="{}", provider="imarouter", base_url="http://x",
+                                 simulated=False, now=1.0)
+            specs = [JobSpec(job_id=f"j{i}", model="kling-v2-6", prompt="p", duration=5,
+                             size="16:9") for i in range(3)]
+            await store.sync_jobs(RUN, added=list(enumerate(specs)), changed=[], reordered=[],
+                                  removed=[], now=1.0)
+            await store.ensure_account("acct", provider="imarouter", max_in_flight=5, now=1.0)
+            for worker in ("w-busy", "w-gone"):
+                await store.register_worker(worker, runs=None, now=1.0)
+            claim = await store.claim(RUN, worker_id="w-busy", account_id="acct", slot_cap=5,
+                                      intent=lambda job: Intent((1, f"k-{job.job_id}"), 0.1),
+                                      max_usd=None, now=2.0)
+            assert claim.outcome is ClaimOutcome.CLAIMED
+            await store.retire_worker("w-gone", state="stopped", reason=None, now=2.0)
+
+    anyio.run(setup)
+    result = CliRunner().invoke(cli, ["status", RUN, "--workdir", str(workdir)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # rich wraps at the terminal's width
+    assert "w-busy" in text and "drives 1 submitting" in text
+    assert "w-gone" not in text
+    listing = CliRunner().invoke(cli, ["status", "--workdir", str(workdir)])
+    assert "w-busy" in listing.output and "live workers (1)" in listing.output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_kill_and_pause_soak_in_small(tmp_path: Path) -> None:
+    """The soak of tests/soak_kill_pause.py in small: runners SIGKILLed, and SIGSTOPped while a
+    second runner takes over: no key created twice, no job lost, the paused runners fenced."""
+    from soak_kill_pause import soak
+
+    result = soak(tmp_path, kills=6, pauses=2, jobs=20, seed=11)
+    assert result.duplicate_keys == []
+    assert result.integrity == "ok"
+    assert result.states == {"downloaded": 20}
+    assert result.creates == 20
+    assert result.pauses == 2 and result.fenced == 2

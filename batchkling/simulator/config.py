@@ -40,6 +40,9 @@ class SimConfig:
 
     # The account: one pool shared by both API shapes.
     slot_limit: int | None = None
+    # Separate accounts on the ImaRouter shape, each with its own slots: "KEY=N" per bearer key
+    # (a key not listed shares `slot_limit`). Stats name them acct-<first 8 hex of sha256(key)>.
+    account_slots: tuple[str, ...] = ()
     rate_limit_per_s: float | None = None  # creates per real second (token bucket)
     retry_after_s: float = 1.0  # real seconds, sent as Retry-After on rate-limit answers
     credits_after_creates: int | None = None  # out of credit once this many tasks exist
@@ -187,6 +190,10 @@ def _check(cfg: SimConfig) -> None:
         raise ValueError(
             f"fail_reasons must be a non-empty list of {', '.join(FAIL_KINDS)}; got {bad or '[]'}"
         )
+    for entry in cfg.account_slots:
+        key, _, n = entry.rpartition("=")
+        if not key or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"account_slots entries are KEY=N with N ≥ 1, got {entry!r}")
     if not cfg.access_key or not cfg.secret_key:
         raise ValueError("access_key and secret_key may not be empty")
 

@@ -213,17 +213,19 @@ async def create(request: Request) -> Response:
         sim.reject("credits")
         return error(402, "insufficient_quota",
                      "Insufficient quota: the account balance cannot pay for this task")
-    if sim.slots_full():
+    account = sim.account_of(bearer(request))
+    if sim.slots_full(account):
         sim.reject("slots")
+        limit = cfg.slot_limit if account is None else sim.account_limits[account]
         return error(429, "concurrency_limit_exceeded",
                      f"Concurrency limit exceeded: the account's parallel task limit "
-                     f"({cfg.slot_limit}) is reached; retry when a task finishes")
+                     f"({limit}) is reached; retry when a task finishes")
     faults = sim.draw_create_faults()
     if faults.status_before is not None:
         sim.reject("server_error")
         return error(faults.status_before, "upstream_error", "Upstream service error; try again")
     task = sim.create_task(SHAPE, spec, key=key, external_task_id=external, idempotency_key=idem,
-                           callback_url=meta.get("callback_url"), base=base)
+                           callback_url=meta.get("callback_url"), base=base, account=account)
     if faults.status_after is not None:
         sim.reject("server_error_after_create")
         return error(faults.status_after, "upstream_error", "Upstream service error; try again")

@@ -51,6 +51,7 @@ class Task:
     pick: int  # per-task draw for cosmetic choices (status synonyms, reason field)
     completion_seen: bool = False
     last_callback: str | None = None
+    account: str | None = None  # the account (of `account_slots`) whose slot it holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,12 @@ class SimState:
         self.by_idem: dict[str, Task] = {}
         self.by_external: dict[str, Task] = {}
         self._ends: list[tuple[float, int]] = []
+        # Accounts of their own (config.account_slots): slots held and the peak, per account.
+        self.account_limits = {account_label(key): int(n) for key, _, n in
+                               (e.rpartition("=") for e in config.account_slots)}
+        self.account_slots: Counter[str] = Counter()
+        self.account_peaks: Counter[str] = Counter()
+        self._task_accounts: dict[int, str] = {}
         self.slots_in_use = 0
         self.peak_slots = 0
         self.counters = _Counters()
@@ -210,12 +217,25 @@ class SimState:
         now = self.sim_now() if now is None else now
         ends = self._ends
         while ends and ends[0][0] <= now:
-            heapq.heappop(ends)
-            self.slots_in_use -= 1
+            _end, n = heapq.heappop(ends)
+            account = self._task_accounts.pop(n, None)
+            if account is None:
+                self.slots_in_use -= 1
+            else:
+                self.account_slots[account] -= 1
 
-    def slots_full(self) -> bool:
-        """True when every account slot is held by an unfinished task."""
+    def account_of(self, key: str | None) -> str | None:
+        """The account of its own that a bearer key names (``account_slots``), if any."""
+        if key is None or not self.account_limits:
+            return None
+        label = account_label(key)
+        return label if label in self.account_limits else None
+
+    def slots_full(self, account: str | None = None) -> bool:
+        """True when every slot of the account (the shared pool by default) is held."""
         self.prune()
+        if account is not None:
+            return self.account_slots[account] >= self.account_limits[account]
         limit = self.config.slot_limit
         return limit is not None and self.slots_in_use >= limit
 
@@ -268,6 +288,7 @@ class SimState:
         idempotency_key: str | None = None,
         callback_url: str | None = None,
         base: str = "",
+        account: str | None = None,
     ) -> Task:
         """Create a task, draw its fate from its own seeded stream, and take a slot."""
         cfg, c = self.config, self.counters
@@ -300,7 +321,7 @@ class SimState:
         else:  # moderation fails early, internal errors late
             ends = started + render * (0.2 if outcome == "content_policy" else 0.6)
         task = Task(n, self._task_id(shape, n), shape, spec, key, external_task_id, callback_url,
-                    now, self.wall_now(), started, render, ends, outcome, pick)
+                    now, self.wall_now(), started, render, ends, outcome, pick, account=account)
         c.creates = n
         if key is None:
             c.creates_without_key += 1
@@ -321,8 +342,14 @@ class SimState:
             self.by_idem.setdefault(idempotency_key, task)
         self.prune(now)
         if task.ends_sim > now:
-            self.slots_in_use += 1
-            self.peak_slots = max(self.peak_slots, self.slots_in_use)
+            if task.account is None:
+                self.slots_in_use += 1
+                self.peak_slots = max(self.peak_slots, self.slots_in_use)
+            else:
+                self.account_slots[task.account] += 1
+                self.account_peaks[task.account] = max(self.account_peaks[task.account],
+                                                       self.account_slots[task.account])
+                self._task_accounts[task.n] = task.account
             if math.isfinite(task.ends_sim):
                 heapq.heappush(self._ends, (task.ends_sim, task.n))
 
@@ -432,6 +459,7 @@ class SimState:
             "downloads": c.downloads,
             "slots_in_use": self.slots_in_use,
             "peak_slots": self.peak_slots,
+            "peak_slots_by_account": dict(self.account_peaks),
             "slot_limit": self.config.slot_limit,
             "rejected": dict(c.rejected),
             "image_forms": dict(c.image_forms),
@@ -464,3 +492,8 @@ class SimState:
             }
             for t in self.tasks.values()
         ]
+
+
+def account_label(key: str) -> str:
+    """How stats name an account of ``account_slots``: never the key itself."""
+    return "acct-" + hashlib.sha256(key.encode()).hexdigest()[:8]

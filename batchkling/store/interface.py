@@ -174,6 +174,10 @@ class Store(abc.ABC):
         """Workers, most recently heard of first."""
 
     @abc.abstractmethod
+    async def held_by_workers(self) -> dict[str, dict[str, int]]:
+        """``{worker_id: {state: jobs}}``: what each worker drives now (for ``status``)."""
+
+    @abc.abstractmethod
     async def acquire_lease(self, run_id: str, worker_id: str, *, stale_after: float,
                             now: float) -> None:
         """Make ``worker_id`` the run's driver, or raise :class:`~batchkling.errors.RunLocked`.

@@ -339,6 +339,16 @@ class SqliteStore(Store):
                           stop_reason=r[9])
                 for r in rows]
 
+    async def held_by_workers(self) -> dict[str, dict[str, int]]:
+        """``{worker_id: {state: jobs}}`` for every worker that drives a job."""
+        rows = await self._fetchall(
+            "SELECT worker_id, state, COUNT(*) FROM jobs WHERE worker_id IS NOT NULL"
+            " GROUP BY worker_id, state")
+        held: dict[str, dict[str, int]] = {}
+        for worker_id, state, n in rows:
+            held.setdefault(worker_id, {})[state] = int(n)
+        return held
+
     async def acquire_lease(self, run_id: str, worker_id: str, *, stale_after: float,
                             now: float) -> None:
         """Make ``worker_id`` the run's driver, or raise :class:`RunLocked`; a stale holder is
