@@ -71,14 +71,15 @@ class TestHintsMakeProgress:
         path = _manifest(tmp_path, sim, budget={"max_usd": 0.5})
         first = _invoke("run", str(path), "--workdir", str(workdir), "--speed", SPEED)
         assert first.exit_code == 3, first.output
-        assert _states(workdir) == {"pending": 1, "downloaded": 2}
+        stopped = _states(workdir)
+        assert stopped.get("pending", 0) >= 1 and stopped.get("downloaded", 0) >= 1, stopped
         hint_line = next(line for line in first.output.splitlines() if "budget.max_usd" in line
                          and line.startswith("batchkling: next:"))
         assert str(path) in hint_line
         hints = _hints(first.output)
         assert hints[0] == ["run", str(path), "--run-id", "test-run", "--workdir", str(workdir)]
         resume = _invoke("resume", "test-run", "--workdir", str(workdir), "--speed", SPEED)
-        assert resume.exit_code == 3 and _states(workdir)["pending"] == 1  # the dead end
+        assert resume.exit_code == 3 and _states(workdir) == stopped  # the dead end
         data = yaml.safe_load(path.read_text())
         data["budget"]["max_usd"] = 5
         path.write_text(yaml.safe_dump(data))

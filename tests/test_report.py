@@ -287,6 +287,7 @@ class TestContactSheet:
         run_dir = await build_matrix_run(workdir)
         async with SqliteStore(workdir / "batchkling.db") as runner, \
                 SqliteStore(workdir / "batchkling.db") as reader:
+            await runner.register_worker("runner", runs=["spring-ads"], now=T0 + 500)
             await runner.acquire_lease("spring-ads", "runner", now=T0 + 500, stale_after=60)
             await runner.transition("spring-ads", "headphones-16x9-std", JobState.RUNNING,
                                     now=T0 + 501, event="e", progress=0.1)

@@ -78,18 +78,24 @@ class TestForget:
     def test_forget_is_refused_while_the_run_is_alive(self, tmp_path: Path, workdir: Path,
                                                       simulator: Any, api_key: str) -> None:
         """A run whose lease a live process holds is not forgotten (exit 3), records intact."""
-        import sqlite3
         import time
+
+        import anyio
+
+        from batchkling.store.sqlite import SqliteStore
 
         sim = simulator()
         _finished_run(tmp_path, workdir, sim)
-        con = sqlite3.connect(workdir / "batchkling.db")
-        with con:
-            con.execute("UPDATE runs SET lease_owner = 'x', lease_pid = ?, lease_host = ?,"
-                        " lease_heartbeat = ?", (os.getpid(), os.uname().nodename, time.time()))
-        con.close()
+
+        async def hold() -> None:  # this process, a live worker, holds the run
+            async with SqliteStore(workdir / "batchkling.db") as store:
+                await store.register_worker("w-live", runs=["test-run"], now=time.time())
+                await store.acquire_lease("test-run", "w-live", stale_after=30,
+                                          now=time.time())
+
+        anyio.run(hold, backend="asyncio")
         result = _invoke("forget", "test-run", "--workdir", str(workdir))
-        assert result.exit_code == 3 and "is being run by process" in result.output
+        assert result.exit_code == 3 and "is being run" in result.output
         assert db_query(workdir, "SELECT COUNT(*) FROM jobs") == [(2,)]
 
 

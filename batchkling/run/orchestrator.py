@@ -240,6 +240,7 @@ class Orchestrator:
         existing = await self.store.get_run(self.run_id)
         if existing is not None and existing.simulated and not self.simulated:
             await self._replace_rehearsal()
+            existing = None
         elif existing is not None and existing.simulated != self.simulated:
             raise ConfigError(f"run {self.run_id!r} holds tasks of the real provider; a "
                               "simulation must not touch them: pick another --run-id")
