@@ -178,6 +178,8 @@ class TestHintsElsewhere:
         status = json.loads(_invoke("status", "test-run", "--json", "--workdir",
                                     str(workdir)).output)
         assert status["state"] == "incomplete" and status["exit_code"] == 3
+        page = (workdir / "test-run" / "report.html").read_text()
+        assert 'data-state="incomplete"' in page  # the report's badge says what status says
         printed = [line.removeprefix("batchkling: next: ") for line in first.output.splitlines()
                    if line.startswith("batchkling: next:")]
         assert status["next_steps"] == printed

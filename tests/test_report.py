@@ -339,7 +339,8 @@ class TestFiles:
     async def test_report_and_csv_follow_the_umask(self, tmp_path: Path, workdir: Path,
                                                    simulator: Any, api_key: str) -> None:
         """results.csv and report.html get the mode of any new file (0644 under umask 022),
-        like the videos: teammates on a shared server can open them."""
+        like the videos: teammates on a shared server can open them; the page written at the
+        end of the run says "finished"."""
         import os
 
         from batchkling.manifest.document import load_manifest
@@ -358,6 +359,8 @@ class TestFiles:
         run_dir = workdir / "test-run"
         for name in ("results.csv", "report.html", "videos/a.mp4"):
             assert (run_dir / name).stat().st_mode & 0o777 == 0o644, name
+        # The page written at the end of the run says it finished (it said "running").
+        assert parse((run_dir / "report.html").read_text()).state["data-state"] == "finished"
 
     async def test_source_images_become_shared_thumbnails(self, tmp_path: Path) -> None:
         """First and last frames appear as small JPEGs in thumbs/, one per image content."""
