@@ -120,7 +120,8 @@ class TestHintsMakeProgress:
                                              simulator: Any, api_key: str) -> None:
         """Timed-out tasks (exit 3) are hinted `resume`, which polls and downloads them."""
         sim = simulator()
-        path = _manifest(tmp_path, sim, n=2, limits={"task_timeout": "1s"})
+        # 10 s is 25 ms at --speed 400 (the renders take ~225 ms), and room for a poll at 1x.
+        path = _manifest(tmp_path, sim, n=2, limits={"task_timeout": "10s"})
         first = _invoke("run", str(path), "--workdir", str(workdir), "--speed", SPEED)
         assert first.exit_code == 3, first.output
         assert _states(workdir) == {"timed_out": 2}
