@@ -15,9 +15,10 @@ import anyio
 import pytest
 from invariants import db_query
 
-from batchkling.errors import SchemaTooNew, StoreError
+from batchkling.errors import SchemaTooNew, StoreError, WorkerFenced
 from batchkling.models import JobSpec, JobState
-from batchkling.store import Store, store_from
+from batchkling.store import JobRow, Store, store_from
+from batchkling.store.interface import Claim, ClaimOutcome, Intent
 from batchkling.store.sqlite import SqliteStore
 
 
@@ -310,3 +311,71 @@ class TestQuickCommits:
             assert await store.integrity_check() == "ok"
         finally:
             await store.aclose()
+
+
+class TestClaims:
+    @staticmethod
+    def _intent(job: JobRow) -> Intent:
+        return Intent(new_attempt=(job.attempt + 1, f"key-{job.job_id}"), reserved_usd=0.5)
+
+    async def _claim(self, store: Store, worker: str = "w1", cap: int = 5,
+                     max_usd: float | None = None) -> Claim:
+        return await store.claim("r", worker_id=worker, account_id="acct", slot_cap=cap,
+                                 intent=self._intent, max_usd=max_usd, now=3.0)
+
+    async def _ready(self, location: str, *ids: str) -> Store:
+        store = await _store_with_jobs(location, *ids)
+        await store.ensure_account("acct", provider="imarouter", max_in_flight=5, now=1.0)
+        await store.register_worker("w1", runs=None, now=1.0)
+        return store
+
+    async def test_claims_take_jobs_in_order_within_slots_and_budget(self,
+                                                                      store_url: str) -> None:
+        """A claim takes the next pending job (the create intent, a new claim epoch); it stops
+        at the slot cap, at the budget, and when nothing is pending."""
+        store = await self._ready(store_url, "a", "b", "c")
+        first = await self._claim(store, cap=2)
+        assert first.outcome is ClaimOutcome.CLAIMED and first.job is not None
+        assert (first.job.job_id, first.job.state, first.job.claim_epoch) == (
+            "a", JobState.SUBMITTING, 1)
+        assert (first.job.worker_id, first.job.account_id) == ("w1", "acct")
+        assert (await self._claim(store, cap=2)).job.job_id == "b"  # type: ignore[union-attr]
+        assert (await self._claim(store, cap=2)).outcome is ClaimOutcome.NO_SLOT
+        budget = await self._claim(store, cap=5, max_usd=1.2)  # 1.0 reserved, 0.5 more > 1.2
+        assert budget.outcome is ClaimOutcome.BUDGET
+        assert budget.committed_usd == pytest.approx(1.0)
+        assert (await self._claim(store, cap=5)).job.job_id == "c"  # type: ignore[union-attr]
+        assert (await self._claim(store, cap=5)).outcome is ClaimOutcome.EMPTY
+        await store.aclose()
+
+    async def test_a_stale_epoch_changes_nothing(self, store_url: str) -> None:
+        """After another worker adopts a job, the first worker's write under its old epoch
+        raises WorkerFenced and leaves the job as the new holder has it."""
+        store = await self._ready(store_url, "a")
+        claim = await self._claim(store)
+        assert claim.job is not None
+        await store.transition("r", "a", JobState.SUBMITTED, now=4.0, event="job.submitted",
+                               epoch=claim.job.claim_epoch, task_id="t1")
+        await store.register_worker("w2", runs=None, now=4.0)
+        await store.retire_worker("w1", state="stopped", reason=None, now=5.0)
+        (taken,) = await store.adopt("r", worker_id="w2", states=[JobState.SUBMITTED],
+                                     released=False)
+        assert taken.claim_epoch == claim.job.claim_epoch + 1 and taken.worker_id == "w2"
+        with pytest.raises(WorkerFenced):
+            await store.transition("r", "a", JobState.FAILED, now=6.0, event="job.failed",
+                                   epoch=claim.job.claim_epoch, error_message="stale")
+        job = await store.get_job("r", "a")
+        assert job is not None and (job.state, job.worker_id) == (JobState.SUBMITTED, "w2")
+        await store.aclose()
+
+    async def test_a_stopped_run_no_one_drives_holds_no_slots(self, store_url: str) -> None:
+        """Tasks an interrupted run left in flight hold the account's slots while the run is
+        open or a live worker drives them, not after it stopped with nobody driving it."""
+        store = await self._ready(store_url, "a", "b")
+        await self._claim(store)
+        assert (await store.get_account("acct")).in_flight == 1  # type: ignore[union-attr]
+        await store.retire_worker("w1", state="stopped", reason=None, now=4.0)
+        assert (await store.get_account("acct")).in_flight == 1  # type: ignore[union-attr]
+        await store.set_run_state("r", "interrupted", "interrupted", 5.0)
+        assert (await store.get_account("acct")).in_flight == 0  # type: ignore[union-attr]
+        await store.aclose()

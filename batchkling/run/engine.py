@@ -335,8 +335,10 @@ class Engine:
         """Drive the jobs of workers that are gone (and, with ``released``, jobs nobody holds).
 
         ``submitting`` jobs are reconciled (never blindly resubmitted), tasks in flight are
-        tracked again, finished renders are downloaded.
+        tracked again, finished renders are downloaded. A no-op once the run has ended here.
         """
+        if self._tg is None:
+            return
         states = [JobState.SUBMITTING, JobState.SUBMITTED, JobState.RUNNING]
         if released:
             states.append(JobState.TIMED_OUT)

@@ -414,9 +414,8 @@ class SqliteStore(Store):
         """The account with its slots in flight now, or None."""
         rows = await self._fetchall(
             f"SELECT account_id, provider, max_in_flight, slot_limit, paused_until,"
-            f" (SELECT COUNT(*) FROM jobs WHERE account_id = a.account_id AND state IN"
-            f" ({_SLOT_MARKS})) FROM accounts a WHERE account_id = ?",
-            (*_SLOT_VALUES, account_id))
+            f" {_in_flight('a.account_id')} FROM accounts a WHERE account_id = ?",
+            (account_id,))
         if not rows:
             return None
         r = rows[0]
@@ -473,7 +472,7 @@ class SqliteStore(Store):
         seen = _Seen(0, 0)
         for _ in range(5):
             rows = await self._fetchall(_CLAIM_READ, (
-                worker_id, *_SLOT_VALUES, account_id, run_id, run_id))
+                worker_id, account_id, run_id, run_id))
             if not rows:
                 raise RunNotFound(f"no run {run_id!r} (or account {account_id!r}) in "
                                   f"{self.path}")
@@ -507,15 +506,14 @@ class SqliteStore(Store):
                 " WHERE run_id = ? AND job_id = ? AND state = 'pending' AND claim_epoch = ?"
                 " AND (SELECT state FROM workers WHERE worker_id = ?) = 'alive'"
                 " AND (SELECT state FROM runs WHERE run_id = ?) = 'running'"
-                f" AND (SELECT COUNT(*) FROM jobs WHERE account_id = ? AND state IN"
-                f" ({_SLOT_MARKS})) < MIN(?, (SELECT slot_limit FROM accounts"
+                f" AND {_in_flight('?')} < MIN(?, (SELECT slot_limit FROM accounts"
                 " WHERE account_id = ?))"
                 " AND (SELECT paused_until FROM accounts WHERE account_id = ?) <= ?"
                 " AND (? IS NULL OR (SELECT spent_usd + reserved_usd FROM runs WHERE run_id = ?)"
                 " + ? <= ? + 1e-9)"
                 f" RETURNING {_JOB_COLUMNS}",
                 (now, worker_id, account_id, *fields.values(), run_id, job.job_id,
-                 job.claim_epoch, worker_id, run_id, account_id, *_SLOT_VALUES, slot_cap,
+                 job.claim_epoch, worker_id, run_id, account_id, slot_cap,
                  account_id, account_id, store_now, max_usd, run_id, plan.reserved_usd,
                  max_usd))
             if claimed:
@@ -918,14 +916,24 @@ _FENCED = (
     "anything more"
 )
 _SLOT_VALUES = tuple(state.value for state in SLOT_STATES)
-_SLOT_MARKS = ",".join("?" * len(_SLOT_VALUES))
 _JOB_COLUMNS = ", ".join(JobRow.__dataclass_fields__)
+
+
+def _in_flight(account: str) -> str:
+    """SQL counting an account's tasks that hold its slots: jobs in :data:`SLOT_STATES` of an
+    open run, or driven by a live worker. (A run that was stopped and that nobody drives leaves
+    its last tasks in flight in the store; they do not hold the account's slots forever.)"""
+    states = ", ".join(f"'{state}'" for state in _SLOT_VALUES)
+    return (f"(SELECT COUNT(*) FROM jobs f WHERE f.account_id = {account} AND f.state IN"
+            f" ({states}) AND (f.run_id IN (SELECT run_id FROM runs WHERE state = 'running')"
+            " OR f.worker_id IN (SELECT worker_id FROM workers WHERE state = 'alive')))")
+
+
 #: What a claim decides on, in one read: the worker's state, the account's limit, pause and
 #: slots in flight, the run's state and committed money, and the run's next pending job.
 _CLAIM_READ = (
     "SELECT (SELECT state FROM workers WHERE worker_id = ?), a.slot_limit, a.paused_until,"
-    " (SELECT COUNT(*) FROM jobs WHERE account_id = a.account_id AND state IN"
-    f" ({_SLOT_MARKS})), r.state, r.spent_usd + r.reserved_usd, "
+    f" {_in_flight('a.account_id')}, r.state, r.spent_usd + r.reserved_usd, "
     + ", ".join(f"j.{name}" for name in JobRow.__dataclass_fields__)
     + " FROM runs r JOIN accounts a ON a.account_id = ?"
     " LEFT JOIN jobs j ON j.rowid = (SELECT rowid FROM jobs WHERE run_id = ?"
