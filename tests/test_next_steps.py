@@ -73,6 +73,9 @@ class TestHintsMakeProgress:
         assert first.exit_code == 3, first.output
         stopped = _states(workdir)
         assert stopped.get("pending", 0) >= 1 and stopped.get("downloaded", 0) >= 1, stopped
+        results = next(line for line in first.output.splitlines()
+                       if line.startswith("batchkling: results:"))
+        assert results.endswith(str(workdir / "test-run" / "report.html"))  # the page is named
         hint_line = next(line for line in first.output.splitlines() if "budget.max_usd" in line
                          and line.startswith("batchkling: next:"))
         assert str(path) in hint_line
