@@ -297,6 +297,11 @@ class VirtualSim:
         self.requests = RequestLog(self.app, self.clock.monotonic)
         self.env = dict(env or {})
 
+    def store(self, location: str | os.PathLike[str]) -> Store:
+        """A store at ``location`` that holds this simulator's clock still while it works: the
+        one :meth:`orchestrator` makes, for a test that wraps it."""
+        return _held_store(location, self.clock)
+
     def stats(self) -> dict[str, Any]:
         """The simulator's counters (``GET /_sim/stats``)."""
         return self.sim.stats()

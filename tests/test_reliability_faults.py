@@ -29,8 +29,7 @@ from batchkling.providers.imarouter import ImaRouterProvider
 from batchkling.providers.kling import KlingProvider
 from batchkling.run.orchestrator import Orchestrator
 from batchkling.simulator import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, SimulatorServer
-from batchkling.store import store_from
-from batchkling.testing import VirtualSim, write_manifest
+from batchkling.testing import VirtualSim, _held_store, write_manifest
 
 pytestmark = pytest.mark.timeout(60)
 RUN = "test-run"
@@ -164,13 +163,17 @@ class TestRateLimits:
         vs = _vsim(rate_limit_per_s=1 / 120, retry_after_s=20.0)
         path = vs.manifest(tmp_path, 4, limits={"max_in_flight": 4, "submit_rate": 10})
 
-        class SlowCommits(type(store_from(store_url))):  # type: ignore[misc]
-            async def transition(self, *args: Any, **kwargs: Any) -> None:
-                if kwargs.get("event") == "job.requeued":
-                    await vs.clock.sleep(0.5)  # a commit on a slow disk: 0.5 s
-                await super().transition(*args, **kwargs)
+        # The store VirtualSim would use (it holds virtual time still while the database
+        # works), with every requeue's commit made half a virtual second slower.
+        store = vs.store(store_url)
+        fast = store.transition
 
-        store = SlowCommits(store_url, clock=vs.clock)
+        async def slow_requeues(*args: Any, **kwargs: Any) -> None:
+            if kwargs.get("event") == "job.requeued":
+                await vs.clock.sleep(0.5)  # a commit on a slow disk: 0.5 s
+            await fast(*args, **kwargs)
+
+        store.transition = slow_requeues  # type: ignore[method-assign]
         async with store:
             summary = await vs.run(path, workdir, store=store)
         assert summary.exit_code == 0
