@@ -29,7 +29,7 @@ from batchkling.providers.imarouter import ImaRouterProvider
 from batchkling.providers.kling import KlingProvider
 from batchkling.run.orchestrator import Orchestrator
 from batchkling.simulator import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, SimulatorServer
-from batchkling.testing import VirtualSim, _held_store, write_manifest
+from batchkling.testing import VirtualSim, write_manifest
 
 pytestmark = pytest.mark.timeout(60)
 RUN = "test-run"
