@@ -16,6 +16,12 @@ Errors keep httpx's meaning, which exactly-once rests on (``providers.base.send`
 machine, and a read error or timeout for everything after. (The ``httpx-aiohttp`` package maps
 a dropped connection to ``ConnectTimeout``, which would make a create whose answer was lost
 look safe to send again: that is why this adapter is batchkling's own.)
+
+Every exchange through :meth:`HttpClient.send` is bounded twice: in time — a total deadline
+covering connect, first byte and the whole body, so a provider that trickles its answer a byte
+a second cannot hold a run forever (an idle timeout alone never fires on it) — and in size — an
+answer over :data:`MAX_ANSWER_BYTES`, compressed or not, is refused before it is held in memory.
+Both surface as httpx errors of the "after sending" kind: for a create they are ambiguous.
 """
 
 from __future__ import annotations
@@ -23,16 +29,29 @@ from __future__ import annotations
 import functools
 import ssl
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+import zlib
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import aiohttp
+import anyio
 import httpx
 
 USER_AGENT = "batchkling/0.1"
 _CHUNK = 1 << 16
 _MAX_URLS = 4096
+#: A provider's JSON answer has no business being larger; a bigger one is refused unread.
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
+#: Seconds an exchange through :meth:`HttpClient.send` may take in all, when the client names no
+#: deadline of its own (read at send time, so tests may shorten it).
+REQUEST_DEADLINE = 120.0
+#: An upload (a create carrying a 10 MB image) gets this many bytes a second on top of it.
+_MIN_UPLOAD_RATE = 64 * 1024
+
+
+class AnswerTooLarge(httpx.TransportError):
+    """The answer was over the size limit; it was not read whole."""
 
 
 class HttpClient:
@@ -51,8 +70,12 @@ class HttpClient:
         connect_timeout: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 64,
+        deadline: float | None = None,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self._base = base_url.rstrip("/")
+        self._deadline = deadline
+        self._max_answer = max_answer_bytes
         self._headers = httpx.Headers({"Accept": "*/*", "Accept-Encoding": "gzip, deflate",
                                        "User-Agent": USER_AGENT, **(headers or {})})
         self._timeout = httpx.Timeout(timeout, connect=connect_timeout).as_dict()
@@ -93,13 +116,39 @@ class HttpClient:
                              extensions={"timeout": self._timeout})
 
     async def send(self, request: httpx.Request) -> httpx.Response:
-        """Send ``request`` and read the whole answer."""
-        if isinstance(self._transport, AiohttpTransport):
-            # The body in one read, without httpx's async byte-stream machinery.
-            return await self._transport.fetch(request)
+        """Send ``request`` and read the whole answer, within the deadline and the size limit.
+
+        Past the deadline this raises :class:`httpx.ReadTimeout`; an answer over the limit
+        raises :class:`AnswerTooLarge` — both "the request may have reached the server".
+        """
+        seconds = REQUEST_DEADLINE if self._deadline is None else self._deadline
+        with suppress(httpx.RequestNotRead):
+            seconds += len(request.content) / _MIN_UPLOAD_RATE
+        try:
+            with anyio.fail_after(seconds):
+                if isinstance(self._transport, AiohttpTransport):
+                    # The body in one read, without httpx's async byte-stream machinery.
+                    return await self._transport.fetch(request, self._max_answer)
+                return await self._read_whole(request)
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout(f"no complete answer within {seconds:.0f} s",
+                                    request=request) from exc
+
+    async def _read_whole(self, request: httpx.Request) -> httpx.Response:
         async with self.stream(request) as response:
-            await response.aread()
-        return response
+            try:
+                content = response.content  # an in-memory answer (MockTransport) is read already
+            except httpx.ResponseNotRead:
+                pass
+            else:
+                if len(content) > self._max_answer:
+                    raise _too_large(len(content), self._max_answer)
+                return response
+            limit = self._max_answer
+            body = await _read_bounded(response.aiter_raw(), _length(response.headers), limit)
+        headers, body = _decode_bounded(response.headers.raw, body, limit)
+        return httpx.Response(status_code=response.status_code, headers=headers, content=body,
+                              request=request, extensions=response.extensions)
 
     @asynccontextmanager
     async def stream(self, request: httpx.Request) -> AsyncIterator[httpx.Response]:
@@ -160,17 +209,25 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return httpx.Response(status_code=answer.status, headers=answer.raw_headers,
                               stream=_Body(answer), request=request, extensions=_extensions(answer))
 
-    async def fetch(self, request: httpx.Request) -> httpx.Response:
-        """Send ``request`` and read the whole body; the connection goes back to the pool."""
+    async def fetch(self, request: httpx.Request,
+                    limit: int = MAX_ANSWER_BYTES) -> httpx.Response:
+        """Send ``request`` and read the whole body, at most ``limit`` bytes of it (else
+        :class:`AnswerTooLarge`); the connection goes back to the pool."""
         answer = await self._send(request)
+        whole = False
         try:
-            body = await answer.read()
+            body = await _read_bounded(answer.content.iter_any(), answer.content_length, limit)
+            whole = True
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _translate(exc) from exc
         finally:
-            answer.release()
-        # httpx decodes a compressed body here, as it does when a stream is read.
-        return httpx.Response(status_code=answer.status, headers=answer.raw_headers,
+            if whole:
+                answer.release()
+            else:
+                answer.close()  # the rest of an answer cut short must not reach the next request
+        # Decoded here, within the limit (httpx would inflate a gzip bomb whole).
+        headers, body = _decode_bounded(answer.raw_headers, body, limit)
+        return httpx.Response(status_code=answer.status, headers=headers,
                               content=body, request=request, extensions=_extensions(answer))
 
     async def _send(self, request: httpx.Request) -> aiohttp.ClientResponse:
@@ -192,6 +249,68 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+
+def _too_large(size: int, limit: int) -> AnswerTooLarge:
+    return AnswerTooLarge(f"the answer is over {limit // (1024 * 1024)} MB ({size:,} bytes "
+                          "or more); a provider's JSON is never that large")
+
+
+def _length(headers: httpx.Headers) -> int | None:
+    try:
+        return int(headers["content-length"])
+    except (KeyError, ValueError):
+        return None
+
+
+async def _read_bounded(chunks: AsyncIterator[bytes], declared: int | None, limit: int) -> bytes:
+    """The body from ``chunks``, refused as soon as it is known to be over ``limit``."""
+    if declared is not None and declared > limit:
+        raise _too_large(declared, limit)
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _decode_bounded(headers: Iterable[tuple[bytes, bytes]], body: bytes,
+                    limit: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Inflate a gzip or deflate body up to ``limit`` bytes; the headers then say identity.
+
+    An encoding batchkling did not ask for and cannot bound (br, zstd) is left as it came: the
+    JSON reader then finds it unreadable, which is what it is.
+    """
+    kept: list[tuple[bytes, bytes]] = []
+    encoding = ""
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"content-encoding":
+            encoding = value.decode("latin-1").strip().lower()
+        elif lowered != b"content-length":
+            kept.append((name, value))
+    if encoding in ("", "identity"):
+        return kept, body
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        # "deflate" is zlib-wrapped by the standard and raw by some servers: try both.
+        tries = [16 + zlib.MAX_WBITS] if encoding != "deflate" else [zlib.MAX_WBITS,
+                                                                     -zlib.MAX_WBITS]
+        for wbits in tries:
+            inflater = zlib.decompressobj(wbits)
+            try:
+                inflated = inflater.decompress(body, limit + 1)
+                break
+            except zlib.error as exc:
+                error = exc
+        else:
+            raise httpx.DecodingError(f"cannot decode the {encoding} answer: {error}")
+        if len(inflated) > limit or inflater.unconsumed_tail:
+            raise _too_large(len(inflated), limit)
+        body = inflated
+    return kept, body
 
 
 def _extensions(answer: aiohttp.ClientResponse) -> dict[str, Any]:

@@ -8,6 +8,7 @@ timestamps in seconds or milliseconds, and the result URL wherever gateways put 
 from __future__ import annotations
 
 import base64
+import hashlib
 import mimetypes
 import re
 from collections.abc import Mapping
@@ -33,8 +34,10 @@ from batchkling.providers.base import (
     describe_status,
     dig,
     error_text,
-    number,
+    json_request,
+    money,
     parse_json,
+    percent,
     poll_hint,
     raise_unexpected,
     retry_after,
@@ -58,11 +61,31 @@ _CREDIT = re.compile(r"quota|credit|balance|arrear|insufficient|billing|1100|110
 _CONCURRENCY = re.compile(r"concurren|parallel|1303|slot", re.IGNORECASE)
 
 
-def image_payload(source: str, *, data_uri: bool) -> str:
-    """An image as the provider takes it: URLs as they are, local files base64-encoded."""
+class InputChanged(TaskFailed):
+    """A local image no longer has the content the job was planned (and fingerprinted) with."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False, code="input_changed")
+
+
+def image_payload(source: str, *, data_uri: bool, sha256: str | None = None) -> str:
+    """An image as the provider takes it: URLs as they are, local files base64-encoded.
+
+    ``sha256`` pins a local file to the content the job was planned with: the bytes read are
+    hashed, and different bytes raise :class:`InputChanged` instead of being sent under the
+    job's fingerprint and idempotency key (a file swapped between submit and resume).
+    """
     if source.startswith(("http://", "https://")):
         return source
-    raw = base64.b64encode(Path(source).read_bytes()).decode("ascii")
+    data = Path(source).read_bytes()
+    if sha256 is not None:
+        found = hashlib.sha256(data).hexdigest()
+        if found != sha256:
+            raise InputChanged(
+                f"image {source} changed since the job was planned (sha256 {found[:12]}…, "
+                f"planned {sha256[:12]}…): nothing was sent. Restore the file, or run the "
+                "manifest again so the job is planned with the new image (a new task)")
+    raw = base64.b64encode(data).decode("ascii")
     if not data_uri:
         return raw
     mime = mimetypes.guess_type(source)[0] or "image/jpeg"
@@ -99,7 +122,8 @@ class ImaRouterProvider:
         if spec.mode:
             metadata["mode"] = spec.mode
         if spec.image_tail:
-            metadata["image_tail"] = image_payload(spec.image_tail, data_uri=True)
+            metadata["image_tail"] = image_payload(spec.image_tail, data_uri=True,
+                                                   sha256=spec.image_tail_sha256)
         for name in ("negative_prompt", "cfg_scale", "sound"):
             value = getattr(spec, name)
             if value is not None:
@@ -118,7 +142,7 @@ class ImaRouterProvider:
             "metadata": metadata,
         }
         if spec.image:
-            body["image"] = image_payload(spec.image, data_uri=True)
+            body["image"] = image_payload(spec.image, data_uri=True, sha256=spec.image_sha256)
         return body
 
     async def create(self, spec: JobSpec, key: str) -> str:
@@ -128,9 +152,8 @@ class ImaRouterProvider:
         except OSError as exc:
             raise TaskFailed(f"cannot read image: {exc.strerror}: {exc.filename}",
                              retryable=False) from exc
-        request = self._client.build_request(
-            "POST", "/v1/videos", json=body, headers={"Idempotency-Key": key}
-        )
+        request = json_request(self._client, "POST", "/v1/videos", body,
+                               headers={"Idempotency-Key": key})
         task, _response = await self._exchange(request, creating=True)
         return check_task_id(task.get("task_id") or task.get("id"))
 
@@ -205,11 +228,12 @@ def result_url(task: Mapping[str, Any]) -> str | None:
 
 def parse_task(task_id: str, task: Mapping[str, Any], *, poll_after: float | None) -> TaskStatus:
     """Normalise a task object of the ``/v1/videos`` shape."""
-    raw_status = str(task.get("status") or "").strip().lower()
-    progress = number(task.get("progress"))
+    status = task.get("status")
+    raw_status = status.strip().lower() if isinstance(status, str) else ""
+    progress = percent(task.get("progress"))
     created = timestamp(task.get("created_at"))
     completed = timestamp(task.get("completed_at"))
-    cost = number(task.get("amount_usd"))
+    cost = money(task.get("amount_usd"))
     if raw_status in _DONE:
         url = result_url(task)
         if url is None:

@@ -33,6 +33,7 @@ from batchkling.errors import (
     TaskFailed,
     TransientError,
 )
+from batchkling.logs import redactor
 from batchkling.models import JobSpec
 from batchkling.providers.base import (
     Phase,
@@ -40,7 +41,8 @@ from batchkling.providers.base import (
     check_task_id,
     describe_status,
     dig,
-    number,
+    json_request,
+    money,
     parse_json,
     raise_unexpected,
     retry_after,
@@ -131,6 +133,9 @@ class KlingProvider:
                 warnings.simplefilter("ignore", InsecureKeyLengthWarning)
                 self._token = jwt.encode(claims, self._secret_key, algorithm="HS256",
                                          headers={"typ": "JWT"})
+            # Made here, not read from the environment: the redactor learns it now, before a
+            # provider can echo it into a message, a log or the database.
+            redactor.register(self._token)
             self._token_exp = float(exp)
         return self._token
 
@@ -139,7 +144,7 @@ class KlingProvider:
         for secret in (self._api_key, self._access_key, self._secret_key, self._token):
             if secret and len(secret) >= 6:
                 text = text.replace(secret, "[REDACTED]")
-        return text
+        return redactor.scrub_text(text)
 
     async def _call(self, method: str, path: str, *, creating: bool,
                     json: Mapping[str, Any] | None = None) -> tuple[httpx.Response, Any]:
@@ -150,9 +155,10 @@ class KlingProvider:
         """
         fresh = False
         while True:
-            request = self._client.build_request(
-                method, path, json=json,
-                headers={"Authorization": f"Bearer {self.bearer(fresh=fresh)}"})
+            auth = {"Authorization": f"Bearer {self.bearer(fresh=fresh)}"}
+            request = (json_request(self._client, method, path, json, headers=auth)
+                       if json is not None else
+                       self._client.build_request(method, path, headers=auth))
             response = await send(self._client, request, creating=creating)
             payload = parse_json(response)
             if _code(payload) == _EXPIRED and self._api_key is None and not fresh:
@@ -180,9 +186,10 @@ class KlingProvider:
         if spec.cfg_scale is not None and not spec.model.startswith("kling-v2"):
             body["cfg_scale"] = spec.cfg_scale
         if spec.image:
-            body["image"] = image_payload(spec.image, data_uri=False)
+            body["image"] = image_payload(spec.image, data_uri=False, sha256=spec.image_sha256)
         if spec.image_tail:
-            body["image_tail"] = image_payload(spec.image_tail, data_uri=False)
+            body["image_tail"] = image_payload(spec.image_tail, data_uri=False,
+                                               sha256=spec.image_tail_sha256)
         if spec.camera_control:
             body["camera_control"] = dict(spec.camera_control)
         if spec.sound is not None:
@@ -241,7 +248,8 @@ class KlingProvider:
                 raise_unexpected(response, creating=creating)
             raise classify(response, None, None, creating=creating)
         message = payload.get("message")
-        message = self._scrub(str(message)) if message else None
+        message = self._scrub(str(message)[:2000]) if isinstance(message, str | int) and \
+            message else None
         raise classify(response, code, message, creating=creating)
 
 
@@ -258,7 +266,8 @@ def _code(payload: Any) -> int | None:
         return None
     if isinstance(code, int):
         return code
-    if isinstance(code, str) and code.strip().isdigit():
+    if isinstance(code, str) and code.strip().isascii() and code.strip().isdigit() \
+            and len(code.strip()) <= 9:
         return int(code)
     return None
 
@@ -327,11 +336,12 @@ def classify(response: httpx.Response, code: int | None, message: str | None, *,
 
 def parse_task(task_id: str, data: Mapping[str, Any]) -> TaskStatus:
     """Normalise Kling's task ``data`` (statuses, ms timestamps, units, failure reason)."""
-    raw = str(data.get("task_status") or "").strip().lower()
+    status = data.get("task_status")
+    raw = status.strip().lower() if isinstance(status, str) else ""
     phase = _STATUS.get(raw, Phase.RUNNING)  # an unknown status means still running
     created = timestamp(data.get("created_at"))
     updated = timestamp(data.get("updated_at"))
-    units = number(data.get("final_unit_deduction"))
+    units = money(data.get("final_unit_deduction"))
     if phase is Phase.SUCCEEDED:
         url = dig(data, "task_result", "videos", 0, "url")
         if not isinstance(url, str) or not url:
@@ -341,7 +351,7 @@ def parse_task(task_id: str, data: Mapping[str, Any]) -> TaskStatus:
                           cost_units=units, created_at=created, completed_at=updated)
     if phase is Phase.FAILED:
         reason = data.get("task_status_msg")
-        reason = reason.strip() if isinstance(reason, str) and reason.strip() else (
+        reason = reason.strip()[:2000] if isinstance(reason, str) and reason.strip() else (
             "the task failed without a reason")
         permanent = bool(_POLICY.search(reason))
         return TaskStatus(task_id, Phase.FAILED, cost_units=units,
