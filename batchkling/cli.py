@@ -37,7 +37,8 @@ EXIT_INTERRUPTED = 130
 #: ``--simulate`` compresses time by this factor: a 90 s render takes 1.5 s.
 SIMULATE_SPEED = 60.0
 #: The key ``--simulate`` puts in the environment for the run: the simulator accepts any key.
-SIMULATE_KEY = "sk-simulated-throwaway-key"
+#: No words in it: every piece of a key is redacted from output, and "simulated" is a word.
+SIMULATE_KEY = "sk-sim-0c7f3a9e1b5d2846"
 
 _T = TypeVar("_T")
 WORKDIR = click.option(
@@ -103,7 +104,10 @@ OUTPUT_STORE = click.option(
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"batchkling: error: {message}", err=True)
+    from batchkling.logs import redactor
+
+    # A provider's words can reach an error message: no credential is printed with them.
+    click.echo(f"batchkling: error: {redactor.scrub_text(message)}", err=True)
     sys.exit(code)
 
 
@@ -142,7 +146,7 @@ def _errors_to_exit_codes() -> Iterator[None]:
             raise
         from batchkling.logs import redactor
 
-        _fail(f"internal error: {redactor.scrub(f'{type(exc).__name__}: {exc}')} — this is a "
+        _fail(f"internal error: {redactor.scrub_text(f'{type(exc).__name__}: {exc}')} — this is a "
               "bug; set BATCHKLING_DEBUG=1 to see the traceback and please report it. The "
               "state database is consistent: `resume` continues the run.", EXIT_FAILED_JOBS)
 
@@ -314,7 +318,10 @@ def _finish(summary: Any, workdir: Path, manifest: str | None = None,
                err=True)
     # Said once, here: the display's last frame leaves it to this line.
     if summary.stop_reason:
-        click.echo(f"batchkling: creates stopped: {summary.stop_reason}", err=True)
+        from batchkling.logs import redactor
+
+        click.echo(f"batchkling: creates stopped: {redactor.scrub_text(summary.stop_reason)}",
+                   err=True)
     files = [f for f in (summary.results_csv, summary.report_html) if f]
     if files:
         click.echo(f"batchkling: results: {' · '.join(files)}", err=True)
@@ -341,7 +348,9 @@ def _speed(speed: float | None, simulated: bool) -> float:
 @SPEED
 @click.option("--max-in-flight", type=click.IntRange(min=1, max=1000),
               help="Override limits.max_in_flight.")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation on a terminal.")
+@click.option("--yes", is_flag=True,
+              help="Do not ask for confirmation on a terminal; start a run afresh even over "
+              "videos its (lost) database recorded, paying for them again.")
 @STALE_AFTER
 @OUTPUT_STORE
 def run(manifest: Path, run_id: str | None, workdir: Path, store: str | None, simulate: bool,
@@ -371,7 +380,8 @@ def run(manifest: Path, run_id: str | None, workdir: Path, store: str | None, si
                 lambda: Orchestrator(loaded, run_id=run_id, workdir=workdir, store=location,
                                      env=env, base_url=sim_url, simulated=simulate,
                                      max_in_flight=max_in_flight, time_scale=scale,
-                                     stale_after=stale_after, output_store=output_store),
+                                     stale_after=stale_after, output_store=output_store,
+                                     overwrite_videos=yes),
                 lambda orch: orch.run()))
     _finish(summary, workdir, str(loaded.source_path), simulate)
 

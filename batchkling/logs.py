@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import threading
 from collections.abc import Iterator, MutableMapping
@@ -25,31 +26,101 @@ _SECRET_KEYS = ("api_key", "apikey", "secret", "token", "authorization", "passwo
 REDACTED = "[REDACTED]"
 
 
+#: A JWT: three base64url parts, the first two JSON objects (``eyJ`` is ``{"``).
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+")
+#: Whatever follows ``Bearer`` in an echoed Authorization header.
+_BEARER = re.compile(r"(?i)(\bbearer\s+)(?!\[REDACTED\])[^\s\"',;]{8,}")
+#: A secret's pieces this long are redacted wherever they appear: an echo cut at some length
+#: (a snippet of an error page) must not leak the first part of a key.
+MIN_PIECE = 8
+
+
 class Redactor:
-    """Replaces every registered secret, and every value under a secret-looking key."""
+    """Replaces every registered secret — and any piece of one at least :data:`MIN_PIECE`
+    characters long — every JWT, every ``Bearer`` credential, and every value under a
+    secret-looking key."""
 
     def __init__(self) -> None:
         self._secrets: set[str] = set()
+        self._pieces: frozenset[str] = frozenset()
+        self._anchors: tuple[str, ...] = ()
+        self._finder: re.Pattern[str] | None = None
+        # Log events repeat most of their values (run and job ids, event names, levels).
+        self._seen: dict[str, str] = {}
 
     def register(self, secret: str | None) -> None:
         """Never log this value. Short values are ignored: they would mangle ordinary text."""
-        if secret and len(secret) >= 6:
+        if secret and len(secret) >= 6 and secret not in self._secrets:
             self._secrets.add(secret)
+            self._seen.clear()
+            pieces = {s[i:i + MIN_PIECE] for s in self._secrets
+                      for i in range(len(s) - MIN_PIECE + 1)}
+            self._pieces = frozenset(pieces)
+            # Any piece of MIN_PIECE characters holds one of its secret's aligned quarters
+            # (s[4k:4k+4]): plain substring tests on those rule out ordinary text cheaply.
+            quarter = MIN_PIECE // 2
+            self._anchors = tuple({s[i:i + quarter] for s in self._secrets
+                                   for i in range(0, len(s) - quarter + 1, quarter)})
+            self._finder = re.compile("|".join(map(re.escape, sorted(pieces)))) if pieces \
+                else None
+
+    def scrub_text(self, text: str) -> str:
+        """``text`` without secrets, their pieces, JWTs or bearer credentials."""
+        done = self._seen.get(text)
+        if done is not None:
+            return done
+        original = text
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        if self._finder is not None:
+            for anchor in self._anchors:
+                if anchor in text:
+                    if self._finder.search(text):
+                        text = self._cut_pieces(text)
+                    break
+        if "eyJ" in text:
+            text = _JWT.sub(REDACTED, text)
+        if "earer" in text or "EARER" in text:
+            text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
+        if len(original) <= 256:
+            if len(self._seen) >= 4096:
+                self._seen.clear()
+            self._seen[original] = text
+        return text
+
+    def _cut_pieces(self, text: str) -> str:
+        """Replace every run of text made of overlapping secret pieces."""
+        assert self._finder is not None
+        pieces, width = self._pieces, MIN_PIECE
+        out: list[str] = []
+        done = 0
+        for match in self._finder.finditer(text):
+            start, end = match.span()
+            if start < done:
+                continue
+            # Widen while the window of MIN_PIECE characters at either edge is still a piece.
+            while start > done and text[start - 1:start - 1 + width] in pieces:
+                start -= 1
+            while end < len(text) and text[end + 1 - width:end + 1] in pieces:
+                end += 1
+            out.append(text[done:start])
+            out.append(REDACTED)
+            done = end
+        out.append(text[done:])
+        return "".join(out)
 
     def scrub(self, value: Any) -> Any:
         """``value`` with secrets replaced, recursively through dicts, lists and tuples."""
         if isinstance(value, str):
-            for secret in self._secrets:
-                if secret in value:
-                    value = value.replace(secret, REDACTED)
-            return value
+            return self.scrub_text(value)
         if isinstance(value, dict):
             return {k: REDACTED if _secret_key(k) and v else self.scrub(v)
                     for k, v in value.items()}
         if isinstance(value, list | tuple):
             return type(value)(self.scrub(v) for v in value)
         if isinstance(value, BaseException):
-            return self.scrub(f"{type(value).__name__}: {value}")
+            return self.scrub_text(f"{type(value).__name__}: {value}")
         return value
 
     def __call__(self, _logger: Any, _name: str,
@@ -81,19 +152,29 @@ class _Sinks:
         self.console_json = True
         self.console_level = _LEVELS["info"]
         self.lock = threading.Lock()
+        #: Why the run log stopped being written (a full disk), if it did.
+        self.file_error: OSError | None = None
 
     def write(self, line: str, event: MutableMapping[str, Any]) -> None:
+        # A log line must never be what fails a job: with the disk full, a log call inside the
+        # engine would otherwise raise between a create and the commit of its outcome.
         with self.lock:
             if self.file is not None:
-                self.file.write(line + "\n")
-                self.file.flush()
+                try:
+                    self.file.write(line + "\n")
+                    self.file.flush()
+                except OSError as exc:
+                    self.file, self.file_error = None, exc
             level = _LEVELS.get(str(event.get("level", "info")), 20)
             if self.console_on and level >= self.console_level:
                 # Looked up at each write: a live display that redirects stderr gets the line
                 # above its frame instead of through it.
                 console = sys.stderr
-                console.write((line if self.console_json else _pretty(event)) + "\n")
-                console.flush()
+                try:
+                    console.write((line if self.console_json else _pretty(event)) + "\n")
+                    console.flush()
+                except (OSError, ValueError):  # a closed or broken stderr (a pipe gone)
+                    self.console_on = False
 
 
 _sinks = _Sinks()
@@ -146,15 +227,29 @@ def _processors() -> list[Any]:
 
 @contextmanager
 def run_log(path: Path) -> Iterator[None]:
-    """Append JSON lines to ``path`` while the block runs."""
+    """Append JSON lines to ``path`` while the block runs.
+
+    If the file cannot be written (the disk is full), the run goes on without it;
+    :func:`run_log_error` says why afterwards.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = _sinks.file
-    with open(path, "a", encoding="utf-8") as fh:
-        _sinks.file = fh
+    _sinks.file_error = None
+    fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed below, errors swallowed
+    _sinks.file = fh
+    try:
+        yield
+    finally:
+        _sinks.file = previous
         try:
-            yield
-        finally:
-            _sinks.file = previous
+            fh.close()
+        except OSError as exc:
+            _sinks.file_error = _sinks.file_error or exc
+
+
+def run_log_error() -> OSError | None:
+    """Why the last run log stopped being written, if it did (``None``: it was written)."""
+    return _sinks.file_error
 
 
 def get_logger(**bound: Any) -> Any:
