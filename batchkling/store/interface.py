@@ -282,7 +282,12 @@ class Store(abc.ABC):
         removed: list[str],
         now: float,
     ) -> None:
-        """Apply a manifest's expansion to the run in one transaction."""
+        """Apply a manifest's expansion to the run in one transaction.
+
+        Removed jobs become ``skipped`` unless a task of theirs may exist (then they keep their
+        state and are still tracked); a skipped job back in the manifest unchanged returns to
+        the state it was skipped from.
+        """
 
     @abc.abstractmethod
     async def reset_for_retry(
@@ -321,6 +326,15 @@ class Store(abc.ABC):
             if len(rows) < page:
                 return
             after = rows[-1].seq
+
+    @abc.abstractmethod
+    async def task_owner(self, run_id: str, job_id: str, task_id: str) -> tuple[str, str] | None:
+        """``(run_id, job_id)`` of another job that holds provider task ``task_id`` — in this
+        run, or in a run on the same provider and base URL — or None.
+
+        The engine asks before recording a create's answer: one task id answered for two
+        creates (a gateway bug, a replay) must not make two jobs "succeed" with one video.
+        """
 
     @abc.abstractmethod
     async def counts(self, run_id: str) -> dict[JobState, int]:

@@ -454,8 +454,11 @@ class PostgresStore(Store):
         """Apply a manifest's expansion to the run in one transaction.
 
         New jobs start ``pending``; changed jobs (new fingerprint) go back to ``pending`` keeping
-        their attempt history; removed jobs become ``skipped`` (finished ones keep their video).
-        Each kind is one statement over arrays, however many jobs it names.
+        their attempt history. Removed jobs that have no task which may exist (``pending``,
+        ``failed``) become ``skipped``; the others keep their state, so a paid task is still
+        tracked. A skipped job back in the manifest unchanged returns to the state it left
+        (``sqlite._RESTORED`` says how). Each kind is one statement over arrays, however many
+        jobs it names.
         """
         if not (added or changed or reordered or removed):
             return
@@ -485,16 +488,23 @@ class PostgresStore(Store):
                     (*_columns(changed), now, run_id, run_id, now),
                 )
             if reordered:
+                ids = [job_id for _, job_id in reordered]
+                await conn.execute(
+                    "WITH back AS (UPDATE jobs SET state = " + _RESTORED + ", updated_at = %s"
+                    " WHERE run_id = %s AND job_id = ANY(%s::text[]) AND state = 'skipped'"
+                    " RETURNING job_id) INSERT INTO events (run_id, job_id, at, event)"
+                    " SELECT %s, job_id, %s, 'job.restored' FROM back",
+                    (now, run_id, ids, run_id, now),
+                )
                 await conn.execute(
                     "UPDATE jobs SET seq = t.seq FROM unnest(%s::int[], %s::text[])"
                     " AS t(seq, job_id) WHERE jobs.run_id = %s AND jobs.job_id = t.job_id",
-                    ([seq for seq, _ in reordered], [job_id for _, job_id in reordered],
-                     run_id),
+                    ([seq for seq, _ in reordered], ids, run_id),
                 )
             if removed:
                 await conn.execute(
                     "UPDATE jobs SET state = 'skipped', updated_at = %s WHERE run_id = %s"
-                    " AND job_id = ANY(%s::text[]) AND state != 'downloaded'",
+                    " AND job_id = ANY(%s::text[]) AND state IN ('pending', 'failed')",
                     (now, run_id, removed),
                 )
 
@@ -558,6 +568,19 @@ class PostgresStore(Store):
             (run_id, [s.value for s in states], after_seq, limit),
         )
         return [job_row(r) for r in rows]
+
+    async def task_owner(self, run_id: str, job_id: str, task_id: str) -> tuple[str, str] | None:
+        """Another job holding ``task_id``: of this run, or of a run on the same provider and
+        base URL (``jobs_by_task`` makes it one index lookup)."""
+        rows = await self._rows(
+            "SELECT j.run_id, j.job_id FROM jobs j JOIN runs r ON r.run_id = j.run_id,"
+            " runs me WHERE me.run_id = %s AND j.task_id = %s"
+            " AND NOT (j.run_id = me.run_id AND j.job_id = %s)"
+            " AND (j.run_id = me.run_id OR (r.provider = me.provider"
+            " AND r.base_url = me.base_url)) LIMIT 1",
+            (run_id, task_id, job_id),
+        )
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
 
     async def counts(self, run_id: str) -> dict[JobState, int]:
         """Number of jobs in each state."""
@@ -663,6 +686,16 @@ def _columns(jobs: list[tuple[int, JobSpec]]) -> tuple[list[str], list[int], lis
     """``(job ids, seqs, specs, fingerprints)``: one array per column, for ``unnest``."""
     return ([spec.job_id for _, spec in jobs], [seq for seq, _ in jobs],
             [spec.to_json() for _, spec in jobs], [spec.fingerprint for _, spec in jobs])
+
+
+#: A skipped job's state when it is back in the manifest (the same rule as SQLite's).
+_RESTORED: LiteralString = (
+    "CASE WHEN idempotency_key IS NULL THEN 'pending'"
+    " WHEN retryable IS NOT NULL THEN 'failed'"
+    " WHEN task_id IS NOT NULL THEN 'submitted'"
+    " WHEN last_event IN ('job.submitting', 'job.unknown') THEN 'unknown'"
+    " ELSE 'pending' END"
+)
 
 
 def _first_line(exc: BaseException) -> str:

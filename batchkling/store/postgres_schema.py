@@ -80,6 +80,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 ) WITH (fillfactor = 80);
 -- Pages of a run's jobs in some states, in manifest order (jobs_in, counts, the engine's feed).
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (run_id, state, seq);
+-- Which job holds a provider task (Store.task_owner).
+CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task_id) WHERE task_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS attempts (
     run_id text NOT NULL,
     job_id text NOT NULL,

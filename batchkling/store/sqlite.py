@@ -21,6 +21,7 @@ Two ways to commit, both WAL:
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
@@ -32,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import anyio
@@ -96,7 +97,7 @@ class SqliteStore(Store):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = await aiosqlite.connect(self.path, isolation_level=None, timeout=30)
         except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
+            raise _failure(self.path, "cannot open the state database", exc) from exc
         try:
             # Small pages for a new file (an existing one keeps its own): a commit writes every
             # page it touched to the WAL, and a transition touches five or six (the job, its
@@ -113,8 +114,8 @@ class SqliteStore(Store):
             # aiosqlite's thread is not a daemon: a connection left open keeps the process alive.
             with anyio.CancelScope(shield=True):
                 await db.close()
-            if isinstance(exc, sqlite3.Error | OSError):
-                raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
+            if isinstance(exc, sqlite3.Error | OSError | ValueError):
+                raise _failure(self.path, "cannot open the state database", exc) from exc
             raise
         self._db = db
 
@@ -183,7 +184,7 @@ class SqliteStore(Store):
                         await db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
-                raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
+                raise _failure(self.path, "state database write failed", exc) from exc
         return -1
 
     async def _write_returning(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
@@ -192,11 +193,18 @@ class SqliteStore(Store):
             try:
                 return list(await self.db.execute_fetchall(sql, tuple(params)))
             except sqlite3.Error as exc:
-                raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
+                raise _failure(self.path, "state database write failed", exc) from exc
 
     def _now(self) -> float:
         """The store's clock (see ``__init__``)."""
         return self._clock.monotonic() if self._clock is not None else _host_clock()
+
+    def _rows(self, convert: Callable[[Any], _T], rows: Iterable[Any]) -> list[_T]:
+        """``rows`` converted; a value no version of batchkling wrote means a damaged file."""
+        try:
+            return [convert(row) for row in rows]
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            raise _failure(self.path, "state database read failed", exc) from exc
 
     async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         try:
@@ -205,19 +213,19 @@ class SqliteStore(Store):
             # fail (SQLITE_BUSY_SNAPSHOT) once a quick commit had moved the database on.
             return list(await self.db.execute_fetchall(sql, tuple(params)))
         except sqlite3.Error as exc:
-            raise StoreError(f"state database read failed ({self.path}): {exc}") from exc
+            raise _failure(self.path, "state database read failed", exc) from exc
 
     # ---- runs ------------------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> RunRow | None:
         """The run with this id, or None."""
         rows = await self._fetchall(f"{RUN_SELECT} WHERE run_id = ?", (run_id,))
-        return run_row(rows[0]) if rows else None
+        return self._rows(run_row, rows[:1])[0] if rows else None
 
     async def list_runs(self) -> list[RunRow]:
         """Every run, newest first."""
         rows = await self._fetchall(f"{RUN_SELECT} ORDER BY created_at DESC")
-        return [run_row(r) for r in rows]
+        return self._rows(run_row, rows)
 
     async def save_run(
         self,
@@ -384,7 +392,7 @@ class SqliteStore(Store):
                         await self.db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
-                raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
+                raise _failure(self.path, "state database write failed", exc) from exc
 
     async def release_lease(self, run_id: str, owner: str) -> None:
         """Give the lease up; a no-op if another process has taken it over."""
@@ -580,7 +588,7 @@ class SqliteStore(Store):
         rows = await self._fetchall(
             "SELECT job_id, fingerprint, state FROM jobs WHERE run_id = ?", (run_id,)
         )
-        return {r[0]: (r[1], JobState(r[2])) for r in rows}
+        return dict(self._rows(lambda r: (r[0], (r[1], JobState(r[2]))), rows))
 
     async def sync_jobs(
         self,
@@ -595,9 +603,17 @@ class SqliteStore(Store):
         """Apply a manifest's expansion to the run in one transaction.
 
         New jobs start ``pending``; changed jobs (new fingerprint) go back to ``pending`` keeping
-        their attempt history; removed jobs become ``skipped`` (finished ones keep their video).
+        their attempt history. Removed jobs that have no task which may exist (``pending``,
+        ``failed``) become ``skipped``; the others keep their state, so a task that is paid for
+        is still tracked and its video fetched. A skipped job back in the manifest unchanged
+        returns to the state it was skipped from (see :data:`_RESTORED`).
         """
         statements: list[tuple[str, Iterable[Any]]] = []
+        back: set[str] = set()
+        if reordered:
+            skipped = await self._fetchall(
+                "SELECT job_id FROM jobs WHERE run_id = ? AND state = 'skipped'", (run_id,))
+            back = {str(r[0]) for r in skipped}
         for seq, spec in added:
             statements.append(
                 (
@@ -622,6 +638,12 @@ class SqliteStore(Store):
             )
             statements.append(_event(run_id, spec.job_id, now, "job.changed", None))
         for seq, job_id in reordered:
+            if job_id in back:
+                statements.append((f"UPDATE jobs SET seq = ?, state = {_RESTORED},"
+                                   " updated_at = ? WHERE run_id = ? AND job_id = ?",
+                                   (seq, now, run_id, job_id)))
+                statements.append(_event(run_id, job_id, now, "job.restored", None))
+                continue
             statements.append(
                 ("UPDATE jobs SET seq = ? WHERE run_id = ? AND job_id = ?", (seq, run_id, job_id))
             )
@@ -629,7 +651,7 @@ class SqliteStore(Store):
             statements.append(
                 (
                     "UPDATE jobs SET state = 'skipped', updated_at = ?"
-                    " WHERE run_id = ? AND job_id = ? AND state != 'downloaded'",
+                    " WHERE run_id = ? AND job_id = ? AND state IN ('pending', 'failed')",
                     (now, run_id, job_id),
                 )
             )
@@ -679,7 +701,7 @@ class SqliteStore(Store):
         rows = await self._fetchall(
             f"{JOB_SELECT} WHERE run_id = ? AND job_id = ?", (run_id, job_id)
         )
-        return job_row(rows[0]) if rows else None
+        return self._rows(job_row, rows[:1])[0] if rows else None
 
     async def jobs_in(
         self,
@@ -707,14 +729,27 @@ class SqliteStore(Store):
             " ORDER BY seq LIMIT ?",
             (run_id, *wanted, after_seq, limit),
         )
-        return [job_row(r) for r in rows]
+        return self._rows(job_row, rows)
+
+    async def task_owner(self, run_id: str, job_id: str, task_id: str) -> tuple[str, str] | None:
+        """Another job holding ``task_id``: of this run, or of a run on the same provider and
+        base URL (the ``jobs_by_task`` index makes it one lookup)."""
+        rows = await self._fetchall(
+            "SELECT j.run_id, j.job_id FROM jobs j JOIN runs r ON r.run_id = j.run_id,"
+            " runs me WHERE me.run_id = ? AND j.task_id = ?"
+            " AND NOT (j.run_id = me.run_id AND j.job_id = ?)"
+            " AND (j.run_id = me.run_id OR (r.provider = me.provider"
+            " AND r.base_url = me.base_url)) LIMIT 1",
+            (run_id, task_id, job_id),
+        )
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
 
     async def counts(self, run_id: str) -> dict[JobState, int]:
         """Number of jobs in each state."""
         rows = await self._fetchall(
             "SELECT state, COUNT(*) FROM jobs WHERE run_id = ? GROUP BY state", (run_id,)
         )
-        return {JobState(r[0]): int(r[1]) for r in rows}
+        return dict(self._rows(lambda r: (JobState(r[0]), int(r[1])), rows))
 
     async def recent_ends(self, run_id: str, limit: int = RECENT_ENDS) -> list[float]:
         """When the last ``limit`` jobs to end (downloaded, failed, skipped) ended, newest first."""
@@ -821,7 +856,7 @@ class SqliteStore(Store):
                 # Another process is writing: the durable path waits for it, off the loop.
                 if getattr(exc, "sqlite_errorcode", None) in _BUSY:
                     return None
-                raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
+                raise _failure(self.path, "state database write failed", exc) from exc
 
     async def log_event(
         self, run_id: str, job_id: str | None, now: float, event: str,
@@ -838,6 +873,47 @@ class SqliteStore(Store):
 
 #: Page size of a new database file.
 PAGE_SIZE = 1024
+
+#: The state a skipped job returns to when it is back in the manifest, from what its row kept.
+#: Since #14 only ``pending`` and ``failed`` jobs are skipped: a failed attempt kept its key and
+#: ``retryable``; a pending job has no key, or a key but no task (a requeued create). Rows that
+#: older versions skipped while a task existed come back ``submitted`` (polled again) or, when
+#: the create's outcome was never known, ``unknown``: never created blindly again.
+_RESTORED = (
+    "CASE WHEN idempotency_key IS NULL THEN 'pending'"
+    " WHEN retryable IS NOT NULL THEN 'failed'"
+    " WHEN task_id IS NOT NULL THEN 'submitted'"
+    " WHEN last_event IN ('job.submitting', 'job.unknown') THEN 'unknown'"
+    " ELSE 'pending' END"
+)
+
+_T = TypeVar("_T")
+# SQLite's primary result codes that mean a full disk, and a file that is not (or no longer)
+# a sound database.
+_FULL = 13
+_DAMAGED = frozenset({11, 26})
+
+
+def _failure(path: Path, doing: str, exc: BaseException) -> StoreError:
+    """A StoreError that says what a person can do: a full disk and a damaged file get their
+    own words (which file, and how to go on); anything else keeps SQLite's."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = None if code is None else code & 0xFF
+    if primary == _FULL or getattr(exc, "errno", None) == errno.ENOSPC:
+        return StoreError(
+            f"the disk holding the state database {path} is full ({exc}): free some space, "
+            "then `batchkling resume RUN_ID` continues the run; nothing already created is "
+            "paid for again")
+    text = str(exc)
+    unreadable = isinstance(exc, ValueError | TypeError | KeyError | IndexError)
+    if primary in _DAMAGED or unreadable or "decode" in text:
+        detail = "".join(c if c.isprintable() else "?" for c in text)[:160]
+        return StoreError(
+            f"the state database {path} is damaged ({detail}) and cannot be used. To recover: "
+            f"restore it from a backup; or salvage what it holds with `sqlite3 {path} .recover "
+            f"| sqlite3 recovered.db` and put recovered.db in its place; or move {path} (and "
+            "its -wal and -shm files) aside to start afresh, forgetting its runs")
+    return StoreError(f"{doing} ({path}): {exc}")
 
 # SQLITE_BUSY and SQLITE_LOCKED, with their extended codes.
 _BUSY = frozenset({5, 6, 261, 262, 517})

@@ -135,6 +135,8 @@ CREATE TABLE IF NOT EXISTS workers (
 -- Paging through every job of a run in manifest order (the CSV, the report). A transition
 -- does not change seq, so it never touches this index.
 CREATE INDEX IF NOT EXISTS jobs_by_seq ON jobs (run_id, seq);
+-- Which job holds a provider task (Store.task_owner). Only statements that set task_id touch it.
+CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task_id) WHERE task_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS attempts (
     run_id TEXT NOT NULL,
     job_id TEXT NOT NULL,
