@@ -646,9 +646,14 @@ def _duration(seconds: float | None) -> str:
 
 
 def _stamp(ts: float | None) -> str:
-    if ts is None:
-        return ""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return "" if ts is None else _strftime(ts, "%Y-%m-%d %H:%M:%S UTC", "")
+
+
+def _strftime(ts: float, fmt: str, otherwise: str) -> str:
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime(fmt)
+    except (ValueError, OverflowError, OSError):  # not a date (a store written before #14)
+        return otherwise
 
 
 __all__ = ["ContactSheet", "render_report", "write_report"]

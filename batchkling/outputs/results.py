@@ -45,7 +45,10 @@ def _iso(ts: float | None) -> str:
         return ""
     from datetime import UTC, datetime
 
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):  # not a date (a store written before #14)
+        return ""
 
 
 def job_record(run_id: str, row: JobRow, *, download: bool,

@@ -299,7 +299,12 @@ async def export_csv(workdir: Path, run_id: str, output: Path | None,
 
 
 def _stamp(ts: float | None) -> str:
-    return "—" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    if ts is None:
+        return "—"
+    try:
+        return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    except (ValueError, OverflowError, OSError):  # not a date (a store written before #14)
+        return "—"
 
 
 def print_status(data: Any, *, single: bool, store: str | None = None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -30,6 +31,12 @@ from batchkling.providers.http import HttpClient
 
 _CHUNK = 1 << 16
 _MAX_REDIRECTS = 5
+_MAX_URL = 8192
+#: A download may take this long to start, and then gets one more second per ``MIN_RATE``
+#: bytes received: a CDN that trickles a video a byte a second is abandoned after about a
+#: minute instead of holding the run forever (read at download time, so tests may shorten it).
+STALL_GRACE = 60.0
+MIN_RATE = 32 * 1024
 # Bodies that are certainly not a video: an error page served with 200.
 _NOT_VIDEO = ("text/", "application/json", "application/xml", "application/xhtml")
 
@@ -40,6 +47,10 @@ class ExpiredURL(DownloadError):
 
 class TooLarge(DownloadError):
     """The video is over ``output.max_video_mb``: fetching it again would only repeat that."""
+
+
+class TooSlow(DownloadError):
+    """The video arrived slower than :data:`MIN_RATE`: it is left for the next run to fetch."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +81,16 @@ def _address_is_private(address: str) -> bool:
 
 async def check_url(url: str, policy: DownloadPolicy) -> None:
     """Raise :class:`UnsafeURL` unless ``url`` is one batchkling may fetch."""
-    parts = urlsplit(url)
+    if len(url) > _MAX_URL:
+        raise UnsafeURL(f"refused result URL of {len(url):,} characters")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise UnsafeURL(f"refused result URL that does not parse ({exc}): {url[:80]!r}") from exc
     if parts.scheme not in ("http", "https"):
         raise UnsafeURL(f"refused result URL with scheme {parts.scheme or 'none'!r}: only http(s)")
-    host = parts.hostname
     if not host:
         raise UnsafeURL("refused result URL without a host")
     if host in policy.trusted_hosts or parts.netloc in policy.trusted_hosts:
@@ -111,6 +128,9 @@ async def download(client: HttpClient, url: str, dest: Path,
             # identity: the bytes we hash and count are the bytes Content-Length speaks of.
             request = client.build_request("GET", current,
                                            headers={"Accept-Encoding": "identity"})
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise UnsafeURL(f"refused result URL that does not parse ({exc})") from exc
+        try:
             async with client.stream(request) as response:
                 if response.is_redirect:
                     location = response.headers.get("location")
@@ -124,7 +144,11 @@ async def download(client: HttpClient, url: str, dest: Path,
                     )
                 if response.status_code != 200:
                     raise DownloadError(f"result URL answered HTTP {response.status_code}")
-                return await _save(response, part, dest, policy)
+                with anyio.CancelScope() as scope:
+                    return await _save(response, part, dest, policy, scope)
+                raise TooSlow(f"download from {_host(current)} slower than "
+                              f"{MIN_RATE // 1024} KiB/s: abandoned; the next run fetches it "
+                              "again (no new render)")
         except httpx.HTTPError as exc:
             raise DownloadError(
                 f"download from {_host(current)} failed: {type(exc).__name__}"
@@ -143,7 +167,7 @@ def _discard(part: Path) -> None:
 
 
 async def _save(response: httpx.Response, part: Path, dest: Path,
-                policy: DownloadPolicy) -> Downloaded:
+                policy: DownloadPolicy, scope: anyio.CancelScope) -> Downloaded:
     kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind.startswith(_NOT_VIDEO):
         raise DownloadError(f"result URL served {kind!r}, not a video")
@@ -164,12 +188,16 @@ async def _save(response: httpx.Response, part: Path, dest: Path,
         fd = _create(part)
     except OSError as exc:
         raise DownloadError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+    # The deadline moves with every chunk: silence and a trickle both end at it.
+    start = anyio.current_time() + STALL_GRACE
+    scope.deadline = start
     try:
         # Chunks land in the page cache in microseconds; only the disk work at the end is worth
         # a thread.
         with open(fd, "wb") as out:  # noqa: ASYNC230
             async for chunk in response.aiter_bytes(_CHUNK):
                 size += len(chunk)
+                scope.deadline = start + size / MIN_RATE
                 if size > policy.max_bytes:
                     raise TooLarge(
                         f"result exceeded the {policy.max_bytes:,}-byte limit while downloading"
@@ -184,7 +212,9 @@ async def _save(response: httpx.Response, part: Path, dest: Path,
             if size < 12 or head[4:8] != b"ftyp":
                 raise DownloadError("downloaded file is not an MP4 (no ftyp box at the start)")
             # One trip to a worker thread for all of it: each trip costs more CPU than a job's
-            # other bookkeeping, and an fsync must not stall the event loop.
+            # other bookkeeping, and an fsync must not stall the event loop. No deadline on the
+            # disk's own work: a cancelled fsync would leave the rename undecided.
+            scope.deadline = math.inf
             await anyio.to_thread.run_sync(_install, out.fileno(), part, dest)
     except BaseException as exc:
         _discard(part)  # nothing is left at dest: the rename is the last step

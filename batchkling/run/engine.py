@@ -23,7 +23,10 @@ that died in :meth:`Engine._settle_ambiguous`.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -55,7 +58,14 @@ from batchkling.models import TERMINAL, JobSpec, JobState
 from batchkling.providers.base import Phase, Provider, TaskStatus
 from batchkling.providers.http import HttpClient
 from batchkling.run import crashpoints
-from batchkling.run.download import Downloaded, DownloadPolicy, ExpiredURL, TooLarge, download
+from batchkling.run.download import (
+    Downloaded,
+    DownloadPolicy,
+    ExpiredURL,
+    TooLarge,
+    TooSlow,
+    download,
+)
 from batchkling.run.limits import RateGate, SlotPool, full_jitter
 from batchkling.run.polling import PollPlanner
 from batchkling.run.upload import InputImages, VideoUploads
@@ -193,6 +203,8 @@ class Engine:
         self.uploads = uploads
         self.inputs = inputs
         self._input_failures = 0
+        # Serialises "does another job own this task id?" with the commit of the answer.
+        self._task_ids = anyio.Lock()
 
     # ---- bookkeeping ---------------------------------------------------------------------
 
@@ -240,6 +252,8 @@ class Engine:
         job_id = job if isinstance(job, str) else job.job_id
         # Provider messages are stored and exported: a key they quote must not be.
         fields = {k: redactor.scrub(v) if isinstance(v, str) else v for k, v in fields.items()}
+        if fields.get("data"):
+            fields["data"] = redactor.scrub(fields["data"])
         let_go = let_go or state in _LETS_GO
         if let_go:
             fields["worker_id"] = None
@@ -275,7 +289,8 @@ class Engine:
             except StoreError as exc:
                 # Without a checkpoint no create may be paid for: stop them all. The job's last
                 # committed state stands, so `resume` continues once the disk is fixed.
-                self.stop_creating(f"the state database failed: {exc}", "store")
+                self.stop_creating("the state database failed: "
+                                   + str(exc).replace("RUN_ID", self.run_id), "store")
             except Exception as exc:  # a bug must cost one job's progress, not the run
                 self.log.exception("job.internal_error", job_id=job.job_id)
                 with anyio.CancelScope(shield=True):
@@ -374,7 +389,7 @@ class Engine:
         if provider.can_lookup:
             try:
                 found = await provider.lookup(key, job.spec)
-            except ProviderError as exc:
+            except Exception as exc:  # a reader's bug too: unknown, never a stuck `submitting`
                 await self._set(job, JobState.UNKNOWN, "job.unknown", error_code="reconcile",
                                 error_message=f"{why}; lookup failed: {exc}")
                 return None
@@ -505,7 +520,7 @@ class Engine:
                 self._poke()
                 return
             try:
-                task_id = await account.provider.create(spec, key)
+                task_id = await self._provider_create(account.provider, spec, key)
             except ProviderError as exc:
                 account.slots.release()
                 await self._create_failed(job, account, exc, log)
@@ -513,9 +528,9 @@ class Engine:
             crashpoints.reached("after_create")
             submitted_at = self.clock.wall()
             try:
-                await self._set(job, JobState.SUBMITTED, "job.submitted",
-                                task_id=task_id, submitted_at=submitted_at,
-                                data={"task_id": task_id})
+                if not await self._record_task(job, task_id, submitted_at):
+                    account.slots.release()
+                    return
             except WorkerFenced:
                 # Taken over while the create was under way: leave the task's id where the
                 # worker that took over (or a person) can find it, and change nothing else.
@@ -553,6 +568,57 @@ class Engine:
         await self._set(job, JobState.PENDING, "job.requeued", error_code="input_upload_failed",
                         error_message=message, reserved_usd=0)
         self._poke()
+
+    async def _provider_create(self, provider: Provider, spec: JobSpec, key: str) -> str:
+        """``provider.create``, where anything but a ProviderError counts as an ambiguous create.
+
+        An adapter bug or an answer no reader expected must not leave the job in
+        ``submitting`` holding its slot: the request may have left, so it is reconciled.
+        """
+        try:
+            return await provider.create(spec, key)
+        except ProviderError:
+            raise
+        except Exception as exc:
+            self.log.exception("job.create_error", job_id=spec.job_id)
+            raise AmbiguousCreate(f"the create's answer could not be read ({exc!r:.300})") from exc
+
+    async def _provider_status(self, provider: Provider, task_id: str,
+                               spec: JobSpec) -> TaskStatus:
+        """``provider.status``, unreadable answers counting as a failed poll; costs that are
+        not a finite non-negative number come back unknown (None)."""
+        try:
+            status = await provider.status(task_id, spec)
+        except ProviderError:
+            raise
+        except Exception as exc:
+            self.log.exception("job.poll_error", job_id=spec.job_id)
+            raise TransientError(f"the poll's answer could not be read ({exc!r:.300})") from exc
+        return _checked_costs(status)
+
+    async def _record_task(self, job: JobRow, task_id: str, submitted_at: float) -> bool:
+        """Commit the task id a create answered, unless another job owns it already.
+
+        A gateway bug or a replayed answer can give several creates one task id: recording it
+        would let each job "succeed" with one video. The later job becomes ``unknown`` with the
+        reason (its own task, if one was made, cannot be known); its reservation stands.
+        """
+        async with self._task_ids:
+            owner = await self.store.task_owner(self.run_id, job.job_id, task_id)
+            if owner is None:
+                await self._set(job, JobState.SUBMITTED, "job.submitted", task_id=task_id,
+                                submitted_at=submitted_at, data={"task_id": task_id})
+                return True
+        run_id, other = owner
+        whose = f"job {other!r}" + (f" of run {run_id!r}" if run_id != self.run_id else "")
+        await self._set(job, JobState.UNKNOWN, "job.unknown", error_code="duplicate_task",
+                        error_message=f"the provider answered this create with task {task_id}, "
+                        f"which already belongs to {whose} (a gateway bug or a replayed "
+                        f"answer): whether a task was made for this job is not known. "
+                        f"`batchkling retry {self.run_id} --unknown` asks again with the same "
+                        "idempotency key", data={"task_id": task_id, "owner": other})
+        self.log.warning("job.duplicate_task", job_id=job.job_id, task_id=task_id, owner=other)
+        return False
 
     async def _create_failed(self, job: JobRow, account: Account, exc: ProviderError,
                              log: Any) -> None:
@@ -649,6 +715,7 @@ class Engine:
         mono_start = self.clock.monotonic() - max(0.0, self.clock.wall() - started)
         deadline = self.clock.monotonic() + self.opts.task_timeout
         polls, progress, hint, errors, refused, running = 0, None, None, 0, 0, False
+        failure: str | None = None  # the last failed poll's reason, for a timeout's message
         shown: float | None = None  # the progress last stored
         released = False
 
@@ -672,7 +739,8 @@ class Engine:
                                     error_code="timed_out",
                                     error_message=f"no result after {self.opts.task_timeout:.0f}s"
                                     " of polling; the task may still finish: `resume` polls it "
-                                    "again")
+                                    "again" + (f" (the last poll failed: {failure})" if errors
+                                               and failure else ""))
                     self.log.warning("job.timed_out", job_id=job.job_id, task_id=task_id)
                     return
                 await self.clock.sleep(min(delay, remaining))
@@ -680,7 +748,7 @@ class Engine:
                 polls += 1
                 self.polls += 1
                 try:
-                    status = await account.provider.status(task_id, spec)
+                    status = await self._provider_status(account.provider, task_id, spec)
                 except RateLimited as exc:
                     self.poll_gate.pause(exc.retry_after or self._backoff(errors + 1))
                     errors += 1
@@ -710,6 +778,7 @@ class Engine:
                     continue
                 except ProviderError as exc:
                     errors += 1
+                    failure = exc.message
                     if errors in (1, 10) or errors % 50 == 0:
                         self.log.info("job.poll_failed", job_id=job.job_id, error=exc.message,
                                       consecutive=errors)
@@ -790,9 +859,10 @@ class Engine:
                                     error_message=str(exc), retryable=0)
                     self.log.warning("job.download_refused", job_id=job.job_id, error=str(exc))
                     return
-                except TooLarge as exc:
-                    # Every try would stream up to the limit again; raising output.max_video_mb
-                    # and running again fetches it (the render is kept).
+                except (TooLarge, TooSlow) as exc:
+                    # Every try would stream up to the limit again (or trickle again); raising
+                    # output.max_video_mb, or running again later, fetches it (the render is
+                    # kept).
                     await self._download_failed(job, str(exc))
                     return
                 except ExpiredURL as exc:
@@ -803,6 +873,15 @@ class Engine:
                     url = await self._fresh_url(job, url)
                     continue
                 except DownloadError as exc:
+                    if _disk_full(exc):
+                        # Every other download would fail the same way, and every new task
+                        # would render a video with nowhere to go: stop creating.
+                        self.stop_creating(f"the disk holding {self.videos} is full: free some "
+                                           f"space, then `batchkling resume {self.run_id}` "
+                                           "downloads the finished videos (no new renders)",
+                                           "disk")
+                        await self._download_failed(job, str(exc))
+                        return
                     if tries >= _DOWNLOAD_TRIES:
                         await self._download_failed(job, str(exc))
                         return
@@ -860,7 +939,8 @@ class Engine:
         if task_id is None:
             return old
         try:
-            status = await self._account(job).provider.status(task_id, job.spec)
+            status = await self._provider_status(self._account(job).provider, task_id,
+                                                 job.spec)
         except ProviderError:
             return old
         if status.video_url and status.video_url != old:
@@ -874,6 +954,28 @@ class Engine:
         await self._set(job, JobState.SUCCEEDED, "job.download_failed", let_go=True,
                         error_code="download_failed", error_message=message)
         self.log.warning("job.download_failed", job_id=job.job_id, error=message)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` was caused by a full disk (ENOSPC, or a quota: EDQUOT)."""
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _checked_costs(status: TaskStatus) -> TaskStatus:
+    """``status`` with any cost that is not a finite non-negative number made unknown (None).
+
+    Adapters already refuse such numbers; this guard is where money is settled, so a NaN or a
+    negative cost can never switch the budget off (a NaN fails every comparison with the cap,
+    a negative cost hands money back): an unknown cost leaves the reservation standing.
+    """
+    def sane(value: float | None) -> float | None:
+        return value if value is not None and math.isfinite(value) and value >= 0 else None
+
+    usd, units = sane(status.cost_usd), sane(status.cost_units)
+    if usd is status.cost_usd and units is status.cost_units:
+        return status
+    return dataclasses.replace(status, cost_usd=usd, cost_units=units)
 
 
 def select_states(spec: Mapping[str, bool]) -> list[JobState]:

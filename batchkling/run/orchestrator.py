@@ -14,13 +14,15 @@ building the provider from environment credentials, the results CSV, and the sum
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import random
 import re
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -32,8 +34,14 @@ import anyio
 import httpx
 
 from batchkling.clock import Clock, SystemClock
-from batchkling.errors import BatchklingError, ConfigError, WorkerFenced, unwrapped_groups
-from batchkling.logs import get_logger, redactor, run_log
+from batchkling.errors import (
+    BatchklingError,
+    ConfigError,
+    StoreError,
+    WorkerFenced,
+    unwrapped_groups,
+)
+from batchkling.logs import get_logger, redactor, run_log, run_log_error
 from batchkling.models import LEASE_STALE_AFTER, TERMINAL, JobState, RunSummary
 from batchkling.outputs.nextstep import location_args
 from batchkling.outputs.objectstore import ObjectStore
@@ -84,7 +92,7 @@ class Progress:
 def resolve_run_id(template: str, today: date | None = None) -> str:
     """Expand ``{date}`` (local date, YYYY-MM-DD) and check the id is a safe folder name."""
     run_id = template.replace("{date}", (today or date.today()).isoformat())
-    if not _RUN_ID.match(run_id) or ".." in run_id:
+    if not _RUN_ID.fullmatch(run_id) or ".." in run_id:
         raise ConfigError(
             f"run id {run_id!r} is not a safe folder name: use letters, digits, '.', '_', '-'"
         )
@@ -141,6 +149,7 @@ class Orchestrator:
         stale_after: float = STALE_AFTER,
         worker: str | None = None,
         output_store: str | None = None,
+        overwrite_videos: bool = False,
     ) -> None:
         if manifest is None and run_id is None:
             raise ConfigError("give a manifest, or the run id of an existing run")
@@ -156,6 +165,9 @@ class Orchestrator:
         # > 1 against a simulator that renders faster than real time: deadlines shrink with it.
         self.time_scale = time_scale
         self.transport = transport
+        # Start a run whose folder holds videos the store knows nothing of (its database lost),
+        # creating (and paying for) those jobs again.
+        self.overwrite_videos = overwrite_videos
         self.clock = clock or SystemClock()
         # A Store is the caller's to open and close; a location (a path, a sqlite:/// or
         # postgresql:// URL) or none (the workdir's batchkling.db) is this orchestrator's.
@@ -258,6 +270,7 @@ class Orchestrator:
             )
 
         if existing is None:
+            await self._check_new_run(manifest)
             await save()
             return await self._drive(sync=manifest)
         # An existing run's settings change only once this process holds its lease: a run
@@ -288,6 +301,7 @@ class Orchestrator:
                 simulated=False, now=self.clock.wall())
 
         if existing is None:
+            await self._check_new_run(manifest)
             await save()
         with unwrapped_groups():
             await self._drive_locked(sync=manifest, before=save if existing else None,
@@ -308,6 +322,14 @@ class Orchestrator:
         self.log.warning("run.rehearsal_replaced", simulated_jobs=jobs,
                          note="this id was last run with --simulate; its simulated records and "
                               "videos were removed and this real run starts afresh")
+
+    async def _check_new_run(self, manifest: Manifest) -> None:
+        """Refuse a new run that would collide with what is already there: a run whose id
+        differs only in case (one folder on macOS and Windows), or videos of its jobs that no
+        store records (its database lost: running would pay for them again)."""
+        await _refuse_case_twin(self.store, self.run_id)
+        if not self.overwrite_videos:
+            _refuse_unknown_videos(self.run_dir, manifest, self.store.location)
 
     async def resume(self) -> RunSummary:
         """Continue an existing run from its snapshot; no manifest file needed."""
@@ -359,7 +381,7 @@ class Orchestrator:
     async def _drive(self, *, sync: Manifest | None,
                      before: Callable[[], Awaitable[None]] | None = None) -> RunSummary:
         try:
-            with unwrapped_groups():
+            with _naming_run(self.run_id), unwrapped_groups():
                 return await self._drive_locked(sync=sync, before=before)
         except WorkerFenced as exc:
             # Another process took this run over while this one was paused: whatever was in
@@ -475,6 +497,7 @@ class Orchestrator:
                 await self.store.worker_heartbeat(self._owner, now)
                 if await self.store.reap_workers(self.stale_after, now) and self._engine:
                     await self._engine.take_over()
+                _stop_if_log_failed(self._engine, self.run_dir / "run.log", self.run_id)
             except WorkerFenced as exc:
                 # Presumed dead while paused: every write from here on would change nothing.
                 if self._engine is not None:
@@ -501,6 +524,12 @@ class Orchestrator:
         reason = "interrupted" if self._interrupted else stop.reason
         kind = "interrupted" if self._interrupted else stop.kind
         now = self.clock.wall()
+        log_error = run_log_error()
+        if log_error is not None and stop.kind != "disk":
+            reason = _and(reason, _file_problem(
+                self.run_dir / "run.log", log_error, f"the run went on without it; `batchkling "
+                f"resume {self.run_id}` continues the run, paying for nothing twice"))
+            code = EXIT_INCOMPLETE if code == EXIT_OK else code
         # The run's state first: the files below show it (the lease is still this process's
         # until it returns), and `status` names the next step from the end record.
         if self._member:
@@ -515,10 +544,17 @@ class Orchestrator:
         if ended:
             await self.store.log_event(self.run_id, None, now, ENDED_EVENT,
                                        {"exit_code": code, "stop_kind": kind, "state": state})
-            csv_path = await write_results(self.store, self.run_id,
-                                           self.run_dir / "results.csv",
-                                           download=options.download,
-                                           where=location_args(self.workdir))
+            try:
+                csv_path = await write_results(self.store, self.run_id,
+                                               self.run_dir / "results.csv",
+                                               download=options.download,
+                                               where=location_args(self.workdir))
+            except OSError as exc:
+                # The store holds every result: `export` writes the file again once it can be.
+                reason = _and(reason, _file_problem(
+                    self.run_dir / "results.csv", exc, f"`batchkling export {self.run_id}` "
+                    f"writes it again (`batchkling resume {self.run_id}` continues the run, "
+                    "paying for nothing twice)"))
             report_path = self.run_dir / "report.html"
             try:
                 await write_report(self.store, self.run_id, report_path, state=state,
@@ -671,9 +707,98 @@ def _config_from(run: RunRow) -> RunConfig:
 
 
 def _snapshot(manifest: Manifest) -> tuple[str, str | None]:
-    """The run settings as JSON (enough to resume without the file) and the file's text."""
+    """The run settings as JSON (enough to resume without the file) and the file's text.
+
+    The JSON is read back with the rules ``resume`` reads it with before it is stored: settings
+    that pass a manifest's checks but not a snapshot's would make the run impossible to resume.
+    """
     try:
         text: str | None = Path(manifest.source_path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         text = None
-    return manifest.run_config().model_dump_json(), text
+    config_json = manifest.run_config().model_dump_json()
+    from batchkling.manifest.document import RunConfig
+
+    try:
+        RunConfig.model_validate_json(config_json)
+    except ValueError as exc:
+        raise ConfigError(f"the manifest's settings cannot be stored for resume ({exc}); "
+                          "nothing was submitted") from exc
+    return config_json, text
+
+
+async def _refuse_case_twin(store: Store, run_id: str) -> None:
+    """Refuse a new run id that differs from an existing run's only in case: on a
+    case-insensitive disk (macOS, Windows) both runs would share one folder."""
+    lowered = run_id.lower()
+    for run in await store.list_runs():
+        if run.run_id.lower() == lowered and run.run_id != run_id:
+            raise ConfigError(f"run id {run_id!r} differs from the existing run {run.run_id!r} "
+                              "only in case: both would share one folder on a case-insensitive "
+                              "disk. Use that run's id, or another one")
+
+
+def _refuse_unknown_videos(run_dir: Path, manifest: Manifest, store: str) -> None:
+    """Refuse to start a run over videos of its jobs that no store records (the database was
+    deleted or lost): running would pay for each of them again and overwrite the files.
+
+    A file counts when it is a regular file named after one of the manifest's jobs that starts
+    like an MP4 (an ``ftyp`` box). It cannot be adopted: a signature shows a video, not which
+    prompt it renders, and the manifest may have changed since.
+    """
+    videos = run_dir / "videos"
+    try:
+        entries = list(os.scandir(videos))
+    except OSError:
+        return
+    wanted = {f"{spec.job_id}.mp4" for spec in manifest.expand()}
+    found = []
+    for entry in entries:
+        if entry.name in wanted and entry.is_file(follow_symlinks=False):
+            try:
+                with open(entry.path, "rb") as fh:
+                    head = fh.read(12)
+            except OSError:
+                continue
+            if head[4:8] == b"ftyp":
+                found.append(entry.name)
+    if found:
+        raise ConfigError(
+            f"{videos} already holds {len(found)} video{'s' if len(found) != 1 else ''} of this "
+            f"manifest's jobs (e.g. {sorted(found)[0]}), but {store} has no run {run_dir.name!r}: "
+            "its database was lost or is elsewhere. Running now would pay for those jobs again "
+            "and overwrite the files; nothing was submitted. Restore the database (or point "
+            "--workdir or --store at it), pick another --run-id, or pass --yes to start the "
+            "run afresh and pay again")
+
+
+@contextmanager
+def _naming_run(run_id: str) -> Iterator[None]:
+    """A store's hint names no run (`batchkling resume RUN_ID`): this one names it."""
+    try:
+        yield
+    except StoreError as exc:
+        if "RUN_ID" not in str(exc):
+            raise
+        raise StoreError(str(exc).replace("RUN_ID", run_id)) from exc
+
+
+def _stop_if_log_failed(engine: Engine | None, path: Path, run_id: str) -> None:
+    """Stop creating once the run log cannot be written: its disk is the videos' disk, and a
+    task created now would render a video with nowhere to go."""
+    error = run_log_error()
+    if engine is not None and error is not None and engine.stop.reason is None:
+        engine.stop_creating(_file_problem(path, error, f"`batchkling resume {run_id}` "
+                                           "continues the run, paying for nothing twice"),
+                             "disk")
+
+
+def _file_problem(path: Path, exc: OSError, remedy: str) -> str:
+    """What to tell a person when a file of the run cannot be written."""
+    if exc.errno == errno.ENOSPC:
+        return f"the disk holding {path} is full, so it was not written: free some space; {remedy}"
+    return f"cannot write {path} ({exc.strerror or exc}); {remedy}"
+
+
+def _and(reason: str | None, problem: str) -> str:
+    return f"{reason}; {problem}" if reason else problem
