@@ -157,6 +157,11 @@ def manifest_json_schema() -> dict[str, Any]:
     }
 
 
+#: The largest manifest batchkling reads. A 50 MB one works; more rows belong in a
+#: ``vars_from`` CSV, and a multi-GB file must be a clear problem, not a MemoryError.
+MAX_MANIFEST_BYTES = 128 * 1024 * 1024
+
+
 def load_manifest(
     path: str | os.PathLike[str], *, on_job: Callable[[JobSpec], None] | None = None,
     on_settings: Callable[[Manifest], None] | None = None,
@@ -171,12 +176,16 @@ def load_manifest(
     """
     file = os.fspath(path)
     try:
-        raw = Path(file).read_bytes()
+        raw = _read_bounded(Path(file), MAX_MANIFEST_BYTES)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ManifestError(
             [Problem(file, None, None, "", f"cannot read manifest: {reason}")]
         ) from None
+    if raw is None:
+        raise ManifestError([Problem(
+            file, None, None, "", f"the manifest is larger than {MAX_MANIFEST_BYTES // 2**20} MB; "
+            "put the rows of a large matrix in a vars_from CSV file instead")])
     text, bad_encoding = decode_source(raw, file)
     if text is None:
         raise ManifestError([bad_encoding] if bad_encoding else [])
@@ -193,6 +202,16 @@ def load_manifest(
             ]
         )
     return _validate_and_expand(loaded, Path(os.path.abspath(file)), on_job, on_settings)
+
+
+def _read_bounded(path: Path, limit: int) -> bytes | None:
+    """The file's bytes, or None when it holds more than ``limit`` (a FIFO or a device too:
+    the size is checked as it is read, not only by ``stat``)."""
+    with path.open("rb") as fh:
+        if path.is_file() and os.fstat(fh.fileno()).st_size > limit:
+            return None
+        data = fh.read(limit + 1)
+    return None if len(data) > limit else data
 
 
 def _validate_and_expand(loaded: LoadedYAML, source_path: Path,

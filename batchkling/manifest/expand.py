@@ -43,6 +43,9 @@ from batchkling.manifest.yamlsource import (
 from batchkling.models import JobSpec
 
 FIELDS = tuple(JobFields.model_fields)
+#: The most jobs one manifest may plan: a million rows work; a matrix whose product runs to
+#: billions must be a problem before it is expanded, not a MemoryError during.
+MAX_JOBS = 2_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,16 @@ class _MatrixExpansion:
 
     def run(self) -> None:
         if not self._load_rows() or not self._check_names():
+            return
+        planned = len(self.rows)
+        for _name, values in (*self.entry.vars.items(), *self.axes):
+            planned *= len(values)
+        if self.builder.count + planned > MAX_JOBS:
+            prov = (*self.prefix, "id")
+            self.builder.errors.add(
+                ("jobs", prov), prov,
+                f"{self.label} expands to {planned:,} combinations; a manifest plans at most "
+                f"{MAX_JOBS:,} jobs: split it into several manifests")
             return
         excludes = self._excludes()
         hits = [0] * len(excludes)

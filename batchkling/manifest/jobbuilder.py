@@ -96,7 +96,10 @@ class JobBuilder:
         #: holds one job at a time, and the ids table keeps shared, variable-free origins.
         self.sink = sink
         self.count = 0
+        # Claimed ids by their lowercase form (two ids differing in case are one file on macOS
+        # and Windows), and the id as written for those that are not lowercase.
         self._ids: dict[str, tuple[Prov, Origin]] = {}
+        self._cased: dict[str, str] = {}
         self._shared: dict[tuple[Any, ...], tuple[Prov, Origin]] = {}
         self._templates: dict[str, Template | TemplateError] = {}
         self._image_refs: dict[str, tuple[str | None, str | None, str | None]] = {}
@@ -307,7 +310,7 @@ class JobBuilder:
             self._claim_id(job_id, prov, origin)
 
     def _check_id(self, job_id: str, id_raw: str, prov: Prov, origin: Origin) -> bool:
-        if _ID_RE.match(job_id) and ".." not in job_id:
+        if _ID_RE.fullmatch(job_id) and ".." not in job_id:
             return True
         hint = ""
         if ":" in job_id and "{" in id_raw:
@@ -322,27 +325,40 @@ class JobBuilder:
         return False
 
     def _claim_id(self, job_id: str, prov: Prov, origin: Origin) -> bool:
-        first = self._ids.get(job_id)
+        folded = job_id.lower()
+        if folded == job_id:
+            folded = job_id  # the id's own string: a million ids cost no second copy
+        first = self._ids.get(folded)
         if first is None:
+            if folded != job_id:
+                self._cased[folded] = job_id
             if self.sink is None:
-                self._ids[job_id] = (prov, origin)
+                self._ids[folded] = (prov, origin)
             else:  # one entry per (id field, CSV line), not a job's variables per job
                 key = (prov, origin.label, origin.csv, origin.csv_line)
                 entry = self._shared.get(key)
                 if entry is None:
                     entry = self._shared[key] = (
                         prov, Origin(origin.label, origin.csv, origin.csv_line))
-                self._ids[job_id] = entry
+                self._ids[folded] = entry
             return True
         first_prov, first_origin = first
+        twin = self._cased.get(folded, folded)
         line, column = self.source.locate(first_prov or ())
         at = f"{self.source.file}:{line}:{column}" if line else self.source.file
-        self.errors.add(
-            ("dup", prov),
-            prov,
-            f"duplicate job id '{job_id}' from {origin.describe()}; first produced by "
-            f"{first_origin.describe()} at {at}",
-        )
+        if twin != job_id:
+            message = (
+                f"job id '{job_id}' from {origin.describe()} differs from '{twin}' (produced by "
+                f"{first_origin.describe()} at {at}) only in case: on a case-insensitive disk "
+                "(macOS, Windows) both videos would be one file; make the ids differ in more "
+                "than case"
+            )
+        else:
+            message = (
+                f"duplicate job id '{job_id}' from {origin.describe()}; first produced by "
+                f"{first_origin.describe()} at {at}"
+            )
+        self.errors.add(("dup", prov), prov, message)
         return False
 
     def _image(

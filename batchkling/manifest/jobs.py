@@ -9,11 +9,13 @@ error with a suggestion, never silently ignored.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Annotated, Any, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -75,7 +77,7 @@ def _text(value: Any) -> str:
 
 
 def _var_name(value: Any) -> str:
-    if isinstance(value, str) and _VAR_RE.match(value):
+    if isinstance(value, str) and _VAR_RE.fullmatch(value):
         return value
     raise ValueError(f"variable names are letters, digits and '_' (not first); found {show(value)}")
 
@@ -97,10 +99,36 @@ VarName = Annotated[
 ]
 
 
-class StrictModel(BaseModel):
-    """A manifest section: unknown keys are errors, and a validated value never changes."""
+#: How deep ``metadata`` and ``camera_control`` may nest: Kling's deepest object is two levels.
+MAX_NESTING = 32
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+def _passthrough(value: Any) -> Any:
+    """A ``metadata``/``camera_control`` object: plain JSON, finite numbers, not too deep.
+
+    It is sent to the provider as JSON and fingerprinted: NaN or infinity cannot be sent, and
+    an object hundreds of levels deep would break the readers that walk it. Checked without
+    recursion, so no depth breaks the check itself.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{item} is not a number JSON can carry: use a finite number")
+        if isinstance(item, dict | list):
+            if depth > MAX_NESTING:
+                raise ValueError(f"nested more than {MAX_NESTING} levels deep; provider fields "
+                                 "are never that deep")
+            stack.extend((child, depth + 1) for child in
+                         (item.values() if isinstance(item, dict) else item))
+    return value
+
+
+class StrictModel(BaseModel):
+    """A manifest section: unknown keys are errors, a validated value never changes, and a
+    number is finite (what a run stores must read back: JSON has no infinity)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class JobFields(StrictModel):
@@ -140,13 +168,13 @@ class JobFields(StrictModel):
         le=1,
         description="Prompt adherence 0..1 (Kling API: not on kling-v2* models).",
     )
-    camera_control: dict[str, Any] | None = Field(
+    camera_control: Annotated[dict[str, Any], AfterValidator(_passthrough)] | None = Field(
         default=None, description="Kling camera_control object, passed through as given."
     )
     sound: Sound | None = Field(
         default=None, description="on/off: generate audio (kling-v2-6, kling-video-o1)."
     )
-    metadata: dict[str, Any] | None = Field(
+    metadata: Annotated[dict[str, Any], AfterValidator(_passthrough)] | None = Field(
         default=None, description="Extra provider fields, passed through."
     )
 
@@ -169,7 +197,8 @@ class Axes(StrictModel):
     image: list[str] | None = Field(default=None, min_length=1)
     image_tail: list[str] | None = Field(default=None, min_length=1)
     cfg_scale: list[Annotated[float, Field(ge=0, le=1)]] | None = Field(default=None, min_length=1)
-    camera_control: list[dict[str, Any]] | None = Field(default=None, min_length=1)
+    camera_control: list[Annotated[dict[str, Any], AfterValidator(_passthrough)]] | None = \
+        Field(default=None, min_length=1)
     sound: list[Sound] | None = Field(default=None, min_length=1)
     _order: tuple[str, ...] = PrivateAttr(default=())
 

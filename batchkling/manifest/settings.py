@@ -70,13 +70,13 @@ def _env_name(value: Any) -> str:
             "this looks like a key itself: put the key in the environment and "
             "name the variable here (e.g. IMAROUTER_API_KEY)"
         )
-    if not _ENV_RE.match(value):
+    if not _ENV_RE.fullmatch(value):
         raise ValueError(f"expected the name of an environment variable; found {value!r}")
     return value
 
 
 def _base_url(value: Any) -> str:
-    if isinstance(value, str) and re.match(r"^https?://[^/\s]+", value):
+    if isinstance(value, str) and re.fullmatch(r"https?://[^/\s]+(?:/\S*)?", value):
         return value.rstrip("/")
     raise ValueError(f"base_url must be an http(s) URL; found {show(value)}")
 
@@ -325,7 +325,7 @@ PriceKey = Annotated[str, PlainValidator(_price_key), WithJsonSchema({"type": "s
 
 
 def _run_name(value: Any) -> str:
-    if isinstance(value, str) and _NAME_RE.match(value):
+    if isinstance(value, str) and _NAME_RE.fullmatch(value):
         return value
     text = str(value) if isinstance(value, str | int | float) else ""
     slug = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:64] or "my-run"

@@ -31,6 +31,9 @@ DataPath = tuple[str | int, ...]
 _STD = "tag:yaml.org,2002:"
 _MAX_NODES = 2_000_000  # an alias bomb must end as a problem, not as an out-of-memory kill
 _MAX_REPEATS = 100_000  # values built again through aliases; real anchors repeat a few times
+#: Deeper than this, a value is dropped with a problem: no manifest nests so, and the readers
+#: after this one (validation, expansion, JSON) would run out of stack on it.
+MAX_DEPTH = 64
 
 
 class _CoreResolver(yaml.resolver.BaseResolver):
@@ -214,7 +217,10 @@ def load_yaml(text: str, file: str) -> LoadedYAML:
         data = builder.build(node, ())
     except _TooBig:
         return fatal("the document expands to too many values (an alias bomb?)")
-    except RecursionError:  # libyaml composes 1,000 levels; building them takes more stack
+    except _TooDeep as deep:
+        return fatal(f"YAML is nested more than {MAX_DEPTH} levels deep here; a manifest never "
+                     "needs that", deep.line, deep.column)
+    except RecursionError:
         return fatal(_TOO_DEEP)
     return LoadedYAML(
         data, source, builder.problems, bad_paths=builder.bad_paths, warnings=builder.warnings
@@ -226,6 +232,12 @@ _TOO_DEEP = "YAML is nested too deeply to read"
 
 class _TooBig(Exception):
     pass
+
+
+class _TooDeep(Exception):
+    def __init__(self, line: int, column: int) -> None:
+        super().__init__(line, column)
+        self.line, self.column = line, column
 
 
 class _Builder:
@@ -240,6 +252,10 @@ class _Builder:
         self._active: set[int] = set()
         self._built: set[int] = set()
         self._repeats = 0
+        # Each mapping's pairs with its merges applied, worked out once however often it is
+        # merged or aliased: a chain of `<<: [*a, *a]` is then linear, not exponential.
+        self._merged: dict[int, list[tuple[Node, Node]]] = {}
+        self._merging: set[int] = set()
 
     def _bad(self, path: DataPath, node: Node, message: str) -> None:
         self.bad_paths.add(path)
@@ -266,6 +282,8 @@ class _Builder:
         self.source.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, ScalarNode):
             return self._scalar(node, path)
+        if len(path) >= MAX_DEPTH:
+            raise _TooDeep(node.start_mark.line + 1, node.start_mark.column + 1)
         if id(node) in self._active:
             self._bad(path, node, "a YAML alias refers to itself")
             return None
@@ -285,20 +303,48 @@ class _Builder:
             self._active.discard(id(node))
 
     def _pairs(self, node: MappingNode, path: DataPath) -> list[tuple[Node, Node]]:
-        """Key/value node pairs with ``<<`` merges applied (explicit keys win)."""
-        own: list[tuple[Node, Node]] = []
-        merged: list[tuple[Node, Node]] = []
-        for key_node, value_node in node.value:
-            if key_node.tag != _STD + "merge":
-                own.append((key_node, value_node))
-                continue
-            sources = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
-            for src in sources:
-                if isinstance(src, MappingNode) and src.tag == _STD + "map":
-                    merged.extend(self._pairs(src, path))
+        """Key/value node pairs with ``<<`` merges applied: explicit keys win, then the earlier
+        merged mapping. Computed once per node; every pair counts toward the size limit."""
+        if not any(key.tag == _STD + "merge" for key, _value in node.value):
+            plain: list[tuple[Node, Node]] = node.value
+            return plain  # nothing to merge: nothing to remember either
+        found = self._merged.get(id(node))
+        if found is not None:
+            return found
+        if id(node) in self._merging:
+            self._bad(path, node, "a YAML alias refers to itself")
+            return []
+        self._merging.add(id(node))
+        try:
+            own: list[tuple[Node, Node]] = []
+            merges: list[Node] = []
+            for key_node, value_node in node.value:
+                if key_node.tag == _STD + "merge":
+                    merges.append(value_node)
                 else:
-                    self._bad(path, src, "'<<' merges only mappings")
-        return own + merged
+                    own.append((key_node, value_node))
+            pairs = own
+            if merges:
+                pairs = list(own)
+                seen = {_identity(key) for key, _value in own}
+                for value_node in merges:
+                    sources = value_node.value if isinstance(value_node, SequenceNode) \
+                        else [value_node]
+                    for src in sources:
+                        if not (isinstance(src, MappingNode) and src.tag == _STD + "map"):
+                            self._bad(path, src, "'<<' merges only mappings")
+                            continue
+                        for key, value in self._pairs(src, path):
+                            if _identity(key) not in seen:
+                                seen.add(_identity(key))
+                                pairs.append((key, value))
+        finally:
+            self._merging.discard(id(node))
+        self._count += len(pairs) - len(own)  # merged pairs; own ones are counted as built
+        if self._count > _MAX_NODES:
+            raise _TooBig
+        self._merged[id(node)] = pairs
+        return pairs
 
     def _mapping(self, node: MappingNode, path: DataPath) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -363,6 +409,11 @@ class _Builder:
 
 
 _LEADING_ZERO = re.compile(r"^[-+]?0[0-9]")
+
+
+def _identity(key: Node) -> Any:
+    """What makes two mapping keys the same key: their resolved tag and text."""
+    return (key.tag, key.value) if isinstance(key, ScalarNode) else id(key)
 
 
 def _tag_message(tag: str) -> str:
