@@ -67,6 +67,11 @@ MANIFESTS: dict[str, Callable[[str, Path], bytes]] = {
     "formula-id-from-csv": lambda url, tmp: (
         _header(url) + "matrices:\n  - id: '{name}'\n    prompt: 'ad for {name}'\n"
         "    vars_from: hostile.csv\n").encode(),
+    "newline-id": lambda url, tmp: (
+        _header(url) + 'jobs:\n  - id: "hero\\n"\n    prompt: hi\n').encode(),
+    "case-twin-ids": lambda url, tmp: (
+        _header(url) + "jobs:\n  - {id: Hero, prompt: one}\n  - {id: hero, prompt: two}\n"
+    ).encode(),
     "alias-bomb": lambda url, tmp: (
         _header(url) + "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
         + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 8))
