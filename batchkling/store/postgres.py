@@ -56,6 +56,7 @@ from batchkling.store.rows import (
     ATTEMPT_KEYS,
     ATTEMPT_SELECT,
     JOB_SELECT,
+    RESTORED_STATE,
     RUN_SELECT,
     JobRow,
     RunRow,
@@ -457,7 +458,7 @@ class PostgresStore(Store):
         their attempt history. Removed jobs that have no task which may exist (``pending``,
         ``failed``) become ``skipped``; the others keep their state, so a paid task is still
         tracked. A skipped job back in the manifest unchanged returns to the state it left
-        (``sqlite._RESTORED`` says how). Each kind is one statement over arrays, however many
+        (``rows.RESTORED_STATE`` says how). Each kind is one statement over arrays, however many
         jobs it names.
         """
         if not (added or changed or reordered or removed):
@@ -490,7 +491,7 @@ class PostgresStore(Store):
             if reordered:
                 ids = [job_id for _, job_id in reordered]
                 await conn.execute(
-                    "WITH back AS (UPDATE jobs SET state = " + _RESTORED + ", updated_at = %s"
+                    "WITH back AS (UPDATE jobs SET state = " + RESTORED_STATE + ", updated_at = %s"
                     " WHERE run_id = %s AND job_id = ANY(%s::text[]) AND state = 'skipped'"
                     " RETURNING job_id) INSERT INTO events (run_id, job_id, at, event)"
                     " SELECT %s, job_id, %s, 'job.restored' FROM back",
@@ -686,16 +687,6 @@ def _columns(jobs: list[tuple[int, JobSpec]]) -> tuple[list[str], list[int], lis
     """``(job ids, seqs, specs, fingerprints)``: one array per column, for ``unnest``."""
     return ([spec.job_id for _, spec in jobs], [seq for seq, _ in jobs],
             [spec.to_json() for _, spec in jobs], [spec.fingerprint for _, spec in jobs])
-
-
-#: A skipped job's state when it is back in the manifest (the same rule as SQLite's).
-_RESTORED: LiteralString = (
-    "CASE WHEN idempotency_key IS NULL THEN 'pending'"
-    " WHEN retryable IS NOT NULL THEN 'failed'"
-    " WHEN task_id IS NOT NULL THEN 'submitted'"
-    " WHEN last_event IN ('job.submitting', 'job.unknown') THEN 'unknown'"
-    " ELSE 'pending' END"
-)
 
 
 def _first_line(exc: BaseException) -> str:

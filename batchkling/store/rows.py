@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, LiteralString
 
 from batchkling.errors import StoreError
 from batchkling.models import JobSpec, JobState
@@ -202,3 +202,18 @@ def retry_selection(states: Iterable[JobState], job_ids: Iterable[str]
 def event_data(data: Mapping[str, Any] | None) -> str | None:
     """An event's data as compact JSON, or None when there is none."""
     return json.dumps(dict(data), default=str, separators=(",", ":")) if data else None
+
+
+#: The state a skipped job returns to when it is back in the manifest, from what its row kept
+#: (both backends' ``sync_jobs``). Since #14 only ``pending`` and ``failed`` jobs are skipped: a
+#: failed attempt kept its key and ``retryable``; a pending job has no key, or a key but no task
+#: (a requeued create). Rows that older versions skipped while a task existed come back
+#: ``submitted`` (polled again) or, when the create's outcome was never known, ``unknown``:
+#: never created blindly again.
+RESTORED_STATE: LiteralString = (
+    "CASE WHEN idempotency_key IS NULL THEN 'pending'"
+    " WHEN retryable IS NOT NULL THEN 'failed'"
+    " WHEN task_id IS NOT NULL THEN 'submitted'"
+    " WHEN last_event IN ('job.submitting', 'job.unknown') THEN 'unknown'"
+    " ELSE 'pending' END"
+)

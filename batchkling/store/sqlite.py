@@ -54,6 +54,7 @@ from batchkling.store.rows import (
     ATTEMPT_KEYS,
     ATTEMPT_SELECT,
     JOB_SELECT,
+    RESTORED_STATE,
     RUN_SELECT,
     AccountRow,
     JobRow,
@@ -606,7 +607,7 @@ class SqliteStore(Store):
         their attempt history. Removed jobs that have no task which may exist (``pending``,
         ``failed``) become ``skipped``; the others keep their state, so a task that is paid for
         is still tracked and its video fetched. A skipped job back in the manifest unchanged
-        returns to the state it was skipped from (see :data:`_RESTORED`).
+        returns to the state it was skipped from (``rows.RESTORED_STATE`` says how).
         """
         statements: list[tuple[str, Iterable[Any]]] = []
         back: set[str] = set()
@@ -639,7 +640,7 @@ class SqliteStore(Store):
             statements.append(_event(run_id, spec.job_id, now, "job.changed", None))
         for seq, job_id in reordered:
             if job_id in back:
-                statements.append((f"UPDATE jobs SET seq = ?, state = {_RESTORED},"
+                statements.append((f"UPDATE jobs SET seq = ?, state = {RESTORED_STATE},"
                                    " updated_at = ? WHERE run_id = ? AND job_id = ?",
                                    (seq, now, run_id, job_id)))
                 statements.append(_event(run_id, job_id, now, "job.restored", None))
@@ -873,19 +874,6 @@ class SqliteStore(Store):
 
 #: Page size of a new database file.
 PAGE_SIZE = 1024
-
-#: The state a skipped job returns to when it is back in the manifest, from what its row kept.
-#: Since #14 only ``pending`` and ``failed`` jobs are skipped: a failed attempt kept its key and
-#: ``retryable``; a pending job has no key, or a key but no task (a requeued create). Rows that
-#: older versions skipped while a task existed come back ``submitted`` (polled again) or, when
-#: the create's outcome was never known, ``unknown``: never created blindly again.
-_RESTORED = (
-    "CASE WHEN idempotency_key IS NULL THEN 'pending'"
-    " WHEN retryable IS NOT NULL THEN 'failed'"
-    " WHEN task_id IS NOT NULL THEN 'submitted'"
-    " WHEN last_event IN ('job.submitting', 'job.unknown') THEN 'unknown'"
-    " ELSE 'pending' END"
-)
 
 _T = TypeVar("_T")
 # SQLite's primary result codes that mean a full disk, and a file that is not (or no longer)
