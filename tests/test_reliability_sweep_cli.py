@@ -47,7 +47,12 @@ def _cli(*args: str, env: dict[str, str] | None = None,
 
 
 def _finish(proc: subprocess.Popen[bytes], timeout: float = 90) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # a hang is the failure: leave no process behind
+        proc.communicate()
+        raise
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
