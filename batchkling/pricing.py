@@ -8,12 +8,19 @@ price comparison pages, which quote e.g. Kling 2.5 Turbo Pro at $0.07/s, Kling 2
 $0.07/s silent and $0.14/s with audio, Kling 2.x Master at $1.40 per 5 s, Kling O1 at about
 $0.112/s). Where only one mode is listed the other is scaled by the usual std:pro ratio (≈ 0.6).
 They are good enough to see that a matrix costs $30 rather than $3,000; they are not a quote.
+This table is the one source of prices: ``plan`` estimates with it, a run reserves with it (until
+the store has observed the provider's own price, see :mod:`batchkling.run.budget`), and the
+simulator bills it (times its ``price_factor``, which tests turn up to prove the budget holds
+when the table is wrong).
 
 Override any price in the manifest::
 
     pricing:
       kling-v2-6: 0.06          # every mode of that model
       kling-v2-6:pro: 0.12      # one model and mode (wins over the model-wide entry)
+
+A model declared in the manifest's ``models:`` section brings its own ``usd_per_second`` (and
+``units_per_5s``); the manifest's ``pricing:`` still wins over it.
 
 ``*-master`` models have a single price whatever the mode. ``sound: on`` on kling-v2-6 doubles the
 per-second price (audio generation is billed separately by every listing seen); an override is the
@@ -27,7 +34,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from batchkling.models import JobSpec
 
@@ -48,6 +55,17 @@ PRICES: Mapping[str, tuple[float, float]] = {
     "kling-video-o1": (0.084, 0.112),
 }
 SOUND_MULTIPLIER = {"kling-v2-6": 2.0}
+#: Kling resource-pack units per 5 s of video (std, pro): what Kling's native API deducts
+#: (``final_unit_deduction``) instead of reporting dollars.
+UNITS_PER_5S: Mapping[str, tuple[float, float]] = {
+    "kling-v1": (1.0, 3.5),
+    "kling-v1-6": (2.0, 3.5),
+    "kling-v2-master": (10.0, 10.0),
+    "kling-v2-1-master": (10.0, 10.0),
+    "kling-v2-5-turbo": (1.5, 2.5),
+    "kling-v2-6": (2.5, 4.0),
+    "kling-video-o1": (4.0, 6.0),
+}
 
 #: Typical render seconds for a 5 s std clip, by model; scaled for duration and mode below.
 RENDER_5S_STD: Mapping[str, float] = {
@@ -61,26 +79,79 @@ RENDER_5S_STD: Mapping[str, float] = {
 }
 RENDER_PRO_FACTOR = 1.6
 RENDER_10S_FACTOR = 1.8
-_FALLBACK_PRICE = (0.07, 0.14)  # an unknown model (never after validation) is priced high
+#: A model with no price in the table nor the manifest (a simulator's extra model) is priced high.
+FALLBACK_PRICE = (0.07, 0.14)
+FALLBACK_UNITS = (4.0, 6.0)
 _FALLBACK_RENDER = 120.0
 
 
-def price_per_second(model: str, mode: str | None, overrides: Mapping[str, float] | None) -> float:
-    """USD per video second for ``model``/``mode``, after manifest overrides."""
+def _lookup(model: str, mode: str | None, overrides: Mapping[str, float] | None,
+            table: Mapping[str, tuple[float, float]], fallback: tuple[float, float]) -> float:
     if overrides:
         for key in (f"{model}:{mode or 'std'}", model):
             if key in overrides:
                 return float(overrides[key])
-    std, pro = PRICES.get(model, _FALLBACK_PRICE)
+    std, pro = table.get(model, fallback)
     return pro if mode == "pro" else std
+
+
+def price_per_second(model: str, mode: str | None, overrides: Mapping[str, float] | None) -> float:
+    """USD per video second for ``model``/``mode``, after manifest overrides."""
+    return _lookup(model, mode, overrides, PRICES, FALLBACK_PRICE)
+
+
+def task_usd(model: str, mode: str | None, duration: int, *, sound: str | None = None,
+             overrides: Mapping[str, float] | None = None) -> float:
+    """The table's price of one task in USD (what the simulator bills, times its factor)."""
+    rate = price_per_second(model, mode, overrides)
+    if sound == "on":
+        rate *= SOUND_MULTIPLIER.get(model, 1.0)
+    return round(rate * duration, 4)
+
+
+def task_units(model: str, mode: str | None, duration: int, *,
+               overrides: Mapping[str, float] | None = None) -> float:
+    """The table's Kling units for one task (``overrides``: units per 5 s, keyed like
+    ``pricing``)."""
+    return round(_lookup(model, mode, overrides, UNITS_PER_5S, FALLBACK_UNITS) * duration / 5, 4)
 
 
 def estimate_usd(spec: JobSpec, overrides: Mapping[str, float] | None = None) -> float:
     """Estimated cost of one job in USD (an assumption-based estimate, see module docstring)."""
-    rate = price_per_second(spec.model, spec.mode, overrides)
-    if spec.sound == "on":
-        rate *= SOUND_MULTIPLIER.get(spec.model, 1.0)
-    return round(rate * spec.duration, 4)
+    return task_usd(spec.model, spec.mode, spec.duration, sound=spec.sound, overrides=overrides)
+
+
+def estimate_units(spec: JobSpec, overrides: Mapping[str, float] | None = None) -> float:
+    """Estimated Kling units of one job (the units table, or the manifest's declaration)."""
+    return task_units(spec.model, spec.mode, spec.duration, overrides=overrides)
+
+
+def price_group(provider: str, spec: JobSpec) -> str:
+    """The jobs that cost the same: provider, model, mode, duration, kind (and sound on).
+
+    Observed prices are kept per group, across runs (the store's ``prices``).
+    """
+    sound = ":sound" if spec.sound == "on" else ""
+    return f"{provider}:{spec.model}:{spec.mode or '-'}:{spec.duration}s:{spec.kind.value}{sound}"
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedPrice:
+    """What the provider charged for the last finished task of a price group."""
+
+    usd: float | None  #: the task's reported cost in USD (None: the provider reports units)
+    units: float | None  #: its reported units (Kling), None where it reports USD
+    samples: int  #: how many finished tasks of the group reported a price
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """What a store remembers that changes a plan: observed prices, and the fingerprints of
+    jobs that already produced a downloaded, verified video (for ``reuse: earlier-runs``)."""
+
+    observed: Mapping[str, ObservedPrice] = field(default_factory=dict)
+    reusable: frozenset[str] = frozenset()
 
 
 def estimate_render_seconds(spec: JobSpec) -> float:

@@ -46,8 +46,8 @@ class TestSimConfig:
 
 class TestProfiles:
     def test_named_profiles(self) -> None:
-        """The five documented profiles exist and all load."""
-        assert set(PROFILES) == {"none", "quirks", "flaky", "slots", "chaos"}
+        """The six documented profiles exist and all load."""
+        assert set(PROFILES) == {"none", "quirks", "flaky", "slots", "overpriced", "chaos"}
         for name in PROFILES:
             assert isinstance(load_faults(name), SimConfig)
 

@@ -1,5 +1,10 @@
 """What the providers accept and charge: models, sizes, prices, and the shared request rules.
 
+Prices are the price table's (:mod:`batchkling.pricing`, the one source of prices), times the
+simulator's ``price_factor``; models are the built-in ones plus the ``extra_models`` it was
+started with (``batchkling simulate --models``, or a manifest's ``models:`` section under
+``run --simulate``).
+
 Validation functions raise ``Invalid`` with a message that names the field and the allowed values;
 each API shape turns it into its own error body.
 """
@@ -10,15 +15,17 @@ import base64
 import binascii
 import io
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 # Re-exported (``X as X``) for the API-shape modules.
 from batchkling.catalog import DURATIONS as DURATIONS
-from batchkling.catalog import MAX_PROMPT
+from batchkling.catalog import MAX_PROMPT, SOUND_MODELS
 from batchkling.catalog import MODELS as MODELS
 from batchkling.catalog import MODES as MODES
 from batchkling.catalog import SIZES as SIZES
+from batchkling.pricing import FALLBACK_PRICE, task_units, task_usd
 
 PROMPT_MAX = MAX_PROMPT
 IMAGE_MAX_BYTES = 10 * 1024 * 1024
@@ -29,26 +36,6 @@ FORBIDDEN_WORD = re.compile(r"\bforbidden\b", re.IGNORECASE)
 #: ``[sim:render=30]`` force that task's outcome or render seconds, whatever the fault rates.
 SIM_TAG = re.compile(r"\[sim:(fail|never|render)(?:=([a-z_0-9.]+))?\]")
 
-# USD per second of video (std, pro): plausible list prices, not anyone's contract.
-_PRICE_PER_S: dict[str, tuple[float, float]] = {
-    "kling-v1": (0.028, 0.098),
-    "kling-v1-6": (0.056, 0.098),
-    "kling-v2-master": (0.28, 0.28),
-    "kling-v2-1-master": (0.28, 0.28),
-    "kling-v2-5-turbo": (0.042, 0.07),
-    "kling-v2-6": (0.07, 0.112),
-    "kling-video-o1": (0.112, 0.168),
-}
-# Kling resource-pack units per 5 s of video (std, pro).
-_UNITS_PER_5S: dict[str, tuple[float, float]] = {
-    "kling-v1": (1.0, 3.5),
-    "kling-v1-6": (2.0, 3.5),
-    "kling-v2-master": (10.0, 10.0),
-    "kling-v2-1-master": (10.0, 10.0),
-    "kling-v2-5-turbo": (1.5, 2.5),
-    "kling-v2-6": (2.5, 4.0),
-    "kling-video-o1": (4.0, 6.0),
-}
 _DIMS = {"16:9": (1280, 720), "9:16": (720, 1280), "1:1": (960, 960)}
 
 
@@ -72,19 +59,33 @@ class Spec:
     mode: str
     prompt: str
     has_tail: bool = False
+    sound: str | None = None
 
 
-def price_usd(model: str, duration: int, mode: str) -> float:
-    """The simulated charge for one finished task."""
-    std, pro = _PRICE_PER_S.get(model, (0.07, 0.112))
-    return round((pro if mode == "pro" else std) * duration, 4)
+def known_models(extra: Mapping[str, tuple[float, float] | None]) -> tuple[str, ...]:
+    """The model ids this simulator accepts: the built-in ones and its extra ones."""
+    return (*MODELS, *(m for m in extra if m not in MODELS))
 
 
-def units(model: str, duration: int, mode: str) -> str:
+def price_usd(spec: Spec, *, factor: float = 1.0,
+              extra: Mapping[str, tuple[float, float] | None] | None = None) -> float:
+    """The simulated charge for one finished task: the price table's, times ``factor``.
+
+    An extra model is billed at the price it was declared with (a built-in one too: the
+    manifest that declared it made that its table), or the table's fallback.
+    """
+    overrides = None
+    declared = (extra or {}).get(spec.model, ())
+    if declared or (declared is None and spec.model not in MODELS):
+        std, pro = declared or FALLBACK_PRICE
+        overrides = {f"{spec.model}:std": std, f"{spec.model}:pro": pro}
+    base = task_usd(spec.model, spec.mode, spec.duration, sound=spec.sound, overrides=overrides)
+    return round(base * factor, 4)
+
+
+def units(spec: Spec, *, factor: float = 1.0) -> str:
     """Kling's ``final_unit_deduction`` for one finished task, as the string Kling sends."""
-    std, pro = _UNITS_PER_5S.get(model, (2.0, 3.5))
-    value = (pro if mode == "pro" else std) * duration / 5
-    return f"{value:g}"
+    return f"{task_units(spec.model, spec.mode, spec.duration) * factor:g}"
 
 
 def dimensions(size: str, mode: str) -> tuple[int, int]:
@@ -129,11 +130,11 @@ def check_cfg_scale(value: Any, model: str) -> None:
 
 
 def check_sound(value: Any, model: str) -> None:
-    """``sound`` is on|off and only kling-v2-6 and later produce it."""
+    """``sound`` is on|off and only kling-v2-6 and later (and extra models) produce it."""
     if value is None:
         return
     check_choice("sound", value, ("on", "off"))
-    if value == "on" and model not in ("kling-v2-6", "kling-video-o1"):
+    if value == "on" and model in MODELS and model not in SOUND_MODELS:
         raise Invalid("sound", f"sound is only supported from kling-v2-6 on (got model {model})")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,17 @@ class SimConfig:
     validate_images: bool = True  # decode images and enforce jpg/png, ≥300 px, aspect 1:2.5..2.5:1
     callbacks: bool = True
 
+    # Money. Charges are the price table's (batchkling.pricing) times this factor: 1.6 bills
+    # 60 % above the table, so tests can prove a budget holds when the table is wrong.
+    price_factor: float = 1.0
+    # Models beyond the built-in ones, each "id" or "id=STD/PRO" (USD per second of video).
+    extra_models: tuple[str, ...] = ()
+
+    @property
+    def model_prices(self) -> dict[str, tuple[float, float] | None]:
+        """The extra models and the price each was declared with (None: the fallback)."""
+        return dict(parse_model_entry(entry) for entry in self.extra_models)
+
     def replace(self, **changes: Any) -> SimConfig:
         """A copy with ``changes`` applied, each coerced and range-checked like a loaded file."""
         return config_from_mapping(changes, base=self)
@@ -121,6 +133,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "quirks": dict(_QUIRKS),
     "flaky": dict(_FLAKY),
     "slots": {"slot_limit": 3},
+    # The provider bills 60 % above the price table (budgets must hold anyway).
+    "overpriced": {"price_factor": 1.6},
     "chaos": {
         **_QUIRKS,
         **_FLAKY,
@@ -133,6 +147,27 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(SimConfig)}
+_MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
+
+
+def parse_model_entry(entry: str) -> tuple[str, tuple[float, float] | None]:
+    """``"kling-v2-7"`` or ``"kling-v2-7=0.07/0.112"`` → the id and its (std, pro) USD per
+    second; ValueError saying what is expected."""
+    model, _, price = entry.strip().partition("=")
+    if not _MODEL_ID.match(model):
+        raise ValueError(f"extra model {entry!r}: expected an id like kling-v2-7 (lowercase "
+                         "letters, digits, '.', '_', '-'), optionally =STD/PRO USD per second")
+    if not price:
+        return model, None
+    std, _, pro = price.partition("/")
+    try:
+        pair = (float(std), float(pro or std))
+    except ValueError:
+        raise ValueError(f"extra model {entry!r}: the price is STD/PRO USD per second, "
+                         "e.g. kling-v2-7=0.07/0.112") from None
+    if not all(math.isfinite(p) and p >= 0 for p in pair):
+        raise ValueError(f"extra model {entry!r}: prices must be finite and ≥ 0")
+    return model, pair
 _RATE_FIELDS = frozenset(n for n in _FIELDS if n.endswith("_rate"))
 
 
@@ -194,6 +229,10 @@ def _check(cfg: SimConfig) -> None:
         key, _, n = entry.rpartition("=")
         if not key or not n.isdigit() or int(n) < 1:
             raise ValueError(f"account_slots entries are KEY=N with N ≥ 1, got {entry!r}")
+    if not (math.isfinite(cfg.price_factor) and cfg.price_factor >= 0):
+        raise ValueError(f"price_factor must be ≥ 0, got {cfg.price_factor}")
+    for entry in cfg.extra_models:
+        parse_model_entry(entry)
     if not cfg.access_key or not cfg.secret_key:
         raise ValueError("access_key and secret_key may not be empty")
 

@@ -23,7 +23,6 @@ from batchkling.simulator.catalog import (
     check_sound,
     check_text,
     dimensions,
-    price_usd,
 )
 from batchkling.simulator.media import result_url, video_response, video_size
 from batchkling.simulator.responses import (
@@ -87,11 +86,12 @@ def _duration(value: Any) -> int:
     return int(number)
 
 
-def parse_request(body: Any, *, decode_images: bool) -> tuple[Spec, dict[str, Any]]:
+def parse_request(body: Any, *, decode_images: bool, models: tuple[str, ...] = MODELS
+                  ) -> tuple[Spec, dict[str, Any]]:
     """Validate a create body like the gateway does; returns the spec and the metadata."""
     if not isinstance(body, dict):
         raise Invalid("body", "request body must be a JSON object")
-    model = check_choice("model", body.get("model"), MODELS)
+    model = check_choice("model", body.get("model"), models)
     duration = _duration(body.get("duration", 5))
     size = check_choice("size", body.get("size", "16:9"), SIZES)
     metadata = body.get("metadata") or {}
@@ -114,7 +114,9 @@ def parse_request(body: Any, *, decode_images: bool) -> tuple[Spec, dict[str, An
         if value is not None and (not isinstance(value, str) or not value):
             raise Invalid(f"metadata.{name}", f"metadata.{name} must be a non-empty string")
     kind = "image2video" if image is not None else "text2video"
-    return Spec(kind, model, duration, size, mode, prompt, tail is not None), metadata
+    sound = metadata.get("sound")
+    return Spec(kind, model, duration, size, mode, prompt, tail is not None,
+                sound if isinstance(sound, str) else None), metadata
 
 
 def video_object(sim: SimState, task: Task, now: float, base: str, *, observe: bool) -> Any:
@@ -143,7 +145,7 @@ def video_object(sim: SimState, task: Task, now: float, base: str, *, observe: b
     if state in (COMPLETED, FAILED):
         obj["completed_at"] = stamp(sim.sim_to_wall(task.ends_sim))
     if state == COMPLETED:
-        obj["amount_usd"] = price_usd(spec.model, spec.duration, spec.mode)
+        obj["amount_usd"] = sim.charge_usd(spec)
         obj["usage"] = {"duration_seconds": spec.duration}
         hide = cfg.quirk_completed_without_url and not task.completion_seen
         if observe:
@@ -193,7 +195,7 @@ async def create(request: Request) -> Response:
         sim.reject("invalid")
         return error(400, "invalid_request", bad_json)
     try:
-        spec, meta = parse_request(body, decode_images=cfg.validate_images)
+        spec, meta = parse_request(body, decode_images=cfg.validate_images, models=sim.models)
     except Invalid as exc:
         sim.reject("invalid")
         return error(400, "invalid_request", exc.message)

@@ -24,7 +24,6 @@ from batchkling.simulator.catalog import (
     check_image,
     check_sound,
     check_text,
-    units,
 )
 from batchkling.simulator.media import result_url
 from batchkling.simulator.responses import (
@@ -126,14 +125,15 @@ def check_token(sim: SimState, token: str | None) -> KlingError | None:
     return None
 
 
-def parse_request(kind: str, body: Any, *, decode_images: bool) -> tuple[Spec, dict[str, Any]]:
+def parse_request(kind: str, body: Any, *, decode_images: bool,
+                  models: tuple[str, ...] = MODELS) -> tuple[Spec, dict[str, Any]]:
     """Validate a text2video/image2video body; raises KlingError 1200/1201/1203."""
     if not isinstance(body, dict):
         raise KlingError(1200, 400, "Invalid request: the body must be a JSON object")
     model = body.get("model_name", "kling-v1")
-    if model not in MODELS:
+    if model not in models:
         raise KlingError(1203, 404, f"model_name {model!r} does not exist; "
-                                    f"available: {', '.join(MODELS)}")
+                                    f"available: {', '.join(models)}")
     try:
         duration = body.get("duration", "5")
         if not isinstance(duration, str):
@@ -164,7 +164,9 @@ def parse_request(kind: str, body: Any, *, decode_images: bool) -> tuple[Spec, d
     except Invalid as exc:
         raise KlingError(1201, 400, f"Invalid request parameters: {exc.message}") from exc
     has_tail = kind == "image2video" and bool(tail)
-    return Spec(kind, model, int(duration), size, mode, prompt, has_tail), body
+    sound = body.get("sound")
+    return Spec(kind, model, int(duration), size, mode, prompt, has_tail,
+                sound if isinstance(sound, str) else None), body
 
 
 def task_data(sim: SimState, task: Task, now: float, base: str) -> dict[str, Any]:
@@ -185,7 +187,7 @@ def task_data(sim: SimState, task: Task, now: float, base: str) -> dict[str, Any
         url = result_url(sim, task, base, now)
         data["task_result"] = {"videos": [
             {"id": f"{task.task_id}0", "url": url, "duration": f"{spec.duration + 0.042:.3f}"}]}
-        data["final_unit_deduction"] = units(spec.model, spec.duration, spec.mode)
+        data["final_unit_deduction"] = sim.charge_units(spec)
     elif state == FAILED:
         data["task_status_msg"] = _FAIL_MSG[task.outcome]
         data["final_unit_deduction"] = "0"
@@ -214,7 +216,8 @@ async def create(request: Request) -> Response:
     if bad_json:
         return fail(sim, KlingError(1200, 400, f"Invalid request: {bad_json}"), "invalid")
     try:
-        spec, body = parse_request(kind, body, decode_images=cfg.validate_images)
+        spec, body = parse_request(kind, body, decode_images=cfg.validate_images,
+                                   models=sim.models)
     except KlingError as exc:
         return fail(sim, exc, "invalid")
     sim.note_images(body.get("image"), body.get("image_tail"))

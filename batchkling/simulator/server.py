@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 
 from batchkling.errors import BatchklingError
 from batchkling.simulator.app import create_app
-from batchkling.simulator.config import SimConfig, load_faults
+from batchkling.simulator.config import SimConfig, load_faults, parse_model_entry
 from batchkling.simulator.responses import install_drop_filter
 from batchkling.simulator.state import SimState
 
@@ -147,10 +147,20 @@ class SimulatorServer:
 
 def serve_forever(*, host: str = "127.0.0.1", port: int = 8080, speed: float = 1.0, seed: int = 0,
                   faults: str = "none", api_key: str | None = None, access_key: str | None = None,
-                  secret_key: str | None = None, journal: Path | None = None) -> None:
-    """Serve until interrupted (``batchkling simulate``); BatchklingError for bad faults or port."""
+                  secret_key: str | None = None, journal: Path | None = None,
+                  price_factor: float | None = None, models: tuple[str, ...] = ()) -> None:
+    """Serve until interrupted (``batchkling simulate``); BatchklingError for bad faults or port.
+
+    ``models`` are accepted beside the built-in ones (each ``id`` or ``id=STD/PRO``).
+    """
+    for entry in models:
+        try:
+            parse_model_entry(entry)
+        except ValueError as exc:
+            raise BatchklingError(f"--models: {exc}") from None
     config = load_faults(faults, speed=speed, seed=seed, api_key=api_key, access_key=access_key,
-                         secret_key=secret_key)
+                         secret_key=secret_key, price_factor=price_factor,
+                         extra_models=models or None)
     app = create_app(config, journal=journal)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["batchkling.simulator"] = {
@@ -160,8 +170,10 @@ def serve_forever(*, host: str = "127.0.0.1", port: int = 8080, speed: float = 1
     install_drop_filter()
     base = _origin(sock)
     key = f"bearer {config.api_key!r}" if config.api_key else "any non-empty bearer key"
-    _log.info("batchkling simulator on %s (faults=%s, seed=%d, speed=%g)",
-              base, faults, config.seed, config.speed)
+    _log.info("batchkling simulator on %s (faults=%s, seed=%d, speed=%g, prices x%g the table)",
+              base, faults, config.seed, config.speed, config.price_factor)
+    if config.extra_models:
+        _log.info("Extra models: %s", ", ".join(config.extra_models))
     _log.info("ImaRouter shape: POST %s/v1/videos, GET %s/v1/videos/{task_id} — %s",
               base, base, key)
     _log.info("Kling shape: POST/GET %s/v1/videos/text2video|image2video — JWT HS256 with "

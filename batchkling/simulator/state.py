@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from batchkling.errors import ConfigError
-from batchkling.simulator.catalog import Spec, sim_tags
+from batchkling.simulator.catalog import Spec, known_models, price_usd, sim_tags, units
 from batchkling.simulator.config import SimConfig
 
 _log = logging.getLogger("batchkling.simulator")
@@ -113,6 +113,7 @@ class SimState:
         self.callback_pending: dict[str, tuple[Task, str]] = {}
         self.callback_inbox: list[Any] = []  # what /_sim/callback-sink received
         self.image_urls: deque[str] = deque(maxlen=1000)  # image URLs valid creates carried
+        self.extra_models = config.model_prices
         self._seed_streams()
         self._tokens, self._tokens_at = 0.0, c
         self._reset_bucket()
@@ -146,11 +147,27 @@ class SimState:
         self._wall0 += elapsed
         self._c0 = c
         old, self.config = self.config, new
+        self.extra_models = new.model_prices
         if new.seed != old.seed:
             self._seed_streams()
         if (new.rate_limit_per_s, new.retry_after_s) != (old.rate_limit_per_s, old.retry_after_s):
             self._reset_bucket()
         return new
+
+    # -- money --------------------------------------------------------------------------------
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The model ids this simulator accepts."""
+        return known_models(self.extra_models)
+
+    def charge_usd(self, spec: Spec) -> float:
+        """What one finished task of ``spec`` costs (ImaRouter's ``amount_usd``)."""
+        return price_usd(spec, factor=self.config.price_factor, extra=self.extra_models)
+
+    def charge_units(self, spec: Spec) -> str:
+        """What one finished task of ``spec`` deducts (Kling's ``final_unit_deduction``)."""
+        return units(spec, factor=self.config.price_factor)
 
     # -- seeded draws -------------------------------------------------------------------------
 
