@@ -19,14 +19,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
 
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
 
+from batchkling.catalog import MODEL_ID, Catalog
 from batchkling.errors import ConfigError, ManifestError, Problem
 from batchkling.manifest.jobs import Axes, JobEntry, JobFields, MatrixEntry, StrictModel
 from batchkling.manifest.settings import (
     Budget,
     Inputs,
     Limits,
+    ModelDeclaration,
+    ModelId,
     Output,
     PriceKey,
     ProviderConfig,
@@ -65,6 +68,46 @@ class RunConfig(StrictModel):
         description="USD per video second overriding the built-in estimate: keys "
         "'<model>' or '<model>:<mode>'.",
     )
+    models: dict[ModelId, ModelDeclaration] | None = Field(
+        None,
+        description="Models this version does not know (or new rules for one it does): "
+        "id → durations, modes, image_tail, sound and usd_per_second. Merged over the "
+        "built-in catalog.",
+    )
+    reuse: Literal["off", "earlier-runs"] = Field(
+        default="off",
+        description="earlier-runs: a job whose request already produced a downloaded, "
+        "verified video in another run of the same store takes that video (cost 0, no "
+        "render). Off by default: a re-render is sometimes wanted for a fresh take.",
+    )
+
+    @model_validator(mode="after")
+    def _units_need_kling(self) -> Self:
+        if self.budget.max_units is not None and self.provider.name != "kling":
+            raise ValueError("budget.max_units is for provider kling, which bills in units; "
+                             f"{self.provider.name} reports dollars: use budget.max_usd")
+        return self
+
+    def catalog(self) -> Catalog:
+        """The built-in models with this manifest's declared ones merged over them."""
+        return catalog_of_models(self.models)
+
+    def price_overrides(self) -> dict[str, float]:
+        """USD per second by ``model`` / ``model:mode``: declared models' prices, with
+        ``pricing:`` over them (a model-wide ``pricing`` entry beats a declared mode's)."""
+        found: dict[str, float] = {}
+        for model, declared in (self.models or {}).items():
+            if not (self.pricing and model in self.pricing):
+                found.update(declared.prices(model, "usd"))
+        found.update(self.pricing or {})
+        return found
+
+    def unit_overrides(self) -> dict[str, float]:
+        """Kling units per 5 s of the declared models that say (``units_per_5s``)."""
+        found: dict[str, float] = {}
+        for model, declared in (self.models or {}).items():
+            found.update(declared.prices(model, "units"))
+        return found
 
 
     def with_output_store(self, url: str) -> Self:
@@ -126,8 +169,14 @@ class Manifest(RunConfig):
         return RunConfig.model_validate(self.model_dump(include=set(RunConfig.model_fields)))
 
 
+def catalog_of_models(models: dict[str, ModelDeclaration] | None) -> Catalog:
+    """The catalog with ``models`` (a manifest's declarations) merged over the built-in one."""
+    return Catalog({model: d.rules() for model, d in (models or {}).items()})
+
+
 _MODELS_AT: dict[tuple[str, ...], type[BaseModel]] = {
     (): Manifest,
+    ("models", "*"): ModelDeclaration,
     ("provider",): ProviderConfig,
     ("limits",): Limits,
     ("budget",): Budget,
@@ -223,8 +272,12 @@ def _validate_and_expand(loaded: LoadedYAML, source_path: Path,
     data, source = loaded.data, loaded.source
     problems = list(loaded.problems)
     manifest: Manifest | None = None
+    # The declared models first: every model field is checked against them. A declaration
+    # with a mistake is left out here and reported by the validation below.
+    catalog = catalog_of_models(_declared_models(data.get("models")))
+    context = {"catalog": catalog}
     try:
-        manifest = Manifest.model_validate(data)
+        manifest = Manifest.model_validate(data, context=context)
         defaults, jobs = manifest.defaults, list(enumerate(manifest.jobs))
         matrices, provider = list(enumerate(manifest.matrices)), manifest.provider.name
         if on_settings is not None:
@@ -240,11 +293,12 @@ def _validate_and_expand(loaded: LoadedYAML, source_path: Path,
         ]
         # Keep going with the parts that are valid, so one run reports every problem.
         salvaged = _salvage(
-            JobFields, data.get("defaults") or {}, ("defaults",), loaded, prune_values=True
+            JobFields, data.get("defaults") or {}, ("defaults",), loaded, prune_values=True,
+            context=context,
         )
         defaults = salvaged or JobFields()
-        jobs = _salvage_list(JobEntry, data.get("jobs"), "jobs", loaded)
-        matrices = _salvage_list(MatrixEntry, data.get("matrices"), "matrices", loaded)
+        jobs = _salvage_list(JobEntry, data.get("jobs"), "jobs", loaded, context)
+        matrices = _salvage_list(MatrixEntry, data.get("matrices"), "matrices", loaded, context)
         name = (
             data.get("provider", {}).get("name") if isinstance(data.get("provider"), dict) else None
         )
@@ -267,6 +321,7 @@ def _validate_and_expand(loaded: LoadedYAML, source_path: Path,
         base_dir=source_path.parent,
         unbuilt_ids=unbuilt,
         sink=on_job,
+        catalog=catalog,
     )
     problems += result.problems
     if not problems and not result.count:
@@ -298,8 +353,24 @@ def _secret_hint(problem: Problem) -> Problem:
     return problem
 
 
+def _declared_models(data: Any) -> dict[str, ModelDeclaration]:
+    """The valid entries of a ``models:`` section (the invalid ones are reported elsewhere)."""
+    if not isinstance(data, dict):
+        return {}
+    found = {}
+    for model, entry in data.items():
+        if not isinstance(model, str) or not MODEL_ID.match(model):
+            continue
+        try:
+            found[model] = ModelDeclaration.model_validate(entry)
+        except ValidationError:
+            continue
+    return found
+
+
 def _salvage(
-    model: type[_M], data: Any, path: DataPath, loaded: LoadedYAML, *, prune_values: bool = False
+    model: type[_M], data: Any, path: DataPath, loaded: LoadedYAML, *, prune_values: bool = False,
+    context: dict[str, Any] | None = None,
 ) -> _M | None:
     """Validate a part after removing what is already reported, so the rest can be expanded.
 
@@ -313,7 +384,7 @@ def _salvage(
     current = copy.deepcopy(data)
     for _ in range(5):
         try:
-            return model.model_validate(current)
+            return model.model_validate(current, context=context)
         except ValidationError as exc:
             removable: list[DataPath] = []
             for error in exc.errors():
@@ -341,12 +412,13 @@ def _prune(data: Any, paths: list[DataPath]) -> None:
         del parent[path[-1]]
 
 
-def _salvage_list(model: type[_M], data: Any, key: str, loaded: LoadedYAML) -> list[tuple[int, _M]]:
+def _salvage_list(model: type[_M], data: Any, key: str, loaded: LoadedYAML,
+                  context: dict[str, Any] | None = None) -> list[tuple[int, _M]]:
     if not isinstance(data, list):
         return []
     out = []
     for i, item in enumerate(data):
-        entry = _salvage(model, item, (key, i), loaded)
+        entry = _salvage(model, item, (key, i), loaded, context=context)
         if entry is not None:
             out.append((i, entry))
     return out

@@ -25,6 +25,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from batchkling.catalog import BUILTIN_CATALOG, Catalog
 from batchkling.errors import Problem
 from batchkling.manifest.jobbuilder import Fields, JobBuilder, Origin
 from batchkling.manifest.jobs import BUILTIN_DEFAULTS, JobEntry, JobFields, MatrixEntry
@@ -69,14 +70,16 @@ def expand_manifest(
     base_dir: Path,
     unbuilt_ids: Sequence[tuple[int, str]] = (),
     sink: Callable[[JobSpec], None] | None = None,
+    catalog: Catalog = BUILTIN_CATALOG,
 ) -> Expansion:
-    """Expand validated entries (with their index in the file) into job specs, checking each.
+    """Expand validated entries (with their index in the file) into job specs, checking each
+    against ``catalog`` (the built-in models and the manifest's declared ones).
 
     ``unbuilt_ids`` are ``(index, id)`` of explicit jobs too broken to build: their ids are
     still checked (safe, unique) in file order, so every problem is reported at once. With a
     ``sink``, each job goes to it as it is built instead of into ``specs``.
     """
-    builder = JobBuilder(provider, source, base_dir, sink)
+    builder = JobBuilder(provider, source, base_dir, sink, catalog)
     base: Fields = {name: (value, None) for name, value in BUILTIN_DEFAULTS.items()}
     base.update(_layer(defaults, ("defaults",)))
     entries: list[tuple[int, JobEntry | str]] = sorted([*jobs, *unbuilt_ids],
@@ -257,7 +260,8 @@ class _MatrixExpansion:
                 f"field{suggest(key, [*self.names, *FIELDS])}",
             )
         try:
-            typed = JobFields.model_validate({k: include[k] for k in field_keys})
+            typed = JobFields.model_validate({k: include[k] for k in field_keys},
+                                             context={"catalog": self.builder.catalog})
         except ValidationError as exc:
             sub = {k: include[k] for k in field_keys}
             self.builder.errors.items.extend(

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchkling.catalog import MAX_PROMPT, MODELS, MODES, SIZES, SOUNDS
+from batchkling.catalog import BUILTIN_CATALOG, MAX_PROMPT, MODES, SIZES, SOUNDS, Catalog
 from batchkling.errors import Problem
 from batchkling.manifest.images import ImageCache, resolve_image
+from batchkling.manifest.jobs import spoken, unknown_model
 from batchkling.manifest.templates import Template, TemplateError, compile_template
 from batchkling.manifest.yamlsource import DataPath, SourceMap, suggest
 from batchkling.models import JobSpec
 
-SOUND_MODELS = ("kling-v2-6", "kling-video-o1")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CAP = 3  # a problem repeated by many jobs is shown this many times, then counted
 
@@ -87,8 +87,10 @@ class JobBuilder:
     """
 
     def __init__(self, provider: str, source: SourceMap, base_dir: Path,
-                 sink: Callable[[JobSpec], None] | None = None) -> None:
+                 sink: Callable[[JobSpec], None] | None = None,
+                 catalog: Catalog = BUILTIN_CATALOG) -> None:
         self.provider, self.source, self.base_dir = provider, source, base_dir
+        self.catalog = catalog
         self.errors, self.warnings = ProblemSink(source), ProblemSink(source)
         self.images = ImageCache()
         self.specs: list[JobSpec] = []
@@ -212,7 +214,7 @@ class JobBuilder:
         if not rendered:
             return  # the checks below would report fields that could not be rendered
         for name, allowed in (
-            ("model", MODELS),
+            ("model", self.catalog.models),
             ("size", SIZES),
             ("mode", MODES),
             ("sound", SOUNDS),
@@ -220,12 +222,11 @@ class JobBuilder:
             value = out.get(name)
             if value is not None and value not in allowed:
                 prov = fields[name][1]
-                self.errors.add(
-                    ("choice", prov, value),
-                    prov,
-                    f"{name} {value!r} (job '{job_id}') must be one of "
-                    f"{', '.join(allowed)}{suggest(value, allowed)}",
-                )
+                message = (f"{name} {value!r} (job '{job_id}') must be one of "
+                           f"{', '.join(allowed)}{suggest(value, allowed)}")
+                if name == "model":
+                    message = f"{unknown_model(value, allowed)} (job '{job_id}')"
+                self.errors.add(("choice", prov, value), prov, message)
                 ok = False
         for name in ("prompt", "negative_prompt"):
             text = out.get(name)
@@ -275,6 +276,7 @@ class JobBuilder:
                     once=True,
                 )
             out["mode"] = None
+        ok = ok and self._model_rules(out, fields, job_id)
         ok = self._provider_rules(out, fields, job_id) and ok
         if not ok:
             return
@@ -379,6 +381,32 @@ class JobBuilder:
             return None
         return value, sha
 
+    def _model_rules(self, out: dict[str, Any], fields: Fields, job_id: str) -> bool:
+        """What the job's model offers: its durations and modes, a last frame (built-in models
+        take all of these; a declared one says in ``models:``)."""
+        model = out["model"]
+        rules = self.catalog.rules(model)
+        if rules is None:
+            return False
+        broken = []
+        if out["duration"] not in rules.durations:
+            broken.append(("duration", f"duration {out['duration']} (job '{job_id}') is not "
+                           f"offered by {model}: {spoken(rules.durations)} seconds"))
+        mode = out.get("mode")
+        if mode is not None and mode not in rules.modes and fields["mode"][1] is None:
+            # The built-in default mode was meant for the built-in models: take the model's.
+            out["mode"] = mode = rules.modes[0]
+        if mode is not None and mode not in rules.modes:
+            broken.append(("mode", f"mode {mode!r} (job '{job_id}') is not offered by {model}: "
+                           f"{spoken(rules.modes)}"))
+        if out.get("image_tail") and not rules.image_tail:
+            broken.append(("image_tail", f"{model} takes no image_tail (job '{job_id}'); its "
+                           "declaration in models: says image_tail: false"))
+        for name, message in broken:
+            prov = fields[name][1]
+            self.errors.add(("model", prov, name, model, out.get(name)), prov, message)
+        return not broken
+
     def _provider_rules(self, out: dict[str, Any], fields: Fields, job_id: str) -> bool:
         """Kling API rules: errors for provider kling; warnings for imarouter (passed through)."""
         model, broken = out["model"], []
@@ -391,8 +419,10 @@ class JobBuilder:
             )
         if out.get("image_tail") and out.get("camera_control"):
             broken.append(("image_tail", "image_tail cannot be combined with camera_control"))
-        if out.get("sound") is not None and model not in SOUND_MODELS:
-            broken.append(("sound", f"sound needs {' or '.join(SOUND_MODELS)}; {model} has none"))
+        rules = self.catalog.rules(model)
+        if out.get("sound") is not None and not (rules and rules.sound):
+            able = [m for m in self.catalog.models if (r := self.catalog.rules(m)) and r.sound]
+            broken.append(("sound", f"sound needs {' or '.join(able)}; {model} has none"))
         for name, message in broken:
             prov = fields[name][1]
             if self.provider == "kling":

@@ -22,11 +22,22 @@ from pydantic import (
     Field,
     PlainValidator,
     PrivateAttr,
+    ValidationInfo,
     WithJsonSchema,
     model_validator,
 )
 
-from batchkling.catalog import DURATIONS, MAX_PROMPT, MODELS, MODES, SIZES, SOUNDS
+from batchkling.catalog import (
+    BUILTIN_CATALOG,
+    DURATIONS,
+    MAX_PROMPT,
+    MODEL_ID,
+    MODELS,
+    MODES,
+    SIZES,
+    SOUNDS,
+    Catalog,
+)
 from batchkling.manifest.templates import VARIABLE_NAME, as_text, is_template
 from batchkling.manifest.yamlsource import show, suggest
 
@@ -55,12 +66,45 @@ def _enum_schema(allowed: tuple[str, ...]) -> WithJsonSchema:
     return WithJsonSchema({"anyOf": [{"enum": list(allowed)}, _TEMPLATE_SCHEMA]})
 
 
-def _duration(value: Any) -> int:
-    if isinstance(value, str) and value.strip() in ("5", "10"):
-        return int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value in DURATIONS:
+def catalog_of(info: ValidationInfo) -> Catalog:
+    """The models a manifest may use: the built-in ones and those its ``models:`` declares
+    (``load_manifest`` validates with ``context={"catalog": ...}``)."""
+    context = info.context if isinstance(info.context, dict) else {}
+    found = context.get("catalog")
+    return found if isinstance(found, Catalog) else BUILTIN_CATALOG
+
+
+def unknown_model(value: Any, allowed: tuple[str, ...]) -> str:
+    """What to say about a model id that is neither built in nor declared."""
+    hint = suggest(value, allowed) if isinstance(value, str) else ""
+    declare = ""
+    if isinstance(value, str) and MODEL_ID.match(value):
+        declare = (f"; to use a model this version does not know, declare it in the manifest's "
+                   f"`models:` section, e.g. models: {{{value}: {{durations: [5, 10], modes: "
+                   "[std, pro], usd_per_second: {std: 0.07, pro: 0.112}}} (see docs/money.md)")
+    return f"model must be one of {', '.join(allowed)}; found {show(value)}{hint}{declare}"
+
+
+def _model(value: Any, info: ValidationInfo) -> str:
+    allowed = catalog_of(info).models
+    if isinstance(value, str) and (value in allowed or is_template(value)):
         return value
-    raise ValueError(f"duration must be 5 or 10 (seconds); found {show(value)}")
+    raise ValueError(unknown_model(value, allowed))
+
+
+def spoken(values: tuple[Any, ...] | list[Any]) -> str:
+    """``5 or 10``; ``5, 8 or 10``."""
+    text = [str(v) for v in values]
+    return " or ".join(text) if len(text) <= 2 else f"{', '.join(text[:-1])} or {text[-1]}"
+
+
+def _duration(value: Any, info: ValidationInfo) -> int:
+    allowed = catalog_of(info).durations
+    if isinstance(value, str) and value.strip().isdigit() and int(value) in allowed:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value in allowed:
+        return value
+    raise ValueError(f"duration must be {spoken(allowed)} (seconds); found {show(value)}")
 
 
 def _sound(value: Any) -> str:
@@ -86,11 +130,18 @@ def _as_list(value: Any) -> Any:
     return value if isinstance(value, list) else [value]
 
 
-ModelName = Annotated[str, PlainValidator(_choice(MODELS, "model")), _enum_schema(MODELS)]
+ModelName = Annotated[
+    str, PlainValidator(_model),
+    WithJsonSchema({"anyOf": [{"enum": list(MODELS)}, _TEMPLATE_SCHEMA,
+                              {"type": "string", "pattern": MODEL_ID.pattern}]}),
+]
 Size = Annotated[str, PlainValidator(_choice(SIZES, "size")), _enum_schema(SIZES)]
 Mode = Annotated[str, PlainValidator(_choice(MODES, "mode")), _enum_schema(MODES)]
 Sound = Annotated[str, PlainValidator(_sound), _enum_schema(SOUNDS)]
-Duration = Annotated[int, PlainValidator(_duration), WithJsonSchema({"enum": [5, 10]})]
+Duration = Annotated[
+    int, PlainValidator(_duration),
+    WithJsonSchema({"anyOf": [{"enum": list(DURATIONS)}, {"type": "integer", "minimum": 1}]}),
+]
 Text = Annotated[
     str, PlainValidator(_text), WithJsonSchema({"type": ["string", "number", "boolean"]})
 ]

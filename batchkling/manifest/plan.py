@@ -1,7 +1,11 @@
 """``batchkling plan``: the jobs a manifest would run, their cost and time — submitting nothing.
 
 This is CLI-facing output code: it prints through rich (tables) or writes one JSON document.
-All figures come from :mod:`batchkling.pricing` and are labelled as estimates.
+Figures come from :mod:`batchkling.pricing`: the price table (labelled as estimates, ``table``),
+or — given the store's :class:`~batchkling.pricing.History`, read by the caller — the price the
+provider was last seen charging for the job's price group (``observed``); under ``reuse:
+earlier-runs`` a job whose request an earlier run already rendered costs nothing (``earlier
+run``).
 
 A plan is made while the manifest expands: each job is priced, tallied and, for ``--json``,
 written to a spool file as it comes, then dropped; the table keeps its first and last rows.
@@ -36,9 +40,11 @@ from batchkling.models import JobSpec
 from batchkling.pricing import (
     PRICE_TABLE_DATE,
     PRICE_TABLE_SOURCE,
+    History,
     WallSimulation,
     estimate_render_seconds,
     estimate_usd,
+    price_group,
 )
 
 #: Up to this many jobs the table shows every row; above, only the first and last rows.
@@ -75,6 +81,7 @@ class _Row:
     spec: JobSpec
     cost: float
     status: str | None
+    basis: str = "table"  # table | observed | earlier run
 
 
 @dataclass(slots=True)
@@ -90,6 +97,11 @@ class Plan:
     run_id: str | None = None
     committed_usd: float = 0.0  # already committed by the run compared against
     spool: TextIO | None = None
+    #: What the store knows (observed prices, videos earlier runs rendered), the manifest's
+    #: provider (prices are kept per provider) and whether it says ``reuse: earlier-runs``.
+    history: History = field(default_factory=History)
+    provider: str = "imarouter"
+    reuse: bool = False
     count: int = 0
     total_usd: float = 0.0  # what would be submitted
     all_usd: float = 0.0  # every job, as if none were done
@@ -103,6 +115,11 @@ class Plan:
     groups: dict[tuple[str, str], list[float]] = field(
         default_factory=lambda: defaultdict(lambda: [0, 0, 0.0]))
     statuses: Counter[str] = field(default_factory=Counter)
+    bases: Counter[str] = field(default_factory=Counter)
+    observed_usd: float = 0.0
+    #: Jobs to submit whose request an earlier run already rendered, and their price.
+    rendered_before: int = 0
+    rendered_before_usd: float = 0.0
     seen: set[str] | None = None
     wall: WallSimulation | None = None
     _budget_spent: float = 0.0
@@ -117,14 +134,25 @@ class Plan:
 
     def add(self, spec: JobSpec) -> None:
         """Price, classify and tally the next job in plan order."""
-        cost = estimate_usd(spec, self.pricing)
+        cost, basis = estimate_usd(spec, self.pricing), "table"
+        observed = self.history.observed.get(price_group(self.provider, spec))
+        if observed is not None and observed.usd is not None:
+            cost, basis = round(observed.usd, 4), "observed"
         status = None
         if self.previous is not None:
             status = against_run(spec, self.previous.get(spec.job_id))
             self.statuses[status] += 1
             assert self.seen is not None
             self.seen.add(spec.job_id)
-        row = _Row(self.count, spec, cost, status)
+        if submits(status) and spec.fingerprint in self.history.reusable:
+            self.rendered_before += 1
+            self.rendered_before_usd += cost
+            if self.reuse:
+                cost, basis = 0.0, "earlier run"
+        self.bases[basis] += 1
+        if basis == "observed":
+            self.observed_usd += cost
+        row = _Row(self.count, spec, cost, status, basis)
         self.count += 1
         self.all_usd += cost
         self.video_seconds += spec.duration
@@ -190,7 +218,8 @@ def _job_json(row: _Row) -> dict[str, Any]:
         "duration": spec.duration, "size": spec.size, "mode": spec.mode,
         "prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "image": spec.image,
         "image_tail": spec.image_tail, "fingerprint": spec.fingerprint,
-        "estimate_usd": row.cost, "variables": dict(spec.variables),
+        "estimate_usd": row.cost, "price_basis": row.basis,
+        "variables": dict(spec.variables),
     }
     if row.status is not None:
         job["against_run"] = row.status
@@ -203,9 +232,11 @@ Against = Callable[[str], "tuple[Mapping[str, tuple[str, str]], str, float] | No
 
 
 def print_plan(path: Path, *, as_json: bool, max_in_flight: int | None,
-               against: Against | None = None) -> None:
+               against: Against | None = None,
+               history: Callable[[Manifest], History | None] | None = None) -> None:
     """Load ``path`` and print its plan, against the run ``against`` finds for the manifest's
-    name (if any); ManifestError propagates (the CLI reports it, exit 2)."""
+    name (if any), at the prices ``history`` says the store observed; ManifestError propagates
+    (the CLI reports it, exit 2)."""
     spool_fd, spool_name = tempfile.mkstemp(prefix="batchkling-plan-", suffix=".json")
     try:
         with os.fdopen(spool_fd, "w+", encoding="utf-8") as spool:
@@ -214,9 +245,12 @@ def print_plan(path: Path, *, as_json: bool, max_in_flight: int | None,
             def on_settings(m: Manifest) -> None:
                 found = against(m.name) if against is not None else None
                 previous, run_id, committed_usd = found if found else (None, None, 0.0)
-                plans.append(Plan(m.name, m.pricing, max_in_flight or m.limits.max_in_flight,
+                plans.append(Plan(m.name, m.price_overrides(),
+                                  max_in_flight or m.limits.max_in_flight,
                                   m.limits.submit_rate, m.budget.max_usd, previous, run_id,
-                                  committed_usd, spool if as_json else None))
+                                  committed_usd, spool if as_json else None,
+                                  (history(m) if history is not None else None) or History(),
+                                  m.provider.name, m.reuse == "earlier-runs"))
 
             def on_job(spec: JobSpec) -> None:
                 if plans:  # without valid settings the load ends in ManifestError anyway
@@ -251,6 +285,9 @@ def _write_json(plan: Plan, manifest: Manifest, spool: TextIO, out: TextIO) -> N
             "price_table_date": PRICE_TABLE_DATE,
             "price_table_source": PRICE_TABLE_SOURCE,
             "pricing_overrides": m.pricing or {},
+            "declared_models": sorted(m.models or {}),
+            "observed_jobs": plan.bases["observed"],
+            "table_jobs": plan.bases["table"],
             "max_in_flight": plan.slots,
             "submit_rate": m.limits.submit_rate,
             "bound_by": _wall(plan).bound,
@@ -259,6 +296,11 @@ def _write_json(plan: Plan, manifest: Manifest, spool: TextIO, out: TextIO) -> N
             "max_usd": m.budget.max_usd,
             "exceeded": plan.over_budget,
             "jobs_within_budget": plan.jobs_within_budget,
+        },
+        "reuse": {
+            "enabled": plan.reuse,
+            "rendered_before": plan.rendered_before,
+            "saved_usd": round(plan.rendered_before_usd, 2) if plan.reuse else 0.0,
         },
         "warnings": [str(w) for w in m.warnings],
     }
@@ -299,13 +341,14 @@ def _print_human(plan: Plan, manifest: Manifest, out: Console) -> None:
         else:
             table.add_column(column, no_wrap=True)
     table.add_column("est. USD", justify="right")
+    table.add_column("price", no_wrap=True)  # table (an estimate), observed, earlier run
     rows: list[_Row | int] = list(plan.head)
     if n > MAX_TABLE_ROWS:
         rows = [*plan.head[:_EDGE_ROWS], n - 2 * _EDGE_ROWS, *plan.tail]
     for row in rows:
         if isinstance(row, int):
             table.add_row("…", f"{row:,} more jobs not shown (use --json for all)",
-                          *[""] * (len(columns) - 1))
+                          *[""] * len(columns))
             continue
         spec = row.spec
         cells = [str(row.index + 1), escape(spec.job_id), spec.kind.value, spec.model,
@@ -313,7 +356,7 @@ def _print_human(plan: Plan, manifest: Manifest, out: Console) -> None:
                  escape(_shorten(spec.prompt)), escape(_images(spec))]
         if plan.previous is not None:
             cells.append(row.status or "")
-        table.add_row(*cells, f"{row.cost:.2f}")
+        table.add_row(*cells, f"{row.cost:.2f}", row.basis)
     out.print(table)
 
     summary = Table(title="Totals (estimates, every job of the manifest)")
@@ -333,9 +376,12 @@ def _print_human(plan: Plan, manifest: Manifest, out: Console) -> None:
     out.print(
         f"Estimated cost: [bold]${plan.total_usd:,.2f}[/bold]"
         + (f" of ${plan.all_usd:,.2f} for every job" if plan.previous is not None else "")
-        + f" — an ESTIMATE from the price table of {PRICE_TABLE_DATE} ({PRICE_TABLE_SOURCE})"
+        + f" — {_sources(plan)}an ESTIMATE from the price table of {PRICE_TABLE_DATE} "
+        f"({PRICE_TABLE_SOURCE})"
         + ("; manifest pricing overrides applied" if m.pricing else "")
+        + ("; declared models (models:) at their declared prices" if m.models else "")
     )
+    _print_reuse(plan, out)
     wall = _wall(plan)
     out.print(
         f"Estimated wall time: [bold]{_duration(wall.seconds)}[/bold] with "
@@ -354,6 +400,35 @@ def _print_human(plan: Plan, manifest: Manifest, out: Console) -> None:
     else:
         out.print(f"Budget: within budget.max_usd ${cap:,.2f}.")
     out.print("Nothing was submitted.")
+
+
+def _sources(plan: Plan) -> str:
+    """Which figures are observed prices (and reused videos), before the table's caveat."""
+    observed, reused, table = (plan.bases[b] for b in ("observed", "earlier run", "table"))
+    if not observed and not reused:
+        return "every figure (price 'table') is "
+    parts = []
+    if observed:
+        parts.append(f"{observed:,} job{'s' if observed != 1 else ''} at the price the provider "
+                     f"was observed to charge (${plan.observed_usd:,.2f}, price 'observed')")
+    if reused:
+        parts.append(f"{reused:,} taking an earlier run's video at $0 (price 'earlier run')")
+    return f"{'; '.join(parts)}; {table:,} job{'s' if table != 1 else ''} (price 'table') at "
+
+
+def _print_reuse(plan: Plan, out: Console) -> None:
+    """How many jobs earlier runs already rendered, and what reusing them saves."""
+    n = plan.rendered_before
+    if not n:
+        return
+    jobs = f"{n:,} job{'s' if n != 1 else ''}"
+    if plan.reuse:
+        out.print(f"Reuse: {jobs} would take the verified video of an earlier run (reuse: "
+                  f"earlier-runs), saving about ${plan.rendered_before_usd:,.2f}.")
+    else:
+        out.print(f"Reuse: {jobs} were already rendered by earlier runs; `reuse: earlier-runs` "
+                  f"in the manifest would take those videos and save about "
+                  f"${plan.rendered_before_usd:,.2f}.")
 
 
 def _shorten(text: str) -> str:

@@ -11,10 +11,17 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BeforeValidator, Field, PlainValidator, WithJsonSchema, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    WithJsonSchema,
+    model_validator,
+)
 
-from batchkling.catalog import MODELS, MODES
-from batchkling.manifest.jobs import StrictModel
+from batchkling.catalog import DURATIONS, MAX_DURATION, MODEL_ID, MODES, ModelRules
+from batchkling.manifest.jobs import StrictModel, catalog_of
 from batchkling.manifest.yamlsource import show, suggest
 from batchkling.models import StoreURL
 
@@ -230,7 +237,7 @@ class Limits(StrictModel):
 
 
 class Budget(StrictModel):
-    """Spending cap."""
+    """Spending cap (docs/money.md)."""
 
     max_usd: float | None = Field(
         default=None,
@@ -238,6 +245,90 @@ class Budget(StrictModel):
         description="Stop creating before this would be "
         "exceeded (estimates reserved, actual cost settled).",
     )
+    max_units: float | None = Field(
+        default=None,
+        ge=0,
+        description="provider kling: the same cap in Kling's resource-pack units, which is "
+        "what Kling reports (final_unit_deduction) instead of dollars.",
+    )
+    margin: float = Field(
+        default=1.5,
+        ge=1,
+        le=10,
+        description="Until the store has observed a price for a job's model/mode/duration, "
+        "reserve the price table's estimate times this (1 trusts the table).",
+    )
+
+
+class ModelPrice(StrictModel):
+    """A price by mode."""
+
+    std: float = Field(ge=0, description="For mode std.")
+    pro: float | None = Field(default=None, ge=0, description="For mode pro (default: std's).")
+
+    def pair(self) -> tuple[float, float]:
+        """``(std, pro)``."""
+        return self.std, self.pro if self.pro is not None else self.std
+
+
+def _model_id(value: Any) -> str:
+    if isinstance(value, str) and MODEL_ID.match(value):
+        return value
+    raise ValueError(f"a model id is lowercase letters, digits, '.', '_' and '-' (like "
+                     f"kling-v2-7); found {show(value)}")
+
+
+ModelId = Annotated[
+    str, PlainValidator(_model_id), WithJsonSchema({"type": "string", "pattern": MODEL_ID.pattern})
+]
+
+
+def _clip_seconds(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_DURATION:
+        return value
+    raise ValueError(f"a duration is a whole number of seconds from 1 to {MAX_DURATION}; "
+                     f"found {show(value)}")
+
+
+ClipSeconds = Annotated[
+    int, PlainValidator(_clip_seconds),
+    WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_DURATION}),
+]
+
+
+_BOTH_MODES: tuple[Literal["std", "pro"], ...] = ("std", "pro")
+
+
+class ModelDeclaration(StrictModel):
+    """A model this version of batchkling does not know (or new rules for one it does)."""
+
+    durations: list[ClipSeconds] = Field(
+        default_factory=lambda: list(DURATIONS), min_length=1,
+        description="Video lengths it renders, in seconds. Default [5, 10].")
+    modes: list[Literal["std", "pro"]] = Field(
+        default_factory=lambda: list(_BOTH_MODES), min_length=1,
+        description="Quality modes it offers. Default [std, pro].")
+    image_tail: bool = Field(default=True, description="Whether it takes a last frame.")
+    sound: bool = Field(default=False, description="Whether it generates sound (sound: on).")
+    usd_per_second: Annotated[float, Field(ge=0)] | ModelPrice = Field(
+        description="Its price in USD per second of video: a number, or {std: .., pro: ..}.")
+    units_per_5s: Annotated[float, Field(ge=0)] | ModelPrice | None = Field(
+        default=None,
+        description="provider kling: Kling units a 5 s clip takes (for budget.max_units).")
+
+    def rules(self) -> ModelRules:
+        """What the model accepts, for validation and the catalog."""
+        return ModelRules(durations=tuple(sorted(set(self.durations))),
+                          modes=tuple(m for m in MODES if m in self.modes),
+                          image_tail=self.image_tail, sound=self.sound)
+
+    def prices(self, model: str, per: Literal["usd", "units"]) -> dict[str, float]:
+        """Price entries keyed like ``pricing`` (``model:std``, ``model:pro``)."""
+        value = self.usd_per_second if per == "usd" else self.units_per_5s
+        if value is None:
+            return {}
+        std, pro = value.pair() if isinstance(value, ModelPrice) else (value, value)
+        return {f"{model}:std": std, f"{model}:pro": pro}
 
 
 def _store_url(value: Any) -> str:
@@ -311,13 +402,16 @@ class Inputs(StrictModel):
     )
 
 
-def _price_key(value: Any) -> str:
+def _price_key(value: Any, info: ValidationInfo) -> str:
     model, _, mode = str(value).partition(":")
-    if model in MODELS and mode in ("", *MODES):
+    catalog = catalog_of(info)
+    # Without a catalog (a run's snapshot read back), the key was checked when it was written.
+    known = model in catalog if info.context else bool(MODEL_ID.match(model))
+    if known and mode in ("", *MODES):
         return str(value)
     raise ValueError(
-        f"price keys are '<model>' or '<model>:<mode>' (mode std|pro); "
-        f"found {show(value)}{suggest(model, MODELS)}"
+        f"price keys are '<model>' or '<model>:<mode>' (mode std|pro) of a built-in model or "
+        f"one declared in `models:`; found {show(value)}{suggest(model, catalog.models)}"
     )
 
 
