@@ -19,7 +19,7 @@ from batchkling.errors import SchemaTooNew, StoreError, WorkerFenced
 from batchkling.models import JobSpec, JobState
 from batchkling.store import JobRow, Store, store_from
 from batchkling.store.interface import Claim, ClaimOutcome, Intent
-from batchkling.store.sqlite import SqliteStore
+from batchkling.store.sqlite import SCHEMA_VERSION, SqliteStore
 
 
 def _spec(job_id: str, prompt: str = "p") -> JobSpec:
@@ -114,8 +114,16 @@ async def test_closed_store_refuses_reuse(store_url: str) -> None:
         await store.open()
 
 
+#: What schema 4 added (money in units, price groups, reuse, observed prices), dropped again.
+_V4_ONLY = (
+    "DROP TRIGGER job_reserved_units; DROP TRIGGER attempt_cost; DROP TRIGGER attempt_cost_new;"
+    " DROP INDEX jobs_by_fingerprint; DROP TABLE prices;"
+    " ALTER TABLE jobs DROP COLUMN reserved_units; ALTER TABLE jobs DROP COLUMN price_group;"
+    " ALTER TABLE jobs DROP COLUMN reused_from;"
+    " ALTER TABLE runs DROP COLUMN reserved_units; ALTER TABLE runs DROP COLUMN spent_units;"
+)
 _V3_ONLY = (
-    "DROP TRIGGER job_reserved; DROP TRIGGER attempt_cost; DROP TRIGGER attempt_cost_new;"
+    "DROP TRIGGER job_reserved;"
     " DROP INDEX jobs_by_account; DROP INDEX jobs_by_worker;"
     " DROP TABLE accounts; DROP TABLE workers;"
     " ALTER TABLE jobs DROP COLUMN account_id; ALTER TABLE jobs DROP COLUMN worker_id;"
@@ -145,15 +153,16 @@ async def test_version_1_database_is_migrated(tmp_path: Path) -> None:
                                   new_attempt=(1, "k1"))
         assert [a["idempotency_key"] for a in await upgraded.attempts("r", "a")] == ["k1"]
     con = sqlite3.connect(path)
-    assert con.execute("SELECT value FROM meta").fetchone()[0] == "3"
+    assert con.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
     con.close()
 
 
 def _downgrade(path: Path, version: int) -> None:
-    """Make a current database look like one written by schema 2."""
-    assert version == 2
+    """Make a current database look like one written by schema ``version`` (2 or 3)."""
+    assert version in (2, 3)
+    steps = _V4_ONLY + (_V3_ONLY if version == 2 else "")
     con = sqlite3.connect(path)
-    con.executescript(_V3_ONLY + " UPDATE meta SET value = '2' WHERE key = 'schema_version';")
+    con.executescript(steps + f" UPDATE meta SET value = '{version}' WHERE key = 'schema_version';")
     con.close()
 
 
@@ -176,7 +185,7 @@ async def test_version_2_database_gains_the_object_store_columns(tmp_path: Path)
         assert (attempt["video_uri"], attempt["video_size"], attempt["video_sha256"],
                 attempt["video_etag"]) == ("s3://b/p/r/a.mp4", 7, "ab", "e1")
     con = sqlite3.connect(path)
-    assert con.execute("SELECT value FROM meta").fetchone()[0] == "3"
+    assert con.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
     con.close()
 
 
@@ -186,8 +195,8 @@ async def test_version_2_database_gets_money_totals(tmp_path: Path) -> None:
     path = tmp_path / "db"
     store = await _store_with_jobs(path, "a", "b")
     await store.aclose()
+    _downgrade(path, 2)
     con = sqlite3.connect(path)
-    con.executescript(_V3_ONLY + "UPDATE meta SET value = '2' WHERE key = 'schema_version';")
     con.execute("INSERT INTO attempts (run_id, job_id, number, idempotency_key, fingerprint,"
                 " state, cost_usd) VALUES ('r', 'a', 1, 'k', 'f', 'downloaded', 0.35)")
     con.execute("UPDATE jobs SET reserved_usd = 0.7 WHERE job_id = 'b'")
@@ -200,6 +209,36 @@ async def test_version_2_database_gets_money_totals(tmp_path: Path) -> None:
         await upgraded.transition("r", "b", JobState.SUCCEEDED, now=4, event="job.succeeded",
                                   cost_usd=0.5, reserved_usd=0)
         assert await upgraded.money("r") == pytest.approx((0.85, 0.85))
+
+
+async def test_version_3_database_gains_money_in_units_and_observed_prices(
+        tmp_path: Path) -> None:
+    """A schema-3 database (no units budget, price groups, reuse or observed prices) upgrades
+    in place: its reported units become the run's spent units, and prices, unit reservations
+    and reuse work from then on."""
+    path = tmp_path / "db"
+    store = await _store_with_jobs(path, "a", "b")
+    await store.aclose()
+    _downgrade(path, 3)
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT value FROM meta").fetchone()[0] == "3"
+    con.execute("INSERT INTO attempts (run_id, job_id, number, idempotency_key, fingerprint,"
+                " state, cost_units) VALUES ('r', 'a', 1, 'k', 'f', 'downloaded', 2.5)")
+    con.commit()
+    con.close()
+    async with SqliteStore(path) as upgraded:
+        assert await upgraded.money_units("r") == (2.5, 2.5)
+        await upgraded.record_price("g", usd=None, units=2.5, now=2.0)
+        assert (await upgraded.observed_prices())["g"].units == 2.5
+        await upgraded.transition("r", "b", JobState.SUBMITTING, now=3, event="job.submitting",
+                                  new_attempt=(1, "k2"), reserved_units=3.75, price_group="g")
+        assert await upgraded.money_units("r") == (2.5, 6.25)
+        assert await upgraded.raise_reservations("g", usd=None, units=5.0) == 1
+        assert await upgraded.money_units("r") == (2.5, 7.5)
+        assert await upgraded.reuse_sources("r") == []
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION) == "4"
+    con.close()
 
 
 async def test_new_files_use_small_pages_and_old_files_still_open(tmp_path: Path) -> None:

@@ -27,13 +27,16 @@ from typing import Any, Self
 
 from batchkling.errors import RunNotFound
 from batchkling.models import JobSpec, JobState
-from batchkling.store.rows import AccountRow, JobRow, RunRow, WorkerRow
+from batchkling.pricing import ObservedPrice
+from batchkling.store.rows import AccountRow, JobRow, ReuseSource, RunRow, WorkerRow
 
 #: How many of the last jobs to end an ETA goes by.
 RECENT_ENDS = 20
 
 #: States in which a job's task holds (or may hold) one of its account's slots.
 SLOT_STATES = (JobState.SUBMITTING, JobState.SUBMITTED, JobState.RUNNING)
+#: States in which a job may hold money: its task may exist and bill (the reservation stands).
+HOLDING_STATES = (*SLOT_STATES, JobState.TIMED_OUT, JobState.UNKNOWN)
 #: States of a job whose worker is gone that another worker takes over at once.
 ORPHAN_STATES = (JobState.SUBMITTING, JobState.SUBMITTED, JobState.RUNNING, JobState.SUCCEEDED)
 
@@ -54,11 +57,16 @@ class Intent:
     """What a claim commits for the job it takes: its attempt, and the money it reserves.
 
     ``new_attempt`` = ``(number, idempotency_key)`` opens a new attempt; None repeats the
-    current one with its key (an ``unknown`` create sent again).
+    current one with its key (an ``unknown`` create sent again). ``reserved_units`` is held
+    against ``budget.max_units`` (Kling's units) as ``reserved_usd`` is against ``max_usd``;
+    ``price_group`` is stored on the job, so a price seen above the reservations raises them
+    (:meth:`Store.raise_reservations`).
     """
 
     new_attempt: tuple[int, str] | None
     reserved_usd: float
+    reserved_units: float = 0.0
+    price_group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +84,9 @@ class Claim:
     #: BUDGET: the reservation that did not fit, and what the run had committed.
     price: float = 0.0
     committed_usd: float = 0.0
+    #: BUDGET: which cap refused it: ``usd`` (``price`` and ``committed_usd`` in USD) or
+    #: ``units`` (both in units).
+    cap: str = "usd"
 
 
 class Store(abc.ABC):
@@ -226,6 +237,7 @@ class Store(abc.ABC):
         intent: Callable[[JobRow], Intent],
         max_usd: float | None,
         now: float,
+        max_units: float | None = None,
     ) -> Claim:
         """Take the run's next pending job for a create: the committed create intent.
 
@@ -233,9 +245,10 @@ class Store(abc.ABC):
         in :data:`SLOT_STATES` counted across every run and worker, below the smaller of its
         shared limit and ``slot_cap``) and no pause; the run must be open; the job's
         reservation (``intent(job).reserved_usd``) must fit ``max_usd`` with what the run has
-        spent and reserved. The job then moves to ``submitting`` with the intent's attempt, this
-        worker, the account, and a new claim epoch. Otherwise nothing changes, and the outcome
-        says why.
+        spent and reserved, and likewise its ``reserved_units`` must fit ``max_units``. The job
+        then moves to ``submitting`` with the intent's attempt, reservations and price group,
+        this worker, the account, and a new claim epoch. Otherwise nothing changes, and the
+        outcome says why.
         """
 
     @abc.abstractmethod
@@ -402,3 +415,50 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def integrity_check(self) -> str:
         """The backend's own verdict on its data: ``ok`` when healthy."""
+
+    # ---- money: observed prices, reservations, reuse (docs/money.md) -----------------------
+
+    @abc.abstractmethod
+    async def money_units(self, run_id: str) -> tuple[float, float]:
+        """``(spent, committed)`` in provider units: reported units, and units plus open unit
+        reservations (``budget.max_units``)."""
+
+    @abc.abstractmethod
+    async def record_price(self, group: str, *, usd: float | None, units: float | None,
+                           now: float) -> None:
+        """Remember what the provider charged for a finished task of ``group`` (kept across
+        runs): the latest price wins; a None leaves that currency's last price as it was."""
+
+    @abc.abstractmethod
+    async def observed_prices(self) -> dict[str, ObservedPrice]:
+        """Every price group's last observed price."""
+
+    @abc.abstractmethod
+    async def raise_reservations(self, group: str, *, usd: float | None,
+                                 units: float | None) -> int:
+        """Raise to ``usd`` (and ``units``) the reservation of every job of ``group`` that
+        holds money (:data:`HOLDING_STATES`) below it, in every run; return how many jobs
+        were raised. Reservations are never lowered here."""
+
+    @abc.abstractmethod
+    async def reuse_sources(self, run_id: str, *, after_seq: int = -1,
+                            limit: int = 500) -> list[ReuseSource]:
+        """Pending jobs of the run (``seq > after_seq``, in manifest order) whose fingerprint
+        has a downloaded video with a checksum in another run: one row per such video, the
+        newest first for each job. At most ``limit`` jobs."""
+
+    @abc.abstractmethod
+    async def reusable_fingerprints(self, fingerprints: Sequence[str]) -> set[str]:
+        """Those of ``fingerprints`` that some run has a downloaded video with a checksum of."""
+
+    @abc.abstractmethod
+    async def mark_reused(self, run_id: str, job_id: str, source: ReuseSource, *,
+                          video_path: str | None, video_uri: str | None,
+                          video_etag: str | None, now: float) -> bool:
+        """Record a pending job as ``downloaded`` with the earlier video of ``source``: no
+        attempt, cost 0, ``reused_from`` set, a ``job.reused`` event. Returns False (and
+        changes nothing) if the job is no longer pending or its fingerprint changed."""
+
+    @abc.abstractmethod
+    async def cost_totals(self, run_id: str) -> dict[str, float]:
+        """Reported USD over every attempt, for the run's jobs that have more than one."""

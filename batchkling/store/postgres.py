@@ -49,7 +49,8 @@ from batchkling.errors import (
     StoreRefused,
 )
 from batchkling.models import TERMINAL, JobSpec, JobState
-from batchkling.store.interface import RECENT_ENDS, Store
+from batchkling.pricing import ObservedPrice
+from batchkling.store.interface import HOLDING_STATES, RECENT_ENDS, Store
 from batchkling.store.lease import lease_is_stale
 from batchkling.store.postgres_schema import MIGRATIONS, SCHEMA, SCHEMA_LOCK, SCHEMA_VERSION
 from batchkling.store.rows import (
@@ -59,6 +60,7 @@ from batchkling.store.rows import (
     RESTORED_STATE,
     RUN_SELECT,
     JobRow,
+    ReuseSource,
     RunRow,
     event_data,
     job_row,
@@ -482,7 +484,8 @@ class PostgresStore(Store):
                     " video_path = NULL, video_size = NULL, video_sha256 = NULL,"
                     " cost_usd = NULL, cost_units = NULL, reserved_usd = 0, error_code = NULL,"
                     " error_message = NULL, retryable = NULL, submitted_at = NULL,"
-                    " completed_at = NULL, render_seconds = NULL, updated_at = %s"
+                    " completed_at = NULL, render_seconds = NULL, reserved_units = 0,"
+                    " reused_from = NULL, updated_at = %s"
                     " FROM t WHERE jobs.run_id = %s AND jobs.job_id = t.job_id)"
                     " INSERT INTO events (run_id, job_id, at, event)"
                     " SELECT %s, job_id, %s, 'job.changed' FROM t",
@@ -536,7 +539,9 @@ class PostgresStore(Store):
             " progress = CASE WHEN p.state = 'unknown' THEN j.progress END,"
             " video_url = CASE WHEN p.state = 'unknown' THEN j.video_url END,"
             " retryable = CASE WHEN p.state = 'unknown' THEN j.retryable END,"
-            " reserved_usd = CASE WHEN p.state = 'unknown' THEN j.reserved_usd ELSE 0 END"
+            " reserved_usd = CASE WHEN p.state = 'unknown' THEN j.reserved_usd ELSE 0 END,"
+            " reserved_units = CASE WHEN p.state = 'unknown' THEN j.reserved_units ELSE 0 END,"
+            " reused_from = NULL"
             " FROM picked p WHERE j.run_id = %(run)s AND j.job_id = p.job_id"
             " RETURNING j.job_id, p.state),"
             " logged AS (INSERT INTO events (run_id, job_id, at, event, data)"
@@ -670,6 +675,98 @@ class PostgresStore(Store):
             problems = await integrity_problems(conn)
         return "\n".join(problems) or "ok"
 
+    # ---- money: observed prices, reservations, reuse (docs/money.md) -----------------------
+
+    async def money_units(self, run_id: str) -> tuple[float, float]:
+        """``(spent, committed)`` in provider units."""
+        rows = await self._rows(
+            "SELECT COALESCE((SELECT SUM(cost_units) FROM attempts WHERE run_id = %(run)s), 0),"
+            " COALESCE((SELECT SUM(reserved_units) FROM jobs WHERE run_id = %(run)s), 0)",
+            {"run": run_id})
+        spent, reserved = float(rows[0][0]), float(rows[0][1])
+        return spent, spent + reserved
+
+    async def record_price(self, group: str, *, usd: float | None, units: float | None,
+                           now: float) -> None:
+        """Remember the latest price of ``group`` (see :meth:`Store.record_price`)."""
+        await self._execute(
+            "INSERT INTO prices (price_group, usd, units, samples, updated_at)"
+            " VALUES (%s, %s, %s, 1, %s) ON CONFLICT (price_group) DO UPDATE SET"
+            " usd = COALESCE(excluded.usd, prices.usd),"
+            " units = COALESCE(excluded.units, prices.units),"
+            " samples = prices.samples + 1, updated_at = excluded.updated_at",
+            (group, usd, units, now))
+
+    async def observed_prices(self) -> dict[str, ObservedPrice]:
+        """Every price group's last observed price."""
+        rows = await self._rows(
+            "SELECT price_group, usd, units, samples, updated_at FROM prices")
+        return {r[0]: ObservedPrice(usd=r[1], units=r[2], samples=int(r[3]), updated_at=r[4])
+                for r in rows}
+
+    async def raise_reservations(self, group: str, *, usd: float | None,
+                                 units: float | None) -> int:
+        """Raise the reservations of the group's jobs that hold money; return how many."""
+        if usd is None and units is None:
+            return 0
+        rows = await self._rows(
+            "WITH raised AS (UPDATE jobs SET"
+            " reserved_usd = GREATEST(reserved_usd, COALESCE(%(usd)s, reserved_usd)),"
+            " reserved_units = GREATEST(reserved_units, COALESCE(%(units)s, reserved_units))"
+            " WHERE price_group = %(group)s AND state = ANY(%(states)s::text[])"
+            " AND (reserved_usd < %(usd)s OR reserved_units < %(units)s) RETURNING 1)"
+            " SELECT count(*) FROM raised",
+            {"usd": usd, "units": units, "group": group,
+             "states": [s.value for s in HOLDING_STATES]})
+        return int(rows[0][0])
+
+    async def reuse_sources(self, run_id: str, *, after_seq: int = -1,
+                            limit: int = 500) -> list[ReuseSource]:
+        """Pending jobs with a downloaded video of the same fingerprint in another run."""
+        rows = await self._rows(_REUSE_SELECT, {"run": run_id, "after": after_seq,
+                                                "limit": limit})
+        return [ReuseSource(*r) for r in rows]
+
+    async def reusable_fingerprints(self, fingerprints: Sequence[str]) -> set[str]:
+        """Those of ``fingerprints`` with a downloaded video (with a checksum) in the store."""
+        rows = await self._rows(
+            "SELECT DISTINCT fingerprint FROM jobs WHERE fingerprint = ANY(%s::text[])"
+            " AND state = 'downloaded' AND video_sha256 IS NOT NULL",
+            (sorted(set(fingerprints)),))
+        return {r[0] for r in rows}
+
+    async def mark_reused(self, run_id: str, job_id: str, source: ReuseSource, *,
+                          video_path: str | None, video_uri: str | None,
+                          video_etag: str | None, now: float) -> bool:
+        """Record a pending job as downloaded with an earlier run's video (no attempt)."""
+        # No last_event: the trigger stays quiet, so no attempt row is touched (a changed
+        # job's last attempt belongs to its old request); the event is written here.
+        rows = await self._rows(
+            "WITH reused AS (UPDATE jobs SET state = 'downloaded', reused_from = %(from)s,"
+            " video_path = %(path)s, video_size = %(size)s, video_sha256 = %(sha)s,"
+            " video_uri = %(uri)s, video_etag = %(etag)s, task_id = NULL, video_url = NULL,"
+            " progress = NULL, cost_usd = 0, cost_units = NULL, reserved_usd = 0,"
+            " reserved_units = 0, error_code = NULL, error_message = NULL, retryable = NULL,"
+            " submitted_at = NULL, completed_at = %(now)s, render_seconds = NULL,"
+            " worker_id = NULL, updated_at = %(now)s WHERE run_id = %(run)s"
+            " AND job_id = %(job)s AND state = 'pending' AND fingerprint = %(fp)s"
+            " RETURNING job_id),"
+            " logged AS (INSERT INTO events (run_id, job_id, at, event, data)"
+            " SELECT %(run)s, job_id, %(now)s, 'job.reused', %(data)s::jsonb FROM reused)"
+            " SELECT count(*) FROM reused",
+            {"from": source.source, "path": video_path, "size": source.video_size,
+             "sha": source.video_sha256, "uri": video_uri, "etag": video_etag, "now": now,
+             "run": run_id, "job": job_id, "fp": source.fingerprint,
+             "data": event_data({"from": source.source})})
+        return bool(rows[0][0])
+
+    async def cost_totals(self, run_id: str) -> dict[str, float]:
+        """Reported USD summed over attempts, for jobs with more than one attempt."""
+        rows = await self._rows(
+            "SELECT job_id, SUM(cost_usd) FROM attempts WHERE run_id = %s GROUP BY job_id"
+            " HAVING COUNT(*) > 1 AND COUNT(cost_usd) > 0", (run_id,))
+        return {r[0]: float(r[1]) for r in rows}
+
 
 async def integrity_problems(conn: psycopg.AsyncConnection[Any]) -> list[str]:
     """What :data:`INTEGRITY_CHECKS` finds wrong in the database ``conn`` is connected to."""
@@ -681,6 +778,24 @@ async def integrity_problems(conn: psycopg.AsyncConnection[Any]) -> list[str]:
         if row and row[0]:
             problems.append(f"{row[0]} {problem}")
     return problems
+
+
+#: Pending jobs of a run (a page, in manifest order) with a downloaded video of the same
+#: fingerprint in another run, and the newest three such videos of each.
+_REUSE_SELECT: LiteralString = (
+    "SELECT job_id, seq, fingerprint, d_run, d_job, video_path, video_size, video_sha256,"
+    " video_uri, video_etag FROM (SELECT j.job_id, j.seq, j.fingerprint, d.run_id AS d_run,"
+    " d.job_id AS d_job, d.video_path, d.video_size, d.video_sha256, d.video_uri,"
+    " d.video_etag, row_number() OVER (PARTITION BY j.job_id ORDER BY d.updated_at DESC) AS n"
+    " FROM (SELECT run_id, job_id, seq, fingerprint FROM jobs p WHERE run_id = %(run)s"
+    " AND state = 'pending' AND seq > %(after)s AND EXISTS (SELECT 1 FROM jobs e"
+    " WHERE e.fingerprint = p.fingerprint AND e.run_id != p.run_id"
+    " AND e.state = 'downloaded' AND e.video_sha256 IS NOT NULL)"
+    " ORDER BY seq LIMIT %(limit)s) j"
+    " JOIN jobs d ON d.fingerprint = j.fingerprint AND d.run_id != j.run_id"
+    " AND d.state = 'downloaded' AND d.video_sha256 IS NOT NULL) AS found"
+    " WHERE n <= 3 ORDER BY seq, n"
+)
 
 
 def _columns(jobs: list[tuple[int, JobSpec]]) -> tuple[list[str], list[int], list[str], list[str]]:

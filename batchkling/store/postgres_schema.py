@@ -16,14 +16,33 @@ at version ``v`` to ``v + 1``; ``SCHEMA`` then (re)creates what is missing.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Taken with ``pg_advisory_xact_lock`` while the schema is created or migrated, so workers
 #: opening the same database at once wait for each other instead of racing. ("bkschema")
 SCHEMA_LOCK = 0x626B736368656D61
 
-#: Steps from each older schema version to the next (none yet: version 1 is the first).
-MIGRATIONS: dict[int, str] = {}
+#: Steps from each older schema version to the next. Version 1 had no money in units, price
+#: groups, reuse or observed prices: ``MONEY_SCHEMA`` (part of ``SCHEMA``) adds them, idempotently.
+MIGRATIONS: dict[int, str] = {1: ""}
+
+#: Money (docs/money.md): Kling units reserved per job, the job's price group and where a reused
+#: video came from; what the provider last charged per price group, kept across runs; and the
+#: index behind "a downloaded job with this fingerprint in another run". Every statement is
+#: idempotent, so this block is re-run safely by whichever migration reaches it.
+MONEY_SCHEMA = """
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS reserved_units double precision NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS price_group text;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS reused_from text;
+CREATE INDEX IF NOT EXISTS jobs_by_fingerprint ON jobs (fingerprint);
+CREATE TABLE IF NOT EXISTS prices (
+    price_group text PRIMARY KEY,
+    usd double precision,
+    units double precision,
+    samples integer NOT NULL DEFAULT 0,
+    updated_at double precision NOT NULL
+);
+"""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL);
@@ -135,4 +154,4 @@ $$;
 DROP TRIGGER IF EXISTS job_transition ON jobs;
 CREATE TRIGGER job_transition AFTER UPDATE OF last_event ON jobs
 FOR EACH ROW EXECUTE FUNCTION batchkling_job_transition();
-"""
+""" + MONEY_SCHEMA

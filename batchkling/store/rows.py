@@ -21,7 +21,8 @@ JOB_COLUMNS = frozenset(
         "attempt", "attempt_base", "idempotency_key", "task_id", "progress", "video_url",
         "video_path", "video_size", "video_sha256", "cost_usd", "cost_units", "reserved_usd",
         "error_code", "error_message", "retryable", "submitted_at", "completed_at",
-        "render_seconds", "worker_id", "video_uri", "video_etag",
+        "render_seconds", "worker_id", "video_uri", "video_etag", "reserved_units",
+        "price_group", "reused_from",
     }
 )
 #: Job columns that describe one attempt: a new attempt starts with them empty. The video
@@ -29,7 +30,7 @@ JOB_COLUMNS = frozenset(
 FRESH_ATTEMPT = (
     "task_id", "progress", "video_url", "submitted_at", "completed_at", "render_seconds",
     "cost_usd", "cost_units", "error_code", "error_message", "retryable", "video_path",
-    "video_size", "video_sha256", "video_uri", "video_etag",
+    "video_size", "video_sha256", "video_uri", "video_etag", "reused_from",
 )
 
 
@@ -101,6 +102,12 @@ class JobRow:
     video_uri: str | None = None
     #: The store's ETag of that object (unquoted).
     video_etag: str | None = None
+    #: Kling units held for the task until it reports its ``final_unit_deduction``.
+    reserved_units: float = 0.0
+    #: The jobs that cost the same (:func:`batchkling.pricing.price_group`), set by the claim.
+    price_group: str | None = None
+    #: ``run/job`` whose verified video this job took instead of rendering (``reuse:``).
+    reused_from: str | None = None
 
     @property
     def spec(self) -> JobSpec:
@@ -161,6 +168,27 @@ class AccountRow:
     #: Seconds until creates on this account may go again (0 when not paused).
     paused_for: float
     in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReuseSource:
+    """A pending job of a run, and a downloaded video of another run with its fingerprint."""
+
+    job_id: str
+    seq: int
+    fingerprint: str
+    run_id: str  #: the earlier run
+    source_job: str  #: its job
+    video_path: str | None
+    video_size: int | None
+    video_sha256: str
+    video_uri: str | None
+    video_etag: str | None
+
+    @property
+    def source(self) -> str:
+        """``run/job``, as the CSV's ``reused_from`` shows it."""
+        return f"{self.run_id}/{self.source_job}"
 
 
 #: The keys of each dict :meth:`Store.attempts` returns, in their columns' order.

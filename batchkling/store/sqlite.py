@@ -41,7 +41,9 @@ import anyio
 from batchkling.clock import Clock
 from batchkling.errors import RunLocked, RunNotFound, SchemaTooNew, StoreError, WorkerFenced
 from batchkling.models import TERMINAL, JobSpec, JobState
+from batchkling.pricing import ObservedPrice
 from batchkling.store.interface import (
+    HOLDING_STATES,
     ORPHAN_STATES,
     RECENT_ENDS,
     SLOT_STATES,
@@ -58,6 +60,7 @@ from batchkling.store.rows import (
     RUN_SELECT,
     AccountRow,
     JobRow,
+    ReuseSource,
     RunRow,
     WorkerRow,
     event_data,
@@ -471,6 +474,7 @@ class SqliteStore(Store):
         intent: Callable[[JobRow], Intent],
         max_usd: float | None,
         now: float,
+        max_units: float | None = None,
     ) -> Claim:
         """Take the run's next pending job: see :meth:`Store.claim`.
 
@@ -487,6 +491,7 @@ class SqliteStore(Store):
                                   f"{self.path}")
             head = rows[0]
             worker_state, slot_limit, paused_until, in_flight, run_state, committed = head[:6]
+            committed_units = head[_CLAIM_UNITS]
             limit = min(int(slot_limit), slot_cap)
             seen = _Seen(int(in_flight), limit)
             if worker_state != "alive":
@@ -500,12 +505,17 @@ class SqliteStore(Store):
                 return seen.claim(ClaimOutcome.PAUSED, wait=paused_until - store_now)
             if in_flight >= limit:
                 return seen.claim(ClaimOutcome.NO_SLOT)
-            job = job_row(head[6:])
+            job = job_row(head[6:_CLAIM_UNITS])
             plan = intent(job)
             if max_usd is not None and committed + plan.reserved_usd > max_usd + 1e-9:
                 return seen.claim(ClaimOutcome.BUDGET, price=plan.reserved_usd,
                                   committed_usd=float(committed))
-            fields = transition_fields({"reserved_usd": plan.reserved_usd, "error_code": None,
+            if max_units is not None and committed_units + plan.reserved_units > max_units + 1e-9:
+                return seen.claim(ClaimOutcome.BUDGET, price=plan.reserved_units,
+                                  committed_usd=float(committed_units), cap="units")
+            fields = transition_fields({"reserved_usd": plan.reserved_usd,
+                                        "reserved_units": plan.reserved_units,
+                                        "price_group": plan.price_group, "error_code": None,
                                         "error_message": None}, plan.new_attempt)
             sets = "".join(f", {name} = ?" for name in fields)
             claimed = await self._write_returning(
@@ -520,11 +530,13 @@ class SqliteStore(Store):
                 " AND (SELECT paused_until FROM accounts WHERE account_id = ?) <= ?"
                 " AND (? IS NULL OR (SELECT spent_usd + reserved_usd FROM runs WHERE run_id = ?)"
                 " + ? <= ? + 1e-9)"
+                " AND (? IS NULL OR (SELECT spent_units + reserved_units FROM runs"
+                " WHERE run_id = ?) + ? <= ? + 1e-9)"
                 f" RETURNING {_JOB_COLUMNS}",
                 (now, worker_id, account_id, *fields.values(), run_id, job.job_id,
                  job.claim_epoch, worker_id, run_id, account_id, slot_cap,
                  account_id, account_id, store_now, max_usd, run_id, plan.reserved_usd,
-                 max_usd))
+                 max_usd, max_units, run_id, plan.reserved_units, max_units))
             if claimed:
                 return seen.claim(ClaimOutcome.CLAIMED, job=job_row(claimed[0]))
             # Something moved between the read and the write (another worker claimed this
@@ -632,7 +644,8 @@ class SqliteStore(Store):
                     " video_uri = NULL, video_etag = NULL,"
                     " cost_usd = NULL, cost_units = NULL, reserved_usd = 0, error_code = NULL,"
                     " error_message = NULL, retryable = NULL, submitted_at = NULL,"
-                    " completed_at = NULL, render_seconds = NULL, updated_at = ?"
+                    " completed_at = NULL, render_seconds = NULL, reserved_units = 0,"
+                    " reused_from = NULL, updated_at = ?"
                     " WHERE run_id = ? AND job_id = ?",
                     (seq, spec.to_json(), spec.fingerprint, now, run_id, spec.job_id),
                 )
@@ -680,8 +693,8 @@ class SqliteStore(Store):
         fresh = (
             "UPDATE jobs SET state = 'pending', attempt_base = attempt, idempotency_key = NULL,"
             " task_id = NULL, progress = NULL, video_url = NULL, error_code = NULL,"
-            " error_message = NULL, retryable = NULL, reserved_usd = 0, updated_at = ?"
-            " WHERE run_id = ? AND job_id = ?"
+            " error_message = NULL, retryable = NULL, reserved_usd = 0, reserved_units = 0,"
+            " reused_from = NULL, updated_at = ? WHERE run_id = ? AND job_id = ?"
         )
         again = (
             "UPDATE jobs SET state = 'pending', error_code = NULL, error_message = NULL,"
@@ -871,6 +884,115 @@ class SqliteStore(Store):
         rows = await self._fetchall("PRAGMA integrity_check")
         return str(rows[0][0])
 
+    # ---- money: observed prices, reservations, reuse ----------------------------------------
+
+    async def money_units(self, run_id: str) -> tuple[float, float]:
+        """``(spent, committed)`` in provider units (running totals, no scan)."""
+        rows = await self._fetchall(
+            "SELECT spent_units, reserved_units FROM runs WHERE run_id = ?", (run_id,))
+        if not rows:
+            return 0.0, 0.0
+        spent, reserved = float(rows[0][0]), float(rows[0][1])
+        return spent, spent + reserved
+
+    async def record_price(self, group: str, *, usd: float | None, units: float | None,
+                           now: float) -> None:
+        """Remember the latest price of ``group`` (see :meth:`Store.record_price`)."""
+        await self._write([(
+            "INSERT INTO prices (price_group, usd, units, samples, updated_at)"
+            " VALUES (?, ?, ?, 1, ?) ON CONFLICT (price_group) DO UPDATE SET"
+            " usd = COALESCE(excluded.usd, prices.usd),"
+            " units = COALESCE(excluded.units, prices.units),"
+            " samples = prices.samples + 1, updated_at = excluded.updated_at",
+            (group, usd, units, now))])
+
+    async def observed_prices(self) -> dict[str, ObservedPrice]:
+        """Every price group's last observed price."""
+        rows = await self._fetchall(
+            "SELECT price_group, usd, units, samples, updated_at FROM prices")
+        return {r[0]: ObservedPrice(usd=r[1], units=r[2], samples=int(r[3]), updated_at=r[4])
+                for r in rows}
+
+    async def raise_reservations(self, group: str, *, usd: float | None,
+                                 units: float | None) -> int:
+        """Raise the reservations of the group's jobs that hold money; return how many."""
+        marks = ",".join("?" * len(HOLDING_STATES))
+        states = [s.value for s in HOLDING_STATES]
+        statements = [
+            (f"UPDATE jobs SET {column} = ? WHERE price_group = ? AND state IN ({marks})"
+             f" AND {column} < ?", (value, group, *states, value))
+            for column, value in (("reserved_usd", usd), ("reserved_units", units))
+            if value is not None
+        ]
+        if not statements:
+            return 0
+        async with self._lock:
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    raised = 0
+                    for sql, params in statements:
+                        raised = max(raised, (await self.db.execute(sql, params)).rowcount)
+                    await self.db.execute("COMMIT")
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await self.db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
+        return raised
+
+    async def reuse_sources(self, run_id: str, *, after_seq: int = -1,
+                            limit: int = 500) -> list[ReuseSource]:
+        """Pending jobs with a downloaded video of the same fingerprint in another run."""
+        rows = await self._fetchall(_REUSE_SELECT, (run_id, after_seq, limit))
+        return [ReuseSource(*r) for r in rows]
+
+    async def reusable_fingerprints(self, fingerprints: Sequence[str]) -> set[str]:
+        """Those of ``fingerprints`` with a downloaded video (with a checksum) in the store."""
+        found: set[str] = set()
+        unique = sorted(set(fingerprints))
+        for start in range(0, len(unique), 500):  # SQLite caps a statement's parameters
+            chunk = unique[start:start + 500]
+            rows = await self._fetchall(
+                f"SELECT DISTINCT fingerprint FROM jobs WHERE fingerprint IN"
+                f" ({','.join('?' * len(chunk))}) AND state = 'downloaded'"
+                " AND video_sha256 IS NOT NULL", chunk)
+            found.update(r[0] for r in rows)
+        return found
+
+    async def mark_reused(self, run_id: str, job_id: str, source: ReuseSource, *,
+                          video_path: str | None, video_uri: str | None,
+                          video_etag: str | None, now: float) -> bool:
+        """Record a pending job as downloaded with an earlier run's video (no attempt)."""
+        # No last_event: the transition triggers stay quiet, so no attempt row is touched (a
+        # changed job's last attempt belongs to its old request); the event is written here.
+        async with self._lock:
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    cursor = await self.db.execute(_REUSE_UPDATE, (
+                        source.source, video_path, source.video_size, source.video_sha256,
+                        video_uri, video_etag, now, now, run_id, job_id, source.fingerprint))
+                    if cursor.rowcount:
+                        await self.db.execute(*_event(run_id, job_id, now, "job.reused",
+                                                      {"from": source.source}))
+                    await self.db.execute("COMMIT")
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await self.db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
+        return bool(cursor.rowcount)
+
+    async def cost_totals(self, run_id: str) -> dict[str, float]:
+        """Reported USD summed over attempts, for jobs with more than one attempt."""
+        rows = await self._fetchall(
+            "SELECT job_id, SUM(cost_usd) FROM attempts WHERE run_id = ? GROUP BY job_id"
+            " HAVING COUNT(*) > 1 AND COUNT(cost_usd) > 0", (run_id,))
+        return {r[0]: float(r[1]) for r in rows}
+
 
 #: Page size of a new database file.
 PAGE_SIZE = 1024
@@ -974,6 +1096,29 @@ class _Seen:
         return Claim(outcome, in_flight=self.in_flight, slot_limit=self.slot_limit, **more)
 
 
+#: Pending jobs of a run (a page, in manifest order) with a downloaded video of the same
+#: fingerprint in another run, and the newest three such videos of each.
+_REUSE_DONOR = ("{d}.fingerprint = {j}.fingerprint AND {d}.run_id != {j}.run_id"
+                " AND {d}.state = 'downloaded' AND {d}.video_sha256 IS NOT NULL")
+_REUSE_SELECT = (
+    "SELECT job_id, seq, fingerprint, d_run, d_job, video_path, video_size, video_sha256,"
+    " video_uri, video_etag FROM (SELECT j.job_id, j.seq, j.fingerprint, d.run_id AS d_run,"
+    " d.job_id AS d_job, d.video_path, d.video_size, d.video_sha256, d.video_uri,"
+    " d.video_etag, ROW_NUMBER() OVER (PARTITION BY j.job_id ORDER BY d.updated_at DESC) AS n"
+    " FROM (SELECT run_id, job_id, seq, fingerprint FROM jobs p WHERE run_id = ?"
+    " AND state = 'pending' AND seq > ? AND EXISTS (SELECT 1 FROM jobs e WHERE "
+    + _REUSE_DONOR.format(d="e", j="p") + ") ORDER BY seq LIMIT ?) j"
+    " JOIN jobs d ON " + _REUSE_DONOR.format(d="d", j="j") + ")"
+    " WHERE n <= 3 ORDER BY seq, n"
+)
+_REUSE_UPDATE = (
+    "UPDATE jobs SET state = 'downloaded', reused_from = ?, video_path = ?, video_size = ?,"
+    " video_sha256 = ?, video_uri = ?, video_etag = ?, task_id = NULL, video_url = NULL,"
+    " progress = NULL, cost_usd = 0, cost_units = NULL, reserved_usd = 0, reserved_units = 0,"
+    " error_code = NULL, error_message = NULL, retryable = NULL, submitted_at = NULL,"
+    " completed_at = ?, render_seconds = NULL, worker_id = NULL, updated_at = ?"
+    " WHERE run_id = ? AND job_id = ? AND state = 'pending' AND fingerprint = ?"
+)
 _FENCED = (
     "this worker was presumed dead (silent for longer than its stale-after, e.g. paused or "
     "suspended) and another worker has taken over its jobs; it stopped without changing "
@@ -993,12 +1138,17 @@ def _in_flight(account: str) -> str:
             " OR f.worker_id IN (SELECT worker_id FROM workers WHERE state = 'alive')))")
 
 
+#: Where the run's committed units sit in a row of ``_CLAIM_READ`` (after the job's columns).
+_CLAIM_UNITS = 6 + len(JobRow.__dataclass_fields__)
+
+
 #: What a claim decides on, in one read: the worker's state, the account's limit, pause and
 #: slots in flight, the run's state and committed money, and the run's next pending job.
 _CLAIM_READ = (
     "SELECT (SELECT state FROM workers WHERE worker_id = ?), a.slot_limit, a.paused_until,"
     f" {_in_flight('a.account_id')}, r.state, r.spent_usd + r.reserved_usd, "
     + ", ".join(f"j.{name}" for name in JobRow.__dataclass_fields__)
+    + ", r.spent_units + r.reserved_units"
     + " FROM runs r JOIN accounts a ON a.account_id = ?"
     " LEFT JOIN jobs j ON j.rowid = (SELECT rowid FROM jobs WHERE run_id = ?"
     " AND state = 'pending' ORDER BY seq LIMIT 1)"

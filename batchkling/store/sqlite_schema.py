@@ -7,13 +7,15 @@ row, and every transition mirrors the attempt's fields and appends an event.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Steps from each older schema version to the next; ``SCHEMA`` then adds what is missing
 #: (tables, indexes, triggers) with ``IF NOT EXISTS``. Version 1 had no ``last_event`` columns;
 #: version 2 had no accounts, workers or claims, no running money totals on the run, no
 #: object-store columns (``video_uri``, ``video_etag``; the attempt's video) and triggers that
-#: did not mirror them, so those are dropped and made again.
+#: did not mirror them, so those are dropped and made again. Version 3 had no money in units
+#: (``budget.max_units``), no price groups, no reuse across runs and no observed prices; its
+#: ``attempt_cost`` triggers summed dollars only.
 MIGRATIONS = {
     1: """
         ALTER TABLE jobs ADD COLUMN last_event TEXT;
@@ -38,6 +40,17 @@ MIGRATIONS = {
         ALTER TABLE attempts ADD COLUMN video_etag TEXT;
         DROP TRIGGER IF EXISTS job_new_attempt;
         DROP TRIGGER IF EXISTS job_transition;
+    """,
+    3: """
+        ALTER TABLE jobs ADD COLUMN reserved_units REAL NOT NULL DEFAULT 0;
+        ALTER TABLE jobs ADD COLUMN price_group TEXT;
+        ALTER TABLE jobs ADD COLUMN reused_from TEXT;
+        ALTER TABLE runs ADD COLUMN reserved_units REAL NOT NULL DEFAULT 0;
+        ALTER TABLE runs ADD COLUMN spent_units REAL NOT NULL DEFAULT 0;
+        UPDATE runs SET spent_units = (SELECT COALESCE(SUM(cost_units), 0) FROM attempts
+                                       WHERE attempts.run_id = runs.run_id);
+        DROP TRIGGER IF EXISTS attempt_cost;
+        DROP TRIGGER IF EXISTS attempt_cost_new;
     """,
 }
 
@@ -64,11 +77,14 @@ CREATE TABLE IF NOT EXISTS runs (
     lease_host TEXT,
     lease_heartbeat REAL,
     reserved_usd REAL NOT NULL DEFAULT 0,
-    spent_usd REAL NOT NULL DEFAULT 0
+    spent_usd REAL NOT NULL DEFAULT 0,
+    reserved_units REAL NOT NULL DEFAULT 0,
+    spent_units REAL NOT NULL DEFAULT 0
 );
 -- A job's account_id is the account whose slot its task holds, worker_id the worker driving
 -- it, and claim_epoch the epoch every write of that worker must still match (a worker
--- presumed dead is fenced off).
+-- presumed dead is fenced off). price_group names the jobs that cost the same (the claim sets
+-- it with the reservation), reused_from the run/job whose video a reused job took.
 CREATE TABLE IF NOT EXISTS jobs (
     run_id TEXT NOT NULL,
     job_id TEXT NOT NULL,
@@ -102,9 +118,25 @@ CREATE TABLE IF NOT EXISTS jobs (
     claim_epoch INTEGER NOT NULL DEFAULT 0,
     video_uri TEXT,
     video_etag TEXT,
+    reserved_units REAL NOT NULL DEFAULT 0,
+    price_group TEXT,
+    reused_from TEXT,
     PRIMARY KEY (run_id, job_id)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (run_id, state, seq);
+-- "A downloaded job with this fingerprint in another run" (reuse: earlier-runs, plan). Not
+-- (fingerprint, state): a fingerprint changes only when a manifest does, so transitions never
+-- touch this index.
+CREATE INDEX IF NOT EXISTS jobs_by_fingerprint ON jobs (fingerprint);
+-- What the provider charged for the last finished task of each price group, across runs:
+-- a run reserves at least this much for the group's next task.
+CREATE TABLE IF NOT EXISTS prices (
+    price_group TEXT PRIMARY KEY,
+    usd REAL,
+    units REAL,
+    samples INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
 CREATE INDEX IF NOT EXISTS jobs_by_account ON jobs (account_id, state);
 CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs (worker_id, state);
 -- A provider key, named by its environment variable (never its value), and its task slots:
@@ -187,16 +219,24 @@ BEGIN
     UPDATE runs SET reserved_usd = reserved_usd + NEW.reserved_usd - OLD.reserved_usd
     WHERE run_id = NEW.run_id;
 END;
-CREATE TRIGGER IF NOT EXISTS attempt_cost AFTER UPDATE OF cost_usd ON attempts
-WHEN NEW.cost_usd IS NOT OLD.cost_usd
+CREATE TRIGGER IF NOT EXISTS job_reserved_units AFTER UPDATE OF reserved_units ON jobs
+WHEN NEW.reserved_units IS NOT OLD.reserved_units
 BEGIN
-    UPDATE runs SET spent_usd = spent_usd + COALESCE(NEW.cost_usd, 0) - COALESCE(OLD.cost_usd, 0)
+    UPDATE runs SET reserved_units = reserved_units + NEW.reserved_units - OLD.reserved_units
+    WHERE run_id = NEW.run_id;
+END;
+CREATE TRIGGER IF NOT EXISTS attempt_cost AFTER UPDATE OF cost_usd, cost_units ON attempts
+WHEN NEW.cost_usd IS NOT OLD.cost_usd OR NEW.cost_units IS NOT OLD.cost_units
+BEGIN
+    UPDATE runs SET spent_usd = spent_usd + COALESCE(NEW.cost_usd, 0) - COALESCE(OLD.cost_usd, 0),
+        spent_units = spent_units + COALESCE(NEW.cost_units, 0) - COALESCE(OLD.cost_units, 0)
     WHERE run_id = NEW.run_id;
 END;
 CREATE TRIGGER IF NOT EXISTS attempt_cost_new AFTER INSERT ON attempts
-WHEN NEW.cost_usd IS NOT NULL
+WHEN NEW.cost_usd IS NOT NULL OR NEW.cost_units IS NOT NULL
 BEGIN
-    UPDATE runs SET spent_usd = spent_usd + NEW.cost_usd WHERE run_id = NEW.run_id;
+    UPDATE runs SET spent_usd = spent_usd + COALESCE(NEW.cost_usd, 0),
+        spent_units = spent_units + COALESCE(NEW.cost_units, 0) WHERE run_id = NEW.run_id;
 END;
 CREATE TRIGGER IF NOT EXISTS job_transition AFTER UPDATE OF last_event ON jobs
 BEGIN
