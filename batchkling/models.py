@@ -163,6 +163,16 @@ class RunSummary:
     #: Jobs by store state (``downloaded``, ``running`` …), where ``counts`` uses the CSV's words.
     states: Mapping[str, int] = field(default_factory=dict)
     report_html: str | None = None
+    #: The run's caps (``budget.max_usd``, ``budget.max_units``) and its committed units.
+    max_usd: float | None = None
+    max_units: float | None = None
+    committed_units: float = 0.0
+    #: What a person should know about the money (prices above the table, a passed cap).
+    notes: tuple[str, ...] = ()
+    #: Jobs that took an earlier run's video in this invocation (``reuse: earlier-runs``).
+    reused: int = 0
+    #: The manifest file the run was last started from, if any.
+    manifest_path: str | None = None
 
     def cost_text(self) -> str:
         """The cost as a person should read it: USD, or units with the estimate beside them."""

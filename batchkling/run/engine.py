@@ -58,6 +58,7 @@ from batchkling.models import TERMINAL, JobSpec, JobState
 from batchkling.providers.base import Phase, Provider, TaskStatus
 from batchkling.providers.http import HttpClient
 from batchkling.run import crashpoints
+from batchkling.run.budget import PriceBook, reported
 from batchkling.run.download import (
     Downloaded,
     DownloadPolicy,
@@ -68,9 +69,11 @@ from batchkling.run.download import (
 )
 from batchkling.run.limits import RateGate, SlotPool, full_jitter
 from batchkling.run.polling import PollPlanner
+from batchkling.run.reuse import take_video
 from batchkling.run.upload import InputImages, VideoUploads
 from batchkling.store import RECENT_ENDS, JobRow, Store
-from batchkling.store.interface import ClaimOutcome, Intent
+from batchkling.store.interface import Claim, ClaimOutcome, Intent
+from batchkling.store.rows import ReuseSource
 
 # Downloads are free to repeat; truncations and 5xx are usually passing.
 _DOWNLOAD_TRIES = 5
@@ -99,6 +102,9 @@ class EngineOptions:
     task_timeout: float = 2700.0
     max_attempts: int = 2
     max_usd: float | None = None
+    max_units: float | None = None
+    #: ``reuse: earlier-runs``: take a verified video of another run with the same request.
+    reuse: bool = False
     download: bool = True
     on_unknown: str = "wait"
     min_poll_interval: float = 5.0
@@ -157,7 +163,7 @@ class Engine:
         run_dir: Path,
         clock: Clock,
         http: HttpClient,
-        estimate_usd: Callable[[JobSpec], float],
+        book: PriceBook,
         rng: random.Random | None = None,
         uploads: VideoUploads | None = None,
         inputs: InputImages | None = None,
@@ -170,7 +176,10 @@ class Engine:
         self.videos = run_dir / "videos"
         self.clock = clock
         self.http = http
-        self.estimate_usd = estimate_usd
+        # What a create reserves, and what reported costs taught (run/budget.py).
+        self.book = book
+        self._prices_due = 0.0  # when to read other workers' observed prices again
+        self.reused = 0  # jobs that took an earlier run's video (reuse: earlier-runs)
         self.rng = rng or random.Random()
         # One submitter per account; each account has its own slots and create pace.
         self.accounts = [
@@ -333,6 +342,8 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 await self.take_over(released=driver)
+                if self.opts.reuse and self.opts.download:
+                    self.reused += await self.reuse_earlier()
                 if self.opts.download:
                     tg.start_soon(self._refetch_missing)
                 async with anyio.create_task_group() as submitters:
@@ -374,6 +385,33 @@ class Engine:
                     self._spawn(self._track, job, job.task_id, job.submitted_at)
             if len(jobs) < 500:
                 break
+
+    async def reuse_earlier(self) -> int:
+        """``reuse: earlier-runs``: pending jobs whose request another run already turned into
+        a verified video take that video (``downloaded``, cost 0, no create); return how many.
+        """
+        reused, after = 0, -1
+        while sources := await self.store.reuse_sources(self.run_id, after_seq=after):
+            by_job: dict[str, list[ReuseSource]] = {}
+            for source in sources:
+                by_job.setdefault(source.job_id, []).append(source)
+            for job_id, candidates in by_job.items():
+                for source in candidates:
+                    objects = self.uploads.store if self.uploads is not None else None
+                    found = await take_video(source, self.videos, objects)
+                    if found is None:
+                        continue
+                    if await self.store.mark_reused(
+                            self.run_id, job_id, source, video_path=found.video_path,
+                            video_uri=found.video_uri, video_etag=found.video_etag,
+                            now=self.clock.wall()):
+                        reused += 1
+                        self.log.info("job.reused", job_id=job_id, source=source.source)
+                    break
+            after = sources[-1].seq
+            if len(by_job) < 500:
+                break
+        return reused
 
     async def _reconcile(self, job: JobRow) -> None:
         """A create whose process died before its answer was committed: never blind-resubmit."""
@@ -431,13 +469,31 @@ class Engine:
 
     def _intent(self, job: JobRow) -> Intent:
         """The attempt a claim opens for ``job`` and the money it reserves."""
+        held = self.book.reserve(job.spec)
         if job.idempotency_key is not None:
             # An `unknown` create sent again: the same attempt and key, so a provider that
             # honours the key returns the task it may already have made.
-            return Intent(new_attempt=None, reserved_usd=self.estimate_usd(job.spec))
+            return Intent(new_attempt=None, reserved_usd=held.usd, reserved_units=held.units,
+                          price_group=held.group)
         number = job.attempt + 1
         return Intent(new_attempt=(number, idempotency_key(self.nonce, job.job_id, number)),
-                      reserved_usd=self.estimate_usd(job.spec))
+                      reserved_usd=held.usd, reserved_units=held.units, price_group=held.group)
+
+    async def _learn_prices(self) -> None:
+        """Every few seconds, take the prices other workers have observed since."""
+        if self.clock.monotonic() < self._prices_due:
+            return
+        self._prices_due = self.clock.monotonic() + self.opts.recheck_interval
+        self.book.learn(await self.store.observed_prices())
+
+    def _budget_refused(self, claim: Claim) -> str:
+        if claim.cap == "units":
+            return (f"budget reached: {claim.committed_usd:g} units committed, the next job "
+                    f"(~{claim.price:g} units) would pass budget.max_units "
+                    f"{self.opts.max_units or 0:g}")
+        return (f"budget reached: ${claim.committed_usd:.2f} committed (spent plus what tasks in "
+                f"flight reserve), the next job (~${claim.price:.2f}) would pass "
+                f"budget.max_usd ${self.opts.max_usd or 0:.2f}")
 
     async def _submitter(self, account: Account) -> None:
         """Claim pending jobs onto ``account`` while it has slots, and create their tasks."""
@@ -448,10 +504,11 @@ class Engine:
             if self.stop.reason is not None:
                 account.slots.release()
                 break
+            await self._learn_prices()
             claim = await self.store.claim(
                 self.run_id, worker_id=self.worker_id, account_id=account.account_id,
                 slot_cap=account.slots.limit, intent=self._intent, max_usd=self.opts.max_usd,
-                now=self.clock.wall())
+                max_units=self.opts.max_units, now=self.clock.wall())
             if claim.outcome is ClaimOutcome.CLAIMED:
                 assert claim.job is not None
                 self._epochs[claim.job.job_id] = claim.job.claim_epoch
@@ -459,10 +516,15 @@ class Engine:
                 continue
             account.slots.release()
             if claim.outcome is ClaimOutcome.BUDGET:
-                cap = self.opts.max_usd or 0.0
-                self.stop_creating(
-                    f"budget reached: ${claim.committed_usd:.2f} committed, the next job "
-                    f"(~${claim.price:.2f}) would pass budget.max_usd ${cap:.2f}", "budget")
+                # Tasks in flight may settle below what they reserve (the margin, until a price
+                # is observed): wait for them before calling the budget reached.
+                if self._active:
+                    await self._nap(wake, None)
+                    continue
+                if await self.store.held_elsewhere(self.run_id, self.worker_id):
+                    await self._nap(wake, self.opts.recheck_interval)
+                    continue
+                self.stop_creating(self._budget_refused(claim), "budget")
                 break
             if claim.outcome is ClaimOutcome.CLOSED:
                 # Ended or stopped by another process (a worker that finished it, a driver's
@@ -811,24 +873,63 @@ class Engine:
     async def _succeeded(self, job: JobRow, status: TaskStatus, started: float) -> None:
         completed = status.completed_at or self.clock.wall()
         render = max(0.0, completed - (status.created_at or started))
-        # Without a reported price (Kling reports units) the estimate stays as the best guess.
-        settled: dict[str, Any] = {"reserved_usd": 0} if status.cost_usd is not None else {}
+        costs = await self._settle(job, status, learn=True)
         await self._set(job, JobState.SUCCEEDED, "job.succeeded", video_url=status.video_url,
-                        cost_usd=status.cost_usd, cost_units=status.cost_units,
-                        completed_at=completed, render_seconds=render, **settled)
+                        completed_at=completed, render_seconds=render, **costs)
         self.log.info("job.succeeded", job_id=job.job_id, render_seconds=round(render, 1),
-                      cost_usd=status.cost_usd)
+                      cost_usd=costs["cost_usd"])
         if self.opts.download:
             await self._fetch(job, status.video_url)
 
     async def _task_failed(self, job: JobRow, status: TaskStatus) -> None:
         # A failed task is usually not billed; what the provider reports replaces the hold.
+        costs = await self._settle(job, status, learn=False)
         await self._finish_attempt(
             job, retryable=status.retryable, error_code=status.error_code,
-            error_message=status.error_message, cost_usd=status.cost_usd,
-            cost_units=status.cost_units, reserved_usd=0,
-            completed_at=status.completed_at or self.clock.wall(),
+            error_message=status.error_message,
+            completed_at=status.completed_at or self.clock.wall(), **costs,
         )
+
+    async def _settle(self, job: JobRow, status: TaskStatus, *, learn: bool) -> dict[str, Any]:
+        """The cost fields a finished task's report sets, and what it teaches the budget.
+
+        A trusted cost (finite, ≥ 0) settles the reservation; a finished task's price is
+        remembered for its group (``learn``), and one above the reservation raises the
+        reservations of the group's tasks in flight at once. A cost that is not a number is
+        recorded as unknown and the reservation stands.
+        """
+        usd, units = reported(status.cost_usd), reported(status.cost_units)
+        garbled = [name for name, raw, ok in (("cost_usd", status.cost_usd, usd),
+                                              ("cost_units", status.cost_units, units))
+                   if raw is not None and ok is None]
+        fields: dict[str, Any] = {"cost_usd": usd, "cost_units": units}
+        if garbled:
+            self.log.warning("job.cost_unreadable", job_id=job.job_id, fields=garbled)
+            return fields  # the reservations stand: the task may have cost anything
+        if status.phase is Phase.FAILED or usd is not None:
+            fields["reserved_usd"] = fields["reserved_units"] = 0
+        elif units is not None:
+            # Kling reports units, never dollars: the dollars stay an estimate, the table's
+            # scaled by the units the task really took.
+            fields["reserved_usd"] = self.book.usd_for_units(job.spec, units)
+            fields["reserved_units"] = 0
+        if not learn or (usd is None and units is None):
+            return fields
+        group = job.price_group or self.book.group(job.spec)
+        self.book.observe(group, usd=usd, units=units, now=self.clock.wall())
+        raise_usd = usd if usd is not None and self.book.surprise(
+            group, reserved=job.reserved_usd, charged=usd, currency="usd") else None
+        raise_units = units if units is not None and self.book.surprise(
+            group, reserved=job.reserved_units, charged=units, currency="units") else None
+        if raise_usd is not None or raise_units is not None:
+            raised = await self.store.raise_reservations(group, usd=raise_usd, units=raise_units)
+            # Said once per group and price; the tasks of the same batch only confirm it.
+            log = self.log.warning if raised else self.log.info
+            log("budget.price_above_reservation", job_id=job.job_id, group=group,
+                reserved_usd=job.reserved_usd, cost_usd=usd, reserved_units=job.reserved_units,
+                cost_units=units, raised_in_flight=raised)
+        await self.store.record_price(group, usd=usd, units=units, now=self.clock.wall())
+        return fields
 
     # ---- download ------------------------------------------------------------------------
 

@@ -42,14 +42,16 @@ from batchkling.errors import (
     unwrapped_groups,
 )
 from batchkling.logs import get_logger, redactor, run_log, run_log_error
-from batchkling.models import LEASE_STALE_AFTER, TERMINAL, JobState, RunSummary
+from batchkling.models import LEASE_STALE_AFTER, TERMINAL, JobSpec, JobState, RunSummary
 from batchkling.outputs.nextstep import location_args
 from batchkling.outputs.objectstore import ObjectStore
 from batchkling.outputs.report import write_report
 from batchkling.outputs.results import csv_status, write_results
 from batchkling.outputs.views import ENDED_EVENT, eta_seconds
+from batchkling.pricing import estimate_units, estimate_usd
 from batchkling.providers.base import Provider
 from batchkling.providers.http import HttpClient
+from batchkling.run.budget import PriceBook, describe_surprises
 from batchkling.run.engine import Engine, EngineOptions
 from batchkling.run.upload import (
     InputImages,
@@ -336,12 +338,15 @@ class Orchestrator:
         await self.store.require_run(self.run_id)
         return await self._drive(sync=None)
 
-    async def retry(self, states: Sequence[JobState], job_ids: Sequence[str] = ()) -> RunSummary:
+    async def retry(self, states: Sequence[JobState], job_ids: Sequence[str] = (), *,
+                    force: bool = False) -> RunSummary:
         """Put the chosen finished jobs back to pending, then resume.
 
         Failed and timed-out jobs get a new attempt (a new task); ``unknown`` jobs are created
         again with their original idempotency key, so a provider that honours it returns the
-        task it may already have made instead of billing a second one.
+        task it may already have made instead of billing a second one. A job named in
+        ``job_ids`` that already succeeded is rendered (and paid for) again only with ``force``;
+        otherwise :class:`ConfigError` says so and nothing changes.
         """
         await self.store.require_run(self.run_id)
         missing = [job_id for job_id in job_ids
@@ -349,6 +354,12 @@ class Orchestrator:
         if missing:
             raise ConfigError(f"run {self.run_id!r} has no job {', '.join(map(repr, missing))}; "
                               f"`batchkling export {self.run_id}` lists its jobs")
+        done = await succeeded_jobs(self.store, self.run_id, job_ids)
+        if done and not force:
+            raise ConfigError(
+                f"{describe_done(done)} of run {self.run_id!r} already succeeded: retrying "
+                "renders it again and pays for it again (the CSV's cost_usd will show both "
+                "attempts). Add --force to do that anyway")
 
         async def reset() -> None:
             changed = await self.store.reset_for_retry(self.run_id, states=states,
@@ -453,16 +464,12 @@ class Orchestrator:
         # bad configuration (exit 2), not something to find out after paying for renders.
         objects = self._objects = await open_output_store(config, self.env)
         accounts = await self._accounts(run, config, options)
+        book = await self._price_book(run, config)
         async with HttpClient(transport=self.transport, timeout=120.0) as http:
-            from batchkling.pricing import estimate_usd
-
-            def estimate(spec: Any) -> float:
-                return estimate_usd(spec, config.pricing)
-
             engine = Engine(store=self.store, accounts=accounts, run_id=self.run_id,
                             nonce=run.nonce, worker_id=self._owner, options=options,
                             run_dir=self.run_dir, clock=self.clock, http=http,
-                            estimate_usd=estimate, rng=self._rng,
+                            book=book, rng=self._rng,
                             **self._store_steps(objects, run, config, options))
             self._engine = engine
             # The store's location never holds a password (each backend strips it).
@@ -485,8 +492,24 @@ class Orchestrator:
                         for _account_id, provider, _cap in accounts:
                             await provider.aclose()
         with anyio.CancelScope(shield=True):
-            summary = await self._finish(engine, options)
+            summary = await self._finish(engine, options, run)
         return summary
+
+    async def _price_book(self, run: RunRow, config: RunConfig) -> PriceBook:
+        """What the run reserves with: the price table (with the manifest's declared models and
+        ``pricing:``), the prices the store has observed, and ``budget.margin``."""
+        usd_overrides, unit_overrides = config.price_overrides(), config.unit_overrides()
+
+        def table_usd(spec: JobSpec) -> float:
+            return estimate_usd(spec, usd_overrides)
+
+        def table_units(spec: JobSpec) -> float:
+            # Only Kling's native API bills in units; other providers hold none.
+            return estimate_units(spec, unit_overrides) if run.provider == "kling" else 0.0
+
+        return PriceBook(provider=run.provider, table_usd=table_usd, table_units=table_units,
+                         observed=await self.store.observed_prices(),
+                         margin=config.budget.margin)
 
     async def _heartbeat(self) -> None:
         """Say this worker is alive; presume silent ones dead and take their jobs of this run."""
@@ -504,7 +527,7 @@ class Orchestrator:
                     self._engine._fence(exc)
                 raise
 
-    async def _finish(self, engine: Engine, options: EngineOptions) -> RunSummary:
+    async def _finish(self, engine: Engine, options: EngineOptions, run: RunRow) -> RunSummary:
         counts = await self.store.counts(self.run_id)
         by_status: dict[str, int] = {}
         for job_state, n in counts.items():
@@ -565,7 +588,7 @@ class Orchestrator:
                 self.log.warning("run.report_failed", error=str(exc))
                 report_path = None
         spent, committed = await self.store.money(self.run_id)
-        units = await self.store.units(self.run_id)
+        units, committed_units = await self.store.money_units(self.run_id)
         self.log.info("run.finished", state=state, exit_code=code, counts=by_status,
                       cost_usd=round(spent, 4), polls=engine.polls, stop_reason=reason,
                       peak_in_flight=engine.slot_peak, slot_limit=engine.slot_limit)
@@ -574,7 +597,13 @@ class Orchestrator:
                           results_csv=str(csv_path) if csv_path else None,
                           cost_units=units, committed_usd=committed, stop_kind=kind,
                           states={s.value: n for s, n in counts.items()},
-                          report_html=None if report_path is None else str(report_path))
+                          report_html=None if report_path is None else str(report_path),
+                          max_usd=options.max_usd, max_units=options.max_units,
+                          committed_units=committed_units,
+                          notes=money_notes(engine.book, spent=spent, units=units,
+                                            max_usd=options.max_usd,
+                                            max_units=options.max_units),
+                          reused=engine.reused, manifest_path=run.manifest_path)
 
     # ---- configuration -------------------------------------------------------------------
 
@@ -592,6 +621,8 @@ class Orchestrator:
             task_timeout=limits.task_timeout / self.time_scale,
             max_attempts=limits.max_attempts,
             max_usd=config.budget.max_usd,
+            max_units=config.budget.max_units,
+            reuse=config.reuse == "earlier-runs",
             download=config.output.download,
             on_unknown=config.on_unknown,
             min_poll_interval=self.min_poll_interval or 5.0 / self.time_scale,
@@ -672,6 +703,40 @@ class Orchestrator:
                 transport=self.transport, clock=self.clock,
             )
         raise ConfigError(f"provider {run.provider!r} is not supported by this version")
+
+
+def money_notes(book: PriceBook, *, spent: float, units: float, max_usd: float | None,
+                max_units: float | None) -> tuple[str, ...]:
+    """What the end of a run says about money: prices found above what was reserved, and a
+    cap that spending passed, with the bound on how far (docs/money.md)."""
+    notes = describe_surprises(book.surprises)
+    for currency, total, cap in (("usd", spent, max_usd), ("units", units, max_units)):
+        if cap is None or total <= cap + 1e-9:
+            continue
+        over = total - cap
+        shown = (f"${over:.2f}", f"${cap:.2f}", "budget.max_usd") if currency == "usd" else \
+            (f"{over:g} units", f"{cap:g} units", "budget.max_units")
+        notes.append(
+            f"spending passed {shown[2]} {shown[1]} by {shown[0]}: tasks created before their "
+            f"price was known cost more than they reserved (by "
+            f"{book.overshoot(currency):.2f} in all, which bounds the overshoot); raise "
+            f"budget.margin to reserve more until prices are known")
+    return tuple(notes)
+
+
+async def succeeded_jobs(store: Store, run_id: str, job_ids: Sequence[str]) -> list[str]:
+    """Those of ``job_ids`` whose render already succeeded (a retry would pay again)."""
+    done = []
+    for job_id in job_ids:
+        job = await store.get_job(run_id, job_id)
+        if job is not None and job.state in (JobState.SUCCEEDED, JobState.DOWNLOADED):
+            done.append(job_id)
+    return done
+
+
+def describe_done(job_ids: Sequence[str]) -> str:
+    """``job 'a'`` / ``jobs 'a', 'b'``."""
+    return f"job{'s' if len(job_ids) != 1 else ''} {', '.join(map(repr, job_ids))}"
 
 
 def heartbeat_interval(stale_after: float) -> float:
