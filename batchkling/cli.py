@@ -241,8 +241,18 @@ def _simulated_env(config: Any) -> dict[str, str]:
 SIMULATOR_JOURNAL = "simulator-tasks.jsonl"
 
 
+def _declared_models(config: Any) -> tuple[str, ...]:
+    """The manifest's declared models as the simulator takes them: ``id=STD/PRO``."""
+    entries = []
+    for model, declared in (config.models or {}).items():
+        price = declared.prices(model, "usd")
+        entries.append(f"{model}={price[f'{model}:std']:g}/{price[f'{model}:pro']:g}")
+    return tuple(entries)
+
+
 @contextmanager
-def _simulator(enabled: bool, speed: float, workdir: Path) -> Iterator[str | None]:
+def _simulator(enabled: bool, speed: float, workdir: Path,
+               models: tuple[str, ...] = ()) -> Iterator[str | None]:
     if not enabled:
         yield None
         return
@@ -253,7 +263,9 @@ def _simulator(enabled: bool, speed: float, workdir: Path) -> Iterator[str | Non
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError:
         journal = None  # the store reports the unusable workdir in its own words
-    with SimulatorServer(SimConfig(speed=speed, seed=0), journal=journal) as sim:
+    # The manifest's declared models are the simulated provider's too, at their prices.
+    config = SimConfig(speed=speed, seed=0, extra_models=models)
+    with SimulatorServer(config, journal=journal) as sim:
         click.echo(f"batchkling: simulator running on {sim.base_url} (speed x{speed:g}); "
                    "no account needed, nothing is billed", err=True)
         if sim.sim.restored:
@@ -316,6 +328,8 @@ def _finish(summary: Any, workdir: Path, manifest: str | None = None,
     click.echo(f"batchkling: run {summary.run_id}: {describe_states(states) or 'no jobs'}; "
                f"cost {money_text(summary.cost_usd, summary.committed_usd, summary.cost_units)}",
                err=True)
+    for line in _money_lines(summary):
+        click.echo(f"batchkling: {line}", err=True)
     # Said once, here: the display's last frame leaves it to this line.
     if summary.stop_reason:
         from batchkling.logs import redactor
@@ -331,6 +345,21 @@ def _finish(summary: Any, workdir: Path, manifest: str | None = None,
     for step in next_steps(outcome):
         click.echo(f"batchkling: next: {step}", err=True)
     sys.exit(summary.exit_code)
+
+
+def _money_lines(summary: Any) -> list[str]:
+    """Spent, committed and the cap, then what the run found out about prices."""
+    lines = []
+    if summary.max_usd is not None:
+        lines.append(f"money: spent ${summary.cost_usd:.2f}, committed "
+                     f"${summary.committed_usd:.2f} of budget.max_usd ${summary.max_usd:.2f}")
+    if summary.max_units is not None:
+        lines.append(f"units: spent {summary.cost_units:g}, committed "
+                     f"{summary.committed_units:g} of budget.max_units {summary.max_units:g}")
+    if summary.reused:
+        lines.append(f"reused {summary.reused} video{'s' if summary.reused != 1 else ''} of "
+                     "earlier runs (no render, cost $0)")
+    return lines + [f"note: {note}" for note in summary.notes]
 
 
 def _speed(speed: float | None, simulated: bool) -> float:
@@ -374,7 +403,7 @@ def run(manifest: Path, run_id: str | None, workdir: Path, store: str | None, si
                           "(finished jobs are never paid twice). Start?", abort=True, err=True)
         _configure_console()
         scale = _speed(speed, simulate)
-        with _simulator(simulate, scale, workdir) as sim_url:
+        with _simulator(simulate, scale, workdir, _declared_models(loaded)) as sim_url:
             env = _simulated_env(loaded) if simulate else None
             summary = _run_async(lambda: _drive(
                 lambda: Orchestrator(loaded, run_id=run_id, workdir=workdir, store=location,
@@ -403,12 +432,14 @@ def _resume_like(run_id: str, workdir: Path, store: str | None, speed: float | N
         _configure_console()
         simulated = stored.simulated
         env: dict[str, str] | None = None
+        models: tuple[str, ...] = ()
         if simulated:
             from batchkling.run.orchestrator import _config_from
 
-            env = _simulated_env(_config_from(stored))
+            config = _config_from(stored)
+            env, models = _simulated_env(config), _declared_models(config)
         scale = _speed(speed, simulated)
-        with _simulator(simulated, scale, workdir) as sim_url:
+        with _simulator(simulated, scale, workdir, models) as sim_url:
             summary = _run_async(lambda: _drive(
                 lambda: Orchestrator(run_id=run_id, workdir=workdir, store=location, env=env,
                                      base_url=sim_url, simulated=simulated, time_scale=scale,
@@ -438,17 +469,46 @@ def resume(run_id: str, workdir: Path, store: str | None, speed: float | None,
               help="Resubmit jobs whose create had no clear answer (same idempotency key).")
 @click.option("--timed-out", is_flag=True, help="Give up waiting on timed-out tasks; new tasks.")
 @click.option("--job", "job_ids", multiple=True, metavar="ID", help="Only these jobs (repeat).")
+@click.option("--force", is_flag=True,
+              help="Render a --job that already succeeded again (and pay again) without asking.")
 @RESUME_SPEED
 @STALE_AFTER
 def retry(run_id: str, workdir: Path, store: str | None, failed: bool, unknown: bool,
-          timed_out: bool, job_ids: tuple[str, ...], speed: float | None,
+          timed_out: bool, job_ids: tuple[str, ...], force: bool, speed: float | None,
           stale_after: float) -> None:
-    """Resubmit finished-but-unsuccessful jobs of RUN_ID, then continue the run."""
+    """Resubmit finished-but-unsuccessful jobs of RUN_ID, then continue the run.
+
+    A --job that already succeeded is a decision, not an accident: a terminal asks first;
+    elsewhere --force is needed.
+    """
     from batchkling.run.engine import select_states
 
     states = select_states({"failed": failed, "unknown": unknown, "timed_out": timed_out})
-    _resume_like(run_id, workdir, store, speed, lambda orch: orch.retry(states, job_ids),
-                 stale_after)
+    if job_ids and not force and sys.stdin.isatty() and sys.stderr.isatty():
+        force = _confirm_rerender(run_id, workdir, store, job_ids)
+    _resume_like(run_id, workdir, store, speed,
+                 lambda orch: orch.retry(states, job_ids, force=force), stale_after)
+
+
+def _confirm_rerender(run_id: str, workdir: Path, store: str | None,
+                      job_ids: tuple[str, ...]) -> bool:
+    """Ask before a retry renders succeeded jobs again; True once the person agreed."""
+    from batchkling.run.orchestrator import describe_done, succeeded_jobs
+    from batchkling.store import store_from
+
+    location = _location(workdir, store)
+
+    async def lookup() -> list[str]:
+        async with store_from(location) as db:
+            return await succeeded_jobs(db, run_id, job_ids)
+
+    with _errors_to_exit_codes():
+        _require_db(workdir, store)
+        done = _run_async(lookup)
+    if done:
+        click.confirm(f"{describe_done(done)} already succeeded: render again and pay again?",
+                      abort=True, err=True)
+    return bool(done)
 
 
 # ---- many machines: submit and worker -----------------------------------------------------
@@ -667,6 +727,34 @@ def forget(run_id: str, workdir: Path, store: str | None, files: bool, yes: bool
 # ---- plan, schema, simulate --------------------------------------------------------------
 
 
+def _plan_history(workdir: Path, store: str | None) -> Callable[[Any], Any]:
+    """What ``plan`` learns from the store, if there is one: observed prices and the jobs
+    earlier runs already rendered. Read only; a store that cannot be read is skipped, said."""
+
+    def read(manifest: Any) -> Any:
+        from batchkling.pricing import History
+        from batchkling.store import store_from
+
+        location = _location(workdir, store)
+
+        async def go() -> History:
+            async with store_from(location) as db:
+                fingerprints = [spec.fingerprint for spec in manifest.specs]
+                return History(await db.observed_prices(),
+                               frozenset(await db.reusable_fingerprints(fingerprints)))
+
+        try:
+            if not _store_exists(workdir, store):
+                return None
+            return _run_async(go)
+        except BatchklingError as exc:
+            click.echo(f"warning: the store's observed prices could not be read ({exc}); "
+                       "showing table estimates", err=True)
+            return None
+
+    return read
+
+
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
@@ -679,7 +767,8 @@ def plan(manifest: Path, as_json: bool, max_in_flight: int | None, run_id: str |
          workdir: Path, store: str | None) -> None:
     """Validate and expand MANIFEST; show jobs, cost and time estimates. Submits nothing.
 
-    Against an existing run, only what `run` would submit is priced.
+    Against an existing run, only what `run` would submit is priced. Prices the store has
+    observed the provider charge replace the table's estimates, marked so.
     """
     from batchkling.manifest.plan import print_plan
 
@@ -688,7 +777,8 @@ def plan(manifest: Path, as_json: bool, max_in_flight: int | None, run_id: str |
 
     with _errors_to_exit_codes():
         try:
-            print_plan(manifest, as_json=as_json, max_in_flight=max_in_flight, against=against)
+            print_plan(manifest, as_json=as_json, max_in_flight=max_in_flight, against=against,
+                       history=_plan_history(workdir, store))
         except BatchklingError as exc:
             if isinstance(exc, ManifestError):
                 raise
@@ -748,8 +838,14 @@ def schema() -> None:
 @click.option("--secret-key", default=None, help="Kling-shape JWT secret key.")
 @click.option("--journal", type=click.Path(dir_okay=False, path_type=Path),
               help="Keep tasks in this file: a simulator started again with it still has them.")
+@click.option("--models", default="", metavar="ID[=STD/PRO],...",
+              help="Accept these model ids besides the built-in ones (e.g. kling-v2-7, or "
+              "kling-v2-7=0.07/0.112 to bill that many USD per second of std/pro video).")
+@click.option("--price-factor", type=click.FloatRange(min=0), default=None,
+              help="Bill this many times the price table (default 1; 1.6 bills 60 %% above it).")
 def simulate(host: str, port: int, speed: float, seed: int, faults: str, api_key: str | None,
-             access_key: str | None, secret_key: str | None, journal: Path | None) -> None:
+             access_key: str | None, secret_key: str | None, journal: Path | None,
+             models: str, price_factor: float | None) -> None:
     """Serve a local ImaRouter- and Kling-compatible API with faults on demand."""
     from batchkling.simulator import serve_forever
 
@@ -757,7 +853,8 @@ def simulate(host: str, port: int, speed: float, seed: int, faults: str, api_key
         try:
             serve_forever(host=host, port=port, speed=speed, seed=seed, faults=faults,
                           api_key=api_key, access_key=access_key, secret_key=secret_key,
-                          journal=journal)
+                          journal=journal, price_factor=price_factor,
+                          models=tuple(m.strip() for m in models.split(",") if m.strip()))
         except BatchklingError as exc:
             _fail(str(exc), EXIT_BAD_INPUT)
         except KeyboardInterrupt:

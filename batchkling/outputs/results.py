@@ -16,7 +16,7 @@ COLUMNS = (
     "run_id", "job_id", "status", "model", "prompt", "negative_prompt", "duration", "size",
     "mode", "image", "image_tail", "task_id", "attempts", "video_url", "video_path",
     "video_uri", "video_sha256", "cost_usd", "error_code", "error_message", "submitted_at",
-    "completed_at", "render_seconds", "next_step",
+    "completed_at", "render_seconds", "next_step", "reused_from",
 )
 
 # A spreadsheet runs cells starting with these as formulas (OWASP "CSV injection").
@@ -52,9 +52,14 @@ def _iso(ts: float | None) -> str:
 
 
 def job_record(run_id: str, row: JobRow, *, download: bool,
-               where: Sequence[str] = ()) -> dict[str, Any]:
-    """One CSV row as a mapping (unescaped); ``where`` locates the store for ``next_step``."""
+               where: Sequence[str] = (), total_usd: float | None = None) -> dict[str, Any]:
+    """One CSV row as a mapping (unescaped); ``where`` locates the store for ``next_step``.
+
+    ``cost_usd`` is ``total_usd`` — what every attempt of the job cost, for a job rendered more
+    than once — or else what its one attempt reported, so a second render is never hidden.
+    """
     spec = row.spec
+    cost = row.cost_usd if total_usd is None else total_usd
     return {
         "run_id": run_id,
         "job_id": row.job_id,
@@ -73,7 +78,7 @@ def job_record(run_id: str, row: JobRow, *, download: bool,
         "video_path": row.video_path or "",
         "video_uri": row.video_uri or "",
         "video_sha256": row.video_sha256 or "",
-        "cost_usd": "" if row.cost_usd is None else f"{row.cost_usd:.4f}",
+        "cost_usd": "" if cost is None else f"{cost:.4f}",
         "error_code": row.error_code or "",
         "error_message": row.error_message or "",
         "submitted_at": _iso(row.submitted_at),
@@ -81,6 +86,7 @@ def job_record(run_id: str, row: JobRow, *, download: bool,
         "render_seconds": "" if row.render_seconds is None else f"{row.render_seconds:.1f}",
         "next_step": job_next_step(run_id, row.job_id, row.state.value, error_code=row.error_code,
                                    retryable=row.retryable, where=where),
+        "reused_from": row.reused_from or "",
         **{f"var.{k}": v for k, v in spec.variables.items()},
     }
 
@@ -94,11 +100,14 @@ async def write_results(store: Store, run_id: str, dest: Path, *, download: bool
         for name in row.spec.variables:
             var_names.setdefault(f"var.{name}", None)
     header = [*COLUMNS, *var_names]
+    # Only jobs rendered more than once: usually none, so this holds little memory.
+    totals = await store.cost_totals(run_id)
     with atomic_text(dest, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore", restval="")
         writer.writeheader()
         async for row in store.iter_jobs(run_id):
-            record = job_record(run_id, row, download=download, where=where)
+            record = job_record(run_id, row, download=download, where=where,
+                                total_usd=totals.get(row.job_id))
             writer.writerow({k: escape_cell(v) for k, v in record.items()})
     return dest
 

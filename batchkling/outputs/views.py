@@ -8,6 +8,7 @@ summary and the report say the same thing.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -67,6 +68,19 @@ async def display_state(store: Store, run: RunRow, now: float | None = None) -> 
 def describe_states(states: Mapping[str, int]) -> str:
     """``3 downloaded, 2 running``: non-empty states in :data:`STATE_ORDER`."""
     return ", ".join(f"{states[s]:,} {s}" for s in STATE_ORDER if states.get(s))
+
+
+def budget_text(data: Mapping[str, Any]) -> str:
+    """`` · committed $7.50 of budget.max_usd $8.00`` (and the units cap) for a run summary
+    that has caps; empty without."""
+    text = ""
+    if data.get("max_usd") is not None:
+        text += (f" · committed ${data['committed_usd']:.2f} of budget.max_usd "
+                 f"${data['max_usd']:.2f}")
+    if data.get("max_units") is not None:
+        text += (f" · committed {data.get('committed_units', 0):g} units of budget.max_units "
+                 f"{data['max_units']:g}")
+    return text
 
 
 def money_text(spent: float, committed: float, units: float = 0.0) -> str:
@@ -134,7 +148,21 @@ async def _summary(store: Store, run: RunRow, now: float, workdir: Path | None
         "committed_usd": round(committed, 4),
         "cost_units": round(units, 4),
         "next_steps": next_steps(outcome),
+        **await _budget(store, run),
     }
+
+
+async def _budget(store: Store, run: RunRow) -> dict[str, Any]:
+    """The run's caps from its manifest snapshot, and the units it has committed."""
+    try:
+        budget = json.loads(run.config_json).get("budget") or {}
+    except (ValueError, AttributeError):
+        budget = {}
+    found: dict[str, Any] = {"max_usd": budget.get("max_usd"),
+                             "max_units": budget.get("max_units")}
+    if found["max_units"] is not None:
+        found["committed_units"] = round((await store.money_units(run.run_id))[1], 4)
+    return found
 
 
 async def workers_table(db: Store, run_id: str | None = None) -> list[dict[str, Any]]:
@@ -328,6 +356,7 @@ def print_status(data: Any, *, single: bool, store: str | None = None) -> None:
         console.print(table)
         eta = data.get("eta_seconds")
         cost = money_text(data["cost_usd"], data["committed_usd"], data.get("cost_units", 0.0))
+        cost += budget_text(data)
         console.print(f"in flight {data['in_flight']} · cost {escape(cost)}"
                       + (f" · ETA {format_duration(eta)}" if eta is not None else ""))
         if data.get("stop_reason"):
