@@ -305,17 +305,18 @@ class TestBudget:
     async def test_creates_stop_before_the_budget_is_passed(
             self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str,
             store_url: str) -> None:
-        """With $1.00 and $0.35 jobs (the simulator's price), two are created and the rest
-        wait; exit 3 says why, and what was spent stays within the budget."""
+        """With $1.00, $0.25 jobs (the price table's, which the simulator bills) and no
+        margin, four are created and the rest wait; exit 3 says why, and what was spent stays
+        within the budget."""
         sim = simulator()
         path = _manifest(tmp_path, sim, _jobs(10, model="kling-v2-6", duration=5, mode="std"),
-                         budget={"max_usd": 1.0}, pricing={"kling-v2-6:std": 0.07})
+                         budget={"max_usd": 1.0, "margin": 1})
         summary = await _run(path, workdir, store=store_url)
         assert summary.exit_code == 3
         assert "budget reached" in (summary.stop_reason or "")
-        assert sim.stats()["creates"] == 2
-        assert summary.counts == {"succeeded": 2, "pending": 8}
-        assert summary.cost_usd == pytest.approx(0.70)
+        assert sim.stats()["creates"] == 4
+        assert summary.counts == {"succeeded": 4, "pending": 6}
+        assert summary.cost_usd == pytest.approx(1.0)
 
 
 class TestAmbiguousCreates:
