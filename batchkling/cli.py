@@ -398,7 +398,8 @@ def run(manifest: Path, run_id: str | None, workdir: Path, store: str | None, si
         if not yes and not simulate and sys.stdin.isatty() and sys.stderr.isatty():
             from batchkling.pricing import estimate_usd
 
-            total = sum(estimate_usd(s, loaded.pricing) for s in loaded.expand())
+            overrides = loaded.price_overrides()
+            total = sum(estimate_usd(s, overrides) for s in loaded.expand())
             click.confirm(f"{len(loaded.expand())} jobs, about ${total:.2f} if all are new "
                           "(finished jobs are never paid twice). Start?", abort=True, err=True)
         _configure_console()

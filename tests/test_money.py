@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import SQLITE_UNLESS_ALL, TEST_KEY
 from invariants import check_invariants, db_query
+from s3server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, make_bucket
 
 from batchkling.cli import cli
 from batchkling.errors import ConfigError
@@ -373,6 +374,28 @@ class TestReuse:
         assert "2 jobs were already rendered by earlier runs; `reuse: earlier-runs`" in human
         second = await sim.run(path, workdir, run_id="again")
         assert second.reused == 0 and sim.stats()["creates"] == 4
+
+
+    async def test_a_video_only_in_the_object_store_is_reused_by_its_uri(
+            self, tmp_path: Path, workdir: Path, s3_server: Any) -> None:
+        """With output.store and no local copy kept, a second run reuses each video by the
+        earlier object's URI once a HEAD confirms its size and ETag: no create, no upload."""
+        bucket = make_bucket(s3_server.endpoint_url)
+        env = {**ENV, "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY":
+               SECRET_ACCESS_KEY, "AWS_REGION": REGION, "AWS_ENDPOINT_URL":
+               s3_server.endpoint_url, "HOME": str(tmp_path)}
+        sim = VirtualSim(env)
+        path = sim.manifest(tmp_path, 2, reuse="earlier-runs",
+                            output={"store": f"s3://{bucket}/v/"})
+        assert (await sim.run(path, workdir)).exit_code == 0
+        assert not list((workdir / RUN / "videos").glob("*.mp4"))  # the bucket holds them
+        second = await sim.run(path, workdir, run_id="again")
+        assert second.exit_code == 0 and second.reused == 2
+        assert sim.stats()["creates"] == 2
+        rows = read_results(workdir / "again" / "results.csv")
+        assert [r["video_uri"] for r in rows] == [
+            f"s3://{bucket}/v/{RUN}/job-{i:03d}.mp4" for i in range(2)]
+        assert [r["reused_from"] for r in rows] == [f"{RUN}/job-{i:03d}" for i in range(2)]
 
 
 class TestRetrySucceeded:

@@ -6,8 +6,8 @@ backends with their schemas and migrations: SQLite (``sqlite``, ``sqlite_schema`
 default, and PostgreSQL (``postgres``, ``postgres_schema``), the store many machines share;
 ``lease`` (the single-runner rule both apply) and ``locate`` (a ``--store`` location → a backend).
 
-May import: the foundation modules only (``errors``, ``models``), and its drivers (aiosqlite,
-psycopg). The store knows nothing of manifests, providers or runs in progress: it keeps what it
+May import: the foundation modules only (``errors``, ``models``, ``pricing``), and its drivers
+(aiosqlite, psycopg). The store knows nothing of manifests, providers or runs in progress: it keeps what it
 is told, atomically.
 """
 
