@@ -92,6 +92,7 @@ FAULT_PROFILES = {
     "flaky": "5xx and dropped polls, rate limits, 10% failed tasks, truncated downloads, "
              "expiring URLs",
     "slots": "an account of 3 task slots",
+    "overpriced": "bills 60% above the price table (a budget must hold anyway)",
     "chaos": "quirks + flaky + 8 slots, hanging creates and tasks that never finish",
 }
 
@@ -729,20 +730,23 @@ def forget(run_id: str, workdir: Path, store: str | None, files: bool, yes: bool
 
 
 def _plan_history(workdir: Path, store: str | None) -> Callable[[Any], Any]:
-    """What ``plan`` learns from the store, if there is one: observed prices and the jobs
-    earlier runs already rendered. Read only; a store that cannot be read is skipped, said."""
+    """What ``plan`` learns from the store, if there is one: observed prices, and the
+    fingerprints earlier runs already rendered (8 bytes each, so a large store fits). Read only;
+    a store that cannot be read is skipped, and said."""
 
     def read(manifest: Any) -> Any:
-        from batchkling.pricing import History
+        from batchkling.pricing import Fingerprints, History
         from batchkling.store import store_from
 
         location = _location(workdir, store)
 
         async def go() -> History:
             async with store_from(location) as db:
-                fingerprints = [spec.fingerprint for spec in manifest.specs]
-                return History(await db.observed_prices(),
-                               frozenset(await db.reusable_fingerprints(fingerprints)))
+                rendered, after = Fingerprints(), ""
+                while page := await db.downloaded_fingerprints(after=after):
+                    rendered.extend_sorted(page)
+                    after = page[-1]
+                return History(await db.observed_prices(), rendered)
 
         try:
             if not _store_exists(workdir, store):
@@ -843,7 +847,7 @@ def schema() -> None:
               help="Accept these model ids besides the built-in ones (e.g. kling-v2-7, or "
               "kling-v2-7=0.07/0.112 to bill that many USD per second of std/pro video).")
 @click.option("--price-factor", type=click.FloatRange(min=0), default=None,
-              help="Bill this many times the price table (default 1; 1.6 bills 60 %% above it).")
+              help="Bill this many times the price table (default 1; 1.6 bills 60% above it).")
 def simulate(host: str, port: int, speed: float, seed: int, faults: str, api_key: str | None,
              access_key: str | None, secret_key: str | None, journal: Path | None,
              models: str, price_factor: float | None) -> None:

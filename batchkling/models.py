@@ -171,8 +171,6 @@ class RunSummary:
     notes: tuple[str, ...] = ()
     #: Jobs that took an earlier run's video in this invocation (``reuse: earlier-runs``).
     reused: int = 0
-    #: The manifest file the run was last started from, if any.
-    manifest_path: str | None = None
 
     def cost_text(self) -> str:
         """The cost as a person should read it: USD, or units with the estimate beside them."""

@@ -32,8 +32,10 @@ about 90 s for a 5 s std clip, longer for 10 s and for pro) used only for plan's
 
 from __future__ import annotations
 
+import bisect
 import heapq
-from collections.abc import Iterable, Mapping
+from array import array
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from batchkling.models import JobSpec
@@ -145,13 +147,44 @@ class ObservedPrice:
     updated_at: float
 
 
+class Fingerprints:
+    """A set of job fingerprints in 8 bytes each (a sorted array of their first 64 bits), so
+    a plan can hold every fingerprint a large store has rendered: ``fp in fingerprints``."""
+
+    def __init__(self, fingerprints: Iterable[str] = ()) -> None:
+        self._keys = array("Q", sorted({_key(fp) for fp in fingerprints}))
+
+    def extend_sorted(self, fingerprints: Iterable[str]) -> None:
+        """Add fingerprints that come in ascending order after every one held (a store's
+        pages): no sort, no set, 8 bytes each."""
+        keys = self._keys
+        for fp in fingerprints:
+            key = _key(fp)
+            if not keys or key > keys[-1]:
+                keys.append(key)
+
+    def __contains__(self, fingerprint: object) -> bool:
+        if not isinstance(fingerprint, str):
+            return False
+        key = _key(fingerprint)
+        i = bisect.bisect_left(self._keys, key)
+        return i < len(self._keys) and self._keys[i] == key
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _key(fingerprint: str) -> int:
+    return int(fingerprint[:16], 16)
+
+
 @dataclass(frozen=True, slots=True)
 class History:
     """What a store remembers that changes a plan: observed prices, and the fingerprints of
     jobs that already produced a downloaded, verified video (for ``reuse: earlier-runs``)."""
 
     observed: Mapping[str, ObservedPrice] = field(default_factory=dict)
-    reusable: frozenset[str] = frozenset()
+    reusable: Container[str] = frozenset()
 
 
 def estimate_render_seconds(spec: JobSpec) -> float:

@@ -182,13 +182,15 @@ class TestLearnedPrices:
         assert {j["price_basis"] for j in doc["jobs"]} == {"table"}
         assert doc["estimate_usd"] == pytest.approx(3 * TABLE)
         human = (await _ainvoke("plan", str(path), "--workdir", str(workdir))).stdout
-        assert "every figure (marked 'table') is an ESTIMATE" in human
+        assert "every figure (price 'table') is an ESTIMATE" in human
         await sim.run(path, workdir)
+        # Planned as a new run: the first one's jobs are done (and not priced again).
         learned = json.loads((await _ainvoke("plan", str(path), "--workdir", str(workdir),
-                                             "--json")).stdout)
+                                             "--run-id", "next", "--json")).stdout)
         assert {j["price_basis"] for j in learned["jobs"]} == {"observed"}
         assert learned["estimate_usd"] == pytest.approx(3 * TABLE * 1.6)
-        human = (await _ainvoke("plan", str(path), "--workdir", str(workdir))).stdout
+        human = (await _ainvoke("plan", str(path), "--workdir", str(workdir), "--run-id",
+                                "next")).stdout
         assert "3 jobs at the price the provider was observed to charge" in human
         assert "observed" in human
 
@@ -319,7 +321,8 @@ class TestReuse:
         first = await sim.run(path, workdir, store=store_url)
         assert first.exit_code == 0 and sim.stats()["creates"] == 4
         planned = json.loads((await _ainvoke("plan", str(path), "--workdir", str(workdir),
-                                             "--store", store_url, "--json")).stdout)
+                                             "--store", store_url, "--run-id", "again",
+                                             "--json")).stdout)
         assert planned["reuse"] == {"enabled": True, "rendered_before": 4,
                                     "saved_usd": pytest.approx(4 * TABLE)}
         assert planned["estimate_usd"] == 0
@@ -370,7 +373,8 @@ class TestReuse:
         sim = VirtualSim(ENV)
         path = sim.manifest(tmp_path, 2)
         await sim.run(path, workdir)
-        human = (await _ainvoke("plan", str(path), "--workdir", str(workdir))).stdout
+        human = (await _ainvoke("plan", str(path), "--workdir", str(workdir), "--run-id",
+                                "again")).stdout
         assert "2 jobs were already rendered by earlier runs; `reuse: earlier-runs`" in human
         second = await sim.run(path, workdir, run_id="again")
         assert second.reused == 0 and sim.stats()["creates"] == 4

@@ -103,8 +103,8 @@ async def test_reuse_sources_and_mark_reused(store_url: str) -> None:
                                video_sha256=f"sha-{run_id}")
     sources = await store.reuse_sources("new")
     assert [(s.job_id, s.source) for s in sources] == [("a", "old/a"), ("a", "older/x")]
-    assert await store.reusable_fingerprints([_spec("a").fingerprint, _spec("c", "new").fingerprint]
-                                             ) == {_spec("a").fingerprint}
+    assert await store.downloaded_fingerprints() == [_spec("a").fingerprint]
+    assert await store.downloaded_fingerprints(after=_spec("a").fingerprint) == []
     assert await store.mark_reused("new", "a", sources[0], video_path="/v/new.mp4",
                                    video_uri=None, video_etag=None, now=7.0)
     assert not await store.mark_reused("new", "a", sources[0], video_path="/v/new.mp4",

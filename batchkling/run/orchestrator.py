@@ -492,7 +492,7 @@ class Orchestrator:
                         for _account_id, provider, _cap in accounts:
                             await provider.aclose()
         with anyio.CancelScope(shield=True):
-            summary = await self._finish(engine, options, run)
+            summary = await self._finish(engine, options)
         return summary
 
     async def _price_book(self, run: RunRow, config: RunConfig) -> PriceBook:
@@ -527,7 +527,7 @@ class Orchestrator:
                     self._engine._fence(exc)
                 raise
 
-    async def _finish(self, engine: Engine, options: EngineOptions, run: RunRow) -> RunSummary:
+    async def _finish(self, engine: Engine, options: EngineOptions) -> RunSummary:
         counts = await self.store.counts(self.run_id)
         by_status: dict[str, int] = {}
         for job_state, n in counts.items():
@@ -603,7 +603,7 @@ class Orchestrator:
                           notes=money_notes(engine.book, spent=spent, units=units,
                                             max_usd=options.max_usd,
                                             max_units=options.max_units),
-                          reused=engine.reused, manifest_path=run.manifest_path)
+                          reused=engine.reused)
 
     # ---- configuration -------------------------------------------------------------------
 

@@ -7,8 +7,8 @@ default, and PostgreSQL (``postgres``, ``postgres_schema``), the store many mach
 ``lease`` (the single-runner rule both apply) and ``locate`` (a ``--store`` location → a backend).
 
 May import: the foundation modules only (``errors``, ``models``, ``pricing``), and its drivers
-(aiosqlite, psycopg). The store knows nothing of manifests, providers or runs in progress: it keeps what it
-is told, atomically.
+(aiosqlite, psycopg). The store knows nothing of manifests, providers or runs in progress: it
+keeps what it is told, atomically.
 """
 
 from batchkling.store.interface import RECENT_ENDS, Store

@@ -448,8 +448,9 @@ class Store(abc.ABC):
         newest first for each job. At most ``limit`` jobs."""
 
     @abc.abstractmethod
-    async def reusable_fingerprints(self, fingerprints: Sequence[str]) -> set[str]:
-        """Those of ``fingerprints`` that some run has a downloaded video with a checksum of."""
+    async def downloaded_fingerprints(self, *, after: str = "", limit: int = 10000) -> list[str]:
+        """Fingerprints (greater than ``after``, ascending, at most ``limit``) of which some run
+        has a downloaded video with a checksum: what ``reuse: earlier-runs`` could take."""
 
     @abc.abstractmethod
     async def mark_reused(self, run_id: str, job_id: str, source: ReuseSource, *,

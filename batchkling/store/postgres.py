@@ -727,13 +727,13 @@ class PostgresStore(Store):
                                                 "limit": limit})
         return [ReuseSource(*r) for r in rows]
 
-    async def reusable_fingerprints(self, fingerprints: Sequence[str]) -> set[str]:
-        """Those of ``fingerprints`` with a downloaded video (with a checksum) in the store."""
+    async def downloaded_fingerprints(self, *, after: str = "", limit: int = 10000) -> list[str]:
+        """Fingerprints with a downloaded video (with a checksum), a page at a time."""
         rows = await self._rows(
-            "SELECT DISTINCT fingerprint FROM jobs WHERE fingerprint = ANY(%s::text[])"
-            " AND state = 'downloaded' AND video_sha256 IS NOT NULL",
-            (sorted(set(fingerprints)),))
-        return {r[0] for r in rows}
+            "SELECT DISTINCT fingerprint FROM jobs WHERE fingerprint > %s"
+            " AND state = 'downloaded' AND video_sha256 IS NOT NULL ORDER BY fingerprint"
+            " LIMIT %s", (after, limit))
+        return [r[0] for r in rows]
 
     async def mark_reused(self, run_id: str, job_id: str, source: ReuseSource, *,
                           video_path: str | None, video_uri: str | None,

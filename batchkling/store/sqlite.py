@@ -948,18 +948,12 @@ class SqliteStore(Store):
         rows = await self._fetchall(_REUSE_SELECT, (run_id, after_seq, limit))
         return [ReuseSource(*r) for r in rows]
 
-    async def reusable_fingerprints(self, fingerprints: Sequence[str]) -> set[str]:
-        """Those of ``fingerprints`` with a downloaded video (with a checksum) in the store."""
-        found: set[str] = set()
-        unique = sorted(set(fingerprints))
-        for start in range(0, len(unique), 500):  # SQLite caps a statement's parameters
-            chunk = unique[start:start + 500]
-            rows = await self._fetchall(
-                f"SELECT DISTINCT fingerprint FROM jobs WHERE fingerprint IN"
-                f" ({','.join('?' * len(chunk))}) AND state = 'downloaded'"
-                " AND video_sha256 IS NOT NULL", chunk)
-            found.update(r[0] for r in rows)
-        return found
+    async def downloaded_fingerprints(self, *, after: str = "", limit: int = 10000) -> list[str]:
+        """Fingerprints with a downloaded video (with a checksum), a page at a time."""
+        rows = await self._fetchall(
+            "SELECT DISTINCT fingerprint FROM jobs WHERE fingerprint > ? AND state = 'downloaded'"
+            " AND video_sha256 IS NOT NULL ORDER BY fingerprint LIMIT ?", (after, limit))
+        return [r[0] for r in rows]
 
     async def mark_reused(self, run_id: str, job_id: str, source: ReuseSource, *,
                           video_path: str | None, video_uri: str | None,
