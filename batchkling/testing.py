@@ -42,6 +42,7 @@ from batchkling.store import Store, is_postgres
 from batchkling.store.locate import sqlite_path
 
 if TYPE_CHECKING:
+    import aiosqlite
     import psycopg
 
     from batchkling.models import RunSummary
@@ -375,7 +376,7 @@ def _held_store(location: str | os.PathLike[str], clock: VirtualClock) -> Store:
     """The store at ``location``, holding ``clock`` still while its database works.
 
     SQLite: every call reaches its thread through ``open``, ``aclose``, ``_write``,
-    ``_write_returning``, ``_fetchall`` or ``acquire_lease`` (quick commits run on the event
+    ``_write_returning``, ``_fetchall`` or ``_transaction`` (quick commits run on the event
     loop's own thread: virtual time cannot move during them). PostgreSQL: every statement after
     ``open`` runs on a connection borrowed through ``_connection``. A commit that waits on a
     slow disk or a busy server then keeps virtual time where it is instead of letting it jump
@@ -413,11 +414,11 @@ def _held_store(location: str | os.PathLike[str], clock: VirtualClock) -> Store:
                 with clock.hold():
                     return await super()._fetchall(sql, params)
 
-            async def acquire_lease(self, run_id: str, worker_id: str, *, stale_after: float,
-                                    now: float) -> None:
+            @contextlib.asynccontextmanager
+            async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
                 with clock.hold():
-                    await super().acquire_lease(run_id, worker_id, stale_after=stale_after,
-                                                now=now)
+                    async with super()._transaction() as db:
+                        yield db
 
         # Heartbeats and pauses on the same virtual clock as everything else.
         store = HeldSqlite(sqlite_path(location), clock=clock)

@@ -57,6 +57,7 @@ from batchkling.store.rows import (
     ATTEMPT_KEYS,
     ATTEMPT_SELECT,
     JOB_SELECT,
+    PRICES_SELECT,
     RESTORED_STATE,
     RUN_SELECT,
     JobRow,
@@ -64,6 +65,7 @@ from batchkling.store.rows import (
     RunRow,
     event_data,
     job_row,
+    price_rows,
     retry_selection,
     run_row,
     transition_fields,
@@ -699,10 +701,7 @@ class PostgresStore(Store):
 
     async def observed_prices(self) -> dict[str, ObservedPrice]:
         """Every price group's last observed price."""
-        rows = await self._rows(
-            "SELECT price_group, usd, units, samples, updated_at FROM prices")
-        return {r[0]: ObservedPrice(usd=r[1], units=r[2], samples=int(r[3]), updated_at=r[4])
-                for r in rows}
+        return price_rows(await self._rows(PRICES_SELECT))
 
     async def raise_reservations(self, group: str, *, usd: float | None,
                                  units: float | None) -> int:

@@ -14,6 +14,7 @@ from typing import Any, LiteralString
 
 from batchkling.errors import StoreError
 from batchkling.models import JobSpec, JobState
+from batchkling.pricing import ObservedPrice
 
 #: Columns of ``jobs`` a transition may set.
 JOB_COLUMNS = frozenset(
@@ -189,6 +190,16 @@ class ReuseSource:
     def source(self) -> str:
         """``run/job``, as the CSV's ``reused_from`` shows it."""
         return f"{self.run_id}/{self.source_job}"
+
+
+#: Every price group's last observed price, as :func:`price_rows` reads it.
+PRICES_SELECT = "SELECT price_group, usd, units, samples, updated_at FROM prices"
+
+
+def price_rows(rows: Iterable[Sequence[Any]]) -> dict[str, ObservedPrice]:
+    """``{price group: ObservedPrice}`` from rows of :data:`PRICES_SELECT`."""
+    return {r[0]: ObservedPrice(usd=r[1], units=r[2], samples=int(r[3]), updated_at=r[4])
+            for r in rows}
 
 
 #: The keys of each dict :meth:`Store.attempts` returns, in their columns' order.

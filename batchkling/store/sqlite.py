@@ -21,6 +21,7 @@ Two ways to commit, both WAL:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -30,7 +31,7 @@ import secrets
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,6 +57,7 @@ from batchkling.store.rows import (
     ATTEMPT_KEYS,
     ATTEMPT_SELECT,
     JOB_SELECT,
+    PRICES_SELECT,
     RESTORED_STATE,
     RUN_SELECT,
     AccountRow,
@@ -65,6 +67,7 @@ from batchkling.store.rows import (
     WorkerRow,
     event_data,
     job_row,
+    price_rows,
     retry_selection,
     run_row,
     transition_fields,
@@ -365,38 +368,28 @@ class SqliteStore(Store):
                             now: float) -> None:
         """Make ``worker_id`` the run's driver, or raise :class:`RunLocked`; a stale holder is
         fenced (marked dead) as its lease is taken over."""
-        async with self._lock:
-            try:
-                await self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    rows = await self.db.execute_fetchall(
-                        "SELECT r.lease_owner, w.host, w.pid, w.boot_id, w.beat, w.heartbeat_at,"
-                        " w.state FROM runs r LEFT JOIN workers w ON w.worker_id = r.lease_owner"
-                        " WHERE r.run_id = ?", (run_id,))
-                    if not rows:
-                        raise RunNotFound(f"no run {run_id!r} in {self.path}")
-                    holder, host, pid, boot_id, beat, heartbeat_at, state = next(iter(rows))
-                    if holder is not None and holder != worker_id and state == "alive":
-                        if not self._stale(host, pid, boot_id, beat, heartbeat_at,
-                                           stale_after=stale_after, now=now):
-                            silent = self._silent_for(boot_id, beat, heartbeat_at, now)
-                            raise RunLocked(
-                                f"run {run_id!r} is being run by process {pid} on {host} (last "
-                                f"heartbeat {max(0.0, silent):.0f}s ago); wait for it to "
-                                "finish, or stop it first")
-                        # Presumed dead: from now on its writes change nothing.
-                        await self.db.execute(
-                            "UPDATE workers SET state = 'dead', stop_reason = ? WHERE worker_id"
-                            " = ?", (f"its run {run_id!r} was taken over", holder))
-                    await self.db.execute("UPDATE runs SET lease_owner = ? WHERE run_id = ?",
-                                          (worker_id, run_id))
-                    await self.db.execute("COMMIT")
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await self.db.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise _failure(self.path, "state database write failed", exc) from exc
+        async with self._transaction() as db:
+            rows = await db.execute_fetchall(
+                "SELECT r.lease_owner, w.host, w.pid, w.boot_id, w.beat, w.heartbeat_at,"
+                " w.state FROM runs r LEFT JOIN workers w ON w.worker_id = r.lease_owner"
+                " WHERE r.run_id = ?", (run_id,))
+            if not rows:
+                raise RunNotFound(f"no run {run_id!r} in {self.path}")
+            holder, host, pid, boot_id, beat, heartbeat_at, state = next(iter(rows))
+            if holder is not None and holder != worker_id and state == "alive":
+                if not self._stale(host, pid, boot_id, beat, heartbeat_at,
+                                   stale_after=stale_after, now=now):
+                    silent = self._silent_for(boot_id, beat, heartbeat_at, now)
+                    raise RunLocked(
+                        f"run {run_id!r} is being run by process {pid} on {host} (last "
+                        f"heartbeat {max(0.0, silent):.0f}s ago); wait for it to finish, or "
+                        "stop it first")
+                # Presumed dead: from now on its writes change nothing.
+                await db.execute(
+                    "UPDATE workers SET state = 'dead', stop_reason = ? WHERE worker_id = ?",
+                    (f"its run {run_id!r} was taken over", holder))
+            await db.execute("UPDATE runs SET lease_owner = ? WHERE run_id = ?",
+                             (worker_id, run_id))
 
     async def release_lease(self, run_id: str, owner: str) -> None:
         """Give the lease up; a no-op if another process has taken it over."""
@@ -784,9 +777,12 @@ class SqliteStore(Store):
 
     async def money(self, run_id: str) -> tuple[float, float]:
         """``(spent, committed)``: reported cost so far, and cost plus open reservations."""
+        return await self._totals(run_id, "usd")
+
+    async def _totals(self, run_id: str, currency: str) -> tuple[float, float]:
         # Running totals the triggers keep: no scan of the run's attempts.
         rows = await self._fetchall(
-            "SELECT spent_usd, reserved_usd FROM runs WHERE run_id = ?", (run_id,))
+            f"SELECT spent_{currency}, reserved_{currency} FROM runs WHERE run_id = ?", (run_id,))
         if not rows:
             return 0.0, 0.0
         spent, reserved = float(rows[0][0]), float(rows[0][1])
@@ -886,14 +882,26 @@ class SqliteStore(Store):
 
     # ---- money: observed prices, reservations, reuse ----------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One durable write transaction (``BEGIN IMMEDIATE`` … ``COMMIT``; rolled back on any
+        error, SQLite's own as :class:`StoreError`)."""
+        async with self._lock:
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.db
+                    await self.db.execute("COMMIT")
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await self.db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise _failure(self.path, "state database write failed", exc) from exc
+
     async def money_units(self, run_id: str) -> tuple[float, float]:
         """``(spent, committed)`` in provider units (running totals, no scan)."""
-        rows = await self._fetchall(
-            "SELECT spent_units, reserved_units FROM runs WHERE run_id = ?", (run_id,))
-        if not rows:
-            return 0.0, 0.0
-        spent, reserved = float(rows[0][0]), float(rows[0][1])
-        return spent, spent + reserved
+        return await self._totals(run_id, "units")
 
     async def record_price(self, group: str, *, usd: float | None, units: float | None,
                            now: float) -> None:
@@ -908,10 +916,7 @@ class SqliteStore(Store):
 
     async def observed_prices(self) -> dict[str, ObservedPrice]:
         """Every price group's last observed price."""
-        rows = await self._fetchall(
-            "SELECT price_group, usd, units, samples, updated_at FROM prices")
-        return {r[0]: ObservedPrice(usd=r[1], units=r[2], samples=int(r[3]), updated_at=r[4])
-                for r in rows}
+        return price_rows(await self._fetchall(PRICES_SELECT))
 
     async def raise_reservations(self, group: str, *, usd: float | None,
                                  units: float | None) -> int:
@@ -924,22 +929,10 @@ class SqliteStore(Store):
             for column, value in (("reserved_usd", usd), ("reserved_units", units))
             if value is not None
         ]
-        if not statements:
-            return 0
-        async with self._lock:
-            try:
-                await self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    raised = 0
-                    for sql, params in statements:
-                        raised = max(raised, (await self.db.execute(sql, params)).rowcount)
-                    await self.db.execute("COMMIT")
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await self.db.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
+        raised = 0
+        async with self._transaction() as db:
+            for sql, params in statements:
+                raised = max(raised, (await db.execute(sql, params)).rowcount)
         return raised
 
     async def reuse_sources(self, run_id: str, *, after_seq: int = -1,
@@ -961,23 +954,13 @@ class SqliteStore(Store):
         """Record a pending job as downloaded with an earlier run's video (no attempt)."""
         # No last_event: the transition triggers stay quiet, so no attempt row is touched (a
         # changed job's last attempt belongs to its old request); the event is written here.
-        async with self._lock:
-            try:
-                await self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    cursor = await self.db.execute(_REUSE_UPDATE, (
-                        source.source, video_path, source.video_size, source.video_sha256,
-                        video_uri, video_etag, now, now, run_id, job_id, source.fingerprint))
-                    if cursor.rowcount:
-                        await self.db.execute(*_event(run_id, job_id, now, "job.reused",
-                                                      {"from": source.source}))
-                    await self.db.execute("COMMIT")
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await self.db.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise StoreError(f"state database write failed ({self.path}): {exc}") from exc
+        async with self._transaction() as db:
+            cursor = await db.execute(_REUSE_UPDATE, (
+                source.source, video_path, source.video_size, source.video_sha256, video_uri,
+                video_etag, now, now, run_id, job_id, source.fingerprint))
+            if cursor.rowcount:
+                await db.execute(*_event(run_id, job_id, now, "job.reused",
+                                         {"from": source.source}))
         return bool(cursor.rowcount)
 
     async def cost_totals(self, run_id: str) -> dict[str, float]:
