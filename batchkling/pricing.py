@@ -143,7 +143,7 @@ class ObservedPrice:
 
     usd: float | None  #: the task's reported cost in USD (None: the provider reports units)
     units: float | None  #: its reported units (Kling), None where it reports USD
-    samples: int  #: how many finished tasks of the group reported a price
+    samples: int  #: how many times it was recorded (each run's first price, and each change)
     updated_at: float
 
 

@@ -194,6 +194,23 @@ class TestLearnedPrices:
         assert "3 jobs at the price the provider was observed to charge" in human
         assert "observed" in human
 
+    async def test_a_later_run_reserves_the_price_an_earlier_run_observed(
+            self, tmp_path: Path, workdir: Path) -> None:
+        """Prices are kept across runs: a second run (new id, no margin) reserves what the
+        first saw the provider charge, not the lower table price, so it stays within its cap
+        from its first create."""
+        sim = VirtualSim(ENV, price_factor=1.6)
+        await sim.run(sim.manifest(tmp_path, 2), workdir)
+        charged = TABLE * 1.6
+        later = tmp_path / "later"
+        later.mkdir()
+        path = sim.manifest(later, 10, prompt="another scene {i}", limits={"max_in_flight": 10},
+                            budget={"max_usd": round(4 * charged, 4), "margin": 1})
+        summary = await sim.run(path, workdir, run_id="later")
+        assert sim.stats()["creates"] == 2 + 4
+        assert summary.cost_usd <= 4 * charged + 1e-9
+        assert summary.notes == ()  # nothing cost more than it reserved
+
     def test_the_simulator_bills_the_price_table(self) -> None:
         """One source of prices: the simulator's charge is the table's for every built-in
         model, mode and duration, and price_factor multiplies it."""

@@ -179,6 +179,7 @@ class Engine:
         # What a create reserves, and what reported costs taught (run/budget.py).
         self.book = book
         self._prices_due = 0.0  # when to read other workers' observed prices again
+        self._priced: dict[str, tuple[float | None, float | None]] = {}  # last recorded
         self.reused = 0  # jobs that took an earlier run's video (reuse: earlier-runs)
         self.rng = rng or random.Random()
         # One submitter per account; each account has its own slots and create pace.
@@ -480,7 +481,10 @@ class Engine:
                       reserved_usd=held.usd, reserved_units=held.units, price_group=held.group)
 
     async def _learn_prices(self) -> None:
-        """Every few seconds, take the prices other workers have observed since."""
+        """Every few seconds, take the prices other workers have observed since (they matter
+        to a budget only: without one, no read)."""
+        if self.opts.max_usd is None and self.opts.max_units is None:
+            return
         if self.clock.monotonic() < self._prices_due:
             return
         self._prices_due = self.clock.monotonic() + self.opts.recheck_interval
@@ -917,10 +921,16 @@ class Engine:
             return fields
         group = job.price_group or self.book.group(job.spec)
         self.book.observe(group, usd=usd, units=units, now=self.clock.wall())
+        # What this engine last recorded for the group: the tasks of one batch usually all
+        # report the same price, which needs one raise and one write, not one each.
+        before_usd, before_units = self._priced.get(group, (None, None))
+        self._priced[group] = (usd, units)
         raise_usd = usd if usd is not None and self.book.surprise(
-            group, reserved=job.reserved_usd, charged=usd, currency="usd") else None
+            group, reserved=job.reserved_usd, charged=usd, currency="usd") and (
+            before_usd is None or usd > before_usd) else None
         raise_units = units if units is not None and self.book.surprise(
-            group, reserved=job.reserved_units, charged=units, currency="units") else None
+            group, reserved=job.reserved_units, charged=units, currency="units") and (
+            before_units is None or units > before_units) else None
         if raise_usd is not None or raise_units is not None:
             raised = await self.store.raise_reservations(group, usd=raise_usd, units=raise_units)
             # Said once per group and price; the tasks of the same batch only confirm it.
@@ -928,7 +938,8 @@ class Engine:
             log("budget.price_above_reservation", job_id=job.job_id, group=group,
                 reserved_usd=job.reserved_usd, cost_usd=usd, reserved_units=job.reserved_units,
                 cost_units=units, raised_in_flight=raised)
-        await self.store.record_price(group, usd=usd, units=units, now=self.clock.wall())
+        if (usd, units) != (before_usd, before_units):
+            await self.store.record_price(group, usd=usd, units=units, now=self.clock.wall())
         return fields
 
     # ---- download ------------------------------------------------------------------------
