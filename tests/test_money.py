@@ -169,6 +169,19 @@ class TestReservations:
         assert book.reserve(spec).usd == pytest.approx(TABLE)  # never below the table
 
 
+    def test_a_staler_store_price_does_not_undo_a_fresh_observation(self) -> None:
+        """Prices read back from the store replace the book's only when they are newer."""
+        from batchkling.pricing import ObservedPrice
+
+        book = self._book()
+        book.observe("g", usd=0.75, units=None, now=10.0)
+        book.learn({"g": ObservedPrice(usd=0.25, units=None, samples=1, updated_at=5.0),
+                    "h": ObservedPrice(usd=0.5, units=None, samples=1, updated_at=5.0)})
+        assert book.observed["g"].usd == 0.75 and book.observed["h"].usd == 0.5
+        book.learn({"g": ObservedPrice(usd=0.9, units=None, samples=2, updated_at=11.0)})
+        assert book.observed["g"].usd == 0.9
+
+
 class TestLearnedPrices:
     async def test_plan_marks_table_estimates_then_observed_prices(
             self, tmp_path: Path, workdir: Path) -> None:

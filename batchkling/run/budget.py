@@ -110,8 +110,12 @@ class PriceBook:
         return round(self.table_usd(spec) * max(1.0, _ratio(units, self.table_units(spec))), 6)
 
     def learn(self, observed: Mapping[str, ObservedPrice]) -> None:
-        """Take the store's observed prices (other workers' and earlier runs' findings)."""
-        self.observed.update(observed)
+        """Take the store's observed prices (other workers' and earlier runs' findings); a
+        price this book observed since the store's stays (the store may not have it yet)."""
+        for group, price in observed.items():
+            mine = self.observed.get(group)
+            if mine is None or price.updated_at >= mine.updated_at:
+                self.observed[group] = price
 
     def observe(self, group: str, *, usd: float | None, units: float | None,
                 now: float) -> None:
