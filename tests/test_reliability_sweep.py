@@ -403,7 +403,8 @@ class TestCostNotANumber:
         path = write_manifest(
             tmp_path, [{"id": j, "prompt": "scene"} for j in jobs], name="sweep",
             base_url=f"https://{API}", limits={"max_in_flight": 1, "submit_rate": 50},
-            budget={"max_usd": 1}, pricing={"kling-v2-6": 0.06})
+            # margin 1: no price is ever learned here, so reservations are the table's alone
+            budget={"max_usd": 1, "margin": 1}, pricing={"kling-v2-6": 0.06})
         summary = await _run(gateway, path, workdir)
         assert summary.exit_code == 3
         assert "budget reached" in (summary.stop_reason or "")
