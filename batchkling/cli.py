@@ -104,6 +104,13 @@ OUTPUT_STORE = click.option(
 )
 
 
+CALLBACK_LISTEN = click.option(
+    "--callback-listen", metavar="HOST:PORT",
+    help="Receive the provider's status callbacks here (the manifest's provider.callback_url "
+    "must be the public URL that reaches it): tasks are then polled far less.",
+)
+
+
 def _fail(message: str, code: int) -> NoReturn:
     from batchkling.logs import redactor
 
@@ -383,9 +390,10 @@ def _speed(speed: float | None, simulated: bool) -> float:
               "videos its (lost) database recorded, paying for them again.")
 @STALE_AFTER
 @OUTPUT_STORE
+@CALLBACK_LISTEN
 def run(manifest: Path, run_id: str | None, workdir: Path, store: str | None, simulate: bool,
         speed: float | None, max_in_flight: int | None, yes: bool, stale_after: float,
-        output_store: str | None) -> None:
+        output_store: str | None, callback_listen: str | None) -> None:
     """Run MANIFEST: submit, poll, download. Re-running an unfinished run resumes it."""
     from batchkling.manifest.document import load_manifest
     from batchkling.run.orchestrator import Orchestrator
@@ -412,13 +420,14 @@ def run(manifest: Path, run_id: str | None, workdir: Path, store: str | None, si
                                      env=env, base_url=sim_url, simulated=simulate,
                                      max_in_flight=max_in_flight, time_scale=scale,
                                      stale_after=stale_after, output_store=output_store,
-                                     overwrite_videos=yes),
+                                     overwrite_videos=yes, callback_listen=callback_listen),
                 lambda orch: orch.run()))
     _finish(summary, workdir, str(loaded.source_path), simulate)
 
 
 def _resume_like(run_id: str, workdir: Path, store: str | None, speed: float | None,
-                 action: Callable[[Any], Awaitable[Any]], stale_after: float) -> NoReturn:
+                 action: Callable[[Any], Awaitable[Any]], stale_after: float,
+                 callback_listen: str | None = None) -> NoReturn:
     from batchkling.run.orchestrator import Orchestrator
     from batchkling.store import store_from
 
@@ -445,7 +454,7 @@ def _resume_like(run_id: str, workdir: Path, store: str | None, speed: float | N
             summary = _run_async(lambda: _drive(
                 lambda: Orchestrator(run_id=run_id, workdir=workdir, store=location, env=env,
                                      base_url=sim_url, simulated=simulated, time_scale=scale,
-                                     stale_after=stale_after),
+                                     stale_after=stale_after, callback_listen=callback_listen),
                 action))
     _finish(summary, workdir, stored.manifest_path, simulated)
 
@@ -456,10 +465,12 @@ def _resume_like(run_id: str, workdir: Path, store: str | None, speed: float | N
 @STORE
 @RESUME_SPEED
 @STALE_AFTER
+@CALLBACK_LISTEN
 def resume(run_id: str, workdir: Path, store: str | None, speed: float | None,
-           stale_after: float) -> None:
+           stale_after: float, callback_listen: str | None) -> None:
     """Continue RUN_ID from its checkpoint; the manifest file is not needed."""
-    _resume_like(run_id, workdir, store, speed, lambda orch: orch.resume(), stale_after)
+    _resume_like(run_id, workdir, store, speed, lambda orch: orch.resume(), stale_after,
+                 callback_listen)
 
 
 @cli.command()
@@ -475,9 +486,10 @@ def resume(run_id: str, workdir: Path, store: str | None, speed: float | None,
               help="Render a --job that already succeeded again (and pay again) without asking.")
 @RESUME_SPEED
 @STALE_AFTER
+@CALLBACK_LISTEN
 def retry(run_id: str, workdir: Path, store: str | None, failed: bool, unknown: bool,
           timed_out: bool, job_ids: tuple[str, ...], force: bool, speed: float | None,
-          stale_after: float) -> None:
+          stale_after: float, callback_listen: str | None) -> None:
     """Resubmit finished-but-unsuccessful jobs of RUN_ID, then continue the run.
 
     A --job that already succeeded is a decision, not an accident: a terminal asks first;
@@ -489,7 +501,8 @@ def retry(run_id: str, workdir: Path, store: str | None, failed: bool, unknown: 
     if job_ids and not force and sys.stdin.isatty() and sys.stderr.isatty():
         force = _confirm_rerender(run_id, workdir, store, job_ids)
     _resume_like(run_id, workdir, store, speed,
-                 lambda orch: orch.retry(states, job_ids, force=force), stale_after)
+                 lambda orch: orch.retry(states, job_ids, force=force), stale_after,
+                 callback_listen)
 
 
 def _confirm_rerender(run_id: str, workdir: Path, store: str | None,

@@ -1,54 +1,137 @@
-"""Slots, create pacing, pauses, backoff and the poll planner — logic only, on virtual time."""
+"""Slots, create pacing, pauses and backoff — logic only, on virtual time (polls:
+test_polling.py)."""
 
 from __future__ import annotations
 
 import itertools
-import math
 import random
 
 import anyio
 import pytest
 
-from batchkling.run.limits import RateGate, SlotPool, full_jitter
-from batchkling.run.polling import PollPlanner
+from batchkling.run.limits import (
+    RateGate,
+    SlotPool,
+    full_jitter,
+    is_probe,
+    limit_after_rejection,
+    limit_after_success,
+    probe_after,
+)
 from batchkling.testing import StepClock
 
 
+class TestSlotDiscovery:
+    """The pure rules SlotPool applies (and an account-wide slot count can reuse)."""
+
+    def test_a_refusal_sets_the_limit_to_what_was_in_flight(self) -> None:
+        """Refused with 10 held: the account has room for 10, whatever the limit was."""
+        assert limit_after_rejection(10, 30) == 10
+        assert limit_after_rejection(12, 8) == 8  # never raised by a refusal
+        assert limit_after_rejection(0, 5) == 1  # one create may always be tried
+
+    def test_creates_past_the_proven_level_are_probes(self) -> None:
+        """Holding as many as the account has accepted, one more is a probe."""
+        assert is_probe(10, 10)
+        assert not is_probe(9, 10)
+
+    def test_probes_come_rarer_after_each_refusal(self) -> None:
+        """One round of the limit while probes pass; two rounds after a refusal, then x4."""
+        assert probe_after(10, 0) == 10
+        assert [probe_after(10, n) for n in (1, 2, 3)] == [20, 80, 320]
+        assert probe_after(10, 50) == probe_after(10, 4)  # bounded
+
+    def test_growth_is_one_slot_at_a_time_up_to_the_maximum(self) -> None:
+        """The limit grows by one once the streak reaches probe_after, never past the max."""
+        assert limit_after_success(10, 30, streak=19, refused_probes=1) == 10
+        assert limit_after_success(10, 30, streak=20, refused_probes=1) == 11
+        assert limit_after_success(30, 30, streak=10_000, refused_probes=0) == 30
+
+
 class TestSlotPool:
-    def test_rejection_shrinks_to_what_is_in_flight(self) -> None:
-        """A concurrency rejection drops the limit to the tasks really held."""
+    async def test_refusal_counts_the_refused_create_as_still_held(self) -> None:
+        """Refused while four tasks exist: the limit is four, not three (the refused create's
+        slot is given back after the count, not before)."""
         pool = SlotPool(10)
         for _ in range(4):
             pool.take()
-        pool.rejected()  # the fourth create was refused: three tasks exist
-        assert pool.limit == 3
-        pool.release()
-        assert pool.in_use == 3
+        await pool.acquire()
+        assert pool.rejected() == 4
+        assert pool.limit == 4
+        assert pool.in_use == 4
 
-    def test_limit_never_drops_below_one(self) -> None:
+    async def test_limit_never_drops_below_one(self) -> None:
         """Even with nothing in flight, one create may still be tried."""
         pool = SlotPool(5)
-        pool.take()
+        await pool.acquire()
         pool.rejected()
         assert pool.limit == 1
 
-    def test_successes_grow_the_limit_back_slowly(self) -> None:
-        """After two rounds of successful creates at the current limit, one more slot."""
+    async def test_three_times_the_slots_learns_the_limit_in_one_refusal(self) -> None:
+        """max 30 on a 10-slot account: creates past what the account accepted go one at a
+        time, so the first refusal comes with exactly 10 held and sets the limit to 10."""
+        pool = SlotPool(30)
+        account, refused = 10, 0
+        for _ in range(40):
+            await pool.acquire()
+            assert pool._creating == 1 or pool.in_use <= pool.proven
+            if pool.in_use - 1 >= account:
+                refused += 1
+                pool.rejected()
+                break
+            pool.created()
+        assert refused == 1 and pool.limit == 10 and pool.in_use == 10
+
+    async def test_a_probe_waits_for_the_creates_under_way(self) -> None:
+        """Past the proven level, a second create waits until the first is answered."""
         pool = SlotPool(5)
-        pool.limit = 2
-        for _ in range(3):
+        await pool.acquire()  # the first create, a probe: nothing proven yet
+        order: list[str] = []
+
+        async def second() -> None:
+            await pool.acquire()
+            order.append("second")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(second)
+            await anyio.sleep(0.01)
+            order.append("answered")
             pool.created()
-        assert pool.limit == 2
-        pool.created()
-        assert pool.limit == 3
-        for _ in range(100):
+        assert order == ["answered", "second"]
+
+    async def test_growth_after_refusals_is_additive_and_rarer(self) -> None:
+        """After a refusal at 10, the limit tries 11 only after 20 successful creates; a
+        refused probe puts it back to 10 and the next try waits 80."""
+        pool = SlotPool(30)
+        for _ in range(10):
+            pool.take()
+        await pool.acquire()
+        pool.rejected()  # the first refusal: limit 10
+
+        async def one_task_ends_another_starts() -> None:
+            pool.release()
+            await pool.acquire()
             pool.created()
-        assert pool.limit == 5
+
+        for _ in range(19):
+            await one_task_ends_another_starts()
+        assert pool.limit == 10
+        await one_task_ends_another_starts()
+        assert pool.limit == 11
+        await pool.acquire()  # the probe for an 11th slot
+        pool.rejected()
+        assert pool.limit == 10
+        for _ in range(79):
+            await one_task_ends_another_starts()
+        assert pool.limit == 10
+        await one_task_ends_another_starts()
+        assert pool.limit == 11
 
     async def test_acquire_waits_for_a_release(self) -> None:
         """acquire() blocks at the limit and proceeds when a slot comes back."""
         pool = SlotPool(1)
         await pool.acquire()
+        pool.created()
         order: list[str] = []
 
         async def second() -> None:
@@ -101,44 +184,3 @@ def test_full_jitter_is_bounded() -> None:
     for attempt in range(40):
         value = full_jitter(attempt, base=0.5, cap=20, rng=rng)
         assert 0 <= value <= min(20, 0.5 * 2**attempt)
-
-
-class TestPollPlanner:
-    def _planner(self) -> PollPlanner:
-        return PollPlanner(min_interval=0.1, max_interval=600, rng=random.Random(0))
-
-    def test_unknown_render_time_grows_geometrically(self) -> None:
-        """With nothing learnt, intervals grow with elapsed time (log polls for any length)."""
-        planner = self._planner()
-        elapsed, polls = 0.0, 0
-        while elapsed < 300:
-            elapsed += planner.next_delay("g", elapsed=elapsed, progress=None, polls=polls)
-            polls += 1
-        # Each delay is half the elapsed time: x1.5 per poll from a 0.2 s start.
-        assert polls <= math.log(300 / 0.2, 1.5) + 2
-
-    def test_first_poll_aims_at_half_the_typical_time(self) -> None:
-        """Once tasks of a group have finished, the first poll comes at about half their time."""
-        planner = self._planner()
-        for seconds in (80, 90, 100):
-            planner.observe("g", seconds)
-        delay = planner.next_delay("g", elapsed=0, progress=None, polls=0)
-        assert delay == pytest.approx(45, rel=0.06)
-
-    def test_progress_predicts_the_finish(self) -> None:
-        """At 50% after 45 s, the next poll lands just after the predicted 90 s finish."""
-        planner = self._planner()
-        delay = planner.next_delay("g", elapsed=45, progress=50, polls=1)
-        assert 45 <= delay <= 48
-
-    def test_provider_hint_is_a_floor(self) -> None:
-        """openai-poll-after-ms is honoured."""
-        planner = self._planner()
-        assert planner.next_delay("g", elapsed=0, progress=None, polls=0, hint=7) >= 7
-
-    def test_bounds(self) -> None:
-        """Delays stay between the floor and the ceiling."""
-        planner = PollPlanner(min_interval=5, max_interval=60, rng=random.Random(0))
-        assert planner.next_delay("g", elapsed=0, progress=None, polls=0) >= 5
-        planner.observe("g", 10_000)
-        assert planner.next_delay("g", elapsed=0, progress=None, polls=0) <= 60

@@ -347,7 +347,8 @@ class TestPollFailures:
         stats = vs.stats()
         assert stats["creates"] == stats["create_requests"] == n
         faults = stats["rejected"].get("server_error", 0) + stats["rejected"].get("dropped", 0)
-        assert faults >= 5 * n
+        # Kling's list reports all six tasks per request, so fewer requests fail there.
+        assert faults >= (5 * n if provider == "imarouter" else 20)
         # Every render ended (a few virtual minutes) well inside the failure window.
         done = [at for _job, at, _data in _events(store_url, "job.succeeded")]
         assert len(done) == n

@@ -75,3 +75,33 @@ def test_cost_reads_as_usd_or_as_units_with_the_estimate() -> None:
     assert describe_cost(0.0, 7.5, 0.75).startswith("7.5 units (the provider reports units")
     assert "about $0.75" in describe_cost(0.0, 7.5, 0.75)
     assert describe_cost(0.35, 2.5, 0.6).startswith("$0.35 + 2.5 units")
+
+
+async def test_csv_is_one_pass_and_a_late_variable_gets_its_column(tmp_path: Path) -> None:
+    """The CSV reads the store once, a page at a time; a variable that first appears on a
+    later job still gets its column (earlier rows read it as empty)."""
+    async with SqliteStore(tmp_path / "db.sqlite") as store:
+        await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
+                             provider="imarouter", base_url="http://x", simulated=False,
+                             now=1.0)
+        specs = [JobSpec(job_id=f"j{i}", model="kling-v2-6", prompt=f"p{i}", duration=5,
+                         size="16:9", variables={"product": f"p{i}",
+                                                 **({"take": "7"} if i == 1200 else {})})
+                 for i in range(1500)]
+        await store.sync_jobs("r", added=list(enumerate(specs)), changed=[], reordered=[],
+                              removed=[], now=1.0)
+        pages: list[int] = []
+        jobs_in = store.jobs_in
+
+        async def counting(*args: object, **kwargs: object) -> list[object]:
+            rows = await jobs_in(*args, **kwargs)  # type: ignore[arg-type]
+            pages.append(len(rows))
+            return rows  # type: ignore[return-value]
+
+        store.jobs_in = counting  # type: ignore[method-assign]
+        dest = await write_results(store, "r", tmp_path / "results.csv", download=True)
+    assert sum(pages) == 1500  # every job read once
+    rows = read_results(dest)
+    assert list(rows[0])[-2:] == ["var.product", "var.take"]
+    assert rows[1200]["var.take"] == "7"
+    assert rows[0]["var.take"] in ("", None) and rows[1499]["var.product"] == "p1499"

@@ -156,6 +156,12 @@ class ProviderConfig(StrictModel):
         description="A pool of keys of this provider, each with its own slots: jobs go to any "
         "account with a free slot. Instead of api_key_env/access_key_env/secret_key_env.",
     )
+    callback_url: BaseURL | None = Field(
+        default=None,
+        description="Public URL that reaches this run's callback receiver (started with "
+        "--callback-listen HOST:PORT): the provider POSTs status changes there, so tasks are "
+        "polled far less. Polling stays the fallback.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import shutil
+import tempfile
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ COLUMNS = (
 
 # A spreadsheet runs cells starting with these as formulas (OWASP "CSV injection").
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_CHARS = frozenset("".join(_FORMULA_START))
 
 
 def csv_status(state: JobState, *, download: bool) -> str:
@@ -43,73 +47,70 @@ def escape_cell(value: Any) -> Any:
 def _iso(ts: float | None) -> str:
     if ts is None:
         return ""
-    from datetime import UTC, datetime
-
     try:
         return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
     except (ValueError, OverflowError, OSError):  # not a date (a store written before #14)
         return ""
 
 
-def job_record(run_id: str, row: JobRow, *, download: bool,
-               where: Sequence[str] = (), total_usd: float | None = None) -> dict[str, Any]:
-    """One CSV row as a mapping (unescaped); ``where`` locates the store for ``next_step``.
+async def write_results(store: Store, run_id: str, dest: Path, *, download: bool,
+                        where: Sequence[str] = ()) -> Path:
+    """Write the run's CSV to ``dest`` atomically (temp file, fsync, rename), in one pass over
+    the store, a page of jobs in memory at a time; ``where`` are the options the
+    ``next_step`` commands need to find the store.
+
+    The ``var.*`` columns are known only once every job is read, so the rows go to a scratch
+    file first and the header is written in front of them at the end. Columns keep the order
+    in which the variables first appear; a row written before a variable first appeared ends
+    before that column (a short row reads as empty cells there).
+    """
+    var_names: dict[str, None] = {}
+    # Only jobs rendered more than once: usually none, so this holds little memory.
+    totals = await store.cost_totals(run_id)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=dest.parent) as body:
+        writer = csv.writer(body)
+        async for row in store.iter_jobs(run_id):
+            writer.writerow(_cells(run_id, row, var_names, download=download, where=where,
+                                   total_usd=totals.get(row.job_id)))
+        body.seek(0)
+        with atomic_text(dest, newline="") as fh:
+            csv.writer(fh).writerow([*COLUMNS, *(f"var.{name}" for name in var_names)])
+            shutil.copyfileobj(body, fh, 1 << 20)
+    return dest
+
+
+def _cells(run_id: str, row: JobRow, var_names: dict[str, None], *, download: bool,
+           where: Sequence[str], total_usd: float | None = None) -> list[Any]:
+    """One CSV row, escaped, in :data:`COLUMNS` order then the variables known so far.
 
     ``cost_usd`` is ``total_usd`` — what every attempt of the job cost, for a job rendered more
     than once — or else what its one attempt reported, so a second render is never hidden.
     """
     spec = row.spec
     cost = row.cost_usd if total_usd is None else total_usd
-    return {
-        "run_id": run_id,
-        "job_id": row.job_id,
-        "status": csv_status(row.state, download=download),
-        "model": spec.model,
-        "prompt": spec.prompt,
-        "negative_prompt": spec.negative_prompt or "",
-        "duration": spec.duration,
-        "size": spec.size,
-        "mode": spec.mode or "",
-        "image": spec.image or "",
-        "image_tail": spec.image_tail or "",
-        "task_id": row.task_id or "",
-        "attempts": row.attempt,
-        "video_url": row.video_url or "",
-        "video_path": row.video_path or "",
-        "video_uri": row.video_uri or "",
-        "video_sha256": row.video_sha256 or "",
-        "cost_usd": "" if cost is None else f"{cost:.4f}",
-        "error_code": row.error_code or "",
-        "error_message": row.error_message or "",
-        "submitted_at": _iso(row.submitted_at),
-        "completed_at": _iso(row.completed_at),
-        "render_seconds": "" if row.render_seconds is None else f"{row.render_seconds:.1f}",
-        "next_step": job_next_step(run_id, row.job_id, row.state.value, error_code=row.error_code,
-                                   retryable=row.retryable, where=where),
-        "reused_from": row.reused_from or "",
-        **{f"var.{k}": v for k, v in spec.variables.items()},
-    }
+    variables = spec.variables
+    for name in variables:
+        if name not in var_names:
+            var_names[name] = None
+    cells = [
+        run_id, row.job_id, csv_status(row.state, download=download), spec.model, spec.prompt,
+        spec.negative_prompt or "", spec.duration, spec.size, spec.mode or "",
+        spec.image or "", spec.image_tail or "", row.task_id or "", row.attempt,
+        row.video_url or "", row.video_path or "", row.video_uri or "", row.video_sha256 or "",
+        "" if cost is None else f"{cost:.4f}", row.error_code or "",
+        row.error_message or "", _iso(row.submitted_at), _iso(row.completed_at),
+        "" if row.render_seconds is None else f"{row.render_seconds:.1f}",
+        job_next_step(run_id, row.job_id, row.state.value, error_code=row.error_code,
+                      retryable=row.retryable, where=where),
+        row.reused_from or "",
+        *(variables.get(name, "") for name in var_names),
+    ]
+    return [_escape_text(c) if c.__class__ is str and c else c for c in cells]
 
 
-async def write_results(store: Store, run_id: str, dest: Path, *, download: bool,
-                        where: Sequence[str] = ()) -> Path:
-    """Write the run's CSV to ``dest`` atomically (temp file, fsync, rename); ``where`` are
-    the options the ``next_step`` commands need to find the store."""
-    var_names: dict[str, None] = {}
-    async for row in store.iter_jobs(run_id):
-        for name in row.spec.variables:
-            var_names.setdefault(f"var.{name}", None)
-    header = [*COLUMNS, *var_names]
-    # Only jobs rendered more than once: usually none, so this holds little memory.
-    totals = await store.cost_totals(run_id)
-    with atomic_text(dest, newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore", restval="")
-        writer.writeheader()
-        async for row in store.iter_jobs(run_id):
-            record = job_record(run_id, row, download=download, where=where,
-                                total_usd=totals.get(row.job_id))
-            writer.writerow({k: escape_cell(v) for k, v in record.items()})
-    return dest
+def _escape_text(value: str) -> str:
+    return "'" + value if value[0] in _FORMULA_CHARS else value
 
 
 def read_results(path: Path) -> list[dict[str, str]]:

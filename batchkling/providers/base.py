@@ -62,6 +62,7 @@ class TaskStatus:
     created_at: float | None = None  # unix seconds
     completed_at: float | None = None
     poll_after: float | None = None  # provider's hint, seconds
+    started_at: float | None = None  # unix seconds the render began, when reported
 
 
 class Provider(Protocol):

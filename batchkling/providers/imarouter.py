@@ -107,7 +107,10 @@ class ImaRouterProvider:
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 60.0,
         max_connections: int = 64,
+        callback_url: str | None = None,
     ) -> None:
+        #: Passed through to Kling as ``metadata.callback_url`` (API.md §1), if set.
+        self.callback_url = callback_url
         self._client = HttpClient(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"},
                                   timeout=timeout, transport=transport,
                                   max_connections=max_connections)
@@ -131,6 +134,8 @@ class ImaRouterProvider:
         if spec.camera_control:
             metadata["camera_control"] = dict(spec.camera_control)
         metadata.update(spec.metadata)
+        if self.callback_url:
+            metadata["callback_url"] = self.callback_url
         # Kling rejects a second task with the same external id, so even a gateway that ignores
         # Idempotency-Key cannot bill a resubmitted create twice.
         metadata["external_task_id"] = key
@@ -174,6 +179,18 @@ class ImaRouterProvider:
         if task is None:
             raise_unexpected(response, creating=creating)
         return task, response
+
+    def parse_callback(self, payload: Any) -> TaskStatus | None:
+        """The task a callback POST describes (a video object, bare or wrapped); None when it
+        names no usable task id."""
+        task = _unwrap(payload)
+        if task is None:
+            return None
+        try:
+            task_id = check_task_id(task.get("task_id") or task.get("id"))
+        except AmbiguousCreate:
+            return None
+        return parse_task(task_id, task, poll_after=None)
 
     async def lookup(self, key: str, spec: JobSpec) -> TaskStatus | None:
         """Not offered by ImaRouter."""

@@ -52,6 +52,8 @@ from batchkling.providers.base import (
 from batchkling.providers.http import HttpClient
 from batchkling.providers.imarouter import image_payload
 
+#: The most tasks one list request may ask for (API.md §2: pageSize 1..500).
+LIST_MAX = 500
 #: JWT lifetime and how long before its end a fresh one is signed (API.md §2: exp = now + 1800).
 TOKEN_LIFETIME = 1800.0
 TOKEN_RENEW_BEFORE = 300.0
@@ -85,6 +87,8 @@ class KlingProvider:
 
     name = "kling"
     can_lookup = True
+    #: ``list_recent`` reports many tasks in one request.
+    can_list = True
 
     def __init__(
         self,
@@ -97,10 +101,13 @@ class KlingProvider:
         clock: Clock | None = None,
         timeout: float = 60.0,
         max_connections: int = 64,
+        callback_url: str | None = None,
     ) -> None:
         if api_key is None and not (access_key and secret_key):
             raise ConfigError("Kling needs either an API key, or both an access and a secret key")
         self._api_key = api_key or None
+        #: Where Kling POSTs status changes (the run's callback receiver), if anywhere.
+        self.callback_url = callback_url
         self._access_key = access_key
         self._secret_key = secret_key
         self._clock = clock or SystemClock()
@@ -195,6 +202,8 @@ class KlingProvider:
         if spec.sound is not None:
             body["sound"] = spec.sound
         body.update(spec.metadata)
+        if self.callback_url:
+            body["callback_url"] = self.callback_url
         # Last, so no metadata can replace it: the key is what makes crash recovery exact.
         body["external_task_id"] = key
         return kind, body
@@ -217,6 +226,43 @@ class KlingProvider:
             "GET", f"/v1/videos/{kind_of(spec)}/{quote(task_id, safe='')}", creating=False)
         return parse_task(task_id, self._data(response, payload, creating=False))
 
+    def parse_callback(self, payload: Any) -> TaskStatus | None:
+        """The task a callback POST describes (the task object, or its envelope); None when
+        it names no usable task id."""
+        data = payload.get("data") if isinstance(payload, Mapping) else None
+        data = data if isinstance(data, Mapping) else payload
+        if not isinstance(data, Mapping):
+            return None
+        try:
+            task_id = check_task_id(data.get("task_id"))
+        except AmbiguousCreate:
+            return None
+        return parse_task(task_id, data)
+
+    def list_kind(self, spec: JobSpec) -> str:
+        """The list a job's task appears in (``text2video`` or ``image2video``)."""
+        return kind_of(spec)
+
+    async def list_recent(self, kind: str, size: int) -> dict[str, TaskStatus]:
+        """The ``size`` newest tasks of ``kind`` (text2video or image2video) on the account, by
+        task id: one request reports many tasks (API.md §2, ``pageSize`` up to 500)."""
+        size = max(1, min(size, LIST_MAX))
+        response, payload = await self._call(
+            "GET", f"/v1/videos/{kind}?pageNum=1&pageSize={size}", creating=False)
+        data = self._data_any(response, payload)
+        found: dict[str, TaskStatus] = {}
+        if not isinstance(data, list):
+            raise_unexpected(response, creating=False)
+        for item in data:
+            if not isinstance(item, Mapping):
+                continue
+            try:
+                task_id = check_task_id(item.get("task_id"))
+            except AmbiguousCreate:
+                continue
+            found[task_id] = parse_task(task_id, item)
+        return found
+
     async def lookup(self, key: str, spec: JobSpec) -> TaskStatus | None:
         """The task created with ``external_task_id = key``, or None when Kling has none."""
         response, payload = await self._call(
@@ -233,6 +279,12 @@ class KlingProvider:
         except AmbiguousCreate as exc:
             raise TransientError(exc.message) from exc
         return parse_task(task_id, data)
+
+    def _data_any(self, response: httpx.Response, payload: Any) -> Any:
+        """The ``data`` of a successful envelope whatever its type; raises otherwise."""
+        if response.status_code < 400 and _code(payload) == 0:
+            return payload.get("data")
+        return self._data(response, payload, creating=False)
 
     def _data(self, response: httpx.Response, payload: Any, *, creating: bool
               ) -> Mapping[str, Any]:
@@ -358,7 +410,9 @@ def parse_task(task_id: str, data: Mapping[str, Any]) -> TaskStatus:
                           error_code="content_policy" if permanent else "task_failed",
                           error_message=reason, retryable=not permanent, created_at=created,
                           completed_at=updated)
-    return TaskStatus(task_id, phase, created_at=created)
+    # `updated_at` is the latest status change: for a task processing, when its render began.
+    started = updated if phase is Phase.RUNNING else None
+    return TaskStatus(task_id, phase, created_at=created, started_at=started)
 
 
 __all__ = ["KlingProvider", "classify", "kind_of", "parse_task"]

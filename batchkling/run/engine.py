@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import hashlib
 import math
+import os
 import random
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -67,16 +69,25 @@ from batchkling.run.download import (
     TooSlow,
     download,
 )
-from batchkling.run.limits import RateGate, SlotPool, full_jitter
+from batchkling.run.limits import (
+    RateGate,
+    SlotPool,
+    full_jitter,
+    limit_after_rejection,
+    probe_after,
+)
 from batchkling.run.polling import PollPlanner
 from batchkling.run.reuse import take_video
 from batchkling.run.upload import InputImages, VideoUploads
+from batchkling.run.watch import Watch
 from batchkling.store import RECENT_ENDS, JobRow, Store
 from batchkling.store.interface import Claim, ClaimOutcome, Intent
 from batchkling.store.rows import ReuseSource
 
 # Downloads are free to repeat; truncations and 5xx are usually passing.
 _DOWNLOAD_TRIES = 5
+# Downloaded jobs whose files are looked at in one trip to a worker thread on resume.
+_REFETCH_PAGE = 500
 # Consecutive create failures of a kind that proves nothing was made (connection refused,
 # 5xx with no task) before the run stops creating: with backoff capped at a minute, several
 # minutes of an unreachable provider.
@@ -88,6 +99,7 @@ _MAX_REFUSED_POLLS = 3
 # cut costs a repeated poll or download, never a second task. The create intent and the task
 # id (``submitting``, ``submitted``) and every other state stay fully durable.
 _QUICK = frozenset({JobState.RUNNING, JobState.SUCCEEDED, JobState.DOWNLOADED})
+_ENDED = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 # States in which this engine stops driving a job: the write also lets the job go (no worker
 # holds it), so whoever picks the run up next — a resume, another worker — may take it.
 _LETS_GO = frozenset({JobState.PENDING, JobState.UNKNOWN, JobState.TIMED_OUT, *TERMINAL})
@@ -107,8 +119,11 @@ class EngineOptions:
     reuse: bool = False
     download: bool = True
     on_unknown: str = "wait"
-    min_poll_interval: float = 5.0
+    min_poll_interval: float = 5.0  # the floor of blind polls (nothing known yet)
     max_poll_interval: float = 120.0
+    hard_poll_floor: float = 0.5  # the floor between two polls of one task, always
+    slot_wait_cap: float = 15.0  # longest pause after a slot refusal with nothing in flight
+    callbacks: bool = False  # the provider POSTs status changes to this run's receiver
     download_concurrency: int = 4
     max_video_bytes: int = 500 * 1024 * 1024
     allow_private_urls: bool = False
@@ -136,6 +151,8 @@ class Account:
     provider: Provider
     slots: SlotPool
     create_gate: RateGate
+    #: News of this account's tasks besides their own polls: its list of tasks, callbacks.
+    watch: Watch
 
 
 def idempotency_key(nonce: str, job_id: str, attempt: int) -> str:
@@ -146,6 +163,13 @@ def idempotency_key(nonce: str, job_id: str, attempt: int) -> str:
 
 def _group(spec: JobSpec) -> str:
     return f"{spec.model}/{spec.duration}/{spec.mode or '-'}"
+
+
+def _duration(start: float | None, end: float | None) -> float | None:
+    """``end - start`` in the provider's own clock, when it reported both."""
+    if start is None or end is None:
+        return None
+    return end - start
 
 
 class Engine:
@@ -185,13 +209,19 @@ class Engine:
         # One submitter per account; each account has its own slots and create pace.
         self.accounts = [
             Account(account_id, provider, SlotPool(min(cap, options.max_in_flight)),
-                    RateGate(options.submit_rate, clock))
+                    RateGate(options.submit_rate, clock),
+                    Watch(provider, clock, floor=options.hard_poll_floor,
+                          callbacks=options.callbacks,
+                          status=functools.partial(self._provider_status, provider)))
             for account_id, provider, cap in accounts
         ]
         self._by_account = {a.account_id: a for a in self.accounts}
         self.poll_gate = RateGate(None, clock)
         self.planner = PollPlanner(min_interval=options.min_poll_interval,
-                                   max_interval=options.max_poll_interval, rng=self.rng)
+                                   max_interval=options.max_poll_interval,
+                                   hard_floor=options.hard_poll_floor)
+        # Where earlier runs' render times come from (read when the run starts).
+        self._endpoint: tuple[str, str] | None = None
         self.downloads = anyio.CapacityLimiter(options.download_concurrency)
         self.policy = DownloadPolicy(max_bytes=options.max_video_bytes,
                                      allow_private=options.allow_private_urls,
@@ -208,6 +238,7 @@ class Engine:
         # the last jobs to end ended (newest first).
         self.recent_ends: deque[float] = deque(maxlen=RECENT_ENDS)
         self._create_failures = 0
+        self._slot_refusals = 0  # slot refusals in a row with nothing of this run in flight
         self._tg: anyio.abc.TaskGroup | None = None
         # With output.store: videos go to the bucket, local input images go as its URLs.
         self.uploads = uploads
@@ -232,6 +263,25 @@ class Engine:
     def slot_peak(self) -> int:
         """The most slots held at once, summed over accounts."""
         return sum(a.slots.peak for a in self.accounts)
+
+    @property
+    def lists(self) -> int:
+        """List requests sent (each reports many tasks)."""
+        return sum(a.watch.lists for a in self.accounts)
+
+    @property
+    def confirm_polls(self) -> int:
+        """Polls sent to confirm a callback."""
+        return sum(a.watch.polls for a in self.accounts)
+
+    @property
+    def hints(self) -> int:
+        """Callbacks received about tasks this engine tracks."""
+        return sum(a.watch.hints for a in self.accounts)
+
+    def hint(self, status: TaskStatus) -> bool:
+        """A callback said how a task stands: wake its tracker (True if it is one of ours)."""
+        return any(a.watch.hint(status) for a in self.accounts if a.watch.watching(status))
 
     def _account(self, job: JobRow) -> Account:
         """The account a job's task lives on (jobs from before accounts: the first)."""
@@ -338,10 +388,17 @@ class Engine:
         cooperating worker leaves to a person's ``resume``. Raises :class:`WorkerFenced` if
         another worker took this one's jobs over meanwhile.
         """
-        self.recent_ends.extend(await self.store.recent_ends(self.run_id))
+        run = await self.store.get_run(self.run_id)
+        if run is not None:
+            self._endpoint = (run.provider, run.base_url)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                # The ETA's earlier ends come in beside the first creates: at 100,000 jobs
+                # the read is a scan, and a resume's first create need not wait for it.
+                tg.start_soon(self._earlier_ends)
+                for account in self.accounts:
+                    tg.start_soon(account.watch.run)
                 await self.take_over(released=driver)
                 if self.opts.reuse and self.opts.download:
                     self.reused += await self.reuse_earlier()
@@ -351,12 +408,21 @@ class Engine:
                     for account in self.accounts:
                         submitters.start_soon(self._submitter, account)
                 # Creates have stopped; trackers and downloads finish on their own.
+                for account in self.accounts:
+                    account.watch.close()
         except WorkerFenced as exc:
             self._fence(exc)
         finally:
             self._tg = None
         if self.fenced is not None:
             raise self.fenced
+
+    async def _earlier_ends(self) -> None:
+        """Add the run's earlier ends (older than any this invocation saw) for the ETA."""
+        for at in await self.store.recent_ends(self.run_id):
+            if len(self.recent_ends) >= RECENT_ENDS:
+                break
+            self.recent_ends.append(at)
 
     async def take_over(self, *, released: bool = False) -> None:
         """Drive the jobs of workers that are gone (and, with ``released``, jobs nobody holds).
@@ -456,11 +522,28 @@ class Engine:
     async def _refetch_missing(self) -> None:
         """Fetch again the videos recorded as downloaded whose file is gone (no new task).
 
-        Runs beside the submitter, so a resume's first create does not wait for these checks.
+        Runs beside the submitter, so a resume's first create does not wait for these checks;
+        the files of a page of jobs are looked at in one trip to a worker thread (one trip per
+        file made a resume of 100,000 jobs wait on 100,000 thread hand-offs).
         """
+        page: list[JobRow] = []
         async for job in self.store.iter_jobs(self.run_id, [JobState.DOWNLOADED]):
-            if job.video_uri or (job.video_path and await anyio.Path(job.video_path).is_file()):
+            if job.video_uri:
                 continue  # an object the store confirmed is not checked again
+            page.append(job)
+            if len(page) >= _REFETCH_PAGE:
+                await self._refetch_page(page)
+                page = []
+        if page:
+            await self._refetch_page(page)
+
+    async def _refetch_page(self, jobs: list[JobRow]) -> None:
+        paths = [job.video_path or "" for job in jobs]
+        present = await anyio.to_thread.run_sync(
+            lambda: [bool(path) and os.path.isfile(path) for path in paths])
+        for job, here in zip(jobs, present, strict=True):
+            if here:
+                continue
             await self._set(job, JobState.SUCCEEDED, "job.video_missing",
                             error_code="video_missing",
                             error_message=f"{job.video_path} is gone; downloading it again")
@@ -506,7 +589,7 @@ class Engine:
             await account.slots.acquire()
             await account.create_gate.wait()
             if self.stop.reason is not None:
-                account.slots.release()
+                account.slots.cancel()
                 break
             await self._learn_prices()
             claim = await self.store.claim(
@@ -518,7 +601,7 @@ class Engine:
                 self._epochs[claim.job.job_id] = claim.job.claim_epoch
                 self._spawn(self._submit, claim.job, account)
                 continue
-            account.slots.release()
+            account.slots.cancel()
             if claim.outcome is ClaimOutcome.BUDGET:
                 # Tasks in flight may settle below what they reserve (the margin, until a price
                 # is observed): wait for them before calling the budget reached.
@@ -564,7 +647,7 @@ class Engine:
         if self.stop.reason is not None and self.stop.kind != "budget":
             # The account, the network or the user said stop. A budget stop only refuses new
             # reservations: this job's money was reserved within the budget.
-            account.slots.release()
+            account.slots.cancel()
             await self._set(job, JobState.PENDING, "job.requeued", reserved_usd=0)
             return
         if self.inputs is not None:
@@ -581,14 +664,19 @@ class Engine:
             if account.create_gate.paused_until > self.clock.monotonic():
                 # A 429 arrived while this intent was being committed: its pause covers this
                 # create too. Nothing was sent, so the same attempt (same key) goes again later.
-                account.slots.release()
+                account.slots.cancel()
                 await self._set(job, JobState.PENDING, "job.requeued", reserved_usd=0)
                 self._poke()
                 return
             try:
                 task_id = await self._provider_create(account.provider, spec, key)
             except ProviderError as exc:
-                account.slots.release()
+                if isinstance(exc, SlotsExhausted):
+                    # Counted while this create still holds its slot: the refusal proves room
+                    # for the others in flight, not one fewer.
+                    account.slots.rejected()
+                else:
+                    account.slots.cancel()
                 await self._create_failed(job, account, exc, log)
                 return
             crashpoints.reached("after_create")
@@ -604,6 +692,7 @@ class Engine:
                                            "job.task_orphaned", {"task_id": task_id})
                 raise
         self._create_failures = 0
+        self._slot_refusals = 0
         if account.slots.limit < account.slots.maximum:
             account.slots.limit = await self.store.account_created(account.account_id,
                                                                    now=self.clock.wall())
@@ -613,7 +702,7 @@ class Engine:
 
     async def _inputs_failed(self, job: JobRow, account: Account, exc: BatchklingError) -> None:
         """A job's local image could not be put in the object store: no task was made."""
-        account.slots.release()
+        account.slots.cancel()
         message = str(exc)
         if isinstance(exc, TaskFailed):  # the file is unreadable or changed: a person must act
             await self._set(job, JobState.FAILED, "job.failed", error_code="input_image",
@@ -694,12 +783,11 @@ class Engine:
         gate = account.create_gate
         if isinstance(exc, SlotsExhausted | RateLimited | TransientError | AccountBlocked):
             # No task was made: the same attempt (same key) goes again later.
-            self._create_failures += 1
             if isinstance(exc, SlotsExhausted):
-                await self._slots_rejected(account)
-                gate.pause(self._backoff(self._create_failures, low=0.5))
-                log.info("job.requeued", reason="slots", limit=account.slots.limit)
-            elif isinstance(exc, RateLimited):
+                await self._slots_refused(account, log)
+            else:
+                self._create_failures += 1
+            if isinstance(exc, RateLimited):
                 wait = exc.retry_after
                 pause = wait if wait is not None else self._backoff(self._create_failures)
                 gate.pause(pause)
@@ -708,6 +796,8 @@ class Engine:
                 log.info("job.requeued", reason="rate_limited", retry_after=wait)
             elif isinstance(exc, AccountBlocked):
                 self._account_refused(exc)
+            elif not isinstance(exc, TransientError):
+                pass  # a slot refusal: handled above
             elif self._create_failures >= _MAX_CREATE_FAILURES:
                 self.stop_creating(f"the provider could not be reached for "
                                    f"{self._create_failures} creates in a row: {exc.message}",
@@ -736,6 +826,22 @@ class Engine:
         assert isinstance(exc, TaskFailed)
         await self._finish_attempt(job, retryable=exc.retryable, reserved_usd=0, **err)
 
+    async def _slots_refused(self, account: Account, log: Any) -> None:
+        """A create was refused for lack of slots: set the limit, and wait only if need be.
+
+        The limit now equals what was in flight, so the next create waits for one of those
+        to end, not for a timer. Only with nothing of this run in flight (the account's slots
+        are held elsewhere) is there nothing to wait for but time, and then not long.
+        """
+        await self._slots_rejected(account)
+        if account.slots.in_use == 0:
+            self._slot_refusals += 1
+            account.create_gate.pause(full_jitter(
+                self._slot_refusals, base=self.opts.backoff_base,
+                cap=min(self.opts.backoff_cap, self.opts.slot_wait_cap), rng=self.rng))
+        log.info("job.requeued", reason="slots", limit=account.slots.limit,
+                 in_flight=account.slots.in_use)
+
     async def _slots_rejected(self, account: Account) -> None:
         """The provider refused a create for lack of slots: what it holds is what it proves.
 
@@ -744,10 +850,14 @@ class Engine:
         """
         current = await self.store.get_account(account.account_id)
         # The refused job is still `submitting` here, so it is among the account's in flight.
+        # (The local pool counted its own refusal when it came: SlotPool.rejected.)
         held = (current.in_flight - 1) if current is not None else account.slots.in_use
-        account.slots.rejected()
-        limit = await self.store.account_rejected(account.account_id, limit=max(1, held),
-                                                  now=self.clock.wall())
+        limit = limit_after_rejection(held, account.slots.maximum)
+        # The store probes again after two rounds of the limit; refused probes in a row wait
+        # longer (probe_after), so a full account is asked rarely.
+        hold_off = max(0, probe_after(limit, account.slots.refusals) - 2 * limit)
+        limit = await self.store.account_rejected(account.account_id, limit=limit,
+                                                  now=self.clock.wall(), hold_off=hold_off)
         account.slots.limit = min(account.slots.limit, limit)
 
     async def _finish_attempt(self, job: JobRow, *, retryable: bool, **fields: Any) -> None:
@@ -771,19 +881,39 @@ class Engine:
 
     # ---- poll ----------------------------------------------------------------------------
 
+    async def _model_for(self, spec: JobSpec, group: str) -> None:
+        """Give the group's render-time model the times of earlier runs, once per group."""
+        model = self.planner.model(group)
+        if self._endpoint is None:
+            return
+        provider, base_url = self._endpoint
+        model.set_prior(await self.store.render_times(
+            provider=provider, base_url=base_url, model=spec.model, duration=spec.duration,
+            mode=spec.mode))
+
     async def _track(self, job: JobRow, task_id: str | None, submitted_at: float | None) -> None:
-        """Poll one task to its end (or deadline); its slot is released when it ends."""
+        """Poll one task to its end (or deadline); its slot is released when it ends.
+
+        Polls go where the planner predicts the end; news from the account's watch (a list of
+        its tasks, a callback) can come first: a listed status is the provider's own answer, a
+        callback only a hint that a poll (or a place in the next list) confirms.
+        """
         assert task_id is not None
         spec = job.spec
         account = self._account(job)
         group = _group(spec)
+        if not self.planner.has(group):
+            await self._model_for(spec, group)
+        plan = self.planner.plan(group)
         started = submitted_at or self.clock.wall()
         mono_start = self.clock.monotonic() - max(0.0, self.clock.wall() - started)
         deadline = self.clock.monotonic() + self.opts.task_timeout
-        polls, progress, hint, errors, refused, running = 0, None, None, 0, 0, False
+        hint, errors, refused, running = None, 0, 0, False
         failure: str | None = None  # the last failed poll's reason, for a timeout's message
         shown: float | None = None  # the progress last stored
         released = False
+        watch = account.watch
+        watched = watch.add(task_id, spec, plan, mono_start)
 
         def release() -> None:
             nonlocal released
@@ -793,9 +923,8 @@ class Engine:
 
         try:
             while True:
-                elapsed = self.clock.monotonic() - mono_start
-                delay = self.planner.next_delay(group, elapsed=elapsed, progress=progress,
-                                                polls=polls, hint=hint)
+                delay = self.planner.delay(plan, self.clock.monotonic() - mono_start, hint,
+                                           late=watch.covers(watched))
                 if errors:
                     delay = max(delay, self._backoff(errors, low=self.opts.min_poll_interval))
                 remaining = deadline - self.clock.monotonic()
@@ -809,12 +938,36 @@ class Engine:
                                                and failure else ""))
                     self.log.warning("job.timed_out", job_id=job.job_id, task_id=task_id)
                     return
-                await self.clock.sleep(min(delay, remaining))
-                await self.poll_gate.wait()
-                polls += 1
-                self.polls += 1
+                news = await watch.wait(watched, min(delay, remaining))
+                hinted = news is not None and not news[1]
+                if news is not None and hinted and news[0].phase not in _ENDED:
+                    # A callback on the way: the render started, say. Planning only.
+                    plan.observe(self.clock.monotonic() - mono_start,
+                                 running=news[0].phase is Phase.RUNNING,
+                                 progress=news[0].progress,
+                                 start=_duration(news[0].created_at, news[0].started_at))
+                    continue
+                if hinted:
+                    # A callback says the task ended: its account slot is free if that is
+                    # true (if not, one create is refused). The provider's word decides.
+                    release()
                 try:
-                    status = await self._provider_status(account.provider, task_id, spec)
+                    if news is not None and not hinted:
+                        # From a list: the provider's own answer, costs checked as a poll's.
+                        status = _checked_costs(news[0])
+                        if status.phase in _ENDED:
+                            watch.ended_unannounced(watched)
+                    else:
+                        await self.poll_gate.wait()
+                        plan.polled(self.clock.monotonic() - mono_start)
+                        if hinted:
+                            status = _checked_costs(await watch.confirm(watched))
+                        else:
+                            self.polls += 1
+                            status = await self._provider_status(account.provider, task_id,
+                                                                 spec)
+                            if status.phase in _ENDED:
+                                watch.ended_unannounced(watched)
                 except RateLimited as exc:
                     self.poll_gate.pause(exc.retry_after or self._backoff(errors + 1))
                     errors += 1
@@ -851,17 +1004,25 @@ class Engine:
                     continue
                 errors = refused = 0
                 progress, hint = status.progress, status.poll_after
+                seen = self.clock.monotonic() - mono_start
+                if released and status.phase not in _ENDED:
+                    # The hint was wrong (or early): the task still holds its slot.
+                    released = False
+                    account.slots.take()
                 if status.phase is Phase.SUCCEEDED:
                     release()
-                    # Our own clock, not the provider's whole-second timestamps, teaches the
-                    # planner: it is what the next poll is scheduled on.
-                    self.planner.observe(group, self.clock.monotonic() - mono_start)
+                    # Our own clock teaches the planner (it is what polls are scheduled on),
+                    # narrowed by the provider's own duration when that is more precise.
+                    self.planner.finished(group, plan, seen, _duration(status.created_at,
+                                                                       status.completed_at))
                     await self._succeeded(job, status, started)
                     return
                 if status.phase is Phase.FAILED:
                     release()
                     await self._task_failed(job, status)
                     return
+                plan.observe(seen, running=status.phase is Phase.RUNNING, progress=progress,
+                             start=_duration(status.created_at, status.started_at))
                 if status.phase is Phase.RUNNING:
                     # Stored as a fraction, for the report's "rendering · 42%" while it runs.
                     fraction = None if progress is None else progress / 100.0
@@ -873,6 +1034,7 @@ class Engine:
                     shown = fraction
         finally:
             release()
+            watch.remove(watched)
 
     async def _succeeded(self, job: JobRow, status: TaskStatus, started: float) -> None:
         completed = status.completed_at or self.clock.wall()

@@ -14,6 +14,7 @@ building the provider from environment credentials, the results CSV, and the sum
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -21,7 +22,7 @@ import random
 import re
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
@@ -52,6 +53,7 @@ from batchkling.pricing import estimate_units, estimate_usd
 from batchkling.providers.base import Provider
 from batchkling.providers.http import HttpClient
 from batchkling.run.budget import PriceBook, describe_surprises
+from batchkling.run.callbacks import CallbackReceiver, callback_token, parse_listen, with_token
 from batchkling.run.engine import Engine, EngineOptions
 from batchkling.run.upload import (
     InputImages,
@@ -152,6 +154,7 @@ class Orchestrator:
         worker: str | None = None,
         output_store: str | None = None,
         overwrite_videos: bool = False,
+        callback_listen: str | None = None,
     ) -> None:
         if manifest is None and run_id is None:
             raise ConfigError("give a manifest, or the run id of an existing run")
@@ -186,6 +189,9 @@ class Orchestrator:
         # `--output-store`: replaces the manifest's output.store (and, on `run`, its snapshot).
         self.output_store = output_store
         self._objects: ObjectStore | None = None
+        # HOST:PORT of the callback receiver to start (with provider.callback_url).
+        self.callback_listen = callback_listen
+        self._callback_url: str | None = None
         self._engine: Engine | None = None
         self._scope: anyio.CancelScope | None = None
         self._interrupted = False
@@ -459,22 +465,28 @@ class Orchestrator:
                           removed=len(removed))
 
     async def _execute(self, run: RunRow, config: RunConfig) -> RunSummary:
+        self._callback_url = self._callback_url_for(run, config)
         options = self._options(run, config)
         # Before the provider and the first create: a store that cannot take the videos is a
         # bad configuration (exit 2), not something to find out after paying for renders.
         objects = self._objects = await open_output_store(config, self.env)
         accounts = await self._accounts(run, config, options)
         book = await self._price_book(run, config)
-        async with HttpClient(transport=self.transport, timeout=120.0) as http:
+        receiver = self._receiver(accounts[0][1], run) if self._callback_url else None
+        async with HttpClient(transport=self.transport, timeout=120.0) as http, \
+                self._listening(receiver):
             engine = Engine(store=self.store, accounts=accounts, run_id=self.run_id,
                             nonce=run.nonce, worker_id=self._owner, options=options,
                             run_dir=self.run_dir, clock=self.clock, http=http,
                             book=book, rng=self._rng,
                             **self._store_steps(objects, run, config, options))
             self._engine = engine
+            if receiver is not None:
+                receiver.on_status = engine.hint
             # The store's location never holds a password (each backend strips it).
             self.log.info("run.started", provider=run.provider, simulated=run.simulated,
-                          max_in_flight=options.max_in_flight, store=self.store.location)
+                          max_in_flight=options.max_in_flight, store=self.store.location,
+                          callbacks=receiver is not None)
             try:
                 async with anyio.create_task_group() as tg:
                     if not self._member:
@@ -510,6 +522,43 @@ class Orchestrator:
         return PriceBook(provider=run.provider, table_usd=table_usd, table_units=table_units,
                          observed=await self.store.observed_prices(),
                          margin=config.budget.margin)
+
+    def _callback_url_for(self, run: RunRow, config: RunConfig) -> str | None:
+        """The URL the provider should POST this run's status changes to, with its token."""
+        url = config.provider.callback_url
+        if self.callback_listen is None:
+            if url:
+                self.log.warning("run.callbacks_off", reason="provider.callback_url is set but "
+                                 "--callback-listen is not: nothing receives them; polling")
+            return None
+        if not url:
+            raise ConfigError("--callback-listen needs provider.callback_url in the manifest: "
+                              "the public URL through which the provider reaches this receiver")
+        parse_listen(self.callback_listen)
+        return with_token(url, callback_token(run.nonce))
+
+    def _receiver(self, provider: Provider, run: RunRow) -> CallbackReceiver | None:
+        """The receiver for ``provider``'s callbacks (not yet listening)."""
+        parse = getattr(provider, "parse_callback", None)
+        if parse is None or self.callback_listen is None:
+            return None
+        if self._provider is not None and hasattr(provider, "callback_url"):
+            provider.callback_url = self._callback_url
+        host, port = parse_listen(self.callback_listen)
+        return CallbackReceiver(host, port, tokens={callback_token(run.nonce)}, parse=parse,
+                                on_status=lambda _status: False)
+
+    @contextlib.asynccontextmanager
+    async def _listening(self, receiver: CallbackReceiver | None) -> AsyncIterator[None]:
+        if receiver is None:
+            yield
+            return
+        await receiver.start()
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await receiver.stop()
 
     async def _heartbeat(self) -> None:
         """Say this worker is alive; presume silent ones dead and take their jobs of this run."""
@@ -590,7 +639,8 @@ class Orchestrator:
         spent, committed = await self.store.money(self.run_id)
         units, committed_units = await self.store.money_units(self.run_id)
         self.log.info("run.finished", state=state, exit_code=code, counts=by_status,
-                      cost_usd=round(spent, 4), polls=engine.polls, stop_reason=reason,
+                      cost_usd=round(spent, 4), polls=engine.polls + engine.confirm_polls,
+                      lists=engine.lists, callbacks=engine.hints, stop_reason=reason,
                       peak_in_flight=engine.slot_peak, slot_limit=engine.slot_limit)
         return RunSummary(run_id=self.run_id, counts=by_status, cost_usd=spent,
                           stop_reason=reason, exit_code=code,
@@ -625,8 +675,11 @@ class Orchestrator:
             reuse=config.reuse == "earlier-runs",
             download=config.output.download,
             on_unknown=config.on_unknown,
+            callbacks=self._callback_url is not None,
             min_poll_interval=self.min_poll_interval or 5.0 / self.time_scale,
             max_poll_interval=120.0 / self.time_scale,
+            hard_poll_floor=0.5 / self.time_scale,
+            slot_wait_cap=15.0 / self.time_scale,
             allow_private_urls=config.output.allow_private_urls,
             max_video_bytes=int(config.output.max_video_mb * 1024 * 1024),
             trusted_hosts=frozenset(trusted),
@@ -688,19 +741,20 @@ class Orchestrator:
             from batchkling.providers.imarouter import ImaRouterProvider
 
             secret = self._secret(key.api_key_env, "ImaRouter API key")
-            return ImaRouterProvider(self._base_url(run), secret, transport=self.transport)
+            return ImaRouterProvider(self._base_url(run), secret, transport=self.transport,
+                                     callback_url=self._callback_url)
         if run.provider == "kling":
             from batchkling.providers.kling import KlingProvider
 
             if key.api_key_env:
                 return KlingProvider(self._base_url(run), api_key=self._secret(
                     key.api_key_env, "Kling API key"), transport=self.transport,
-                    clock=self.clock)
+                    clock=self.clock, callback_url=self._callback_url)
             return KlingProvider(
                 self._base_url(run),
                 access_key=self._secret(key.access_key_env, "Kling access key"),
                 secret_key=self._secret(key.secret_key_env, "Kling secret key"),
-                transport=self.transport, clock=self.clock,
+                transport=self.transport, clock=self.clock, callback_url=self._callback_url,
             )
         raise ConfigError(f"provider {run.provider!r} is not supported by this version")
 

@@ -1,62 +1,492 @@
 """When to poll a task next.
 
-Two facts make polling cheap and prompt:
+Every time here is seconds since the task was created (on the engine's clock). Three sources
+say when a task will end:
 
-- tasks of one model, duration and mode take similar times, so the first poll waits for about
-  half of what such tasks have taken so far in this run;
-- providers report progress roughly in proportion to elapsed time, so one reading mid-render
-  predicts the finish: the next poll lands just after it.
+- **What tasks of the group took** (model, duration and mode): a :class:`RenderModel` fits a
+  log-normal distribution to this run's finished tasks, and before there are enough, to those
+  of earlier runs in the store. The first poll goes where a small share of such tasks would
+  already be done, so almost none is found finished late.
+- **Progress readings**: a provider that reports integer progress, started at an unknown time
+  ``s`` and rendering for an unknown time ``R``, pins the pair to a small polygon with each
+  reading (``p ≤ 100·(t − s)/R < p + 1``). One reading leaves ``s`` open (within the group's
+  queue times), two fix both: the next poll then lands just after the end.
+- **A reported start** (Kling's ``updated_at`` when a task turns ``processing``): then only the
+  render time is unknown, and its distribution is conditioned on what has already elapsed.
 
-Without either (the first tasks of a run, a provider whose progress says nothing) intervals
-grow geometrically, so an unknown render time costs a logarithmic number of polls. The floor
-``min_interval`` keeps the load reasonable (ImaRouter itself polls upstream every ~15 s).
+Floors: a poll aimed at a predicted end may come as soon as the prediction says (or as late:
+no ceiling), but never sooner than ``hard_floor`` after the task's previous poll. Only *blind*
+polling — no distribution for the group yet and no progress to go by — keeps the
+``min_interval`` floor and the ``max_interval`` ceiling, and grows geometrically (×1.5), so an
+unknown render time costs a logarithmic number of polls. A provider's ``Retry-After`` or
+``openai-poll-after-ms`` is always honoured (the engine passes it as ``hint``).
 """
 
 from __future__ import annotations
 
-import random
-import statistics
+import itertools
+import math
 from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from statistics import NormalDist
+
+#: Where the first poll of a task goes: the time by which this share of the group is done.
+FIRST_SHARE = 0.1
+#: What one more poll is worth, as a share of the group's median time (and at least
+#: :data:`FLOORS_PER_POLL` hard floors): when the end lies in a range, the next poll goes this
+#: far past its start, at most to its end. Minimising the expected wait plus the price of a
+#: further poll over an end spread evenly in the range gives exactly that. A wide range then
+#: gets a reading near its start, which pins the end for the poll after; a narrow one is
+#: polled at its end.
+POLL_PRICE = 0.04
+FLOORS_PER_POLL = 1.5
+#: Without progress (Kling): each later poll goes where this share of what is left is done.
+BLIND_SHARE = 0.45
+#: Where a fallback poll goes (news expected from a list or a callback): nearly all are done.
+LATE_SHARE = 0.995
+#: Finished tasks of this run before the store's earlier runs stop counting.
+OWN_SAMPLES = 5
+#: Assumed spread (sigma of log render time) while a group has fewer than FEW_SAMPLES.
+DEFAULT_SIGMA = 0.35
+FEW_SAMPLES = 10
+
+_STD = NormalDist()
+
+
+@dataclass(frozen=True, slots=True)
+class LogNormal:
+    """A log-normal distribution of durations: ``log(T) ~ N(mu, sigma)``."""
+
+    mu: float
+    sigma: float
+
+    @classmethod
+    def fit(cls, samples: Iterable[float]) -> LogNormal | None:
+        """The maximum-likelihood fit, or None without a positive sample."""
+        logs = [math.log(x) for x in samples if x > 0]
+        if not logs:
+            return None
+        mu = math.fsum(logs) / len(logs)
+        if len(logs) == 1:
+            return cls(mu, DEFAULT_SIGMA)
+        var = math.fsum((x - mu) ** 2 for x in logs) / (len(logs) - 1)
+        sigma = math.sqrt(var)
+        if len(logs) < FEW_SAMPLES:
+            # A handful of samples understates the spread: keep the assumed one until more.
+            sigma = max(sigma, DEFAULT_SIGMA)
+        return cls(mu, max(sigma, 0.02))
+
+    @property
+    def median(self) -> float:
+        """The median duration."""
+        return math.exp(self.mu)
+
+    def cdf(self, x: float) -> float:
+        """P(T ≤ x)."""
+        if x <= 0:
+            return 0.0
+        return _STD.cdf((math.log(x) - self.mu) / self.sigma)
+
+    def quantile(self, share: float) -> float:
+        """The duration by which ``share`` of tasks are done."""
+        share = min(max(share, 1e-9), 1 - 1e-9)
+        return math.exp(self.mu + self.sigma * _STD.inv_cdf(share))
+
+    def done_by(self, x: float, *, after: float) -> float:
+        """P(T ≤ x | T > after). Past nearly every task seen, the distribution says nothing:
+        then the chance grows over ``sigma · after`` more seconds, so looks get rarer the
+        longer a task overruns (as :meth:`quantile_after` does)."""
+        low = self.cdf(after)
+        if low >= 0.999:
+            return min(1.0, max(0.0, x - after) / (self.sigma * after))
+        return max(0.0, (self.cdf(x) - low) / (1 - low))
+
+    def quantile_after(self, share: float, *, after: float) -> float:
+        """The duration by which ``share`` of the tasks still running at ``after`` are done."""
+        low = self.cdf(after)
+        if low >= 1 - 1e-6:
+            # Past every task seen: the distribution says nothing more; grow from here.
+            return after * (1 + self.sigma)
+        return max(after, self.quantile(low + share * (1 - low)))
+
+
+class RenderModel:
+    """What tasks of one group took: slot times (create to end) and, when known, render starts.
+
+    Bounded: the last ``window`` of each, and up to ``window`` times from earlier runs (the
+    *prior*, used until this run has finished :data:`OWN_SAMPLES` tasks of the group).
+    """
+
+    def __init__(self, window: int = 64, prior: Iterable[float] = ()) -> None:
+        self._times: deque[float] = deque(maxlen=window)
+        self._renders: deque[float] = deque(maxlen=window)
+        self._starts: deque[float] = deque(maxlen=window)
+        self._late: deque[float] = deque(maxlen=window)  # starts known to be at least this
+        self._prior = [t for t in itertools.islice(prior, window) if t > 0]
+        self._fit: LogNormal | None = None
+        self._render_fit: LogNormal | None = None
+        self._stale = True
+
+    def set_prior(self, times: Iterable[float]) -> None:
+        """Durations of the group's tasks in earlier runs (most recent first)."""
+        self._prior = [t for t in itertools.islice(times, self._times.maxlen) if t > 0]
+        self._stale = True
+
+    def observe(self, seconds: float, *, start: float | None = None,
+                started_after: float | None = None) -> None:
+        """A task of the group ended ``seconds`` after its create; its render began at
+        ``start``, or (less known) no earlier than ``started_after``."""
+        if seconds <= 0:
+            return
+        self._times.append(seconds)
+        if start is not None and 0 <= start < seconds:
+            self._starts.append(start)
+            self._renders.append(seconds - start)
+        elif started_after is not None and 0 < started_after < seconds:
+            self._late.append(started_after)
+        self._stale = True
+
+    def _refit(self) -> None:
+        own = list(self._times)
+        self._fit = LogNormal.fit(own if len(own) >= OWN_SAMPLES else own + self._prior)
+        renders = list(self._renders)
+        self._render_fit = LogNormal.fit(renders) if len(renders) >= OWN_SAMPLES else None
+        self._stale = False
+
+    @property
+    def times(self) -> LogNormal | None:
+        """The slot-time distribution, or None before anything is known."""
+        if self._stale:
+            self._refit()
+        return self._fit
+
+    @property
+    def renders(self) -> LogNormal | None:
+        """The render-time distribution (after the start), once enough starts are known."""
+        if self._stale:
+            self._refit()
+        return self._render_fit
+
+    def typical(self) -> float | None:
+        """The median slot time, None before anything is known."""
+        fit = self.times
+        return fit.median if fit else None
+
+    def start_range(self) -> tuple[float, float] | None:
+        """Where render starts fall (the middle 90 %, a little widened), once five tasks have
+        said something about theirs."""
+        starts = sorted(self._starts)
+        if len(starts) + len(self._late) < OWN_SAMPLES:
+            return None
+        cut = len(starts) // 20
+        low = starts[cut] if starts else 0.0
+        high = starts[-1 - cut] if starts else 0.0
+        # Starts are measured only on tasks read twice; every task read once still proves how
+        # late its own start was at least, so the range cannot shrink below that.
+        high = max(high, max(self._late, default=0.0))
+        margin = 0.1 * (high - low) + 0.02 * high
+        return max(0.0, low - margin), high + margin
+
+
+def _progress_floor(p: float) -> float:
+    """The least true progress a reading of ``p`` % allows: providers floor or round, and
+    report 1 % for anything under it."""
+    return 0.0 if p <= 1 else p - 0.5
+
+
+# A half-plane a·s + b·R ≤ c in the (render start, render time) plane.
+_Line = tuple[float, float, float]
+
+
+def end_range(readings: Iterable[tuple[float, float]], *, start_low: float,
+              start_high: float, running_at: float, longest: float) -> tuple[float, float] | None:
+    """Earliest and latest end ``s + R`` consistent with integer progress ``readings``.
+
+    Each reading ``(t, p)`` says ``p − ½ ≤ 100·(t − s)/R < p + 1`` (rounded or floored; a
+    reading of 1 % allows anything from 0); ``s`` lies in
+    ``[start_low, start_high]``, the task is still running at ``running_at`` and ``R`` is at
+    most ``longest``. None when nothing fits (the provider's progress is not linear in time).
+    """
+    readings = list(readings)
+    if len(readings) == 1:
+        return _one_reading(*readings[0], start_low=start_low, start_high=start_high,
+                            running_at=running_at, longest=longest)
+    lines: list[_Line] = [(-1.0, 0.0, -start_low), (1.0, 0.0, start_high),
+                          (0.0, 1.0, longest), (0.0, -1.0, -1e-6),
+                          (-1.0, -1.0, -running_at)]
+    for t, p in readings:
+        low = _progress_floor(p)
+        lines.append((1.0, low / 100.0, t))  # s + R·low/100 ≤ t
+        lines.append((-1.0, -(p + 1) / 100.0, -t))  # s + R·(p+1)/100 ≥ t
+    ends = []
+    for (a1, b1, c1), (a2, b2, c2) in itertools.combinations(lines, 2):
+        det = a1 * b2 - a2 * b1
+        if abs(det) < 1e-12:
+            continue
+        s = (c1 * b2 - c2 * b1) / det
+        r = (a1 * c2 - a2 * c1) / det
+        if all(a * s + b * r <= c + 1e-9 * (1 + abs(c)) for a, b, c in lines):
+            ends.append(s + r)
+    if not ends:
+        return None
+    return min(ends), max(ends)
+
+
+def _one_reading(t: float, p: float, *, start_low: float, start_high: float,
+                 running_at: float, longest: float) -> tuple[float, float] | None:
+    """:func:`end_range` for a single reading, in closed form (the common case, per poll).
+
+    ``E = s + (t − s)/f`` falls as the start ``s`` or the fraction done ``f`` grows, so the
+    earliest end has the latest start and the highest fraction, the latest end the reverse.
+    """
+    high = min(start_high, t)
+    if start_low > high:
+        return None
+    f_low, f_high = _progress_floor(p) / 100.0, (p + 1) / 100.0
+    earliest = high + (t - high) / f_high
+    # The latest end: the earliest start, unless the render-time cap binds first (then the
+    # start where it starts to bind, or the latest).
+    best = high if f_low <= 0 else min(max(t - longest * f_low, start_low), high)
+    latest = best + (longest if f_low <= 0 else min((t - best) / f_low, longest))
+    earliest = max(earliest, running_at)
+    if latest < earliest:
+        return None
+    return earliest, latest
+
+
+class TaskPlan:
+    """One task's observations and the time of its next poll (seconds since its create)."""
+
+    __slots__ = ("_first", "_last", "blind", "hard_floor", "last_poll", "model", "not_done_at",
+                 "polls", "queued_until", "start")
+
+    def __init__(self, model: RenderModel, hard_floor: float = 0.0) -> None:
+        self.model = model
+        self.hard_floor = hard_floor
+        self.polls = 0
+        self.last_poll: float | None = None
+        self.not_done_at = 0.0  # the latest time the task was seen unfinished
+        self.queued_until = 0.0  # the latest time it was seen not yet rendering
+        self.start: float | None = None  # render start, when the provider reported it
+        self._first: tuple[float, float] | None = None  # earliest progress reading (t, p)
+        self._last: tuple[float, float] | None = None  # latest progress reading
+        self.blind = True
+
+    def observe(self, t: float, *, running: bool, progress: float | None,
+                start: float | None = None) -> None:
+        """The task was seen unfinished at ``t`` (rendering or still queued)."""
+        self.not_done_at = max(self.not_done_at, t)
+        if start is not None and 0 <= start <= t:
+            self.start = start
+        if not running or (progress is not None and progress <= 0):
+            self.queued_until = max(self.queued_until, t)
+            return
+        if progress is not None and 1 <= progress < 100:
+            reading = (t, float(math.floor(progress)))
+            if self._first is None:
+                self._first = reading
+            self._last = reading
+
+    def polled(self, t: float) -> None:
+        """Count a poll sent at ``t``."""
+        self.polls += 1
+        self.last_poll = t
+
+    def _readings(self) -> list[tuple[float, float]]:
+        first, last = self._first, self._last
+        if first is None or last is None:
+            return []
+        return [first] if first == last else [first, last]
+
+    def next_at(self) -> float:
+        """When the next poll should go, by the observations so far. Sets :attr:`blind`."""
+        self.blind = False
+        u = self.not_done_at
+        readings = self._readings()
+        if readings:
+            target = self._from_progress(readings, u)
+            if target is not None:
+                return target
+        renders = self.model.renders
+        if self.start is not None and renders is not None:
+            share = FIRST_SHARE if self.polls == 0 else BLIND_SHARE
+            return self.start + renders.quantile_after(share, after=u - self.start)
+        times = self.model.times
+        if times is not None:
+            share = FIRST_SHARE if self.polls == 0 else BLIND_SHARE
+            return times.quantile_after(share, after=u)
+        self.blind = True
+        return 1.5 * u
+
+    def _from_progress(self, readings: list[tuple[float, float]], u: float) -> float | None:
+        first_t = readings[0][0]
+        # A first reading of p >= 1 % bounds the render time: R <= 100 * t.
+        longest = 100.0 * first_t + 1.0
+        low, high = self.queued_until, first_t
+        if self.start is not None:
+            low = high = self.start
+        elif len(readings) == 1:
+            # Two readings fix the start themselves; one leaves it to the group's queue times.
+            known = self.model.start_range()
+            if known is None:
+                # None known yet: a second reading halfway through what is left (were the
+                # queue empty) measures this task's start, and teaches the group its queue.
+                t, p = readings[0]
+                elapsed = t - self.queued_until
+                return t + 0.5 * elapsed * (100.0 / max(p, 1.0) - 1.0)
+            if known[0] <= first_t:
+                low, high = max(low, known[0]), min(high, max(known[1], low))
+        span = end_range(readings, start_low=low, start_high=high, running_at=u,
+                         longest=longest)
+        if span is None and (low, high) != (self.queued_until, first_t):
+            # The assumed start does not fit this task's readings: drop the assumption.
+            span = end_range(readings, start_low=self.queued_until, start_high=first_t,
+                             running_at=u, longest=longest)
+        if span is None:
+            return None
+        earliest, latest = span
+        price = max(POLL_PRICE * (self.model.typical() or latest),
+                    FLOORS_PER_POLL * self.hard_floor)
+        return min(latest, earliest + price)
+
+    def late_at(self) -> float:
+        """When the task has almost surely ended: the fallback poll of a task whose end news
+        is expected from elsewhere (a list, a callback). From the group's distribution (the
+        few progress readings a callback carries predict too little to wait on)."""
+        self.blind = False
+        u = self.not_done_at
+        renders = self.model.renders
+        if self.start is not None and renders is not None:
+            return self.start + renders.quantile_after(LATE_SHARE, after=u - self.start)
+        times = self.model.times
+        if times is not None:
+            return times.quantile_after(LATE_SHARE, after=u)
+        readings = self._readings()
+        if readings:
+            target = self._from_progress(readings, u)
+            if target is not None:
+                return u + 2.0 * (target - u)
+        return self.next_at()
+
+    def done_by(self, t: float) -> float:
+        """Probability that the task has ended by ``t``, given it had not at the last sight."""
+        u = self.not_done_at
+        if t <= u:
+            return 0.0
+        readings = self._readings()
+        if readings:
+            target = self._from_progress(readings, u)
+            if target is not None:
+                return 1.0 if t >= target else 0.0
+        renders = self.model.renders
+        if self.start is not None and renders is not None:
+            return renders.done_by(t - self.start, after=u - self.start)
+        times = self.model.times
+        if times is None:
+            return 0.0
+        return times.done_by(t, after=u)
+
+    def ended_at(self, seen: float, reported: float | None) -> float:
+        """Best estimate of when the task ended: it was unfinished at the last sight and
+        finished at ``seen``; ``reported`` is the provider's own duration, when it gave one."""
+        low = self.not_done_at
+        if reported is not None and low <= reported <= seen:
+            return reported
+        readings = self._readings()
+        if len(readings) == 2:
+            (t1, p1), (t2, p2) = readings
+            if p2 > p1:
+                rate = (p2 - p1) / (t2 - t1)  # percent per second
+                estimate = t2 + (100.0 - p2 - 0.5) / rate
+                return min(max(estimate, low), seen)
+        return 0.5 * (low + seen)
+
+    def started_after(self, seen: float) -> float | None:
+        """With one progress reading, the latest start consistent with ending by ``seen``."""
+        readings = self._readings()
+        if len(readings) != 1 or self.start is not None:
+            return None
+        t, p = readings[0]
+        f = (p + 1) / 100.0
+        if f >= 1:
+            return None
+        return max(0.0, (t - f * seen) / (1 - f))
+
+    def render_start(self) -> float | None:
+        """The render start: reported, or fitted from two progress readings far enough apart
+        (a fifth of the render) to pin it."""
+        if self.start is not None:
+            return self.start
+        readings = self._readings()
+        if len(readings) == 2:
+            (t1, p1), (t2, p2) = readings
+            if p2 - p1 >= 20:
+                rate = (p2 - p1) / (t2 - t1)
+                return max(0.0, t1 - (p1 + 0.5) / rate)
+        return None
 
 
 class PollPlanner:
-    """Per-group render-time statistics and the poll delays they suggest."""
+    """Render-time models per group, and the delay before a task's next poll."""
 
-    def __init__(self, *, min_interval: float, max_interval: float, window: int = 64,
-                 rng: random.Random | None = None) -> None:
+    def __init__(self, *, min_interval: float, max_interval: float,
+                 hard_floor: float | None = None, window: int = 64) -> None:
+        #: The floor of blind polling (nothing known about the group, no progress).
         self.min_interval = min_interval
         self.max_interval = max(max_interval, min_interval)
+        #: The floor between two polls of one task, whatever the prediction.
+        self.hard_floor = min(hard_floor if hard_floor is not None else min_interval / 10,
+                              min_interval)
         self._window = window
-        self._samples: dict[str, deque[float]] = {}
-        self._rng = rng or random.Random()
+        self._models: dict[str, RenderModel] = {}
 
-    def observe(self, group: str, render_seconds: float) -> None:
+    def model(self, group: str) -> RenderModel:
+        """The group's model (made empty on first use)."""
+        found = self._models.get(group)
+        if found is None:
+            found = self._models[group] = RenderModel(self._window)
+        return found
+
+    def has(self, group: str) -> bool:
+        """Whether the group's model exists already (its prior has been asked for)."""
+        return group in self._models
+
+    def observe(self, group: str, render_seconds: float, *, start: float | None = None,
+                started_after: float | None = None) -> None:
         """Record how long a finished task of ``group`` took, from create to completion."""
-        if render_seconds > 0:
-            self._samples.setdefault(group, deque(maxlen=self._window)).append(render_seconds)
+        self.model(group).observe(render_seconds, start=start, started_after=started_after)
+
+    def finished(self, group: str, plan: TaskPlan, seen: float,
+                 reported: float | None = None) -> None:
+        """A task was seen finished at ``seen``: teach its group what its polls showed."""
+        start = plan.render_start()
+        self.model(group).observe(plan.ended_at(seen, reported), start=start,
+                                  started_after=None if start is not None
+                                  else plan.started_after(seen))
 
     def typical(self, group: str) -> float | None:
-        """Median render time seen for ``group`` in this run, None before the first."""
-        samples = self._samples.get(group)
-        return statistics.median(samples) if samples else None
+        """Median slot time of ``group`` (this run's, else the prior's), None before any."""
+        found = self._models.get(group)
+        return found.typical() if found else None
 
-    def next_delay(self, group: str, *, elapsed: float, progress: float | None,
-                   polls: int, hint: float | None = None) -> float:
-        """Seconds to wait before the next poll of a task that has run ``elapsed`` seconds."""
-        typical = self.typical(group)
-        if progress is not None and 3.0 <= progress < 100.0 and elapsed > 0:
-            # Integer progress p means elapsed/total is in [p, p+1)%: total <= elapsed*100/p.
-            total = elapsed * 100.0 / progress
-            delay = total - elapsed + 0.01 * total
-        elif typical is not None and elapsed < typical:
-            # Aim a little before the median: one progress reading then pins down the finish.
-            target = 0.5 * typical if polls == 0 else typical
-            delay = target - elapsed
-        elif typical is not None:
-            delay = 0.15 * typical
-        else:
-            delay = max(self.min_interval * 2, 0.5 * elapsed)
-        delay *= self._rng.uniform(0.95, 1.05)
+    def plan(self, group: str) -> TaskPlan:
+        """A new task's plan."""
+        return TaskPlan(self.model(group), self.hard_floor)
+
+    def delay(self, plan: TaskPlan, elapsed: float, hint: float | None = None, *,
+              late: bool = False) -> float:
+        """Seconds from now (``elapsed`` since the create) until the task's next poll;
+        ``late``: only a fallback, news being expected from elsewhere."""
+        target = plan.late_at() if late else plan.next_at()
+        delay = target - elapsed
+        if plan.blind:
+            # Nothing to aim at: the blind floor, and the ceiling so that a long render is
+            # not waited out far past its end; a fallback waits the ceiling.
+            delay = self.max_interval if late else min(max(delay, self.min_interval),
+                                                       self.max_interval)
+        if plan.last_poll is not None:
+            delay = max(delay, plan.last_poll + self.hard_floor - elapsed)
         if hint is not None:
             delay = max(delay, hint)
-        return min(max(delay, self.min_interval), self.max_interval)
+        return max(delay, 0.0)

@@ -1,9 +1,10 @@
 """Status-change callbacks (``callback_url``), delivered best effort by one background loop.
 
 Status is computed lazily, so nothing "happens" when a task finishes. A loop started in the app's
-lifespan looks at the tasks that asked for callbacks every ``CALLBACK_TICK_S`` real seconds and
-POSTs the task object (Kling's ``data`` for Kling-shape tasks, the video object for ImaRouter
-ones) for every status it has not reported yet. Failures are counted, never raised.
+lifespan wakes when the next status change of a task that asked for callbacks is due (at least
+every ``CALLBACK_TICK_S`` real seconds) and POSTs the task object (Kling's ``data`` for
+Kling-shape tasks, the video object for ImaRouter ones) for every status it has not reported
+yet — promptly, as Kling does, even at high speeds. Failures are counted, never raised.
 In-process use through ``httpx.ASGITransport`` runs no lifespan: call ``deliver_due`` yourself.
 """
 
@@ -77,11 +78,34 @@ async def deliver_due(sim: SimState, client: httpx.AsyncClient) -> int:
     return len(due)
 
 
+def next_change(sim: SimState) -> float | None:
+    """Real seconds until the next status change of a task awaiting callbacks, if any."""
+    now = sim.sim_now()
+    soonest = None
+    for task, _base in sim.callback_pending.values():
+        at = task.started_sim if now < task.started_sim else task.ends_sim
+        if soonest is None or at < soonest:
+            soonest = at
+    if soonest is None or soonest == float("inf"):
+        return None
+    return max(0.0, (soonest - now) / sim.config.speed)
+
+
 async def callback_loop(sim: SimState, client: httpx.AsyncClient | None = None) -> None:
     """Deliver callbacks forever (until cancelled with the app's lifespan)."""
+    wake = anyio.Event()
+
+    def poke() -> None:
+        wake.set()
+
+    sim.callback_poke = poke  # a new task asking for callbacks wakes the loop at once
     async with client or httpx.AsyncClient(timeout=2.0) as http:
         while True:
-            await anyio.sleep(CALLBACK_TICK_S)
+            wait = next_change(sim)
+            with anyio.move_on_after(CALLBACK_TICK_S if wait is None
+                                     else min(CALLBACK_TICK_S, wait + 0.0005)):
+                await wake.wait()
+            wake = anyio.Event()
             try:
                 await deliver_due(sim, http)
             except Exception:  # a bug in delivery must not take the server down

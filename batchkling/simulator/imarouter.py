@@ -260,6 +260,8 @@ async def retrieve(request: Request) -> Response:
     if cfg.poll_after_s is not None and sim.status(task, now) in (QUEUED, IN_PROGRESS):
         headers = {"openai-poll-after-ms": str(int(cfg.poll_after_s / cfg.speed * 1000))}
     obj = video_object(sim, task, now, base_url(request), observe=fault is None)
+    if fault is None:
+        sim.observed(task, now)
     if fault == "drop":
         sim.reject("dropped")
         return dropped_json(obj)

@@ -277,6 +277,7 @@ async def retrieve(request: Request) -> Response:
         sim.reject("dropped")
         return dropped_json({"code": 0, "message": "SUCCEED", "request_id": sim.next_request_id(),
                              "data": task_data(sim, task, now, base_url(request))})
+    sim.observed(task, now)
     return envelope(sim, task_data(sim, task, now, base_url(request)))
 
 
@@ -294,6 +295,7 @@ def _page_arg(request: Request, name: str, default: int, high: int) -> int:
 async def list_tasks(request: Request) -> Response:
     """``GET /v1/videos/{kind}?pageNum=&pageSize=``: that kind's tasks, newest first."""
     sim: SimState = request.app.state.sim
+    sim.counters.lists += 1
     if (denied := check_token(sim, bearer(request))) is not None:
         return fail(sim, denied, "auth")
     kind = _kind(request)
@@ -303,9 +305,19 @@ async def list_tasks(request: Request) -> Response:
     except KlingError as exc:
         return fail(sim, exc, "invalid")
     now, base = sim.sim_now(), base_url(request)
+    fault = sim.draw_poll_fault()  # a list is a status query: it fails like one
+    if isinstance(fault, int):
+        return fail(sim, _server_error(fault), "server_error")
     matching = [t for t in reversed(sim.tasks.values()) if t.spec.kind == kind]
     chosen = matching[(page - 1) * size: page * size]
-    return envelope(sim, [task_data(sim, t, now, base) for t in chosen])
+    data = [task_data(sim, t, now, base) for t in chosen]
+    if fault == "drop":
+        sim.reject("dropped")
+        return dropped_json({"code": 0, "message": "SUCCEED",
+                             "request_id": sim.next_request_id(), "data": data})
+    for task in chosen:
+        sim.observed(task, now)
+    return envelope(sim, data)
 
 
 def _kind(request: Request) -> str:

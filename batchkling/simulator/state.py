@@ -52,6 +52,7 @@ class Task:
     completion_seen: bool = False
     last_callback: str | None = None
     account: str | None = None  # the account (of `account_slots`) whose slot it holds
+    seen_done_sim: float | None = None  # when a client first read its terminal status
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,7 @@ class _Counters:
     create_requests: int = 0
     creates: int = 0
     polls: int = 0
+    lists: int = 0  # Kling list requests (each reports many tasks)
     downloads: int = 0
     callbacks_sent: int = 0
     callbacks_failed: int = 0
@@ -114,6 +116,7 @@ class SimState:
         self.callback_inbox: list[Any] = []  # what /_sim/callback-sink received
         self.image_urls: deque[str] = deque(maxlen=1000)  # image URLs valid creates carried
         self.extra_models = config.model_prices
+        self.callback_poke: Callable[[], None] | None = None  # wakes the delivery loop
         self._seed_streams()
         self._tokens, self._tokens_at = 0.0, c
         self._reset_bucket()
@@ -347,6 +350,8 @@ class SimState:
         self._add(task, idempotency_key, now)
         if callback_url:
             self.callback_pending[task.task_id] = (task, base)
+            if self.callback_poke is not None:
+                self.callback_poke()
         if self.journal is not None:
             self._record(task, idempotency_key)
         return task
@@ -428,6 +433,11 @@ class SimState:
             restored += 1
         return restored
 
+    def observed(self, task: Task, now: float) -> None:
+        """A client read the task's status at ``now``: note when it first read it ended."""
+        if task.seen_done_sim is None and now >= task.ends_sim:
+            task.seen_done_sim = now
+
     @staticmethod
     def status(task: Task, now: float) -> str:
         """The task's state at sim time ``now``."""
@@ -473,6 +483,7 @@ class SimState:
             "duplicate_keys": sorted(k for k, v in c.creates_by_key.items() if v > 1),
             "tasks_by_state": by_state,
             "polls": c.polls,
+            "lists": c.lists,
             "downloads": c.downloads,
             "slots_in_use": self.slots_in_use,
             "peak_slots": self.peak_slots,
@@ -501,11 +512,13 @@ class SimState:
                 "mode": t.spec.mode,
                 "size": t.spec.size,
                 "created_at": round(t.created_sim, 6),
+                "created_wall": round(t.created_wall, 6),
                 "started_at": round(t.started_sim, 6),
                 "render_seconds": round(t.render_s, 6),
                 "ends_at": round(t.ends_sim, 6) if math.isfinite(t.ends_sim) else None,
                 "outcome": t.outcome,
                 "status": self.status(t, now),
+                "seen_done_at": None if t.seen_done_sim is None else round(t.seen_done_sim, 6),
             }
             for t in self.tasks.values()
         ]

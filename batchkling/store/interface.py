@@ -213,9 +213,12 @@ class Store(abc.ABC):
         """The account with its slots in flight now, or None."""
 
     @abc.abstractmethod
-    async def account_rejected(self, account_id: str, *, limit: int, now: float) -> int:
+    async def account_rejected(self, account_id: str, *, limit: int, now: float,
+                               hold_off: int = 0) -> int:
         """A create was refused for lack of slots: lower the shared limit to ``limit`` (never
-        raise it); return the limit now in force."""
+        raise it); return the limit now in force. ``hold_off`` more successful creates than
+        usual must pass before the next probe (refused probes come ever rarer:
+        :func:`batchkling.run.limits.probe_after`)."""
 
     @abc.abstractmethod
     async def account_created(self, account_id: str, *, now: float) -> int:
@@ -356,6 +359,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def recent_ends(self, run_id: str, limit: int = RECENT_ENDS) -> list[float]:
         """When the last ``limit`` jobs to end ended, newest first."""
+
+    @abc.abstractmethod
+    async def render_times(self, *, provider: str, base_url: str, model: str, duration: int,
+                           mode: str | None, limit: int = 64) -> list[float]:
+        """How long finished tasks of this model, duration and mode took (create to end,
+        ``render_seconds``), at most ``limit``: the latest runs on this provider and base URL
+        first, each from its last jobs back.
+
+        The poll planner's prior: the first tasks of a run are then not polled blind. Runs on
+        another endpoint (a simulator, whose speed differs) do not count.
+        """
 
     @abc.abstractmethod
     async def units(self, run_id: str) -> float:

@@ -427,12 +427,14 @@ class SqliteStore(Store):
         return AccountRow(account_id=r[0], provider=r[1], max_in_flight=r[2], slot_limit=r[3],
                           paused_for=max(0.0, r[4] - self._now()), in_flight=r[5])
 
-    async def account_rejected(self, account_id: str, *, limit: int, now: float) -> int:
-        """Lower the shared slot limit to ``limit`` (never raise it); return the limit."""
+    async def account_rejected(self, account_id: str, *, limit: int, now: float,
+                               hold_off: int = 0) -> int:
+        """Lower the shared slot limit to ``limit`` (never raise it); return the limit. The
+        streak restarts below zero by ``hold_off``: the next probe comes that much later."""
         rows = await self._write_returning(
-            "UPDATE accounts SET slot_limit = MAX(1, MIN(slot_limit, ?)), streak = 0,"
+            "UPDATE accounts SET slot_limit = MAX(1, MIN(slot_limit, ?)), streak = ?,"
             " updated_at = ? WHERE account_id = ? RETURNING slot_limit",
-            (limit, now, account_id))
+            (limit, -max(0, hold_off), now, account_id))
         return int(rows[0][0]) if rows else limit
 
     async def account_created(self, account_id: str, *, now: float) -> int:
@@ -768,6 +770,30 @@ class SqliteStore(Store):
             (run_id, *states, limit),
         )
         return [float(r[0]) for r in rows]
+
+    async def render_times(self, *, provider: str, base_url: str, model: str, duration: int,
+                           mode: str | None, limit: int = 64) -> list[float]:
+        """Render times of a group's finished tasks on this endpoint: the latest runs first,
+        each from its last jobs back (walking the state index, so a large finished run costs
+        as many rows as are wanted, not a scan of them all)."""
+        runs = await self._fetchall(
+            "SELECT run_id FROM runs WHERE provider = ? AND base_url = ?"
+            " ORDER BY updated_at DESC", (provider, base_url))
+        out: list[float] = []
+        for (run_id,) in runs:
+            for state in (JobState.DOWNLOADED, JobState.SUCCEEDED):
+                rows = await self._fetchall(
+                    "SELECT render_seconds FROM jobs WHERE run_id = ? AND state = ?"
+                    " AND render_seconds > 0"
+                    " AND json_extract(spec_json, '$.model') = ?"
+                    " AND json_extract(spec_json, '$.duration') = ?"
+                    " AND IFNULL(json_extract(spec_json, '$.mode'), '') = ?"
+                    " ORDER BY seq DESC LIMIT ?",
+                    (run_id, state.value, model, duration, mode or "", limit - len(out)))
+                out.extend(float(r[0]) for r in rows)
+                if len(out) >= limit:
+                    return out
+        return out
 
     async def units(self, run_id: str) -> float:
         """Provider units reported so far (Kling bills in units and reports no USD)."""

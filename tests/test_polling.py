@@ -1,0 +1,259 @@
+"""The poll planner: learned render times, progress, reported starts, and its floors."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+from conftest import TEST_KEY
+
+from batchkling.models import JobSpec, JobState
+from batchkling.run.polling import (
+    FIRST_SHARE,
+    LogNormal,
+    PollPlanner,
+    RenderModel,
+    TaskPlan,
+    end_range,
+)
+from batchkling.store.sqlite import SqliteStore
+from batchkling.testing import VirtualSim, write_manifest
+
+
+def _planner(**kwargs: float) -> PollPlanner:
+    return PollPlanner(**{"min_interval": 5.0, "max_interval": 600.0, "hard_floor": 0.5,
+                          **kwargs})
+
+
+def _learned(planner: PollPlanner, group: str = "g", median: float = 90.0, n: int = 40,
+             seed: int = 1) -> None:
+    rng = random.Random(seed)
+    for _ in range(n):
+        planner.observe(group, median * math.exp(0.35 * rng.gauss(0, 1)))
+
+
+class TestLogNormal:
+    def test_fit_recovers_median_and_spread(self) -> None:
+        """A fit of 2,000 log-normal draws finds their median and sigma."""
+        rng = random.Random(3)
+        fit = LogNormal.fit(60 * math.exp(0.3 * rng.gauss(0, 1)) for _ in range(2000))
+        assert fit is not None
+        assert fit.median == pytest.approx(60, rel=0.03)
+        assert fit.sigma == pytest.approx(0.3, rel=0.05)
+
+    def test_conditional_quantile_moves_past_what_elapsed(self) -> None:
+        """Of the tasks still running at the median, half are done by the 75th percentile."""
+        fit = LogNormal(math.log(90), 0.35)
+        later = fit.quantile_after(0.5, after=fit.median)
+        assert later == pytest.approx(fit.quantile(0.75), rel=1e-6)
+        assert fit.done_by(later, after=fit.median) == pytest.approx(0.5, abs=1e-6)
+
+    def test_far_past_every_task_it_keeps_growing(self) -> None:
+        """Long after the distribution says all are done, the next time still lies ahead."""
+        fit = LogNormal(math.log(10), 0.1)
+        assert fit.quantile_after(0.5, after=1000) > 1000
+
+
+class TestEndRange:
+    def test_two_readings_pin_the_end(self) -> None:
+        """Started at 2 s, rendering 100 s: readings at 32 s (30 %) and 72 s (70 %) put the
+        end within two seconds of 102 s (a reading may be floored or rounded)."""
+        low, high = end_range([(32.0, 30), (72.0, 70)], start_low=0, start_high=32,
+                              running_at=72, longest=1000)
+        assert 99.9 <= low <= 102 <= high <= 104
+
+    def test_one_reading_leaves_the_start_open(self) -> None:
+        """One reading at 50 % with the start anywhere in [1, 3] s: the end lies in a range
+        about as wide as that (times 100/p - 1)."""
+        low, high = end_range([(52.0, 50)], start_low=1, start_high=3, running_at=52,
+                              longest=1000)
+        assert low == pytest.approx(3 + 49 * 100 / 51, rel=1e-6)  # late start, 51 % done
+        assert high == pytest.approx(1 + 51 * 100 / 49.5, rel=1e-6)  # early start, 49.5 %
+
+    def test_one_reading_closed_form_matches_the_polygon(self) -> None:
+        """The single-reading shortcut gives the polygon's answer (caps and all)."""
+        rng = random.Random(1)
+        for _ in range(3000):
+            t, p = rng.uniform(1, 100), rng.randint(1, 99)
+            low, u = rng.uniform(0, t), rng.uniform(t, 3 * t)
+            kwargs = {"start_low": low, "start_high": rng.uniform(low, t + 5),
+                      "running_at": u, "longest": rng.uniform(t, 300 * t)}
+            fast = end_range([(t, p)], **kwargs)
+            full = end_range([(t, p), (t, p)], **kwargs)  # two readings: the general path
+            assert (fast is None) == (full is None)
+            if fast and full:
+                assert fast == pytest.approx(full, rel=1e-9)
+
+    def test_readings_that_cannot_be_linear_give_none(self) -> None:
+        """Progress that went backwards fits no straight line."""
+        assert end_range([(10.0, 50), (20.0, 20)], start_low=0, start_high=10, running_at=20,
+                         longest=1000) is None
+
+
+class TestTaskPlan:
+    def test_first_poll_goes_where_few_tasks_are_done(self) -> None:
+        """With the group learned, the first poll comes when 15 % of such tasks are done."""
+        planner = _planner()
+        _learned(planner)
+        plan = planner.plan("g")
+        times = planner.model("g").times
+        assert times is not None
+        assert planner.delay(plan, 0.0) == pytest.approx(times.quantile(FIRST_SHARE))
+        assert not plan.blind
+
+    def test_a_predicted_end_is_not_held_to_the_blind_floor(self) -> None:
+        """Two progress readings predict the end 1.2 s from now: the poll comes then, not at
+        the 5 s floor of blind polling."""
+        planner = _planner()
+        plan = planner.plan("g")
+        plan.observe(40.0, running=True, progress=38)
+        plan.polled(40.0)
+        plan.observe(100.0, running=True, progress=98)
+        plan.polled(100.0)
+        delay = planner.delay(plan, 100.0)
+        assert 0.5 <= delay < 5.0
+        assert 100.0 + delay >= 102.0 - 1.0  # at (or just past) the predicted end
+
+    def test_hard_floor_between_two_polls_of_a_task(self) -> None:
+        """However close the predicted end, a task is not polled twice within 0.5 s."""
+        planner = _planner()
+        plan = planner.plan("g")
+        plan.observe(50.0, running=True, progress=49)
+        plan.polled(50.0)
+        plan.observe(99.9, running=True, progress=99)
+        plan.polled(99.9)
+        assert planner.delay(plan, 99.9) >= 0.5
+
+    def test_blind_polling_keeps_the_floor_and_grows_geometrically(self) -> None:
+        """Nothing learnt, no progress: intervals start at the floor and grow with the time
+        elapsed, so a long render costs a logarithmic number of polls."""
+        planner = _planner(min_interval=0.1)
+        plan = planner.plan("g")
+        elapsed = 0.0
+        delays = []
+        while elapsed < 300:
+            delay = planner.delay(plan, elapsed)
+            assert plan.blind
+            delays.append(delay)
+            elapsed += delay
+            plan.polled(elapsed)
+            plan.observe(elapsed, running=True, progress=None)
+        assert delays[0] == pytest.approx(0.1)
+        assert all(d >= 0.1 for d in delays)
+        assert len(delays) <= math.log(300 / 0.1, 1.5) + 2
+
+    def test_provider_hint_is_honoured(self) -> None:
+        """openai-poll-after-ms (or Retry-After) is a floor for the next poll."""
+        planner = _planner()
+        _learned(planner)
+        assert planner.delay(planner.plan("g"), 0.0, hint=70.0) >= 70.0
+
+    def test_ceiling_holds_blind_polls_only(self) -> None:
+        """Blind, no delay exceeds max_interval; aimed at a learned 10,000 s, it may."""
+        planner = _planner(max_interval=60)
+        plan = planner.plan("g")
+        plan.polled(1000.0)
+        plan.observe(1000.0, running=True, progress=None)
+        assert planner.delay(plan, 1000.0) == 60
+        planner.observe("g", 10_000)
+        assert planner.delay(planner.plan("g"), 0.0) > 60
+
+    def test_reported_start_narrows_a_render_without_progress(self) -> None:
+        """Kling reports no progress but when rendering began: once render times are known,
+        the next poll is conditioned on the render time elapsed since that start."""
+        planner = _planner()
+        rng = random.Random(5)
+        for _ in range(30):
+            start = 1 + 2 * rng.random()
+            planner.observe("g", start + 90 * math.exp(0.35 * rng.gauss(0, 1)), start=start)
+        renders = planner.model("g").renders
+        assert renders is not None
+        plan = planner.plan("g")
+        plan.polled(60.0)
+        plan.observe(60.0, running=True, progress=None, start=2.5)
+        target = 60.0 + planner.delay(plan, 60.0)
+        assert target == pytest.approx(2.5 + renders.quantile_after(0.45, after=57.5))
+
+    def test_prior_counts_until_the_run_has_its_own(self) -> None:
+        """Earlier runs' times set the first polls; five of this run's replace them."""
+        model = RenderModel(prior=[300.0] * 20)
+        assert model.typical() == pytest.approx(300.0)
+        for _ in range(5):
+            model.observe(30.0)
+        assert model.typical() == pytest.approx(30.0)
+
+    def test_memory_is_bounded(self) -> None:
+        """A group keeps its last 64 times, not every task's."""
+        model = RenderModel()
+        for i in range(10_000):
+            model.observe(10.0 + i % 7, start=1.0)
+        assert len(model._times) == len(model._starts) == len(model._renders) == 64
+
+    def test_end_estimate_uses_the_fitted_line(self) -> None:
+        """A task seen at 30 % and 70 % and found done at 110 s ended near 102 s, which is
+        what the group learns (not the 110 s it was seen done)."""
+        plan = TaskPlan(RenderModel())
+        plan.observe(32.0, running=True, progress=30)
+        plan.observe(72.0, running=True, progress=70)
+        assert plan.ended_at(110.0, None) == pytest.approx(102.5, abs=1.5)
+        assert plan.render_start() == pytest.approx(1.5, abs=1.5)
+
+
+class TestPriorFromTheStore:
+    async def test_render_times_of_the_group_on_this_endpoint(self, tmp_path: Path) -> None:
+        """Store.render_times: finished tasks of one model, duration and mode on one provider
+        and base URL, newest first, at most ``limit``; other groups and endpoints excluded."""
+        store = SqliteStore(tmp_path / "db")
+        await store.open()
+        for run_id, base_url in (("a", "https://api.example"), ("b", "https://api.example"),
+                                 ("sim", "http://127.0.0.1:1234")):
+            await store.save_run(run_id, manifest_path=None, manifest_text=None,
+                                 config_json="{}", provider="imarouter", base_url=base_url,
+                                 simulated=False, now=2.0 if run_id == "b" else 1.0)
+            specs = [JobSpec(job_id=f"j{i}", model="kling-v2-6", prompt="p", duration=d,
+                             size="16:9", mode=m)
+                     for i, (d, m) in enumerate([(5, "std"), (5, "std"), (10, "std"),
+                                                 (5, "pro"), (5, "std")])]
+            await store.sync_jobs(run_id, added=list(enumerate(specs)), changed=[],
+                                  reordered=[], removed=[], now=1.0)
+            for i in range(4):
+                ended = 100.0 + i + (10 if run_id == "b" else 0)
+                await store.transition(run_id, f"j{i}", JobState.DOWNLOADED, now=ended,
+                                       event="e", completed_at=ended,
+                                       render_seconds=float(i + 1) * (2 if run_id == "b" else 1))
+        times = await store.render_times(provider="imarouter", base_url="https://api.example",
+                                         model="kling-v2-6", duration=5, mode="std")
+        # j0 and j1 of each run (j2 is 10 s, j3 pro, j4 unfinished); run b first (newer).
+        assert sorted(times[:2]) == [2.0, 4.0] and sorted(times[2:]) == [1.0, 2.0]
+        assert await store.render_times(provider="imarouter", base_url="https://api.example",
+                                        model="kling-v2-6", duration=5, mode="std",
+                                        limit=1) == [4.0]
+        assert await store.render_times(provider="kling", base_url="https://api.example",
+                                        model="kling-v2-6", duration=5, mode="std") == []
+        await store.aclose()
+
+    async def test_a_second_run_is_not_blind(self, tmp_path: Path) -> None:
+        """After a run on the same endpoint, the next run's first tasks are first polled where
+        a tenth of the earlier tasks had finished (a minute in), not at the blind floor (5 s)."""
+        vs = VirtualSim({"BATCHKLING_TEST_KEY": TEST_KEY}, render_sigma=0.2)
+        first = vs.manifest(tmp_path, 10, limits={"max_in_flight": 5})
+        summary = await vs.run(first, tmp_path / "jobs")
+        assert summary.exit_code == 0
+        done = len(vs.requests.entries)
+        second = write_manifest(tmp_path, [{"id": f"n{i}", "prompt": f"new {i}"}
+                                           for i in range(5)],
+                                name="second", base_url=vs.base_url, filename="second.yaml",
+                                limits={"max_in_flight": 5, "submit_rate": 50})
+        summary = await vs.run(second, tmp_path / "jobs")
+        assert summary.exit_code == 0
+        offset = vs.clock.monotonic() - vs.sim.sim_now()  # request times are on the clock
+        created = {t["task_id"]: t["created_at"] + offset for t in vs.sim.task_table()[10:]}
+        first_polls: dict[str, float] = {}
+        for at, method, path, _status in vs.requests.entries[done:]:
+            task_id = path.rsplit("/", 1)[-1]
+            if method == "GET" and task_id in created:
+                first_polls.setdefault(task_id, at - created[task_id])
+        assert len(first_polls) == 5
+        assert min(first_polls.values()) > 40, first_polls
