@@ -92,20 +92,30 @@ class TestConnecting:
         assert await store_exists(pg_url) is True
 
 
-#: What schema 2 added to schema 1, taken away again.
-_V2_ONLY = (
+#: What schema 3 added to schema 2 (workers, accounts, claims, money totals, the object-store
+#: columns), taken away again.
+_V3_ONLY = (
     "DROP TRIGGER job_reserved ON jobs; DROP TRIGGER attempt_cost ON attempts;"
     " DROP TRIGGER attempt_cost_new ON attempts;"
     " DROP FUNCTION batchkling_job_reserved(); DROP FUNCTION batchkling_attempt_cost();"
-    " DROP INDEX jobs_by_account; DROP INDEX jobs_by_worker;"
+    " DROP FUNCTION batchkling_claim_pick; DROP FUNCTION batchkling_claim_take;"
+    " DROP FUNCTION batchkling_in_flight;"
+    " DROP INDEX jobs_by_account; DROP INDEX jobs_by_worker; DROP INDEX jobs_by_seq;"
     " DROP TABLE accounts; DROP TABLE workers;"
     " ALTER TABLE jobs DROP COLUMN account_id, DROP COLUMN worker_id, DROP COLUMN claim_epoch,"
     " DROP COLUMN video_uri, DROP COLUMN video_etag;"
     " ALTER TABLE attempts DROP COLUMN video_uri, DROP COLUMN video_size,"
     " DROP COLUMN video_sha256, DROP COLUMN video_etag;"
     " ALTER TABLE runs DROP COLUMN reserved_usd, DROP COLUMN spent_usd,"
+    " DROP COLUMN reserved_units, DROP COLUMN spent_units,"
     " ADD COLUMN lease_pid integer, ADD COLUMN lease_host text,"
     " ADD COLUMN lease_heartbeat double precision;"
+)
+#: What schema 2 added to schema 1 (money in units, price groups, reuse, observed prices).
+_V2_ONLY = (
+    " DROP INDEX jobs_by_fingerprint; DROP TABLE prices;"
+    " ALTER TABLE jobs DROP COLUMN reserved_units, DROP COLUMN price_group,"
+    " DROP COLUMN reused_from;"
 )
 
 
@@ -127,22 +137,26 @@ class TestSchema:
         assert db_query(pg_url, "SELECT value FROM meta WHERE key = 'schema_version'") == [
             (str(SCHEMA_VERSION),)]
 
-    async def test_a_version_1_database_is_migrated(self, pg_url: str) -> None:
-        """A schema-1 store (runs with their own lease columns; no accounts, workers, claims,
-        money totals or object-store columns) is upgraded in place: its money is summed into
-        the run's totals, the new triggers keep them, and claims work."""
+    @pytest.mark.parametrize("version", [1, 2])
+    async def test_an_older_database_is_migrated(self, pg_url: str, version: int) -> None:
+        """A schema-1 or -2 store (runs with their own lease columns; no accounts, workers,
+        claims, money totals or object-store columns; schema 1 also no money in units, price
+        groups or reuse) is upgraded in place: its money is summed into the run's totals, the
+        new triggers keep them, and claims work."""
         store = await _store_with_jobs(pg_url, "a", "b")
         await store.aclose()
-        db_query(pg_url, _V2_ONLY + " UPDATE meta SET value = '1'"
-                 " WHERE key = 'schema_version';"
+        db_query(pg_url, _V3_ONLY + (_V2_ONLY if version == 1 else "")
+                 + f" UPDATE meta SET value = '{version}' WHERE key = 'schema_version';"
                  " INSERT INTO attempts (run_id, job_id, number, idempotency_key, fingerprint,"
-                 " state, cost_usd) VALUES ('r', 'a', 1, 'k', 'f', 'downloaded', 0.35);"
+                 " state, cost_usd, cost_units) VALUES ('r', 'a', 1, 'k', 'f', 'downloaded',"
+                 " 0.35, 2.5);"
                  " UPDATE jobs SET attempt = 1, state = 'downloaded' WHERE job_id = 'a';"
                  " UPDATE jobs SET reserved_usd = 0.7 WHERE job_id = 'b';"
                  " UPDATE runs SET lease_owner = 'old-runner', lease_pid = 1, lease_host = 'h',"
                  " lease_heartbeat = 1")
         async with PostgresStore(pg_url) as upgraded:
             assert await upgraded.money("r") == pytest.approx((0.35, 1.05))
+            assert await upgraded.money_units("r") == pytest.approx((2.5, 2.5))
             await upgraded.register_worker("w", runs=None, now=2.0)
             await upgraded.acquire_lease("r", "w", stale_after=30, now=2.0)  # no live holder
             await upgraded.transition("r", "b", JobState.PENDING, now=2.0, event="e",

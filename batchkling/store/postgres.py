@@ -171,6 +171,11 @@ INTEGRITY_CHECKS: tuple[tuple[str, LiteralString], ...] = (
     ("runs whose spent total is not their attempts' costs",
      "SELECT count(*) FROM runs r WHERE abs(r.spent_usd - COALESCE((SELECT sum(cost_usd)"
      " FROM attempts a WHERE a.run_id = r.run_id), 0)) > 1e-6"),
+    ("runs whose totals in units are not their jobs' and attempts'",
+     "SELECT count(*) FROM runs r WHERE abs(r.reserved_units - COALESCE((SELECT"
+     " sum(reserved_units) FROM jobs j WHERE j.run_id = r.run_id), 0)) > 1e-6"
+     " OR abs(r.spent_units - COALESCE((SELECT sum(cost_units) FROM attempts a"
+     " WHERE a.run_id = r.run_id), 0)) > 1e-6"),
 )
 
 
