@@ -396,7 +396,8 @@ def _held_store(location: str | os.PathLike[str], clock: VirtualClock) -> Store:
                     async with super()._connection(quick=quick) as conn:
                         yield conn
 
-        store = HeldPostgres(os.fspath(location))
+        # Heartbeats, staleness and pauses on the virtual clock, not the server's.
+        store = HeldPostgres(os.fspath(location), clock=clock)
     else:
 
         class HeldSqlite(_HeldOpenClose, SqliteStore):

@@ -17,7 +17,6 @@ from batchkling.outputs.results import read_results
 from batchkling.run.orchestrator import Orchestrator
 from batchkling.simulator import SimulatorServer
 from batchkling.store import Store, store_from
-from batchkling.store.sqlite import SqliteStore
 from batchkling.testing import StepClock, write_manifest
 
 pytestmark = pytest.mark.timeout(60)
@@ -412,19 +411,19 @@ class TestInterruptAndLease:
             with pytest.raises(RunLocked, match="being run by process"):
                 await store.acquire_lease("r", "worker-b", now=101.0, stale_after=30)
 
-    async def test_stale_lease_is_taken_over(self, tmp_path: Path, workdir: Path) -> None:
+    async def test_stale_lease_is_taken_over(self, store_url: str) -> None:
         """A lease whose process is gone, or whose heartbeat is old on the store's clock, is
         taken over, and the worker that held it is fenced."""
         clock = StepClock()
-        async with SqliteStore(workdir / "batchkling.db", clock=clock) as store:
+        async with store_from(store_url, clock=clock) as store:
             await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
                                  provider="imarouter", base_url="http://x", simulated=False,
                                  now=100.0)
             for worker in ("worker-a", "worker-b", "worker-c"):
                 await store.register_worker(worker, runs=["r"], now=100.0)
             await store.acquire_lease("r", "worker-a", now=100.0, stale_after=30)
-            await store.db.execute("UPDATE workers SET pid = 2147483000"
-                                   " WHERE worker_id = 'worker-a'")  # no such process
+            db_query(store_url, "UPDATE workers SET pid = 2147483000"
+                     " WHERE worker_id = 'worker-a'")  # no such process
             await store.acquire_lease("r", "worker-b", now=101.0, stale_after=30)
             with pytest.raises(WorkerFenced):
                 await store.worker_heartbeat("worker-a", now=101.0)
@@ -436,12 +435,11 @@ class TestInterruptAndLease:
             with pytest.raises(WorkerFenced):
                 await store.worker_heartbeat("worker-b", now=102.0)
 
-    async def test_a_wall_clock_step_does_not_take_a_live_lease(self, tmp_path: Path,
-                                                                workdir: Path) -> None:
+    async def test_a_wall_clock_step_does_not_take_a_live_lease(self, store_url: str) -> None:
         """Staleness is judged on the store's monotonic clock: a runner whose wall clock jumps
         two minutes ahead still finds the live holder's lease locked."""
         clock = StepClock()
-        async with SqliteStore(workdir / "batchkling.db", clock=clock) as store:
+        async with store_from(store_url, clock=clock) as store:
             await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
                                  provider="imarouter", base_url="http://x", simulated=False,
                                  now=100.0)

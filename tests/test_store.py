@@ -20,6 +20,7 @@ from batchkling.models import JobSpec, JobState
 from batchkling.store import JobRow, Store, store_from
 from batchkling.store.interface import Claim, ClaimOutcome, Intent
 from batchkling.store.sqlite import SCHEMA_VERSION, SqliteStore
+from batchkling.testing import StepClock
 
 
 def _spec(job_id: str, prompt: str = "p") -> JobSpec:
@@ -418,3 +419,205 @@ class TestClaims:
         await store.set_run_state("r", "interrupted", "interrupted", 5.0)
         assert (await store.get_account("acct")).in_flight == 0  # type: ignore[union-attr]
         await store.aclose()
+
+
+class TestWorkersAndClaims:
+    """Cooperating workers on one store (DESIGN.md §10): claims and their outcomes, takeover,
+    fencing, liveness on the store's clock, and the run's end — on both backends, with the
+    store's clock injected (``StepClock``)."""
+
+    @staticmethod
+    async def _crew(location: str | Path, clock: StepClock, *ids: str, slots: int = 2,
+                    workers: tuple[str, ...] = ("w1",)) -> Store:
+        store = store_from(location, clock=clock)
+        await store.open()
+        await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
+                             provider="imarouter", base_url="http://x", simulated=False,
+                             now=1.0)
+        await store.sync_jobs("r", added=[(i, _spec(j)) for i, j in enumerate(ids)],
+                              changed=[], reordered=[], removed=[], now=1.0)
+        await store.ensure_account("acc", provider="imarouter", max_in_flight=slots, now=1.0)
+        for worker in workers:
+            await store.register_worker(worker, runs=None, now=1.0)
+        return store
+
+    @staticmethod
+    async def _claim(store: Store, worker: str = "w1", *, cap: int = 10, price: float = 0.5,
+                     max_usd: float | None = None) -> Claim:
+        def intent(job: JobRow) -> Intent:
+            number = job.attempt + 1
+            return Intent(new_attempt=(number, f"{job.job_id}-{number}"), reserved_usd=price)
+
+        return await store.claim("r", worker_id=worker, account_id="acc", slot_cap=cap,
+                                 intent=intent, max_usd=max_usd, now=5.0)
+
+    async def test_a_claim_is_the_create_intent(self, store_url: str) -> None:
+        """CLAIMED: the run's first pending job moves to submitting with its new attempt and
+        key, this worker, the account, a new claim epoch and its reservation, in one go."""
+        store = await self._crew(store_url, StepClock(), "a", "b")
+        try:
+            claim = await self._claim(store, price=0.35)
+            assert claim.outcome is ClaimOutcome.CLAIMED and claim.job is not None
+            job = claim.job
+            assert (job.job_id, job.state, job.attempt, job.idempotency_key) == (
+                "a", JobState.SUBMITTING, 1, "a-1")
+            assert (job.worker_id, job.account_id, job.claim_epoch) == ("w1", "acc", 1)
+            assert job.reserved_usd == pytest.approx(0.35)
+            assert await store.get_job("r", "a") == job
+            assert [(a["number"], a["idempotency_key"], a["state"])
+                    for a in await store.attempts("r", "a")] == [(1, "a-1", "submitting")]
+            assert await store.money("r") == pytest.approx((0.0, 0.35))
+            account = await store.get_account("acc")
+            assert account is not None and account.in_flight == 1
+            assert await store.integrity_check() == "ok"
+        finally:
+            await store.aclose()
+
+    async def test_outcomes_that_take_nothing(self, store_url: str) -> None:
+        """NO_SLOT when the account's slots (or the caller's cap) are held, PAUSED while a
+        Retry-After runs on the store's clock, BUDGET when the reservation would pass the cap,
+        CLOSED once the run is not open, EMPTY with no pending job; none changes a job."""
+        clock = StepClock()
+        store = await self._crew(store_url, clock, "a", "b", "c", "d", slots=2)
+        try:
+            assert (await self._claim(store)).outcome is ClaimOutcome.CLAIMED
+            no_slot = await self._claim(store, cap=1)
+            assert (no_slot.outcome, no_slot.in_flight, no_slot.slot_limit) == (
+                ClaimOutcome.NO_SLOT, 1, 1)
+            assert (await self._claim(store)).outcome is ClaimOutcome.CLAIMED
+            assert (await self._claim(store)).outcome is ClaimOutcome.NO_SLOT
+            await store.transition("r", "a", JobState.DOWNLOADED, now=6.0, event="e",
+                                   reserved_usd=0, cost_usd=0.5)
+            await store.pause_account("acc", 10.0, now=6.0)
+            paused = await self._claim(store)
+            assert paused.outcome is ClaimOutcome.PAUSED
+            assert paused.wait == pytest.approx(10.0)
+            clock.now += 10.5
+            budget = await self._claim(store, price=0.6, max_usd=1.5)
+            assert budget.outcome is ClaimOutcome.BUDGET
+            assert (budget.price, budget.committed_usd) == pytest.approx((0.6, 1.0))
+            await store.set_run_state("r", "stopped", "budget", now=7.0)
+            assert (await self._claim(store)).outcome is ClaimOutcome.CLOSED
+            assert await store.counts("r") == {JobState.DOWNLOADED: 1, JobState.SUBMITTING: 1,
+                                               JobState.PENDING: 2}
+            await store.set_run_state("r", "running", None, now=8.0)
+            await store.sync_jobs("r", added=[], changed=[], reordered=[],
+                                  removed=["c", "d"], now=8.0)
+            assert (await self._claim(store)).outcome is ClaimOutcome.EMPTY
+            assert await store.money("r") == pytest.approx((0.5, 1.0))
+        finally:
+            await store.aclose()
+
+    async def test_a_write_under_an_old_epoch_changes_nothing(self, store_url: str) -> None:
+        """Once another worker adopted a job (its epoch moved on), a transition under the old
+        epoch raises WorkerFenced and leaves the job, its attempt and its events as they
+        were."""
+        store = await self._crew(store_url, StepClock(), "a", workers=("w1", "w2"))
+        try:
+            claim = await self._claim(store)
+            assert claim.job is not None and claim.job.claim_epoch == 1
+            await store.retire_worker("w1", state="stopped", reason=None, now=6.0)
+            (adopted,) = await store.adopt("r", worker_id="w2", states=[JobState.SUBMITTING],
+                                           released=False)
+            assert (adopted.worker_id, adopted.claim_epoch) == ("w2", 2)
+            events = len(db_query(store_url, "SELECT id FROM events"))
+            with pytest.raises(WorkerFenced, match="presumed dead"):
+                await store.transition("r", "a", JobState.SUBMITTED, now=7.0, event="late",
+                                       epoch=1, task_id="t-late")
+            assert await store.get_job("r", "a") == adopted
+            assert [a["task_id"] for a in await store.attempts("r", "a")] == [None]
+            assert len(db_query(store_url, "SELECT id FROM events")) == events
+            await store.transition("r", "a", JobState.SUBMITTED, now=7.0, event="ok", epoch=2,
+                                   task_id="t-2")
+            job = await store.get_job("r", "a")
+            assert job is not None and job.task_id == "t-2"
+        finally:
+            await store.aclose()
+
+    async def test_adopt_takes_orphans_and_released_jobs_only_when_asked(
+            self, store_url: str) -> None:
+        """adopt takes jobs whose worker is dead or stopped; jobs no worker holds (let go) only
+        with ``released``; never a live worker's."""
+        store = await self._crew(store_url, StepClock(), "a", "b", "c",
+                                 workers=("w1", "w2", "w3"))
+        try:
+            for worker in ("w1", "w2"):
+                assert (await self._claim(store, worker)).outcome is ClaimOutcome.CLAIMED
+            await store.transition("r", "c", JobState.TIMED_OUT, now=6.0, event="e",
+                                   worker_id=None)
+            await store.retire_worker("w1", state="stopped", reason=None, now=6.0)
+            states = [JobState.SUBMITTING, JobState.TIMED_OUT]
+            assert await store.work_left("r") == (0, 1)
+            assert await store.held_elsewhere("r", "w3") == 1  # w2's
+            taken = await store.adopt("r", worker_id="w3", states=states, released=False)
+            assert [(j.job_id, j.worker_id, j.claim_epoch) for j in taken] == [("a", "w3", 2)]
+            taken = await store.adopt("r", worker_id="w3", states=states, released=True)
+            assert [(j.job_id, j.worker_id, j.claim_epoch) for j in taken] == [("c", "w3", 1)]
+            assert await store.adopt("r", worker_id="w3", states=states, released=True) == []
+            assert await store.work_left("r") == (0, 0)
+            assert await store.held_elsewhere("r", "w3") == 1
+        finally:
+            await store.aclose()
+
+    async def test_reap_marks_silent_and_vanished_workers_dead(self, store_url: str) -> None:
+        """A worker silent past stale-after on the store's clock, or whose process on this
+        host is gone, is reaped (and fenced); one that beat in time is not; a dead worker's
+        claim is refused with nothing changed."""
+        clock = StepClock()
+        store = await self._crew(store_url, clock, "a", workers=("w1", "w2", "w3"))
+        try:
+            db_query(store_url, "UPDATE workers SET pid = 2147483000 WHERE worker_id = 'w3'")
+            clock.now += 20
+            await store.worker_heartbeat("w2", now=2.0)
+            assert await store.reap_workers(30.0, now=2.0) == ["w3"]
+            clock.now += 15  # w1 silent 35 s, w2 15 s
+            assert await store.reap_workers(30.0, now=3.0) == ["w1"]
+            alive = [w.worker_id for w in await store.list_workers()]
+            assert alive == ["w2"]
+            everyone = {w.worker_id: w for w in await store.list_workers(alive_only=False)}
+            assert everyone["w1"].state == "dead" and everyone["w1"].silent_for == 35.0
+            assert everyone["w2"].silent_for == 15.0
+            with pytest.raises(WorkerFenced):
+                await store.worker_heartbeat("w1", now=4.0)
+            with pytest.raises(WorkerFenced):
+                await self._claim(store, "w1")
+            assert await store.counts("r") == {JobState.PENDING: 1}
+        finally:
+            await store.aclose()
+
+    async def test_close_run_only_when_nothing_is_left(self, store_url: str) -> None:
+        """A worker ends an open run only when no job is pending or driven by a live worker
+        and no live worker holds its lease."""
+        store = await self._crew(store_url, StepClock(), "a", workers=("w1", "w2"))
+        try:
+            assert await store.close_run("r", "finished", None, now=6.0) is False  # pending
+            assert (await self._claim(store)).outcome is ClaimOutcome.CLAIMED
+            assert await store.close_run("r", "finished", None, now=6.0) is False  # w1 drives
+            await store.transition("r", "a", JobState.DOWNLOADED, now=7.0, event="e",
+                                   worker_id=None)
+            await store.acquire_lease("r", "w2", stale_after=30.0, now=7.0)
+            assert await store.close_run("r", "finished", None, now=7.0) is False  # w2's lease
+            await store.release_lease("r", "w2")
+            assert await store.close_run("r", "finished", "done", now=8.0) is True
+            run = await store.require_run("r")
+            assert (run.state, run.stop_reason) == ("finished", "done")
+            assert await store.close_run("r", "finished", None, now=9.0) is False  # not open
+        finally:
+            await store.aclose()
+
+    async def test_account_limits_are_shared(self, store_url: str) -> None:
+        """A slot rejection lowers the shared limit (never below 1, never up); two rounds of
+        creates probe one more slot, up to the configured maximum; ensure_account keeps a
+        lowered limit."""
+        store = await self._crew(store_url, StepClock(), slots=4)
+        try:
+            assert await store.account_rejected("acc", limit=2, now=2.0) == 2
+            assert await store.account_rejected("acc", limit=3, now=2.0) == 2
+            assert [await store.account_created("acc", now=3.0) for _ in range(4)] == [
+                2, 2, 2, 3]
+            again = await store.ensure_account("acc", provider="imarouter", max_in_flight=4,
+                                               now=4.0)
+            assert (again.max_in_flight, again.slot_limit, again.in_flight) == (4, 3, 0)
+            assert await store.account_rejected("acc", limit=0, now=5.0) == 1
+        finally:
+            await store.aclose()

@@ -1,10 +1,11 @@
 """Cooperating workers on one store: claims, shared slots, takeover, and fencing.
 
 The CLI runs in subprocesses against the simulator on loopback (Kling's native shape, whose
-lookup by ``external_task_id`` settles every create a killed worker left unanswered). The
-tests SIGKILL, SIGSTOP and SIGCONT workers and check what DESIGN.md §10 promises: one provider
-task per job, never more tasks in flight than the account's slots, a worker that wakes up after
-being presumed dead changes nothing and exits 5, and every job ends downloaded.
+lookup by ``external_task_id`` settles every create a killed worker left unanswered), on each
+store backend (``store_url``: one SQLite file, or one PostgreSQL database the workers share).
+The tests SIGKILL, SIGSTOP and SIGCONT workers and check what DESIGN.md §10 promises: one
+provider task per job, never more tasks in flight than the account's slots, a worker that wakes
+up after being presumed dead changes nothing and exits 5, and every job ends downloaded.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
+import psycopg
 import pytest
 import yaml
 from conftest import wait_until_running
+from invariants import db_query, store_problems
 
 from batchkling.simulator import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, SimulatorServer
 from batchkling.simulator.state import account_label
@@ -33,8 +36,8 @@ SPEED = 300.0
 RUN = "crew"
 
 
-def _cli(*args: str, workdir: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **KLING_ENV}
+def _cli(*args: str, workdir: Path, store: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **KLING_ENV, "BATCHKLING_STORE": store}
     env.pop("BATCHKLING_CRASH_AT", None)
     return subprocess.Popen(
         [sys.executable, "-m", "batchkling", *args, "--workdir", str(workdir)],
@@ -54,46 +57,39 @@ def _manifest(tmp_path: Path, sim: SimulatorServer, n: int, **limits: Any) -> Pa
                           limits=settings)
 
 
-def _db(workdir: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    con = sqlite3.connect(workdir / "batchkling.db", timeout=30)
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
-
-
-def _check_every_job_paid_once(workdir: Path, sim: SimulatorServer, n: int) -> None:
+def _check_every_job_paid_once(workdir: Path, store: str, sim: SimulatorServer, n: int) -> None:
     """Every job downloaded from exactly one task; no key created twice; a healthy store."""
     stats = sim.stats()
     assert stats["duplicate_keys"] == [], "a key made two paid tasks"
     assert stats["creates"] == n
-    assert _db(workdir, "PRAGMA integrity_check") == [("ok",)]
-    states = dict(_db(workdir, "SELECT job_id, state FROM jobs WHERE run_id = ?", RUN))
+    assert store_problems(store) == []
+    states = dict(db_query(store, "SELECT job_id, state FROM jobs WHERE run_id = ?", RUN))
     assert len(states) == n
     assert set(states.values()) == {"downloaded"}, states
-    tasks = _db(workdir, "SELECT job_id, COUNT(DISTINCT task_id) FROM attempts WHERE run_id = ?"
+    tasks = db_query(store, "SELECT job_id, COUNT(DISTINCT task_id) FROM attempts WHERE run_id = ?"
                 " AND task_id IS NOT NULL GROUP BY job_id", RUN)
     assert all(count == 1 for _job, count in tasks) and len(tasks) == n
     # No attempt without its job, no job claimed by nobody that is still in flight.
-    assert _db(workdir, "SELECT COUNT(*) FROM attempts a LEFT JOIN jobs j USING (run_id, job_id)"
+    assert db_query(store, "SELECT COUNT(*) FROM attempts a LEFT JOIN jobs j USING (run_id, job_id)"
                " WHERE j.job_id IS NULL") == [(0,)]
     for path in (workdir / RUN / "videos").glob("*.mp4"):
         assert path.read_bytes()[4:8] == b"ftyp"
     assert not list(workdir.rglob("*.part"))
 
 
-def _one_driving(workdir: Path, crew: list[subprocess.Popen[bytes]]) -> int | None:
+def _one_driving(store: str, crew: list[subprocess.Popen[bytes]]) -> int | None:
     """The index of a worker process that is registered and drives a job now (None once
     every job is downloaded: the run is over)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if _db(workdir, "SELECT COUNT(*) FROM jobs WHERE state != 'downloaded'") == [(0,)]:
+            if db_query(store, "SELECT COUNT(*) FROM jobs WHERE state != 'downloaded'") == [
+                    (0,)]:
                 return None
-            pids = {pid for (pid,) in _db(
-                workdir, "SELECT DISTINCT w.pid FROM jobs j JOIN workers w USING (worker_id)"
+            pids = {pid for (pid,) in db_query(
+                store, "SELECT DISTINCT w.pid FROM jobs j JOIN workers w USING (worker_id)"
                 " WHERE w.state = 'alive'")}
-        except sqlite3.Error:
+        except (sqlite3.Error, psycopg.Error):
             pids = set()
         driving = [i for i, proc in enumerate(crew) if proc.pid in pids and proc.poll() is None]
         if driving:
@@ -104,22 +100,24 @@ def _one_driving(workdir: Path, crew: list[subprocess.Popen[bytes]]) -> int | No
 
 @pytest.mark.timeout(120)
 def test_a_paused_runner_is_fenced_after_takeover(tmp_path: Path, workdir: Path,
-                                                   simulator: Any) -> None:
+                                                   simulator: Any, store_url: str) -> None:
     """A runner SIGSTOPped past --stale-after loses its run to a second runner; continued,
     it changes nothing, says why and exits 5, while the second finishes every job once."""
     sim = simulator(speed=40.0)  # renders of a couple of seconds: A is mid-run when paused
     n = 12
     manifest = _manifest(tmp_path, sim, n, max_in_flight=3, submit_rate=4)
-    first = _cli("run", str(manifest), "--stale-after", "1s", "--speed", "40", workdir=workdir)
-    wait_until_running(first, workdir / "batchkling.db", RUN)
+    first = _cli("run", str(manifest), "--stale-after", "1s", "--speed", "40", workdir=workdir,
+                 store=store_url)
+    wait_until_running(first, store_url, RUN)
     while sim.stats()["creates"] < 2 and first.poll() is None:
         time.sleep(0.02)
     first.send_signal(signal.SIGSTOP)
     try:
         created_while_paused = sim.stats()["creates"]
         time.sleep(1.5)  # silent past --stale-after
-        second = _cli("resume", RUN, "--stale-after", "1s", "--speed", "40", workdir=workdir)
-        wait_until_running(second, workdir / "batchkling.db", RUN)
+        second = _cli("resume", RUN, "--stale-after", "1s", "--speed", "40", workdir=workdir,
+                      store=store_url)
+        wait_until_running(second, store_url, RUN)
     finally:
         first.send_signal(signal.SIGCONT)
     code, err = _finish(first)
@@ -128,15 +126,16 @@ def test_a_paused_runner_is_fenced_after_takeover(tmp_path: Path, workdir: Path,
     code, err = _finish(second)
     assert code == 0, err
     assert created_while_paused < n
-    _check_every_job_paid_once(workdir, sim, n)
-    fenced = _db(workdir, "SELECT state FROM workers WHERE stop_reason LIKE '%taken over%'")
+    _check_every_job_paid_once(workdir, store_url, sim, n)
+    fenced = db_query(store_url, "SELECT state FROM workers WHERE stop_reason LIKE ?",
+                      "%taken over%")
     assert fenced == [("dead",)]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_four_workers_killed_and_paused_share_ten_slots(tmp_path: Path, workdir: Path,
-                                                        simulator: Any) -> None:
+                                                        simulator: Any, store_url: str) -> None:
     """4 workers on one store and one 10-slot account, 300 jobs; workers SIGKILLed and
     restarted at random, one SIGSTOPped past --stale-after and continued: every job is
     downloaded from one task, the account never holds more than 10, no create is refused for
@@ -145,12 +144,12 @@ def test_four_workers_killed_and_paused_share_ten_slots(tmp_path: Path, workdir:
     n = 300
     # Creates paced over about ten seconds, so the kills land while the run is under way.
     manifest = _manifest(tmp_path, sim, n, max_in_flight=10, submit_rate=30)
-    code, err = _finish(_cli("submit", str(manifest), workdir=workdir))
+    code, err = _finish(_cli("submit", str(manifest), workdir=workdir, store=store_url))
     assert code == 0, err
 
     def worker() -> subprocess.Popen[bytes]:
         return _cli("worker", "--exit-when-idle", "--stale-after", "1s", "--speed", str(SPEED),
-                    workdir=workdir)
+                    workdir=workdir, store=store_url)
 
     rng = random.Random(20261202)
     crew = [worker() for _ in range(4)]
@@ -162,7 +161,7 @@ def test_four_workers_killed_and_paused_share_ten_slots(tmp_path: Path, workdir:
         while sim.stats()["creates"] < n * tenth / 10:
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.2))
-        victim = _one_driving(workdir, crew)
+        victim = _one_driving(store_url, crew)
         if victim is None:
             break  # the run finished first
         if tenth == 2:
@@ -189,7 +188,7 @@ def test_four_workers_killed_and_paused_share_ten_slots(tmp_path: Path, workdir:
     # more worker, like a restarted pod would.
     code, err = _finish(worker())
     assert code == 0, err
-    _check_every_job_paid_once(workdir, sim, n)
+    _check_every_job_paid_once(workdir, store_url, sim, n)
 
 
 class TestAccountPools:

@@ -4,7 +4,8 @@ Owns the store's interface (``interface.Store``, an abstract base that the engin
 orchestrator and the views depend on), the row types every backend returns (``rows``), and the
 backends with their schemas and migrations: SQLite (``sqlite``, ``sqlite_schema``), the embedded
 default, and PostgreSQL (``postgres``, ``postgres_schema``), the store many machines share;
-``lease`` (the single-runner rule both apply) and ``locate`` (a ``--store`` location → a backend).
+``lease`` (what both backends' liveness rules share) and ``locate`` (a ``--store`` location →
+a backend).
 
 May import: the foundation modules only (``errors``, ``models``, ``pricing``), and its drivers
 (aiosqlite, psycopg). The store knows nothing of manifests, providers or runs in progress: it

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from batchkling.clock import Clock
 from batchkling.errors import ConfigError
 from batchkling.store.interface import Store
 
@@ -44,16 +45,20 @@ def sqlite_path(location: str | os.PathLike[str]) -> Path:
     return Path(text)
 
 
-def store_from(location: str | os.PathLike[str]) -> Store:
-    """A (not yet opened) store for ``location``; :class:`ConfigError` if it names none."""
+def store_from(location: str | os.PathLike[str], *, clock: Clock | None = None) -> Store:
+    """A (not yet opened) store for ``location``; :class:`ConfigError` if it names none.
+
+    ``clock``: a clock for heartbeats, staleness and pauses instead of the backend's own (a
+    test's virtual clock).
+    """
     if is_postgres(location):
         from batchkling.store.postgres import PostgresStore
 
-        return PostgresStore(os.fspath(location))
+        return PostgresStore(os.fspath(location), clock=clock)
     path = sqlite_path(location)
     from batchkling.store.sqlite import SqliteStore
 
-    return SqliteStore(path)
+    return SqliteStore(path, clock=clock)
 
 
 async def store_exists(location: str | os.PathLike[str]) -> bool:

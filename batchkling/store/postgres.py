@@ -22,24 +22,42 @@ round trips whatever the number of jobs.
   survives the batchkling process being killed; a server crash in the next few hundred
   milliseconds may lose it, which costs a repeated poll or download, never a task.
 
-**Time.** Rows keep the times callers pass (``now``), as SQLite does, except the run lease's
-heartbeat: workers on different machines do not share a clock, so the lease is stamped and
-judged by the database's ``clock_timestamp()`` (see :meth:`PostgresStore.acquire_lease`).
+**Time.** Rows keep the times callers pass (``now``), as SQLite does, except what decides
+liveness and pauses: workers on different machines do not share a clock, so a worker's
+heartbeat (``workers.beat``) and an account's ``paused_until`` are stamped and judged by the
+database's ``clock_timestamp()`` — unless the store was given a ``clock`` (a test's virtual
+clock), whose ``monotonic()`` then stands in for the server's.
+
+**Claims** (DESIGN.md §10) are one short transaction of two round trips. The first message
+picks: the schema's ``batchkling_claim_pick`` reads what the claim decides on and, when a job
+may be taken, locks the run's next pending job (``FOR UPDATE SKIP LOCKED``: claims for other
+accounts take the next one), and the message reads that job. Python computes the job's intent.
+The second message takes: ``batchkling_claim_take`` locks the account's row (claimers of one
+account take turns), and the run's when a budget applies, counts the account's tasks in
+flight, checks the worker, run, pause, slots and budget again, and the job's update and the
+commit follow in the same message — so an account's row is locked for the server's work
+only, never across a round trip or the client's turn. Locks are taken in the order job,
+account, run (a claim never waits for a job), and a lease takeover takes a worker's row
+before a run's: claimers never deadlock one another or a takeover.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, LiteralString
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import anyio
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from batchkling.clock import Clock
 from batchkling.errors import (
     ConfigError,
     RunLocked,
@@ -47,11 +65,21 @@ from batchkling.errors import (
     SchemaTooNew,
     StoreError,
     StoreRefused,
+    WorkerFenced,
 )
 from batchkling.models import TERMINAL, JobSpec, JobState
 from batchkling.pricing import ObservedPrice
-from batchkling.store.interface import HOLDING_STATES, RECENT_ENDS, Store
-from batchkling.store.lease import lease_is_stale
+from batchkling.store.interface import (
+    HOLDING_STATES,
+    ORPHAN_STATES,
+    RECENT_ENDS,
+    SLOT_STATES,
+    Claim,
+    ClaimOutcome,
+    Intent,
+    Store,
+)
+from batchkling.store.lease import BOOT_ID, FENCED, gone_here
 from batchkling.store.postgres_schema import MIGRATIONS, SCHEMA, SCHEMA_LOCK, SCHEMA_VERSION
 from batchkling.store.rows import (
     ATTEMPT_KEYS,
@@ -60,9 +88,11 @@ from batchkling.store.rows import (
     PRICES_SELECT,
     RESTORED_STATE,
     RUN_SELECT,
+    AccountRow,
     JobRow,
     ReuseSource,
     RunRow,
+    WorkerRow,
     event_data,
     job_row,
     price_rows,
@@ -82,13 +112,24 @@ CONNECT_TIMEOUT = 10
 #: fails: 30 s by default, long enough to ride out a server restart or a failover.
 POOL_WAIT_CONNECTS = 3
 
+#: Seconds a claim's transaction may sit idle between its two messages before the server ends
+#: it (``idle_in_transaction_session_timeout``): a paused process must not keep a job (or, in a
+#: lease takeover, a run) locked against every other worker.
+CLAIM_IDLE_LIMIT = 5.0
+
 #: Session settings of the two pools' connections (see the module docstring).
 _QUICK_SESSION = "SET synchronous_commit = off"
 _DURABLE_SESSION = ("SELECT set_config('synchronous_commit', 'on', false)"
                     " WHERE current_setting('synchronous_commit') = 'off'")
 
-#: The database's clock, in the epoch seconds every row uses.
-_DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
+#: The store's clock, in seconds: the injected clock's reading when one is passed as the
+#: parameter, else the database's (epoch seconds). Every liveness and pause decision uses it.
+_NOW = "COALESCE(%(clock)s::float8, extract(epoch FROM clock_timestamp())::float8)"
+_SLOT_VALUES = [state.value for state in SLOT_STATES]
+_ORPHAN_VALUES = [state.value for state in ORPHAN_STATES]
+_JOB_COLUMNS = ", ".join(JobRow.__dataclass_fields__)
+#: The workers that are alive, for the takeover queries.
+_ALIVE = "(SELECT worker_id FROM workers WHERE state = 'alive')"
 
 #: Job columns stored as ``boolean`` here: the engine may hand 0/1.
 _BOOLEAN_FIELDS = frozenset({"retryable"})
@@ -118,6 +159,23 @@ INTEGRITY_CHECKS: tuple[tuple[str, LiteralString], ...] = (
     ("events of no run",
      "SELECT count(*) FROM events e WHERE NOT EXISTS"
      " (SELECT 1 FROM runs r WHERE r.run_id = e.run_id)"),
+    ("jobs held by no known worker",
+     "SELECT count(*) FROM jobs j WHERE j.worker_id IS NOT NULL AND NOT EXISTS"
+     " (SELECT 1 FROM workers w WHERE w.worker_id = j.worker_id)"),
+    ("jobs on no known account",
+     "SELECT count(*) FROM jobs j WHERE j.account_id IS NOT NULL AND NOT EXISTS"
+     " (SELECT 1 FROM accounts a WHERE a.account_id = j.account_id)"),
+    ("runs whose reserved total is not their jobs' reservations",
+     "SELECT count(*) FROM runs r WHERE abs(r.reserved_usd - COALESCE((SELECT sum(reserved_usd)"
+     " FROM jobs j WHERE j.run_id = r.run_id), 0)) > 1e-6"),
+    ("runs whose spent total is not their attempts' costs",
+     "SELECT count(*) FROM runs r WHERE abs(r.spent_usd - COALESCE((SELECT sum(cost_usd)"
+     " FROM attempts a WHERE a.run_id = r.run_id), 0)) > 1e-6"),
+    ("runs whose totals in units are not their jobs' and attempts'",
+     "SELECT count(*) FROM runs r WHERE abs(r.reserved_units - COALESCE((SELECT"
+     " sum(reserved_units) FROM jobs j WHERE j.run_id = r.run_id), 0)) > 1e-6"
+     " OR abs(r.spent_units - COALESCE((SELECT sum(cost_units) FROM attempts a"
+     " WHERE a.run_id = r.run_id), 0)) > 1e-6"),
 )
 
 
@@ -157,7 +215,7 @@ class PostgresStore(Store):
     """
 
     def __init__(self, url: str, *, pool_size: int = POOL_SIZE,
-                 quick_pool_size: int = QUICK_POOL_SIZE) -> None:
+                 quick_pool_size: int = QUICK_POOL_SIZE, clock: Clock | None = None) -> None:
         try:
             params = psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.Error as exc:
@@ -180,6 +238,10 @@ class PostgresStore(Store):
         self._pool: AsyncConnectionPool | None = None
         self._quick: AsyncConnectionPool | None = None
         self._closed = False
+        # The store's clock for heartbeats and pauses: the server's, unless a test injects its
+        # virtual clock (then the engine's waits and the store's judgements share one time).
+        self._clock = clock
+        self.claim_idle_limit = CLAIM_IDLE_LIMIT
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -384,59 +446,312 @@ class PostgresStore(Store):
             (state, stop_reason, now, run_id),
         )
 
-    # ---- the single-runner lease -----------------------------------------------------------
+    # ---- workers and the run's lease -------------------------------------------------------
 
-    async def acquire_lease(
-        self, run_id: str, owner: str, *, now: float, stale_after: float
-    ) -> None:
-        """Take the run's lease, or raise :class:`RunLocked` naming the live holder.
+    def _clock_now(self) -> float | None:
+        """The injected clock's reading, or None: the database's clock then decides."""
+        return None if self._clock is None else self._clock.monotonic()
 
-        The database's clock decides, not ``now``: the heartbeat is stamped with the server's
-        ``clock_timestamp()`` and its age measured against the same clock, so runners whose
-        clocks disagree still agree on who is alive. A lease is stale when its heartbeat is
-        older than ``stale_after`` seconds, or when its holder was on this host and that
-        process no longer exists. The row is locked (``FOR UPDATE``) while this is decided.
-        """
-        del now  # the database's clock is the one all runners share
-        pid, host = os.getpid(), socket.gethostname()
-        async with self._connection() as conn, conn.transaction():
-            cur = await conn.execute(
-                "SELECT lease_owner, lease_pid, lease_host,"
-                f" {_DB_NOW} - lease_heartbeat FROM runs WHERE run_id = %s FOR UPDATE",
-                (run_id,),
-            )
-            row = await cur.fetchone()
-            if row is None:
-                raise RunNotFound(f"no run {run_id!r} in {self.location}")
-            holder, holder_pid, holder_host, age = row
-            if holder is not None and holder != owner and not lease_is_stale(
-                holder_pid, holder_host, age, stale_after=stale_after
-            ):
-                raise RunLocked(
-                    f"run {run_id!r} is being run by process {holder_pid} on {holder_host} "
-                    f"(last heartbeat {max(0.0, age or 0.0):.0f}s ago); wait for it to finish, "
-                    "or stop it first"
-                )
-            await conn.execute(
-                "UPDATE runs SET lease_owner = %s, lease_pid = %s, lease_host = %s,"
-                f" lease_heartbeat = {_DB_NOW} WHERE run_id = %s",
-                (owner, pid, host, run_id),
-            )
-
-    async def heartbeat(self, run_id: str, owner: str, now: float) -> None:
-        """Refresh the lease, stamped with the database's clock (``now`` is not used)."""
+    async def register_worker(self, worker_id: str, *, runs: Sequence[str] | None,
+                              now: float) -> None:
+        """Record this process as a live worker (serving ``runs``, or every open run)."""
         await self._execute(
-            f"UPDATE runs SET lease_heartbeat = {_DB_NOW} WHERE run_id = %s AND lease_owner = %s",
-            (run_id, owner),
+            "INSERT INTO workers (worker_id, host, pid, boot_id, state, runs, started_at,"
+            f" heartbeat_at, beat) VALUES (%(worker)s, %(host)s, %(pid)s, %(boot)s, 'alive',"
+            f" %(runs)s::jsonb, %(now)s, %(now)s, {_NOW})"
+            " ON CONFLICT (worker_id) DO UPDATE SET state = 'alive', heartbeat_at ="
+            " excluded.heartbeat_at, beat = excluded.beat",
+            {"worker": worker_id, "host": socket.gethostname(), "pid": os.getpid(),
+             "boot": BOOT_ID, "runs": None if runs is None else json.dumps(list(runs)),
+             "now": now, "clock": self._clock_now()},
         )
+
+    async def worker_heartbeat(self, worker_id: str, now: float) -> None:
+        """Say this worker is alive, on the database's clock; :class:`WorkerFenced` if it was
+        presumed dead meanwhile."""
+        changed = await self._execute(
+            f"UPDATE workers SET heartbeat_at = %(now)s, beat = {_NOW}"
+            " WHERE worker_id = %(worker)s AND state = 'alive'",
+            {"now": now, "worker": worker_id, "clock": self._clock_now()},
+        )
+        if changed == 0:
+            raise WorkerFenced(FENCED)
+
+    async def retire_worker(self, worker_id: str, *, state: str, reason: str | None,
+                            now: float) -> None:
+        """Mark this worker ``stopped`` (it exits) so its unfinished jobs are adopted at once."""
+        await self._execute(
+            "UPDATE workers SET state = %s, stop_reason = %s, heartbeat_at = %s"
+            " WHERE worker_id = %s AND state = 'alive'",
+            (state, reason, now, worker_id),
+        )
+
+    async def reap_workers(self, stale_after: float, now: float) -> list[str]:
+        """Mark ``dead`` the live workers silent past ``stale_after`` on the database's clock,
+        or gone from this host; return their ids.
+
+        One statement decides and marks, on each row's latest version: a worker that beat
+        meanwhile stays alive. A row being written (a heartbeat) is skipped, not waited for:
+        that worker is alive this very moment. (Which of this host's workers are gone is read
+        first: only this process can ask the kernel.)
+        """
+        del now  # the store's clock decides, not the caller's
+        host = socket.gethostname()
+        here = await self._rows(
+            "SELECT worker_id, boot_id, pid FROM workers WHERE state = 'alive' AND host = %s",
+            (host,))
+        gone = [worker_id for worker_id, boot_id, pid in here if gone_here(host, boot_id, pid)]
+        rows = await self._rows(
+            "UPDATE workers SET state = 'dead', stop_reason = %(why)s WHERE worker_id IN"
+            " (SELECT worker_id FROM workers WHERE state = 'alive' AND"
+            f" ({_NOW} - beat > %(stale)s OR worker_id = ANY(%(gone)s::text[]))"
+            " ORDER BY worker_id FOR UPDATE SKIP LOCKED)"
+            f" AND state = 'alive' AND ({_NOW} - beat > %(stale)s"
+            " OR worker_id = ANY(%(gone)s::text[])) RETURNING worker_id",
+            {"why": f"silent for more than {stale_after:g}s", "stale": stale_after,
+             "gone": gone, "clock": self._clock_now()},
+        )
+        return sorted(r[0] for r in rows)
+
+    async def list_workers(self, *, alive_only: bool = True) -> list[WorkerRow]:
+        """Workers, most recently heard of first."""
+        where = " WHERE state = 'alive'" if alive_only else ""
+        rows = await self._rows(
+            "SELECT worker_id, host, pid, state, runs, started_at, heartbeat_at,"
+            f" greatest(0, {_NOW} - beat), stop_reason FROM workers{where}"
+            " ORDER BY heartbeat_at DESC",
+            {"clock": self._clock_now()},
+        )
+        return [WorkerRow(worker_id=r[0], host=r[1], pid=r[2], state=r[3],
+                          runs=None if r[4] is None else [str(run) for run in r[4]],
+                          started_at=r[5], heartbeat_at=r[6], silent_for=float(r[7]),
+                          stop_reason=r[8])
+                for r in rows]
+
+    async def held_by_workers(self) -> dict[str, dict[str, int]]:
+        """``{worker_id: {state: jobs}}`` for every worker that drives a job."""
+        rows = await self._rows(
+            "SELECT worker_id, state, count(*) FROM jobs WHERE worker_id IS NOT NULL"
+            " GROUP BY worker_id, state")
+        held: dict[str, dict[str, int]] = {}
+        for worker_id, state, n in rows:
+            held.setdefault(worker_id, {})[state] = int(n)
+        return held
+
+    async def acquire_lease(self, run_id: str, worker_id: str, *, stale_after: float,
+                            now: float) -> None:
+        """Make ``worker_id`` the run's driver, or raise :class:`RunLocked`; a stale holder is
+        fenced (marked dead) as its lease is taken over.
+
+        The database's clock decides, not ``now``: the holder's heartbeat was stamped with it
+        and its silence is measured on it, so workers whose clocks disagree still agree on who
+        is alive. The holder's row is locked before the run's, and the run's holder is checked
+        again under its lock. Like a claim, the transaction may not idle long with the run's
+        row locked (``claim_idle_limit``).
+        """
+        del now  # the database's clock is the one all workers share
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s,"
+                               " true)", (str(max(1, round(self.claim_idle_limit * 1000))),))
+            while True:
+                cur = await conn.execute("SELECT lease_owner FROM runs WHERE run_id = %s",
+                                         (run_id,))
+                row = await cur.fetchone()
+                if row is None:
+                    raise RunNotFound(f"no run {run_id!r} in {self.location}")
+                holder: str | None = row[0]
+                seen = None
+                if holder is not None and holder != worker_id:
+                    cur = await conn.execute(
+                        f"SELECT host, pid, boot_id, {_NOW} - beat, state FROM workers"
+                        " WHERE worker_id = %(holder)s FOR UPDATE",
+                        {"holder": holder, "clock": self._clock_now()})
+                    seen = await cur.fetchone()
+                cur = await conn.execute(
+                    "SELECT lease_owner FROM runs WHERE run_id = %s FOR UPDATE", (run_id,))
+                again = await cur.fetchone()
+                if again is not None and again[0] == holder:
+                    break
+                # Another process took or gave the lease up in between: decide again.
+            if seen is not None and seen[4] == "alive":
+                host, pid, boot_id, silent, _state = seen
+                if silent <= stale_after and not gone_here(host, boot_id, pid):
+                    raise RunLocked(
+                        f"run {run_id!r} is being run by process {pid} on {host} (last "
+                        f"heartbeat {max(0.0, silent):.0f}s ago); wait for it to finish, or "
+                        "stop it first")
+                # Presumed dead: from now on its writes change nothing.
+                await conn.execute(
+                    "UPDATE workers SET state = 'dead', stop_reason = %s WHERE worker_id = %s",
+                    (f"its run {run_id!r} was taken over", holder))
+            await conn.execute("UPDATE runs SET lease_owner = %s WHERE run_id = %s",
+                               (worker_id, run_id))
 
     async def release_lease(self, run_id: str, owner: str) -> None:
         """Give the lease up; a no-op if another process has taken it over."""
         await self._execute(
-            "UPDATE runs SET lease_owner = NULL, lease_pid = NULL, lease_host = NULL,"
-            " lease_heartbeat = NULL WHERE run_id = %s AND lease_owner = %s",
+            "UPDATE runs SET lease_owner = NULL WHERE run_id = %s AND lease_owner = %s",
             (run_id, owner),
         )
+
+    # ---- accounts and claims ---------------------------------------------------------------
+
+    async def ensure_account(self, account_id: str, *, provider: str, max_in_flight: int,
+                             now: float) -> AccountRow:
+        """Create the account, or set its configured ``max_in_flight``; return it."""
+        await self._execute(
+            "INSERT INTO accounts (account_id, provider, max_in_flight, slot_limit, updated_at)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (account_id) DO UPDATE SET"
+            " max_in_flight = excluded.max_in_flight,"
+            " slot_limit = least(accounts.slot_limit, excluded.max_in_flight),"
+            " updated_at = excluded.updated_at",
+            (account_id, provider, max_in_flight, max_in_flight, now),
+        )
+        account = await self.get_account(account_id)
+        assert account is not None
+        return account
+
+    async def get_account(self, account_id: str) -> AccountRow | None:
+        """The account with its slots in flight now, or None."""
+        rows = await self._rows(
+            "SELECT account_id, provider, max_in_flight, slot_limit,"
+            f" greatest(0, paused_until - {_NOW}),"
+            " batchkling_in_flight(account_id, %(slot_states)s::text[])"
+            " FROM accounts a WHERE account_id = %(account)s",
+            {"account": account_id, "slot_states": _SLOT_VALUES, "clock": self._clock_now()},
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return AccountRow(account_id=r[0], provider=r[1], max_in_flight=r[2], slot_limit=r[3],
+                          paused_for=float(r[4]), in_flight=int(r[5]))
+
+    async def account_rejected(self, account_id: str, *, limit: int, now: float) -> int:
+        """Lower the shared slot limit to ``limit`` (never raise it); return the limit."""
+        rows = await self._rows(
+            "UPDATE accounts SET slot_limit = greatest(1, least(slot_limit, %s)), streak = 0,"
+            " updated_at = %s WHERE account_id = %s RETURNING slot_limit",
+            (limit, now, account_id))
+        return int(rows[0][0]) if rows else limit
+
+    async def account_created(self, account_id: str, *, now: float) -> int:
+        """Count a create; after two rounds of the limit, probe one more slot. One round trip:
+        the limit in force comes back whether or not this create moved it."""
+        rows = await self._rows(
+            "WITH probed AS (UPDATE accounts SET"
+            " slot_limit = CASE WHEN streak + 1 >= 2 * slot_limit THEN slot_limit + 1"
+            " ELSE slot_limit END,"
+            " streak = CASE WHEN streak + 1 >= 2 * slot_limit THEN 0 ELSE streak + 1 END,"
+            " updated_at = %(now)s WHERE account_id = %(account)s"
+            " AND slot_limit < max_in_flight RETURNING slot_limit)"
+            " SELECT slot_limit FROM probed UNION ALL"
+            " SELECT slot_limit FROM accounts WHERE account_id = %(account)s"
+            " AND NOT EXISTS (SELECT 1 FROM probed)",
+            {"now": now, "account": account_id})
+        return int(rows[0][0]) if rows else 0
+
+    async def pause_account(self, account_id: str, seconds: float, now: float) -> None:
+        """Hold every worker's creates on this account back for ``seconds``, on the
+        database's clock."""
+        await self._execute(
+            f"UPDATE accounts SET paused_until = greatest(paused_until, {_NOW} + %(wait)s),"
+            " updated_at = %(now)s WHERE account_id = %(account)s",
+            {"wait": max(0.0, seconds), "now": now, "account": account_id,
+             "clock": self._clock_now()})
+
+    async def claim(
+        self,
+        run_id: str,
+        *,
+        worker_id: str,
+        account_id: str,
+        slot_cap: int,
+        intent: Callable[[JobRow], Intent],
+        max_usd: float | None,
+        now: float,
+        max_units: float | None = None,
+    ) -> Claim:
+        """Take the run's next pending job: see :meth:`Store.claim` and the module docstring.
+
+        Two round trips whatever the outcome: the pick (``_CLAIM_PICK``), then the take under
+        the account's lock with the job's update and the commit (``_CLAIM_TAKE``) — or a
+        rollback when the pick finds nothing to take. A worker presumed dead meanwhile gets
+        :class:`WorkerFenced`, and the job stays pending.
+
+        A claim's transaction may sit idle for at most ``claim_idle_limit`` seconds between its
+        messages (the process paused, say, with the picked job locked); past that the server
+        ends it, releasing the job for the other workers, and this claim starts again.
+        """
+        params = {"worker": worker_id, "account": account_id, "run": run_id,
+                  "slot_states": _SLOT_VALUES, "cap": slot_cap, "clock": self._clock_now(),
+                  "idle_ms": max(1, round(self.claim_idle_limit * 1000))}
+        missing = f"no run {run_id!r} (or account {account_id!r}) in {self.location}"
+        for _ in range(3):
+            try:
+                # Shielded: a claim cancelled between its messages would leave the job locked
+                # until the connection went back to the pool; this way it ends first.
+                with anyio.CancelScope(shield=True):
+                    async with self._connection() as conn:
+                        return await _claim_in(conn, params, slot_cap=slot_cap,
+                                               intent=intent, max_usd=max_usd,
+                                               max_units=max_units, now=now,
+                                               missing=missing)
+            except StoreError as exc:
+                # Ended by the server for idling: it rolled back, so nothing was claimed.
+                if not isinstance(exc.__cause__, psycopg.errors.IdleInTransactionSessionTimeout):
+                    raise
+        raise StoreError(f"PostgreSQL store {self.location} failed: claims keep being ended "
+                         f"by the server for idling over {self.claim_idle_limit:g}s in a "
+                         "transaction")
+
+    async def adopt(self, run_id: str, *, worker_id: str, states: Iterable[JobState],
+                    released: bool, limit: int = 500) -> list[JobRow]:
+        """Take over jobs in ``states`` whose worker is dead or stopped (and, with
+        ``released``, those no worker holds); bump their epoch; return them in seq order.
+
+        The rows are locked in manifest order (as every multi-row write here takes them), and
+        each is checked again once locked: a job another worker adopted first is left to it.
+        """
+        whose = (f"(worker_id IS NULL OR worker_id NOT IN {_ALIVE})" if released
+                 else f"(worker_id IS NOT NULL AND worker_id NOT IN {_ALIVE})")
+        rows = await self._rows(
+            "UPDATE jobs SET worker_id = %(worker)s, claim_epoch = claim_epoch + 1"
+            " WHERE (run_id, job_id) IN (SELECT run_id, job_id FROM jobs"
+            f" WHERE run_id = %(run)s AND state = ANY(%(states)s::text[]) AND {whose}"
+            f" ORDER BY seq LIMIT %(limit)s FOR UPDATE) RETURNING {_JOB_COLUMNS}",
+            {"worker": worker_id, "run": run_id, "states": [s.value for s in states],
+             "limit": limit},
+        )
+        return sorted((job_row(r) for r in rows), key=lambda job: job.seq)
+
+    async def held_elsewhere(self, run_id: str, worker_id: str) -> int:
+        """Jobs of the run that live workers other than ``worker_id`` are driving."""
+        rows = await self._rows(
+            "SELECT count(*) FROM jobs WHERE run_id = %s AND state = ANY(%s::text[])"
+            f" AND worker_id IS NOT NULL AND worker_id != %s AND worker_id IN {_ALIVE}",
+            (run_id, _ORPHAN_VALUES, worker_id))
+        return int(rows[0][0])
+
+    async def work_left(self, run_id: str) -> tuple[int, int]:
+        """``(pending, orphaned)`` jobs of the run (see :meth:`Store.work_left`)."""
+        rows = await self._rows(
+            "SELECT count(*) FILTER (WHERE state = 'pending'),"
+            " count(*) FILTER (WHERE state = ANY(%s::text[]) AND worker_id IS NOT NULL"
+            f" AND worker_id NOT IN {_ALIVE}) FROM jobs WHERE run_id = %s",
+            (_ORPHAN_VALUES, run_id))
+        return int(rows[0][0]), int(rows[0][1])
+
+    async def close_run(self, run_id: str, state: str, stop_reason: str | None,
+                        now: float) -> bool:
+        """End an open, driverless run with nothing left to do (see :meth:`Store.close_run`)."""
+        return bool(await self._execute(
+            "UPDATE runs SET state = %s, stop_reason = %s, updated_at = %s WHERE run_id = %s"
+            f" AND state = 'running' AND (lease_owner IS NULL OR lease_owner NOT IN {_ALIVE})"
+            " AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.run_id = runs.run_id AND"
+            " (state = 'pending' OR (state = ANY(%s::text[])"
+            f" AND worker_id IN {_ALIVE})))",
+            (state, stop_reason, now, run_id, _ORPHAN_VALUES),
+        ))
 
     # ---- jobs ------------------------------------------------------------------------------
 
@@ -484,7 +799,8 @@ class PostgresStore(Store):
                     " fingerprint = t.fp, state = 'pending', task_id = NULL,"
                     " idempotency_key = NULL, progress = NULL, video_url = NULL,"
                     " video_path = NULL, video_size = NULL, video_sha256 = NULL,"
-                    " cost_usd = NULL, cost_units = NULL, reserved_usd = 0, error_code = NULL,"
+                    " video_uri = NULL, video_etag = NULL, cost_usd = NULL, cost_units = NULL,"
+                    " reserved_usd = 0, error_code = NULL,"
                     " error_message = NULL, retryable = NULL, submitted_at = NULL,"
                     " completed_at = NULL, render_seconds = NULL, reserved_units = 0,"
                     " reused_from = NULL, updated_at = %s"
@@ -570,10 +886,16 @@ class PostgresStore(Store):
         limit: int = 500,
     ) -> list[JobRow]:
         """Jobs in any of ``states``, in manifest order, a page at a time."""
+        wanted = {s.value for s in states}
+        if len(wanted) == len(JobState):
+            # Every job (the CSV, the report): the (run_id, seq) index, in order, no sort.
+            rows = await self._rows(f"{JOB_SELECT} WHERE run_id = %s AND seq > %s"
+                                    " ORDER BY seq LIMIT %s", (run_id, after_seq, limit))
+            return [job_row(r) for r in rows]
         rows = await self._rows(
             f"{JOB_SELECT} WHERE run_id = %s AND state = ANY(%s::text[]) AND seq > %s"
             " ORDER BY seq LIMIT %s",
-            (run_id, [s.value for s in states], after_seq, limit),
+            (run_id, sorted(wanted), after_seq, limit),
         )
         return [job_row(r) for r in rows]
 
@@ -613,11 +935,11 @@ class PostgresStore(Store):
 
     async def money(self, run_id: str) -> tuple[float, float]:
         """``(spent, committed)``: reported cost so far, and cost plus open reservations."""
-        rows = await self._rows(
-            "SELECT COALESCE((SELECT SUM(cost_usd) FROM attempts WHERE run_id = %(run)s), 0),"
-            " COALESCE((SELECT SUM(reserved_usd) FROM jobs WHERE run_id = %(run)s), 0)",
-            {"run": run_id},
-        )
+        # Running totals the triggers keep: no scan of the run's attempts.
+        rows = await self._rows("SELECT spent_usd, reserved_usd FROM runs WHERE run_id = %s",
+                                (run_id,))
+        if not rows:
+            return 0.0, 0.0
         spent, reserved = float(rows[0][0]), float(rows[0][1])
         return spent, spent + reserved
 
@@ -626,6 +948,32 @@ class PostgresStore(Store):
         rows = await self._rows(
             f"{ATTEMPT_SELECT} WHERE run_id = %s AND job_id = %s ORDER BY number", (run_id, job_id))
         return [dict(zip(ATTEMPT_KEYS, r, strict=True)) for r in rows]
+
+    async def events(
+        self, run_id: str, job_id: str | None, *, last: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Events as ``{"at", "event", "data"}``, oldest first: one job's, or the run's own."""
+        who = "job_id = %(job)s" if job_id is not None else "job_id IS NULL"
+        # Newest first with a LIMIT walks the (run_id, id) index back from the end.
+        rows = await self._rows(
+            f"SELECT at, event, data FROM events WHERE run_id = %(run)s AND {who}"
+            " ORDER BY id DESC LIMIT %(last)s",
+            {"run": run_id, "job": job_id, "last": last})
+        # jsonb comes back decoded.
+        return [{"at": float(at), "event": event, "data": data}
+                for at, event, data in reversed(rows)]
+
+    async def forget_run(self, run_id: str) -> int:
+        """Delete the run with its jobs, attempts and events in one transaction (the jobs and
+        attempts go with the run: ``ON DELETE CASCADE``)."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("DELETE FROM events WHERE run_id = %s", (run_id,))
+            cur = await conn.execute(
+                "WITH gone AS (DELETE FROM jobs WHERE run_id = %s RETURNING 1)"
+                " SELECT count(*) FROM gone", (run_id,))
+            row = await cur.fetchone()
+            await conn.execute("DELETE FROM runs WHERE run_id = %s", (run_id,))
+        return int(row[0]) if row else 0
 
     async def transition(
         self,
@@ -638,6 +986,7 @@ class PostgresStore(Store):
         new_attempt: tuple[int, str] | None = None,
         data: Mapping[str, Any] | None = None,
         quick: bool = False,
+        epoch: int | None = None,
         **fields: Any,
     ) -> None:
         """Move a job to ``state`` and set ``fields``: one ``UPDATE``, one round trip.
@@ -646,7 +995,9 @@ class PostgresStore(Store):
         (``new_attempt`` = ``(number, idempotency_key)``, the create intent, with the attempt
         fields starting empty), mirrors the attempt fields onto it otherwise, and appends the
         event — all in the statement's own transaction. ``quick`` commits without waiting for
-        the WAL flush (see the module docstring).
+        the WAL flush (see the module docstring). ``epoch`` fences the write to the claim the
+        caller holds: if the job's claim epoch moved on, nothing changes and
+        :class:`WorkerFenced` is raised.
         """
         fields = transition_fields(fields, new_attempt)
         for name in _BOOLEAN_FIELDS & fields.keys():
@@ -654,12 +1005,16 @@ class PostgresStore(Store):
                 fields[name] = bool(fields[name])
         # Column names come from JOB_COLUMNS (transition_fields checks), never from outside.
         sets = "".join(f", {name} = %s" for name in fields)
-        await self._execute(
+        fence = "" if epoch is None else " AND claim_epoch = %s"
+        changed = await self._execute(
             "UPDATE jobs SET state = %s, updated_at = %s, last_event = %s,"
-            f" last_event_data = %s{sets} WHERE run_id = %s AND job_id = %s",
-            (state.value, now, event, event_data(data), *fields.values(), run_id, job_id),
+            f" last_event_data = %s{sets} WHERE run_id = %s AND job_id = %s{fence}",
+            (state.value, now, event, event_data(data), *fields.values(), run_id, job_id,
+             *(() if epoch is None else (epoch,))),
             quick=quick,
         )
+        if changed == 0 and epoch is not None:
+            raise WorkerFenced(FENCED)
 
     async def log_event(
         self, run_id: str, job_id: str | None, now: float, event: str,
@@ -680,11 +1035,11 @@ class PostgresStore(Store):
     # ---- money: observed prices, reservations, reuse (docs/money.md) -----------------------
 
     async def money_units(self, run_id: str) -> tuple[float, float]:
-        """``(spent, committed)`` in provider units."""
+        """``(spent, committed)`` in provider units (running totals, no scan)."""
         rows = await self._rows(
-            "SELECT COALESCE((SELECT SUM(cost_units) FROM attempts WHERE run_id = %(run)s), 0),"
-            " COALESCE((SELECT SUM(reserved_units) FROM jobs WHERE run_id = %(run)s), 0)",
-            {"run": run_id})
+            "SELECT spent_units, reserved_units FROM runs WHERE run_id = %s", (run_id,))
+        if not rows:
+            return 0.0, 0.0
         spent, reserved = float(rows[0][0]), float(rows[0][1])
         return spent, spent + reserved
 
@@ -810,3 +1165,133 @@ def _first_line(exc: BaseException) -> str:
 
 def _scrub(text: str, secret: str | None) -> str:
     return text.replace(secret, "***") if secret else text
+
+
+#: A claim's first message: the schema's ``batchkling_claim_pick`` (an unlocked read of what
+#: the claim decides on, and the run's next pending job locked when one may be taken), and
+#: that job.
+_CLAIM_PICK = (
+    "BEGIN;"
+    " SELECT worker_state, slot_limit, paused_for, run_state, committed, committed_units,"
+    " in_flight, pending FROM batchkling_claim_pick(%(worker)s, %(account)s, %(run)s,"
+    " %(cap)s, %(clock)s, %(slot_states)s, %(idle_ms)s);"
+    f" SELECT {_JOB_COLUMNS} FROM jobs WHERE run_id = %(run)s"
+    " AND job_id = current_setting('batchkling.claim_job')"
+)
+#: The second: ``batchkling_claim_take`` (the decision again, under the account's lock and,
+#: with a budget, the run's), then the job's update if it said so (the columns are the
+#: intent's), and the commit.
+_CLAIM_TAKE = (
+    "SELECT outcome, slot_limit, paused_for, in_flight, committed, committed_units"
+    " FROM batchkling_claim_take(%(worker)s, %(account)s, %(run)s, %(cap)s, %(max_usd)s,"
+    " %(usd)s, %(max_units)s, %(units)s, %(clock)s, %(slot_states)s);"
+    " UPDATE jobs SET state = 'submitting', updated_at = %(now)s,"
+    " last_event = 'job.submitting', last_event_data = NULL, worker_id = %(worker)s,"
+    " account_id = %(account)s, claim_epoch = claim_epoch + 1{sets}"
+    " WHERE run_id = %(run)s AND job_id = %(job)s"
+    " AND current_setting('batchkling.claim_ok') = 'yes'"
+    f" RETURNING {_JOB_COLUMNS};"
+    " COMMIT"
+)
+
+
+async def _claim_in(conn: psycopg.AsyncConnection[Any], params: dict[str, Any], *,
+                    slot_cap: int, intent: Callable[[JobRow], Intent], max_usd: float | None,
+                    max_units: float | None, now: float, missing: str) -> Claim:
+    """One claim's transaction on ``conn`` (see :meth:`PostgresStore.claim`)."""
+    # A client-side cursor: each message is several statements (simple query protocol).
+    cur = psycopg.AsyncClientCursor(conn)
+    try:
+        await cur.execute(_CLAIM_PICK, params)
+        cur.nextset()  # past BEGIN
+        (head,) = await cur.fetchall()
+        cur.nextset()
+        picked = await cur.fetchall()
+        decided = _decide(head, picked, slot_cap=slot_cap, intent=intent, max_usd=max_usd,
+                          max_units=max_units, missing=missing)
+        if isinstance(decided, Claim):
+            await cur.execute("ROLLBACK")
+            return decided
+        job, plan = decided
+        fields = transition_fields({"reserved_usd": plan.reserved_usd,
+                                    "reserved_units": plan.reserved_units,
+                                    "price_group": plan.price_group, "error_code": None,
+                                    "error_message": None}, plan.new_attempt)
+        # Column names come from JOB_COLUMNS (transition_fields checks them); each value is
+        # its own named parameter.
+        sets = "".join(f", {name} = %(f_{name})s" for name in fields)
+        await cur.execute(_CLAIM_TAKE.replace("{sets}", sets), {
+            **params, **{f"f_{name}": value for name, value in fields.items()},
+            "max_usd": max_usd, "usd": plan.reserved_usd, "max_units": max_units,
+            "units": plan.reserved_units, "now": now, "job": job.job_id})
+        outcome, slot_limit, paused_for, in_flight, committed, committed_units = (
+            await cur.fetchall())[0]
+        cur.nextset()
+        claimed = await cur.fetchone()
+    except BaseException:
+        if conn.info.transaction_status in (psycopg.pq.TransactionStatus.INTRANS,
+                                            psycopg.pq.TransactionStatus.INERROR):
+            with contextlib.suppress(psycopg.Error):
+                await conn.rollback()
+        raise
+    seen = _Seen(int(in_flight), min(int(slot_limit), slot_cap))
+    if outcome == "fenced":  # presumed dead since the pick: nothing was changed
+        raise WorkerFenced(FENCED)
+    if outcome == "claimed":
+        assert claimed is not None  # the job was locked by this transaction
+        return seen.claim(ClaimOutcome.CLAIMED, job=job_row(claimed))
+    # Since the pick, another claim took the last slot, a pause began, the run closed or the
+    # budget filled: nothing was changed.
+    if outcome == "paused":
+        return seen.claim(ClaimOutcome.PAUSED, wait=float(paused_for))
+    if outcome == "budget":
+        return seen.claim(ClaimOutcome.BUDGET, price=plan.reserved_usd,
+                          committed_usd=float(committed))
+    if outcome == "budget_units":
+        return seen.claim(ClaimOutcome.BUDGET, price=plan.reserved_units,
+                          committed_usd=float(committed_units), cap="units")
+    return seen.claim(ClaimOutcome(outcome))
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """The account's tasks in flight and its limit, as the claim saw them."""
+
+    in_flight: int
+    slot_limit: int
+
+    def claim(self, outcome: ClaimOutcome, **more: Any) -> Claim:
+        return Claim(outcome, in_flight=self.in_flight, slot_limit=self.slot_limit, **more)
+
+
+def _decide(head: tuple[Any, ...], picked: list[tuple[Any, ...]], *, slot_cap: int,
+            intent: Callable[[JobRow], Intent], max_usd: float | None,
+            max_units: float | None, missing: str) -> Claim | tuple[JobRow, Intent]:
+    """What a claim's pick says: a :class:`Claim` that takes nothing, or the picked job with
+    its intent (to be decided again under the locks)."""
+    (worker_state, slot_limit, paused_for, run_state, committed, committed_units, in_flight,
+     pending) = head
+    if worker_state != "alive":
+        raise WorkerFenced(FENCED)
+    if slot_limit is None or run_state is None:
+        raise RunNotFound(missing)
+    seen = _Seen(int(in_flight), min(int(slot_limit), slot_cap))
+    if run_state != "running":
+        return seen.claim(ClaimOutcome.CLOSED)
+    if not picked:
+        if not pending:
+            return seen.claim(ClaimOutcome.EMPTY)
+        if paused_for > 0:
+            return seen.claim(ClaimOutcome.PAUSED, wait=float(paused_for))
+        # No free slot — or every pending job is being claimed for another account right
+        # now: either way, look again in a moment.
+        return seen.claim(ClaimOutcome.NO_SLOT)
+    row = job_row(picked[0])
+    plan = intent(row)
+    if max_usd is not None and committed + plan.reserved_usd > max_usd + 1e-9:
+        return seen.claim(ClaimOutcome.BUDGET, price=plan.reserved_usd,
+                          committed_usd=float(committed))
+    if max_units is not None and committed_units + plan.reserved_units > max_units + 1e-9:
+        return seen.claim(ClaimOutcome.BUDGET, price=plan.reserved_units,
+                          committed_usd=float(committed_units), cap="units")
+    return row, plan

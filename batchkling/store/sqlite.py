@@ -25,7 +25,6 @@ import contextlib
 import errno
 import itertools
 import json
-import math
 import os
 import secrets
 import socket
@@ -53,6 +52,10 @@ from batchkling.store.interface import (
     Intent,
     Store,
 )
+from batchkling.store.lease import BOOT_ID as _BOOT_ID
+from batchkling.store.lease import FENCED as _FENCED
+from batchkling.store.lease import host_clock as _host_clock
+from batchkling.store.lease import process_alive as _process_alive
 from batchkling.store.rows import (
     ATTEMPT_KEYS,
     ATTEMPT_SELECT,
@@ -1059,35 +1062,6 @@ def _event(
     )
 
 
-def _host_clock() -> float:
-    """Seconds on a clock every process of this host shares, that no wall-clock step moves
-    and that keeps counting while the machine sleeps (a laptop lid closed)."""
-    boottime = getattr(time, "CLOCK_BOOTTIME", None)
-    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
-
-
-def _read_boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        # No boot id to tell boots apart: a heartbeat from before a reboot looks fresh until
-        # the wall-clock comparison in ``_silent_for`` would say otherwise.
-        return f"{socket.gethostname()}-{math.floor(time.time() - _host_clock())}"
-
-
-_BOOT_ID = _read_boot_id()
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
 @dataclass(frozen=True, slots=True)
 class _Seen:
     """What a claim's read saw of the account, for every outcome it returns."""
@@ -1121,11 +1095,6 @@ _REUSE_UPDATE = (
     " error_code = NULL, error_message = NULL, retryable = NULL, submitted_at = NULL,"
     " completed_at = ?, render_seconds = NULL, worker_id = NULL, updated_at = ?"
     " WHERE run_id = ? AND job_id = ? AND state = 'pending' AND fingerprint = ?"
-)
-_FENCED = (
-    "this worker was presumed dead (silent for longer than its stale-after, e.g. paused or "
-    "suspended) and another worker has taken over its jobs; it stopped without changing "
-    "anything more"
 )
 _SLOT_VALUES = tuple(state.value for state in SLOT_STATES)
 _JOB_COLUMNS = ", ".join(JobRow.__dataclass_fields__)

@@ -57,8 +57,9 @@ def _cpu() -> float:
 
 
 def _server_cpu(cluster: PgCluster | None) -> float:
-    """User + system seconds of the PostgreSQL server's live processes (postmaster and its
-    children), from /proc; 0 without a cluster."""
+    """User + system seconds of the PostgreSQL server's processes, from /proc: the postmaster,
+    its live children, and the children it has reaped (a backend whose client disconnected);
+    0 without a cluster."""
     if cluster is None or cluster._proc is None:
         return 0.0
     root = cluster._proc.pid
@@ -72,7 +73,9 @@ def _server_cpu(cluster: PgCluster | None) -> float:
         except OSError:
             continue
         pid, ppid = int(entry.name), int(fields[1])
-        if pid == root or ppid == root:
+        if pid == root:
+            total += sum(int(f) for f in fields[11:15]) / tick  # its own, and reaped children
+        elif ppid == root:
             total += (int(fields[11]) + int(fields[12])) / tick
     return total
 
