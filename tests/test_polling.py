@@ -18,7 +18,7 @@ from batchkling.run.polling import (
     TaskPlan,
     end_range,
 )
-from batchkling.store.sqlite import SqliteStore
+from batchkling.store import store_from
 from batchkling.testing import VirtualSim, write_manifest
 
 
@@ -202,10 +202,11 @@ class TestTaskPlan:
 
 
 class TestPriorFromTheStore:
-    async def test_render_times_of_the_group_on_this_endpoint(self, tmp_path: Path) -> None:
-        """Store.render_times: finished tasks of one model, duration and mode on one provider
-        and base URL, newest first, at most ``limit``; other groups and endpoints excluded."""
-        store = SqliteStore(tmp_path / "db")
+    async def test_render_times_of_the_group_on_this_endpoint(self, store_url: str) -> None:
+        """Store.render_times (both backends): finished tasks of one model, duration and mode
+        on one provider and base URL, newest first, at most ``limit``; other groups and
+        endpoints excluded."""
+        store = store_from(store_url)
         await store.open()
         for run_id, base_url in (("a", "https://api.example"), ("b", "https://api.example"),
                                  ("sim", "http://127.0.0.1:1234")):

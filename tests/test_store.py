@@ -619,5 +619,9 @@ class TestWorkersAndClaims:
                                                now=4.0)
             assert (again.max_in_flight, again.slot_limit, again.in_flight) == (4, 3, 0)
             assert await store.account_rejected("acc", limit=0, now=5.0) == 1
+            # A refused probe holds the next one off: three more creates than usual first.
+            assert await store.account_rejected("acc", limit=1, now=6.0, hold_off=3) == 1
+            assert [await store.account_created("acc", now=7.0) for _ in range(5)] == [
+                1, 1, 1, 1, 2]
         finally:
             await store.aclose()

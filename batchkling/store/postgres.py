@@ -626,12 +626,14 @@ class PostgresStore(Store):
         return AccountRow(account_id=r[0], provider=r[1], max_in_flight=r[2], slot_limit=r[3],
                           paused_for=float(r[4]), in_flight=int(r[5]))
 
-    async def account_rejected(self, account_id: str, *, limit: int, now: float) -> int:
-        """Lower the shared slot limit to ``limit`` (never raise it); return the limit."""
+    async def account_rejected(self, account_id: str, *, limit: int, now: float,
+                               hold_off: int = 0) -> int:
+        """Lower the shared slot limit to ``limit`` (never raise it); return the limit. The
+        streak restarts below zero by ``hold_off``: the next probe comes that much later."""
         rows = await self._rows(
-            "UPDATE accounts SET slot_limit = greatest(1, least(slot_limit, %s)), streak = 0,"
+            "UPDATE accounts SET slot_limit = greatest(1, least(slot_limit, %s)), streak = %s,"
             " updated_at = %s WHERE account_id = %s RETURNING slot_limit",
-            (limit, now, account_id))
+            (limit, -max(0, hold_off), now, account_id))
         return int(rows[0][0]) if rows else limit
 
     async def account_created(self, account_id: str, *, now: float) -> int:
@@ -925,6 +927,26 @@ class PostgresStore(Store):
             " ORDER BY updated_at DESC LIMIT %s",
             (run_id, sorted(s.value for s in TERMINAL), limit),
         )
+        return [float(r[0]) for r in rows]
+
+    async def render_times(self, *, provider: str, base_url: str, model: str, duration: int,
+                           mode: str | None, limit: int = 64) -> list[float]:
+        """Render times of a group's finished tasks on this endpoint: the latest runs first,
+        each from its last jobs back, in one round trip (each run's walk of the state index
+        stops at ``limit`` rows)."""
+        rows = await self._rows(
+            "SELECT j.render_seconds FROM runs r CROSS JOIN LATERAL ("
+            " SELECT render_seconds, seq FROM jobs WHERE run_id = r.run_id"
+            " AND state = ANY(%(states)s::text[]) AND render_seconds > 0"
+            " AND spec_json::jsonb ->> 'model' = %(model)s"
+            " AND spec_json::jsonb ->> 'duration' = %(duration)s"
+            " AND COALESCE(spec_json::jsonb ->> 'mode', '') = %(mode)s"
+            " ORDER BY seq DESC LIMIT %(limit)s) j"
+            " WHERE r.provider = %(provider)s AND r.base_url = %(base_url)s"
+            " ORDER BY r.updated_at DESC, r.run_id, j.seq DESC LIMIT %(limit)s",
+            {"states": [JobState.DOWNLOADED.value, JobState.SUCCEEDED.value], "model": model,
+             "duration": str(duration), "mode": mode or "", "limit": limit,
+             "provider": provider, "base_url": base_url})
         return [float(r[0]) for r in rows]
 
     async def units(self, run_id: str) -> float:
