@@ -146,6 +146,18 @@ class TestSlotPool:
         assert order == ["release", "second"]
         assert pool.peak == 1
 
+    async def test_the_peak_counts_tasks_not_creates_that_made_none(self) -> None:
+        """A slot taken for a create that was refused or made no task is not a task in
+        flight: the peak (the run's peak_in_flight) counts tasks that exist."""
+        pool = SlotPool(5)
+        await pool.acquire()
+        pool.created()
+        await pool.acquire()
+        pool.cancel()
+        await pool.acquire()
+        pool.rejected()
+        assert pool.peak == 1
+
 
 class TestRateGate:
     async def test_paces_to_the_rate(self) -> None:

@@ -77,6 +77,7 @@ class SlotPool:
         self.maximum = maximum
         self.limit = maximum
         self.in_use = 0
+        #: The most tasks known to exist at once (creates under way or refused not counted).
         self.peak = 0
         #: Creates refused for lack of slots in this run.
         self.rejections = 0
@@ -118,7 +119,6 @@ class SlotPool:
 
     def _count_in(self) -> None:
         self.in_use += 1
-        self.peak = max(self.peak, self.in_use)
 
     def _count_out(self) -> None:
         self.in_use = max(0, self.in_use - 1)
@@ -128,6 +128,7 @@ class SlotPool:
         """Count a task that exists already (adopted on resume, or found by a lookup)."""
         self._live += 1
         self.proven = max(self.proven, self._live)
+        self.peak = max(self.peak, self._live)
         self._count_in()
 
     def release(self) -> None:
@@ -145,6 +146,7 @@ class SlotPool:
         self._creating = max(0, self._creating - 1)
         self._live += 1
         self.proven = max(self.proven, self._live)
+        self.peak = max(self.peak, self._live)
         self._streak += 1
         if self._grown and self._streak >= self.limit:
             # The grown limit held for a whole round: the account really has more room (a
