@@ -322,18 +322,14 @@ class Watch:
                 self.log.info("watch.list_failed", kind=kind, error=message,
                               consecutive=self._failures)
             for entry in entries:
-                entry.missing += 1
-                if entry.confirming is not None:
-                    self._deliver(entry, TaskStatus(entry.task_id, Phase.RUNNING), trusted=False)
+                self._unseen(entry)
             return
         self._failures = 0
         seen = self.clock.monotonic()
         for entry in entries:
             status = found.get(entry.task_id)
             if status is None:
-                entry.missing += 1
-                if entry.confirming is not None:
-                    self._deliver(entry, TaskStatus(entry.task_id, Phase.RUNNING), trusted=False)
+                self._unseen(entry)
                 continue
             entry.missing = 0
             if status.phase in (Phase.SUCCEEDED, Phase.FAILED) or entry.confirming is not None:
@@ -346,6 +342,13 @@ class Watch:
                 entry.plan.observe(seen - entry.mono_start,
                                    running=status.phase is Phase.RUNNING,
                                    progress=status.progress, start=start)
+
+    def _unseen(self, entry: Watched) -> None:
+        """A list did not show the task (or failed): count it; a hint waiting for confirmation
+        is answered "still running", and :meth:`confirm` then polls the task itself."""
+        entry.missing += 1
+        if entry.confirming is not None:
+            self._deliver(entry, TaskStatus(entry.task_id, Phase.RUNNING), trusted=False)
 
 
 def _can_list(provider: Provider) -> bool:
