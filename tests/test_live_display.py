@@ -29,14 +29,31 @@ pytestmark = pytest.mark.skipif(TMUX is None, reason="no tmux binary (CI install
 
 _SLOTS = re.compile(r"slots (\d+)/(\d+)")
 
+#: Runs the command in the pane (the terminal's foreground process group, so Ctrl-C reaches it)
+#: and writes its exit status (128 + the signal's number if a signal ended it) to argv[1].
+_WRAPPER = """
+import signal, subprocess, sys
+signal.signal(signal.SIGINT, lambda *_: None)  # Ctrl-C is the command's; handlers reset on exec
+code = subprocess.call(sys.argv[2:])
+with open(sys.argv[1], "w") as fh:
+    fh.write(f"{code if code >= 0 else 128 - code}\\n")
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
 
 class Pane:
     """One command in a detached tmux window of a private server."""
 
-    def __init__(self, command: list[str], *, width: int, height: int = 40) -> None:
+    def __init__(self, command: list[str], *, width: int, height: int = 40,
+                 status_file: Path) -> None:
         self.socket = f"bk-{uuid.uuid4().hex[:10]}"
+        self.status_file = status_file
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHKLING")}
         env["TERM"] = "xterm-256color"
+        # The command's exit status comes through a file its wrapper writes: tmux 3.3a now and
+        # then leaves a finished pane's process unreaped (a zombie) and never reports the pane
+        # dead, although the command ended.
+        command = [sys.executable, "-c", _WRAPPER, str(status_file), *command]
         # The server starts with the session; the options then keep a finished pane readable.
         self._tmux("new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height),
                    "sleep", "120", env=env)
@@ -60,12 +77,11 @@ class Pane:
 
     def exit_status(self) -> int | None:
         """The command's exit status once it has ended."""
-        dead, status, signal = self._tmux("display-message", "-p", "-t", "t",
-                                          "#{pane_dead}:#{pane_dead_status}:"
-                                          "#{pane_dead_signal}").strip().split(":")
-        if dead != "1" or not (status or signal):  # tmux fills the status in just after
+        try:
+            text = self.status_file.read_text()
+        except FileNotFoundError:
             return None
-        return int(status) if status else 128 + int(signal)
+        return int(text) if text.endswith("\n") else None  # written whole, then the newline
 
     def keys(self, *keys: str) -> None:
         self._tmux("send-keys", "-t", "t", *keys)
@@ -86,7 +102,8 @@ def run_in_tmux(tmp_path: Path) -> Iterator[tuple[Pane, Path]]:
                                                               "submit_rate": 20})
     workdir = tmp_path / "jobs"
     pane = Pane([sys.executable, "-m", "batchkling", "run", str(path), "--simulate", "--speed",
-                 "10", "--workdir", str(workdir), "--yes"], width=110)
+                 "10", "--workdir", str(workdir), "--yes"], width=110,
+                status_file=tmp_path / "exit-status")
     try:
         yield pane, workdir
     finally:
