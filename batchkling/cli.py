@@ -349,7 +349,8 @@ def _finish(summary: Any, workdir: Path, manifest: str | None = None,
         click.echo(f"batchkling: results: {' · '.join(files)}", err=True)
     outcome = outcome_of(summary.run_id, exit_code=summary.exit_code,
                          stop_kind=summary.stop_kind, states=states, manifest=manifest,
-                         simulated=simulated, live=False, workdir=workdir)
+                         simulated=simulated, live=False, workdir=workdir,
+                         stop_reason=summary.stop_reason)
     for step in next_steps(outcome):
         click.echo(f"batchkling: next: {step}", err=True)
     sys.exit(summary.exit_code)

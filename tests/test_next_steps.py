@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner
 
 from batchkling.cli import cli
-from batchkling.outputs.nextstep import Outcome, next_steps
+from batchkling.outputs.nextstep import Outcome, next_steps, outcome_of
 from batchkling.outputs.results import read_results
 from batchkling.testing import write_manifest
 
@@ -222,7 +222,15 @@ class TestHintsElsewhere:
      ["the budget stopped creates: raise budget.max_usd in m.yaml, then `batchkling run m.yaml "
       "--run-id r --simulate` (it creates the 4 jobs not started; finished jobs are never paid "
       "twice)"]),
+    (outcome_of("r", exit_code=3, stop_kind="budget", states={"pending": 2},
+                manifest="m.yaml", simulated=False, live=False, workdir=None,
+                stop_reason="budget reached: 40 units committed, the next job (~10 units) would "
+                "pass budget.max_units 45"),
+     ["the budget stopped creates: raise budget.max_units in m.yaml, then `batchkling run "
+      "m.yaml --run-id r` (it creates the 2 jobs not started; finished jobs are never paid "
+      "twice)"]),
 ])
 def test_next_steps_by_ending(outcome: Outcome, expected: list[str]) -> None:
-    """The hint follows how the run ended: nothing, resume, or the budget and `run`."""
+    """The hint follows how the run ended: nothing, resume, or the budget (the cap that
+    stopped it) and `run`."""
     assert next_steps(outcome) == expected

@@ -51,6 +51,8 @@ class Outcome:
     live: bool = False
     #: Options that locate the store (``--workdir DIR``), added to every hinted command.
     where: Sequence[str] = field(default_factory=tuple)
+    #: The budget setting that stopped creates, when the budget did.
+    cap: str = "budget.max_usd"
 
 
 def _n(states: Mapping[str, int], *names: str) -> int:
@@ -93,7 +95,7 @@ def next_steps(o: Outcome) -> list[str]:
         steps.append("the provider refused the account: fix its key or credits, then "
                      f"{resume} ({'; '.join(left) or 'continues the run'})")
     elif o.stop_kind == "budget" and pending:
-        steps.append(f"the budget stopped creates: raise budget.max_usd in "
+        steps.append(f"the budget stopped creates: raise {o.cap} in "
                      f"{o.manifest or 'the manifest'}, then {run_command(o)} (it creates the "
                      f"{_jobs(pending)} not started; finished jobs are never paid twice)")
         if under_way or timed_out:
@@ -139,10 +141,13 @@ def job_next_step(run_id: str, job_id: str, state: str, *, error_code: str | Non
 
 def outcome_of(run_id: str, *, exit_code: int | None, stop_kind: str | None,
                states: Mapping[str, int], manifest: str | None, simulated: bool, live: bool,
-               workdir: str | os.PathLike[str] | Path | None) -> Outcome:
-    """An :class:`Outcome` with the store's location turned into command options."""
+               workdir: str | os.PathLike[str] | Path | None,
+               stop_reason: str | None = None) -> Outcome:
+    """An :class:`Outcome` with the store's location turned into command options; a budget's
+    ``stop_reason`` names the cap it reached (``budget.max_usd`` or ``budget.max_units``)."""
+    cap = "budget.max_units" if "budget.max_units" in (stop_reason or "") else "budget.max_usd"
     return Outcome(run_id, exit_code, stop_kind, dict(states), manifest, simulated, live,
-                   location_args(workdir))
+                   location_args(workdir), cap)
 
 
 __all__ = ["Outcome", "command", "job_next_step", "location_args", "next_steps", "outcome_of",

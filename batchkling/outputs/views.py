@@ -118,7 +118,8 @@ async def run_outcome(
         states = {s.value: n for s, n in (await store.counts(run.run_id)).items()}
     return state, outcome_of(run.run_id, exit_code=exit_code, stop_kind=stop_kind,
                              states=states, manifest=run.manifest_path,
-                             simulated=run.simulated, live=state == "running", workdir=workdir)
+                             simulated=run.simulated, live=state == "running", workdir=workdir,
+                             stop_reason=run.stop_reason)
 
 
 async def _summary(store: Store, run: RunRow, now: float, workdir: Path | None
