@@ -231,6 +231,9 @@ def test_readme_quickstart(tmp_path: Path) -> None:
     assert all(v.read_bytes()[4:8] == b"ftyp" for v in videos)
     csv_text = (tmp_path / "jobs" / "quickstart" / "results.csv").read_text()
     assert csv_text.count(",succeeded,") == 3
+    # No warning a first-time user cannot act on: a simulated provider takes data URIs fine.
+    assert "images_as_data_uri" not in proc.stderr + (
+        tmp_path / "jobs" / "quickstart" / "run.log").read_text()
 
 
 @pytest.mark.timeout(120)

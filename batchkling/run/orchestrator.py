@@ -691,7 +691,8 @@ class Orchestrator:
         inputs = InputImages(
             objects if uploads_inputs(config, run.provider) else None,
             link_seconds=input_link_seconds(config.limits.task_timeout),
-            warn=run.provider == "imarouter", log=self.log)
+            # The warning is about the real upstream: --simulate's quickstart is spared it.
+            warn=run.provider == "imarouter" and not run.simulated, log=self.log)
         if objects is None:
             return {"inputs": inputs}
         uploads = VideoUploads(objects, self.run_id, keep_local=config.output.keep_local,
