@@ -574,8 +574,10 @@ def submit(manifest: Path, run_id: str | None, workdir: Path, store: str | None)
 @click.option("--max-in-flight", type=click.IntRange(min=1, max=1000),
               help="Cap every account's slots for this worker's creates.")
 @SPEED
+@CALLBACK_LISTEN
 def worker(workdir: Path, store: str | None, runs: tuple[str, ...], stale_after: float,
-           exit_when_idle: bool, max_in_flight: int | None, speed: float | None) -> None:
+           exit_when_idle: bool, max_in_flight: int | None, speed: float | None,
+           callback_listen: str | None) -> None:
     """Drive the jobs of every open run in the store, beside any number of other workers.
 
     Workers share provider accounts' slots and each run's budget through the store; a worker
@@ -591,7 +593,8 @@ def worker(workdir: Path, store: str | None, runs: tuple[str, ...], stale_after:
             async with _store_at(store, workdir) as shared, anyio.create_task_group() as tg:
                 serving = Worker(store=shared, workdir=workdir, runs=runs or None,
                                  stale_after=stale_after, exit_when_idle=exit_when_idle,
-                                 max_in_flight=max_in_flight, time_scale=speed or 1.0)
+                                 max_in_flight=max_in_flight, time_scale=speed or 1.0,
+                                 callback_listen=callback_listen)
 
                 async def watch_signals() -> None:
                     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

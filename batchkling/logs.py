@@ -143,28 +143,43 @@ redactor = Redactor()
 
 
 class _Sinks:
-    """Where rendered events go: the current run's log file and, optionally, the console."""
+    """Where rendered events go: the run logs open in this process and, optionally, the
+    console.
+
+    A ``worker`` drives several runs at once: each run's events go to its own ``run.log`` (by
+    the event's ``run_id``), and events that name no run (the worker's own, a shared
+    component's) to every run log open.
+    """
 
     def __init__(self) -> None:
-        self.file: TextIO | None = None
+        self.files: dict[str, TextIO] = {}
         # Off until configure_logging says otherwise: a library prints nothing unasked.
         self.console_on = False
         self.console_json = True
         self.console_level = _LEVELS["info"]
         self.lock = threading.Lock()
-        #: Why the run log stopped being written (a full disk), if it did.
-        self.file_error: OSError | None = None
+        #: Why a run's log stopped being written (a full disk), by run id, if it did.
+        self.file_errors: dict[str, OSError] = {}
 
     def write(self, line: str, event: MutableMapping[str, Any]) -> None:
         # A log line must never be what fails a job: with the disk full, a log call inside the
         # engine would otherwise raise between a create and the commit of its outcome.
         with self.lock:
-            if self.file is not None:
-                try:
-                    self.file.write(line + "\n")
-                    self.file.flush()
-                except OSError as exc:
-                    self.file, self.file_error = None, exc
+            if self.files:
+                run_id = event.get("run_id")
+                if run_id is None:
+                    targets = list(self.files.items())
+                elif run_id in self.files:
+                    targets = [(run_id, self.files[run_id])]
+                else:
+                    targets = []
+                for name, fh in targets:
+                    try:
+                        fh.write(line + "\n")
+                        fh.flush()
+                    except OSError as exc:
+                        del self.files[name]
+                        self.file_errors[name] = exc
             level = _LEVELS.get(str(event.get("level", "info")), 20)
             if self.console_on and level >= self.console_level:
                 # Looked up at each write: a live display that redirects stderr gets the line
@@ -226,30 +241,38 @@ def _processors() -> list[Any]:
 
 
 @contextmanager
-def run_log(path: Path) -> Iterator[None]:
-    """Append JSON lines to ``path`` while the block runs.
+def run_log(path: Path, run_id: str) -> Iterator[None]:
+    """Append ``run_id``'s events (and those naming no run) to ``path`` as JSON lines while
+    the block runs.
 
     If the file cannot be written (the disk is full), the run goes on without it;
     :func:`run_log_error` says why afterwards.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    previous = _sinks.file
-    _sinks.file_error = None
+    with _sinks.lock:
+        _sinks.file_errors.pop(run_id, None)
     fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed below, errors swallowed
-    _sinks.file = fh
+    with _sinks.lock:
+        previous = _sinks.files.get(run_id)
+        _sinks.files[run_id] = fh
     try:
         yield
     finally:
-        _sinks.file = previous
-        try:
-            fh.close()
-        except OSError as exc:
-            _sinks.file_error = _sinks.file_error or exc
+        with _sinks.lock:
+            if _sinks.files.get(run_id) is fh:
+                if previous is None:
+                    del _sinks.files[run_id]
+                else:
+                    _sinks.files[run_id] = previous
+            try:
+                fh.close()
+            except OSError as exc:
+                _sinks.file_errors.setdefault(run_id, exc)
 
 
-def run_log_error() -> OSError | None:
-    """Why the last run log stopped being written, if it did (``None``: it was written)."""
-    return _sinks.file_error
+def run_log_error(run_id: str) -> OSError | None:
+    """Why ``run_id``'s log stopped being written, if it did (``None``: it was written)."""
+    return _sinks.file_errors.get(run_id)
 
 
 def get_logger(**bound: Any) -> Any:

@@ -1,6 +1,7 @@
 """The callback receiver: where providers POST task status changes (``provider.callback_url``).
 
-``run``/``resume``/``retry --callback-listen HOST:PORT`` start it; the manifest's
+``run``/``resume``/``retry``/``worker --callback-listen HOST:PORT`` start it (a worker's one
+receiver serves every run it drives, each under its own token); the manifest's
 ``provider.callback_url`` is the public URL that reaches it (through whatever proxy or tunnel
 the team runs). Each create carries that URL with a token added (``bk=…``, derived from the
 run's nonce, so tasks created before a restart still match it).
@@ -20,6 +21,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -59,20 +61,37 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class CallbackReceiver:
-    """A small HTTP server handing parsed callbacks to ``on_status``."""
+@dataclass(slots=True)
+class _Route:
+    """Where one run's callbacks go: its provider's parser and its engine's hint."""
 
-    def __init__(self, host: str, port: int, *, tokens: set[str],
-                 parse: Callable[[Any], TaskStatus | None],
-                 on_status: Callable[[TaskStatus], bool]) -> None:
+    parse: Callable[[Any], TaskStatus | None]
+    on_status: Callable[[TaskStatus], bool]
+
+
+class CallbackReceiver:
+    """A small HTTP server handing parsed callbacks to the run whose token they carry.
+
+    One receiver serves every run of its process (a ``worker`` drives several at once): each
+    run adds a route under its token while it runs (:meth:`route`) and takes it away after.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self._tokens = tokens
-        self._parse = parse
-        self.on_status = on_status
+        self._routes: dict[str, _Route] = {}
         self._runner: web.AppRunner | None = None
         self.received = 0  # accepted callbacks about tasks being tracked
         self.refused = 0  # requests refused (token, size, method, body)
         self.log = get_logger()
+
+    def route(self, token: str, parse: Callable[[Any], TaskStatus | None],
+              on_status: Callable[[TaskStatus], bool]) -> None:
+        """Hand callbacks carrying ``token`` to ``on_status`` once ``parse`` has read them."""
+        self._routes[token] = _Route(parse, on_status)
+
+    def unroute(self, token: str) -> None:
+        """Refuse ``token`` from now on (its run ended here)."""
+        self._routes.pop(token, None)
 
     async def start(self) -> None:
         """Listen; ConfigError if the address cannot be bound."""
@@ -109,7 +128,9 @@ class CallbackReceiver:
         if request.method != "POST":
             return self._refuse(405)
         token = request.query.get(TOKEN_PARAM, "")
-        if not any(hmac.compare_digest(token, known) for known in self._tokens):
+        route = next((r for known, r in list(self._routes.items())
+                      if hmac.compare_digest(token, known)), None)
+        if route is None:
             return self._refuse(403)
         if request.content_length is not None and request.content_length > MAX_BODY:
             return self._refuse(413)
@@ -119,9 +140,9 @@ class CallbackReceiver:
             return self._refuse(413)
         try:
             payload = json.loads(raw)
-            status = self._parse(payload)
+            status = route.parse(payload)
         except (ValueError, TypeError, LookupError, AttributeError):
             return self._refuse(400)
-        if status is not None and self.on_status(status):
+        if status is not None and route.on_status(status):
             self.received += 1
         return web.Response(text="ok\n")

@@ -155,6 +155,7 @@ class Orchestrator:
         output_store: str | None = None,
         overwrite_videos: bool = False,
         callback_listen: str | None = None,
+        callbacks: CallbackReceiver | None = None,
     ) -> None:
         if manifest is None and run_id is None:
             raise ConfigError("give a manifest, or the run id of an existing run")
@@ -189,8 +190,10 @@ class Orchestrator:
         # `--output-store`: replaces the manifest's output.store (and, on `run`, its snapshot).
         self.output_store = output_store
         self._objects: ObjectStore | None = None
-        # HOST:PORT of the callback receiver to start (with provider.callback_url).
+        # HOST:PORT of the callback receiver to start (with provider.callback_url), or a
+        # receiver already listening that this run joins (a worker's, shared by its runs).
         self.callback_listen = callback_listen
+        self._shared_receiver = callbacks
         self._callback_url: str | None = None
         self._engine: Engine | None = None
         self._scope: anyio.CancelScope | None = None
@@ -387,7 +390,7 @@ class Orchestrator:
             with unwrapped_groups():
                 run = await self.store.require_run(self.run_id)
                 config = self._config(run)
-                with run_log(self.run_dir / "run.log"):
+                with run_log(self.run_dir / "run.log", self.run_id):
                     return await self._execute(run, config)
         except WorkerFenced as exc:
             return RunSummary(run_id=self.run_id, counts={}, cost_usd=0.0,
@@ -420,7 +423,7 @@ class Orchestrator:
                     await before()
                 run = await self.store.require_run(self.run_id)
                 config = self._config(run)
-                with run_log(self.run_dir / "run.log"):
+                with run_log(self.run_dir / "run.log", self.run_id):
                     if sync is not None:
                         await self._sync(sync)
                     # Open for creates (by this process, and by any worker that joins).
@@ -472,17 +475,18 @@ class Orchestrator:
         objects = self._objects = await open_output_store(config, self.env)
         accounts = await self._accounts(run, config, options)
         book = await self._price_book(run, config)
-        receiver = self._receiver(accounts[0][1], run) if self._callback_url else None
+        parse = self._callback_parser(accounts[0][1]) if self._callback_url else None
         async with HttpClient(transport=self.transport, timeout=120.0) as http, \
-                self._listening(receiver):
+                self._listening(parse is not None) as receiver:
             engine = Engine(store=self.store, accounts=accounts, run_id=self.run_id,
                             nonce=run.nonce, worker_id=self._owner, options=options,
                             run_dir=self.run_dir, clock=self.clock, http=http,
                             book=book, rng=self._rng,
                             **self._store_steps(objects, run, config, options))
             self._engine = engine
-            if receiver is not None:
-                receiver.on_status = engine.hint
+            token = callback_token(run.nonce)
+            if receiver is not None and parse is not None:
+                receiver.route(token, parse, engine.hint)
             # The store's location never holds a password (each backend strips it).
             self.log.info("run.started", provider=run.provider, simulated=run.simulated,
                           max_in_flight=options.max_in_flight, store=self.store.location,
@@ -499,6 +503,8 @@ class Orchestrator:
                     tg.cancel_scope.cancel()
             finally:
                 self._scope = None
+                if receiver is not None:
+                    receiver.unroute(token)
                 with anyio.CancelScope(shield=True):
                     if self._provider is None:
                         for _account_id, provider, _cap in accounts:
@@ -526,7 +532,7 @@ class Orchestrator:
     def _callback_url_for(self, run: RunRow, config: RunConfig) -> str | None:
         """The URL the provider should POST this run's status changes to, with its token."""
         url = config.provider.callback_url
-        if self.callback_listen is None:
+        if self.callback_listen is None and self._shared_receiver is None:
             if url:
                 self.log.warning("run.callbacks_off", reason="provider.callback_url is set but "
                                  "--callback-listen is not: nothing receives them; polling")
@@ -534,28 +540,33 @@ class Orchestrator:
         if not url:
             raise ConfigError("--callback-listen needs provider.callback_url in the manifest: "
                               "the public URL through which the provider reaches this receiver")
-        parse_listen(self.callback_listen)
+        if self.callback_listen is not None:
+            parse_listen(self.callback_listen)
         return with_token(url, callback_token(run.nonce))
 
-    def _receiver(self, provider: Provider, run: RunRow) -> CallbackReceiver | None:
-        """The receiver for ``provider``'s callbacks (not yet listening)."""
-        parse = getattr(provider, "parse_callback", None)
-        if parse is None or self.callback_listen is None:
-            return None
-        if self._provider is not None and hasattr(provider, "callback_url"):
+    def _callback_parser(self, provider: Provider) -> Callable[[Any], Any] | None:
+        """How ``provider``'s callbacks read, or None if it sends none."""
+        parse: Callable[[Any], Any] | None = getattr(provider, "parse_callback", None)
+        if parse is not None and self._provider is not None and hasattr(provider,
+                                                                        "callback_url"):
             provider.callback_url = self._callback_url
-        host, port = parse_listen(self.callback_listen)
-        return CallbackReceiver(host, port, tokens={callback_token(run.nonce)}, parse=parse,
-                                on_status=lambda _status: False)
+        return parse
 
     @contextlib.asynccontextmanager
-    async def _listening(self, receiver: CallbackReceiver | None) -> AsyncIterator[None]:
-        if receiver is None:
-            yield
+    async def _listening(self, wanted: bool) -> AsyncIterator[CallbackReceiver | None]:
+        """The receiver this run's callbacks come to: the shared one, or its own, listening
+        for as long as the run goes on; None when it has none."""
+        if not wanted:
+            yield None
             return
+        if self._shared_receiver is not None:
+            yield self._shared_receiver
+            return
+        assert self.callback_listen is not None
+        receiver = CallbackReceiver(*parse_listen(self.callback_listen))
         await receiver.start()
         try:
-            yield
+            yield receiver
         finally:
             with anyio.CancelScope(shield=True):
                 await receiver.stop()
@@ -596,7 +607,7 @@ class Orchestrator:
         reason = "interrupted" if self._interrupted else stop.reason
         kind = "interrupted" if self._interrupted else stop.kind
         now = self.clock.wall()
-        log_error = run_log_error()
+        log_error = run_log_error(self.run_id)
         if log_error is not None and stop.kind != "disk":
             reason = _and(reason, _file_problem(
                 self.run_dir / "run.log", log_error, f"the run went on without it; `batchkling "
@@ -906,7 +917,7 @@ def _naming_run(run_id: str) -> Iterator[None]:
 def _stop_if_log_failed(engine: Engine | None, path: Path, run_id: str) -> None:
     """Stop creating once the run log cannot be written: its disk is the videos' disk, and a
     task created now would render a video with nowhere to go."""
-    error = run_log_error()
+    error = run_log_error(run_id)
     if engine is not None and error is not None and engine.stop.reason is None:
         engine.stop_creating(_file_problem(path, error, f"`batchkling resume {run_id}` "
                                            "continues the run, paying for nothing twice"),

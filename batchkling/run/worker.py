@@ -24,6 +24,7 @@ from batchkling.clock import Clock, SystemClock
 from batchkling.errors import BatchklingError, ConfigError, WorkerFenced, unwrapped_groups
 from batchkling.logs import get_logger
 from batchkling.models import RunSummary
+from batchkling.run.callbacks import CallbackReceiver, parse_listen
 from batchkling.run.orchestrator import (
     EXIT_FENCED,
     EXIT_INTERRUPTED,
@@ -66,6 +67,7 @@ class Worker:
         time_scale: float = 1.0,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Clock | None = None,
+        callback_listen: str | None = None,
     ) -> None:
         self.store = store
         self.workdir = Path(workdir)
@@ -78,6 +80,10 @@ class Worker:
         self.time_scale = time_scale
         self.transport = transport
         self.clock = clock or SystemClock()
+        # One receiver for the callbacks of every run this worker drives (each run routes its
+        # own token to its engine); validated now, listening once serve() starts.
+        self.callbacks = (CallbackReceiver(*parse_listen(callback_listen))
+                          if callback_listen is not None else None)
         self.worker_id = worker_id()
         self.log = get_logger(worker_id=self.worker_id)
         self._members: dict[str, Orchestrator] = {}
@@ -101,6 +107,8 @@ class Worker:
                                              now=self.clock.wall())
             self.log.info("worker.started", runs=self.runs, stale_after=self.stale_after)
             try:
+                if self.callbacks is not None:
+                    await self.callbacks.start()
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._heartbeat, tg)
                     with anyio.CancelScope() as scope:
@@ -111,6 +119,8 @@ class Worker:
                 self._fenced(exc)
             finally:
                 with anyio.CancelScope(shield=True):
+                    if self.callbacks is not None:
+                        await self.callbacks.stop()
                     await self._retire()
         if self._interrupted and self._summary.exit_code == EXIT_OK:
             self._summary.exit_code = EXIT_INTERRUPTED
@@ -181,7 +191,7 @@ class Worker:
                         run_id=run.run_id, workdir=self.workdir, env=self.env,
                         store=self.store, worker=self.worker_id, stale_after=self.stale_after,
                         max_in_flight=self.max_in_flight, time_scale=self.time_scale,
-                        transport=self.transport, clock=self.clock)
+                        transport=self.transport, clock=self.clock, callbacks=self.callbacks)
                     self._members[run.run_id] = member
                     tg.start_soon(self._serve_run, member)
             if not found and not self._members and self.exit_when_idle:
