@@ -537,6 +537,8 @@ class Orchestrator:
                 self.log.warning("run.callbacks_off", reason="provider.callback_url is set but "
                                  "--callback-listen is not: nothing receives them; polling")
             return None
+        if not url and self.callback_listen is None:
+            return None  # a worker's receiver: this run has no callbacks, so it polls
         if not url:
             raise ConfigError("--callback-listen needs provider.callback_url in the manifest: "
                               "the public URL through which the provider reaches this receiver")
