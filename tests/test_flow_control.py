@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 import pytest
@@ -86,18 +88,7 @@ class TestSlotPool:
         """Past the proven level, a second create waits until the first is answered."""
         pool = SlotPool(5)
         await pool.acquire()  # the first create, a probe: nothing proven yet
-        order: list[str] = []
-
-        async def second() -> None:
-            await pool.acquire()
-            order.append("second")
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(second)
-            await anyio.sleep(0.01)
-            order.append("answered")
-            pool.created()
-        assert order == ["answered", "second"]
+        assert await _second_acquire_after(pool, pool.created) == ["before", "second"]
 
     async def test_growth_after_refusals_is_additive_and_rarer(self) -> None:
         """After a refusal at 10, the limit tries 11 only after 20 successful creates; a
@@ -132,18 +123,7 @@ class TestSlotPool:
         pool = SlotPool(1)
         await pool.acquire()
         pool.created()
-        order: list[str] = []
-
-        async def second() -> None:
-            await pool.acquire()
-            order.append("second")
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(second)
-            await anyio.sleep(0.01)
-            order.append("release")
-            pool.release()
-        assert order == ["release", "second"]
+        assert await _second_acquire_after(pool, pool.release) == ["before", "second"]
         assert pool.peak == 1
 
     async def test_the_peak_counts_tasks_not_creates_that_made_none(self) -> None:
@@ -157,6 +137,22 @@ class TestSlotPool:
         await pool.acquire()
         pool.rejected()
         assert pool.peak == 1
+
+
+async def _second_acquire_after(pool: SlotPool, event: Callable[[], Any]) -> list[str]:
+    """Start an ``acquire`` that must wait, then call ``event``: the order things happened."""
+    order: list[str] = []
+
+    async def second() -> None:
+        await pool.acquire()
+        order.append("second")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(second)
+        await anyio.sleep(0.01)
+        order.append("before")
+        event()
+    return order
 
 
 class TestRateGate:

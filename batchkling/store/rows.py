@@ -211,6 +211,19 @@ ATTEMPT_SELECT = "SELECT " + ", ".join(ATTEMPT_KEYS) + " FROM attempts"
 _NOT_RETRYABLE = frozenset({"submitting", "submitted", "running", "pending"})
 
 
+#: Jobs held per worker and state, as both backends select them.
+HELD_SELECT = ("SELECT worker_id, state, count(*) FROM jobs WHERE worker_id IS NOT NULL"
+               " GROUP BY worker_id, state")
+
+
+def held_rows(rows: Iterable[Sequence[Any]]) -> dict[str, dict[str, int]]:
+    """``{worker_id: {state: jobs}}`` from the rows of :data:`HELD_SELECT`."""
+    held: dict[str, dict[str, int]] = {}
+    for worker_id, state, n in rows:
+        held.setdefault(worker_id, {})[state] = int(n)
+    return held
+
+
 def transition_fields(fields: Mapping[str, Any],
                       new_attempt: tuple[int, str] | None) -> dict[str, Any]:
     """The job columns a transition sets: ``fields``, checked against :data:`JOB_COLUMNS`,

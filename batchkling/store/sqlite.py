@@ -59,6 +59,7 @@ from batchkling.store.lease import process_alive as _process_alive
 from batchkling.store.rows import (
     ATTEMPT_KEYS,
     ATTEMPT_SELECT,
+    HELD_SELECT,
     JOB_SELECT,
     PRICES_SELECT,
     RESTORED_STATE,
@@ -69,6 +70,7 @@ from batchkling.store.rows import (
     RunRow,
     WorkerRow,
     event_data,
+    held_rows,
     job_row,
     price_rows,
     retry_selection,
@@ -359,13 +361,7 @@ class SqliteStore(Store):
 
     async def held_by_workers(self) -> dict[str, dict[str, int]]:
         """``{worker_id: {state: jobs}}`` for every worker that drives a job."""
-        rows = await self._fetchall(
-            "SELECT worker_id, state, COUNT(*) FROM jobs WHERE worker_id IS NOT NULL"
-            " GROUP BY worker_id, state")
-        held: dict[str, dict[str, int]] = {}
-        for worker_id, state, n in rows:
-            held.setdefault(worker_id, {})[state] = int(n)
-        return held
+        return held_rows(await self._fetchall(HELD_SELECT))
 
     async def acquire_lease(self, run_id: str, worker_id: str, *, stale_after: float,
                             now: float) -> None:
