@@ -451,6 +451,22 @@ class TestWorkersAndClaims:
         return await store.claim("r", worker_id=worker, account_id="acc", slot_cap=cap,
                                  intent=intent, max_usd=max_usd, now=5.0)
 
+    async def test_held_by_workers_counts_each_workers_jobs_by_state(
+            self, store_url: str) -> None:
+        """held_by_workers (status's list of workers): the jobs each worker drives, by state;
+        pending jobs nobody holds are not counted."""
+        store = await self._crew(store_url, StepClock(), "a", "b", "c", slots=5,
+                                 workers=("w1", "w2"))
+        try:
+            assert await store.held_by_workers() == {}
+            await self._claim(store, "w1")
+            await self._claim(store, "w1")
+            await self._claim(store, "w2")
+            assert await store.held_by_workers() == {"w1": {"submitting": 2},
+                                                     "w2": {"submitting": 1}}
+        finally:
+            await store.aclose()
+
     async def test_a_claim_is_the_create_intent(self, store_url: str) -> None:
         """CLAIMED: the run's first pending job moves to submitting with its new attempt and
         key, this worker, the account, a new claim epoch and its reservation, in one go."""
