@@ -18,6 +18,7 @@ from batchkling.run.polling import (
     TaskPlan,
     end_range,
 )
+from batchkling.simulator import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY
 from batchkling.store import store_from
 from batchkling.testing import VirtualSim, write_manifest
 
@@ -258,3 +259,20 @@ class TestPriorFromTheStore:
                 first_polls.setdefault(task_id, at - created[task_id])
         assert len(first_polls) == 5
         assert min(first_polls.values()) > 40, first_polls
+
+    async def test_a_first_kling_run_is_not_left_to_the_ceiling(self, tmp_path: Path) -> None:
+        """Kling's first run on an endpoint (no render times anywhere yet, no callbacks): its
+        first tasks are looked at on the blind schedule (5 s, then ×1.5), so each is seen
+        finished within half its age of its end — not at the 120 s ceiling, which is where
+        the list loop, with nothing to predict from, left them."""
+        env = {"KLING_ACCESS_KEY": DEFAULT_ACCESS_KEY, "KLING_SECRET_KEY": DEFAULT_SECRET_KEY}
+        vs = VirtualSim(env, render_median_s=20.0, render_sigma=0.2)
+        path = vs.manifest(tmp_path, 5, provider="kling", limits={"max_in_flight": 5})
+        summary = await vs.run(path, tmp_path / "jobs")
+        assert summary.exit_code == 0
+        tasks = vs.sim.task_table()
+        assert len(tasks) == 5
+        for t in tasks:
+            age = t["ends_at"] - t["created_at"]
+            lag = t["seen_done_at"] - t["ends_at"]
+            assert lag <= 0.5 * age + 1.0, (t["task_id"], age, lag)

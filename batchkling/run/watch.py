@@ -137,9 +137,12 @@ class Watch:
         return self.callbacks and self.misses <= 2 + self.hints // 5
 
     def covers(self, entry: Watched) -> bool:
-        """Whether news is expected for the task, so its own polls are only a late fallback."""
+        """Whether news is expected for the task, so its own polls are only a late fallback.
+        A list goes when the group's render times predict ends: with none known yet (a first
+        run), no list would, and the task polls on its own blind schedule."""
         return self.healthy or (entry.kind is not None and entry.missing < 2
-                                and len(self._entries) <= LIST_MAX_TASKS)
+                                and len(self._entries) <= LIST_MAX_TASKS
+                                and entry.plan.model.times is not None)
 
     async def wait(self, entry: Watched, delay: float) -> tuple[TaskStatus, bool] | None:
         """Sleep up to ``delay``; return ``(status, trusted)`` if news came first."""

@@ -3,7 +3,7 @@
     python tests/bench/bench_polling.py                          # 5 s, 30 s, 2 min, 10 min medians
     python tests/bench/bench_polling.py --scales 30 --provider kling --repeat 3
     python tests/bench/bench_polling.py --scales 120 --callbacks  # Kling's callbacks on
-    python tests/bench/bench_polling.py --slots                  # max_in_flight 30 on 10 slots
+    python tests/bench/bench_polling.py --overshoot              # max_in_flight 30 on 10 slots
 
 For each median render time the same jobs run, one contender after another, each against a
 fresh simulator with the same seed — so task n renders for the same time whoever created it:
