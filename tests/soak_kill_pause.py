@@ -50,6 +50,8 @@ class SoakResult:
     kills: int = 0
     pauses: int = 0
     fenced: int = 0  # paused runners that found their run taken over and exited 5
+    #: Per pause: whether the second runner took the run over, and the paused one's exit code.
+    paused: list[tuple[bool, int]] = field(default_factory=list)
     exit_codes: dict[int, int] = field(default_factory=dict)
     creates: int = 0
     duplicate_keys: list[str] = field(default_factory=list)
@@ -79,6 +81,24 @@ def _driving(workdir: Path, proc: subprocess.Popen[bytes], timeout: float = 60) 
         if rows and rows[0][0] == proc.pid:
             return True
         time.sleep(0.01)
+    return False
+
+
+def _stopped(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> bool:
+    """Whether ``proc`` is stopped (by SIGSTOP) rather than finished; waits for the signal to
+    land, which on a loaded machine is not at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{proc.pid}/stat").read_text()
+        except OSError:
+            return False
+        state = stat.rsplit(")", 1)[1].split()[0]
+        if state in ("T", "t"):
+            return True
+        if state in ("Z", "X"):
+            return False
+        time.sleep(0.005)
     return False
 
 
@@ -112,6 +132,11 @@ def soak(folder: Path, *, kills: int, pauses: int, jobs: int, seed: int = 7) -> 
                 result.kills += 1
                 continue
             first.send_signal(signal.SIGSTOP)
+            if not _stopped(first):
+                # It ended its run just before the signal: that is no pause to count.
+                code = first.wait()
+                result.exit_codes[code] = result.exit_codes.get(code, 0) + 1
+                continue
             time.sleep(1.3)  # silent past --stale-after
             second = _runner(workdir, "resume", RUN)
             took_over = _driving(workdir, second)
@@ -119,6 +144,7 @@ def soak(folder: Path, *, kills: int, pauses: int, jobs: int, seed: int = 7) -> 
             code = first.wait(timeout=120)
             result.pauses += 1
             result.fenced += took_over and code == 5
+            result.paused.append((took_over, code))
             result.exit_codes[code] = result.exit_codes.get(code, 0) + 1
             if second.poll() is None:
                 time.sleep(rng.uniform(0.0, 0.4))

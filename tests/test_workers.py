@@ -303,4 +303,8 @@ def test_kill_and_pause_soak_in_small(tmp_path: Path) -> None:
     assert result.integrity == "ok"
     assert result.states == {"downloaded": 20}
     assert result.creates == 20
-    assert result.pauses == 2 and result.fenced == 2
+    # A runner that ends its run just before its SIGSTOP lands is no pause (a loaded machine
+    # makes that likelier). Every paused runner whose run was seen taken over exits 5, and at
+    # least one pause was.
+    assert result.pauses >= 1 and result.fenced >= 1, result.paused
+    assert all(code == 5 for taken, code in result.paused if taken), result.paused
