@@ -93,9 +93,9 @@ def store_url(backend: str, workdir: Path, request: pytest.FixtureRequest) -> st
 
 
 def wait_until_running(proc: subprocess.Popen[bytes], db: Path | str, run_id: str,
-                       timeout: float = 60.0) -> None:
-    """Block until the CLI process holds its run's lease (or has exited); ``db`` is its
-    store: a SQLite file or a PostgreSQL URL.
+                       timeout: float = 60.0) -> bool:
+    """Block until the CLI process holds its run's lease (True), or has exited or timed out
+    first (False); ``db`` is its store: a SQLite file or a PostgreSQL URL.
 
     Kill loops draw their random moment from here, so a kill lands in the run itself rather
     than in interpreter start-up, however loaded the machine is.
@@ -110,5 +110,6 @@ def wait_until_running(proc: subprocess.Popen[bytes], db: Path | str, run_id: st
             except (sqlite3.Error, psycopg.Error):  # being created: no table yet
                 rows = []
             if rows and rows[0][0] == proc.pid:
-                return
+                return True
         time.sleep(0.01)
+    return False

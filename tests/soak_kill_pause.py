@@ -18,7 +18,6 @@ import argparse
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from conftest import wait_until_running
 from invariants import db_query
 
 from batchkling.simulator import (
@@ -67,23 +67,6 @@ def _runner(workdir: Path, *args: str) -> subprocess.Popen[bytes]:
         env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _driving(workdir: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> bool:
-    """Wait until ``proc`` holds the run's lease; False if it exited first."""
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
-        rows: list[tuple[Any, ...]] = []
-        if (workdir / "batchkling.db").exists():  # never create the file ourselves
-            try:
-                rows = db_query(workdir, "SELECT w.pid FROM runs r JOIN workers w"
-                                " ON w.worker_id = r.lease_owner WHERE r.run_id = ?", RUN)
-            except sqlite3.Error:  # the store is being created
-                rows = []
-        if rows and rows[0][0] == proc.pid:
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def _stopped(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> bool:
     """Whether ``proc`` is stopped (by SIGSTOP) rather than finished; waits for the signal to
     land, which on a loaded machine is not at once."""
@@ -108,6 +91,7 @@ def soak(folder: Path, *, kills: int, pauses: int, jobs: int, seed: int = 7) -> 
     rng = random.Random(seed)
     result = SoakResult()
     workdir = folder / "jobs"
+    db = workdir / "batchkling.db"
     config = SimConfig(speed=200, seed=seed, render_median_s=60)
     with SimulatorServer(config, journal=folder / "sim-journal.jsonl") as sim:
         specs = [{"id": f"clip-{i:03d}", "prompt": f"shot {i}"} for i in range(jobs)]
@@ -119,7 +103,7 @@ def soak(folder: Path, *, kills: int, pauses: int, jobs: int, seed: int = 7) -> 
         rng.shuffle(plan)
         for action in plan:
             first = _runner(workdir, "run", str(manifest))
-            if not _driving(workdir, first):
+            if not wait_until_running(first, db, RUN):
                 code = first.wait()
                 result.exit_codes[code] = result.exit_codes.get(code, 0) + 1
                 if code == 0:
@@ -139,7 +123,7 @@ def soak(folder: Path, *, kills: int, pauses: int, jobs: int, seed: int = 7) -> 
                 continue
             time.sleep(1.3)  # silent past --stale-after
             second = _runner(workdir, "resume", RUN)
-            took_over = _driving(workdir, second)
+            took_over = wait_until_running(second, db, RUN)
             first.send_signal(signal.SIGCONT)
             code = first.wait(timeout=120)
             result.pauses += 1
