@@ -23,11 +23,9 @@ that died in :meth:`Engine._settle_ambiguous`.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import functools
 import hashlib
-import math
 import os
 import random
 from collections import deque
@@ -740,16 +738,15 @@ class Engine:
 
     async def _provider_status(self, provider: Provider, task_id: str,
                                spec: JobSpec) -> TaskStatus:
-        """``provider.status``, unreadable answers counting as a failed poll; costs that are
-        not a finite non-negative number come back unknown (None)."""
+        """``provider.status``, unreadable answers counting as a failed poll. (Costs are
+        judged where money is settled, :meth:`_settle`.)"""
         try:
-            status = await provider.status(task_id, spec)
+            return await provider.status(task_id, spec)
         except ProviderError:
             raise
         except Exception as exc:
             self.log.exception("job.poll_error", job_id=spec.job_id)
             raise TransientError(f"the poll's answer could not be read ({exc!r:.300})") from exc
-        return _checked_costs(status)
 
     async def _record_task(self, job: JobRow, task_id: str, submitted_at: float) -> bool:
         """Commit the task id a create answered, unless another job owns it already.
@@ -953,15 +950,14 @@ class Engine:
                     release()
                 try:
                     if news is not None and not hinted:
-                        # From a list: the provider's own answer, costs checked as a poll's.
-                        status = _checked_costs(news[0])
+                        status = news[0]  # from a list: the provider's own answer
                         if status.phase in _ENDED:
                             watch.ended_unannounced(watched)
                     else:
                         await self.poll_gate.wait()
                         plan.polled(self.clock.monotonic() - mono_start)
                         if hinted:
-                            status = _checked_costs(await watch.confirm(watched))
+                            status = await watch.confirm(watched)
                         else:
                             self.polls += 1
                             status = await self._provider_status(account.provider, task_id,
@@ -1234,22 +1230,6 @@ def _disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` was caused by a full disk (ENOSPC, or a quota: EDQUOT)."""
     cause = exc.__cause__
     return isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def _checked_costs(status: TaskStatus) -> TaskStatus:
-    """``status`` with any cost that is not a finite non-negative number made unknown (None).
-
-    Adapters already refuse such numbers; this guard is where money is settled, so a NaN or a
-    negative cost can never switch the budget off (a NaN fails every comparison with the cap,
-    a negative cost hands money back): an unknown cost leaves the reservation standing.
-    """
-    def sane(value: float | None) -> float | None:
-        return value if value is not None and math.isfinite(value) and value >= 0 else None
-
-    usd, units = sane(status.cost_usd), sane(status.cost_units)
-    if usd is status.cost_usd and units is status.cost_units:
-        return status
-    return dataclasses.replace(status, cost_usd=usd, cost_units=units)
 
 
 def select_states(spec: Mapping[str, bool]) -> list[JobState]:
