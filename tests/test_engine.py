@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from conftest import SPEED, SQLITE_UNLESS_ALL, TEST_KEY
 from invariants import db_dump, db_query
@@ -410,6 +412,29 @@ class TestInterruptAndLease:
             await store.acquire_lease("r", "worker-a", now=100.0, stale_after=30)
             with pytest.raises(RunLocked, match="being run by process"):
                 await store.acquire_lease("r", "worker-b", now=101.0, stale_after=30)
+
+    async def test_a_paused_driver_holding_the_write_lock_is_named_at_once(
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str) -> None:
+        """A live driver paused (Ctrl-Z, a suspended VM) in the middle of a SQLite write holds
+        the file's only write lock. A second `run` of its run must still say at once who drives
+        it, not wait for the lock and then fail with "database is locked"; so opening a
+        database at the current schema, and the lease check, only read."""
+        sim = simulator()
+        path = _manifest(tmp_path, sim, _jobs(2))
+        assert (await _run(path, workdir)).exit_code == 0
+        db = workdir / "batchkling.db"
+        async with store_from(str(db)) as store:
+            await store.register_worker("paused-driver", runs=["test-run"], now=100.0)
+            await store.acquire_lease("test-run", "paused-driver", now=100.0, stale_after=30)
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the paused driver, mid-commit
+        try:
+            with anyio.fail_after(10):  # the old code waited 30 s for the lock
+                with pytest.raises(RunLocked, match="being run by process"):
+                    await _run(path, workdir)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
 
     async def test_stale_lease_is_taken_over(self, store_url: str) -> None:
         """A lease whose process is gone, or whose heartbeat is old on the store's clock, is

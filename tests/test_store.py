@@ -273,6 +273,29 @@ async def test_new_files_use_small_pages_and_old_files_still_open(tmp_path: Path
     con.close()
 
 
+async def test_a_lock_held_by_a_paused_process_is_named(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holding the file's write lock (a batchkling paused mid-write) does not
+    stop the store from opening at the current schema; a write that waits out ``lock_wait``
+    fails saying who most likely holds the lock and what to do, not SQLite's bare words."""
+    monkeypatch.setattr(SqliteStore, "lock_wait", 0.2)
+    path = tmp_path / "state.db"
+    await (await _store_with_jobs(path, "a")).aclose()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        async with SqliteStore(path) as store:
+            assert (await store.get_job("r", "a")) is not None
+            with pytest.raises(StoreError, match=r"stayed locked by another process .*"
+                                                 r"paused .*kill -CONT") as caught:
+                await store.transition("r", "a", JobState.SUBMITTING, now=2, event="e",
+                                       new_attempt=(1, "k1"))
+            assert "database is locked" not in str(caught.value)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 class TestQuickCommits:
     """``transition(quick=True)``: no fsync (SQLite: no trip to the database thread either;
     PostgreSQL: no wait for the WAL flush), still committed."""

@@ -414,6 +414,10 @@ class Orchestrator:
                             before: Callable[[], Awaitable[None]] | None,
                             execute: bool = True) -> RunSummary:
         await self.store.require_run(self.run_id)
+        # Refused before anything is written: a live driver that is paused while it holds the
+        # SQLite file's write lock must not make this process wait for the lock to say so.
+        await self.store.check_lease(self.run_id, self._owner, stale_after=self.stale_after,
+                                     now=self.clock.wall())
         await self.store.register_worker(self._owner, runs=[self.run_id], now=self.clock.wall())
         try:
             await self.store.acquire_lease(self.run_id, self._owner,

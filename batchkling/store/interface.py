@@ -189,6 +189,13 @@ class Store(abc.ABC):
         """``{worker_id: {state: jobs}}``: what each worker drives now (for ``status``)."""
 
     @abc.abstractmethod
+    async def check_lease(self, run_id: str, worker_id: str, *, stale_after: float,
+                          now: float) -> None:
+        """Raise :class:`~batchkling.errors.RunLocked` if another live process drives the run,
+        as :meth:`acquire_lease` would, by reading only: it answers at once even while a
+        paused process holds a write lock (SQLite has one for the whole file)."""
+
+    @abc.abstractmethod
     async def acquire_lease(self, run_id: str, worker_id: str, *, stale_after: float,
                             now: float) -> None:
         """Make ``worker_id`` the run's driver, or raise :class:`~batchkling.errors.RunLocked`.

@@ -14,6 +14,8 @@ import socket
 import time
 from pathlib import Path
 
+from batchkling.errors import RunLocked
+
 #: Why a write of a worker presumed dead changed nothing (its :class:`WorkerFenced` message).
 FENCED = (
     "this worker was presumed dead (silent for longer than its stale-after, e.g. paused or "
@@ -57,6 +59,12 @@ def gone_here(host: str, boot_id: str, pid: int) -> bool:
     """Whether a worker that ran as ``pid`` on ``host`` in boot ``boot_id`` is known to be
     gone: it ran on this host in this boot, and that process no longer exists."""
     return host == socket.gethostname() and boot_id == BOOT_ID and not process_alive(pid)
+
+
+def run_locked(run_id: str, pid: int, host: str, silent: float) -> RunLocked:
+    """The refusal a run's live driver earns another process (every backend's words)."""
+    return RunLocked(f"run {run_id!r} is being run by process {pid} on {host} (last heartbeat "
+                     f"{max(0.0, silent):.0f}s ago); wait for it to finish, or stop it first")
 
 
 def lease_is_stale(pid: int | None, host: str | None, age: float | None, *,

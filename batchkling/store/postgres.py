@@ -60,7 +60,6 @@ from psycopg_pool import AsyncConnectionPool
 from batchkling.clock import Clock
 from batchkling.errors import (
     ConfigError,
-    RunLocked,
     RunNotFound,
     SchemaTooNew,
     StoreError,
@@ -79,7 +78,7 @@ from batchkling.store.interface import (
     Intent,
     Store,
 )
-from batchkling.store.lease import BOOT_ID, FENCED, gone_here
+from batchkling.store.lease import BOOT_ID, FENCED, gone_here, run_locked
 from batchkling.store.postgres_schema import MIGRATIONS, SCHEMA, SCHEMA_LOCK, SCHEMA_VERSION
 from batchkling.store.rows import (
     ATTEMPT_KEYS,
@@ -534,6 +533,22 @@ class PostgresStore(Store):
         """``{worker_id: {state: jobs}}`` for every worker that drives a job."""
         return held_rows(await self._rows(HELD_SELECT))
 
+    async def check_lease(self, run_id: str, worker_id: str, *, stale_after: float,
+                          now: float) -> None:
+        """Raise :class:`RunLocked` if another live process drives the run (a read; the
+        database's clock decides, as in :meth:`acquire_lease`)."""
+        del now
+        rows = await self._rows(
+            f"SELECT r.lease_owner, w.host, w.pid, w.boot_id, {_NOW} - w.beat, w.state"
+            " FROM runs r LEFT JOIN workers w ON w.worker_id = r.lease_owner"
+            " WHERE r.run_id = %(run)s", {"run": run_id, "clock": self._clock_now()})
+        if not rows:
+            raise RunNotFound(f"no run {run_id!r} in {self.location}")
+        holder, host, pid, boot_id, silent, state = rows[0]
+        if holder is not None and holder != worker_id and state == "alive" \
+                and silent <= stale_after and not gone_here(host, boot_id, pid):
+            raise run_locked(run_id, pid, host, silent)
+
     async def acquire_lease(self, run_id: str, worker_id: str, *, stale_after: float,
                             now: float) -> None:
         """Make ``worker_id`` the run's driver, or raise :class:`RunLocked`; a stale holder is
@@ -572,10 +587,7 @@ class PostgresStore(Store):
             if seen is not None and seen[4] == "alive":
                 host, pid, boot_id, silent, _state = seen
                 if silent <= stale_after and not gone_here(host, boot_id, pid):
-                    raise RunLocked(
-                        f"run {run_id!r} is being run by process {pid} on {host} (last "
-                        f"heartbeat {max(0.0, silent):.0f}s ago); wait for it to finish, or "
-                        "stop it first")
+                    raise run_locked(run_id, pid, host, silent)
                 # Presumed dead: from now on its writes change nothing.
                 await conn.execute(
                     "UPDATE workers SET state = 'dead', stop_reason = %s WHERE worker_id = %s",

@@ -39,7 +39,7 @@ import aiosqlite
 import anyio
 
 from batchkling.clock import Clock
-from batchkling.errors import RunLocked, RunNotFound, SchemaTooNew, StoreError, WorkerFenced
+from batchkling.errors import RunNotFound, SchemaTooNew, StoreError, WorkerFenced
 from batchkling.models import TERMINAL, JobSpec, JobState
 from batchkling.pricing import ObservedPrice
 from batchkling.store.interface import (
@@ -56,6 +56,7 @@ from batchkling.store.lease import BOOT_ID as _BOOT_ID
 from batchkling.store.lease import FENCED as _FENCED
 from batchkling.store.lease import host_clock as _host_clock
 from batchkling.store.lease import process_alive as _process_alive
+from batchkling.store.lease import run_locked
 from batchkling.store.rows import (
     ATTEMPT_KEYS,
     ATTEMPT_SELECT,
@@ -85,6 +86,10 @@ __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 class SqliteStore(Store):
     """The checkpoint database in one SQLite file: ``async with SqliteStore(path) as store``."""
 
+    #: Seconds a write waits for the file's write lock, held by another process, before it
+    #: fails with a message that says who may hold it.
+    lock_wait = 30.0
+
     def __init__(self, path: str | os.PathLike[str], *, clock: Clock | None = None) -> None:
         self.path = Path(path)
         self.location = str(self.path)
@@ -107,7 +112,8 @@ class SqliteStore(Store):
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(self.path, isolation_level=None, timeout=30)
+            db = await aiosqlite.connect(self.path, isolation_level=None,
+                                      timeout=self.lock_wait)
         except (sqlite3.Error, OSError) as exc:
             raise _failure(self.path, "cannot open the state database", exc) from exc
         try:
@@ -132,11 +138,23 @@ class SqliteStore(Store):
         self._db = db
 
     async def _migrate(self, db: aiosqlite.Connection) -> None:
-        """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION`."""
-        await db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        async with db.execute("SELECT value FROM meta WHERE key='schema_version'") as cur:
-            row = await cur.fetchone()
-        version = SCHEMA_VERSION if row is None else int(row[0])
+        """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION`.
+
+        A database already at this version is only read: opening it never waits for the write
+        lock, which a paused process (Ctrl-Z, a suspended VM) may hold for as long as it sleeps.
+        """
+        version: int | None = None
+        async with db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                              " AND name = 'meta'") as cur:
+            has_meta = await cur.fetchone() is not None
+        if has_meta:
+            async with db.execute("SELECT value FROM meta WHERE key='schema_version'") as cur:
+                row = await cur.fetchone()
+            version = None if row is None else int(row[0])
+        if version == SCHEMA_VERSION:
+            return
+        if version is None:
+            version = SCHEMA_VERSION
         if version > SCHEMA_VERSION:
             raise SchemaTooNew(
                 f"{self.path} was written by a newer batchkling (schema {version}); "
@@ -363,32 +381,44 @@ class SqliteStore(Store):
         """``{worker_id: {state: jobs}}`` for every worker that drives a job."""
         return held_rows(await self._fetchall(HELD_SELECT))
 
+    async def check_lease(self, run_id: str, worker_id: str, *, stale_after: float,
+                          now: float) -> None:
+        """Raise :class:`RunLocked` if another live process drives the run; only reads, so
+        the answer comes at once even while a paused process holds the write lock."""
+        await self._live_holder(self.db, run_id, worker_id, stale_after=stale_after, now=now)
+
     async def acquire_lease(self, run_id: str, worker_id: str, *, stale_after: float,
                             now: float) -> None:
         """Make ``worker_id`` the run's driver, or raise :class:`RunLocked`; a stale holder is
         fenced (marked dead) as its lease is taken over."""
         async with self._transaction() as db:
-            rows = await db.execute_fetchall(
-                "SELECT r.lease_owner, w.host, w.pid, w.boot_id, w.beat, w.heartbeat_at,"
-                " w.state FROM runs r LEFT JOIN workers w ON w.worker_id = r.lease_owner"
-                " WHERE r.run_id = ?", (run_id,))
-            if not rows:
-                raise RunNotFound(f"no run {run_id!r} in {self.path}")
-            holder, host, pid, boot_id, beat, heartbeat_at, state = next(iter(rows))
-            if holder is not None and holder != worker_id and state == "alive":
-                if not self._stale(host, pid, boot_id, beat, heartbeat_at,
-                                   stale_after=stale_after, now=now):
-                    silent = self._silent_for(boot_id, beat, heartbeat_at, now)
-                    raise RunLocked(
-                        f"run {run_id!r} is being run by process {pid} on {host} (last "
-                        f"heartbeat {max(0.0, silent):.0f}s ago); wait for it to finish, or "
-                        "stop it first")
+            holder = await self._live_holder(db, run_id, worker_id, stale_after=stale_after,
+                                             now=now)
+            if holder is not None:
                 # Presumed dead: from now on its writes change nothing.
                 await db.execute(
                     "UPDATE workers SET state = 'dead', stop_reason = ? WHERE worker_id = ?",
                     (f"its run {run_id!r} was taken over", holder))
             await db.execute("UPDATE runs SET lease_owner = ? WHERE run_id = ?",
                              (worker_id, run_id))
+
+    async def _live_holder(self, db: aiosqlite.Connection, run_id: str, worker_id: str, *,
+                           stale_after: float, now: float) -> str | None:
+        """The run's other holder if it is stale (to be fenced), None if there is none; raise
+        :class:`RunLocked` if it is alive."""
+        rows = await db.execute_fetchall(
+            "SELECT r.lease_owner, w.host, w.pid, w.boot_id, w.beat, w.heartbeat_at,"
+            " w.state FROM runs r LEFT JOIN workers w ON w.worker_id = r.lease_owner"
+            " WHERE r.run_id = ?", (run_id,))
+        if not rows:
+            raise RunNotFound(f"no run {run_id!r} in {self.path}")
+        holder, host, pid, boot_id, beat, heartbeat_at, state = next(iter(rows))
+        if holder is None or holder == worker_id or state != "alive":
+            return None
+        if not self._stale(host, pid, boot_id, beat, heartbeat_at,
+                           stale_after=stale_after, now=now):
+            raise run_locked(run_id, pid, host, self._silent_for(boot_id, beat, heartbeat_at, now))
+        return str(holder)
 
     async def release_lease(self, run_id: str, owner: str) -> None:
         """Give the lease up; a no-op if another process has taken it over."""
@@ -1025,6 +1055,13 @@ def _failure(path: Path, doing: str, exc: BaseException) -> StoreError:
             f"restore it from a backup; or salvage what it holds with `sqlite3 {path} .recover "
             f"| sqlite3 recovered.db` and put recovered.db in its place; or move {path} (and "
             "its -wal and -shm files) aside to start afresh, forgetting its runs")
+    if primary in _BUSY:
+        return StoreError(
+            f"the state database {path} stayed locked by another process for "
+            f"{SqliteStore.lock_wait:.0f}s: most likely a batchkling that is paused (Ctrl-Z, "
+            "kill -STOP, a suspended VM) in the middle of a write. Continue it (`fg`, "
+            "`kill -CONT PID`) or stop it, then run the command again: the write that waited "
+            "was not made, and nothing already created is paid for again")
     return StoreError(f"{doing} ({path}): {exc}")
 
 # SQLITE_BUSY and SQLITE_LOCKED, with their extended codes.
