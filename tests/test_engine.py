@@ -16,6 +16,7 @@ from batchkling.errors import RunLocked, WorkerFenced
 from batchkling.manifest.document import load_manifest
 from batchkling.models import JobState, RunSummary
 from batchkling.outputs.results import read_results
+from batchkling.run.engine import Engine
 from batchkling.run.orchestrator import Orchestrator
 from batchkling.simulator import SimulatorServer
 from batchkling.store import Store, store_from
@@ -435,6 +436,30 @@ class TestInterruptAndLease:
         finally:
             holder.execute("ROLLBACK")
             holder.close()
+
+    async def test_a_driver_paused_at_the_end_whose_run_was_taken_over_changes_nothing(
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str,
+            store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Paused after its last job (no job write left for a claim epoch to fence) while
+        another process took its run over: it must not mark the run ended under the new
+        driver, nor write the run's files; it exits 5 like any fenced process."""
+        sim = simulator()
+        path = _manifest(tmp_path, sim, _jobs(2))
+        finished = Engine.run
+
+        async def finish_then_lose_the_run(engine: Engine, *args: Any, **kwargs: Any) -> None:
+            await finished(engine, *args, **kwargs)
+            await engine.store.register_worker("taker", runs=["test-run"], now=100.0)
+            await engine.store.set_run_state("test-run", "running", None, 100.0)
+            db_query(store_url, "UPDATE runs SET lease_owner = 'taker'")
+
+        monkeypatch.setattr(Engine, "run", finish_then_lose_the_run)
+        summary = await _run(path, workdir, store=store_url)
+        assert summary.exit_code == 5, summary
+        assert "presumed dead" in (summary.stop_reason or "")
+        assert db_query(store_url, "SELECT state, lease_owner FROM runs") == [
+            ("running", "taker")]
+        assert not (workdir / "test-run" / "results.csv").exists()
 
     async def test_stale_lease_is_taken_over(self, store_url: str) -> None:
         """A lease whose process is gone, or whose heartbeat is old on the store's clock, is

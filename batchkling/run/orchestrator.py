@@ -432,7 +432,7 @@ class Orchestrator:
                         await self._sync(sync)
                     # Open for creates (by this process, and by any worker that joins).
                     await self.store.set_run_state(self.run_id, "running", None,
-                                                   self.clock.wall())
+                                                   self.clock.wall(), owner=self._owner)
                     if not execute:
                         return RunSummary(run_id=self.run_id, counts={}, cost_usd=0.0,
                                           stop_reason=None, exit_code=EXIT_OK)
@@ -626,7 +626,10 @@ class Orchestrator:
             ended = not self._interrupted and await self.store.close_run(
                 self.run_id, state, reason, now)
         else:
-            await self.store.set_run_state(self.run_id, state, reason, now)
+            # Only while this process still holds the lease: paused at the very end (no job
+            # left to write, so no claim epoch to fence it) while another process took the run
+            # over, it must not mark the run ended under that process, nor write its files.
+            await self.store.set_run_state(self.run_id, state, reason, now, owner=self._owner)
             ended = True
         csv_path: Path | None = None
         report_path: Path | None = None

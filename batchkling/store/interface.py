@@ -154,9 +154,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def set_run_state(
-        self, run_id: str, state: str, stop_reason: str | None, now: float
+        self, run_id: str, state: str, stop_reason: str | None, now: float, *,
+        owner: str | None = None,
     ) -> None:
-        """Record how the latest invocation on this run ended."""
+        """Record how the latest invocation on this run ended.
+
+        With ``owner``, only while ``owner`` holds the run's lease: a driver whose run was
+        taken over while it was paused gets :class:`~batchkling.errors.WorkerFenced` and
+        changes nothing (its jobs' writes are fenced by their claim epochs; this is the run's).
+        """
 
     # ---- workers and the run's lease ------------------------------------------------------
 

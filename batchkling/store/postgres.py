@@ -439,13 +439,21 @@ class PostgresStore(Store):
         )
 
     async def set_run_state(
-        self, run_id: str, state: str, stop_reason: str | None, now: float
+        self, run_id: str, state: str, stop_reason: str | None, now: float, *,
+        owner: str | None = None,
     ) -> None:
-        """Record how the latest invocation on this run ended."""
-        await self._execute(
-            "UPDATE runs SET state = %s, stop_reason = %s, updated_at = %s WHERE run_id = %s",
-            (state, stop_reason, now, run_id),
-        )
+        """Record how the latest invocation on this run ended (see :meth:`Store.set_run_state`
+        for ``owner``)."""
+        if owner is None:
+            await self._execute(
+                "UPDATE runs SET state = %s, stop_reason = %s, updated_at = %s WHERE run_id = %s",
+                (state, stop_reason, now, run_id))
+            return
+        changed = await self._execute(
+            "UPDATE runs SET state = %s, stop_reason = %s, updated_at = %s WHERE run_id = %s"
+            " AND lease_owner = %s", (state, stop_reason, now, run_id, owner))
+        if changed == 0:
+            raise WorkerFenced(FENCED)
 
     # ---- workers and the run's lease -------------------------------------------------------
 

@@ -287,17 +287,18 @@ class SqliteStore(Store):
         )
 
     async def set_run_state(
-        self, run_id: str, state: str, stop_reason: str | None, now: float
+        self, run_id: str, state: str, stop_reason: str | None, now: float, *,
+        owner: str | None = None,
     ) -> None:
-        """Record how the latest invocation on this run ended."""
-        await self._write(
-            [
-                (
-                    "UPDATE runs SET state = ?, stop_reason = ?, updated_at = ? WHERE run_id = ?",
-                    (state, stop_reason, now, run_id),
-                )
-            ]
-        )
+        """Record how the latest invocation on this run ended (see :meth:`Store.set_run_state`
+        for ``owner``)."""
+        fence = "" if owner is None else " AND lease_owner = ?"
+        changed = await self._write([(
+            f"UPDATE runs SET state = ?, stop_reason = ?, updated_at = ? WHERE run_id = ?{fence}",
+            (state, stop_reason, now, run_id, *(() if owner is None else (owner,))),
+        )])
+        if owner is not None and changed == 0:
+            raise WorkerFenced(_FENCED)
 
     # ---- workers and the run's lease -------------------------------------------------------
 
