@@ -155,8 +155,10 @@ def test_four_workers_killed_and_paused_share_ten_slots(tmp_path: Path, workdir:
     crew = [worker() for _ in range(4)]
     kills, paused_code = 0, None
     # A kill each time another tenth of the creates has gone out, at a random moment after it,
-    # so the number of kills does not depend on how loaded the machine is; the second one is
-    # a pause past --stale-after instead.
+    # so the number of kills does not depend on how loaded the machine is; the eighth one is
+    # a pause past --stale-after instead. (Late: the others keep creating while the paused one
+    # is waited for, which on a loaded machine took long enough, as the second, for the run to
+    # end before the next kill.)
     for tenth in range(1, 10):
         while sim.stats()["creates"] < n * tenth / 10:
             time.sleep(0.01)
@@ -164,7 +166,7 @@ def test_four_workers_killed_and_paused_share_ten_slots(tmp_path: Path, workdir:
         victim = _one_driving(store_url, crew)
         if victim is None:
             break  # the run finished first
-        if tenth == 2:
+        if tenth == 8:
             # One worker sleeps through its staleness while it drives jobs: the others take
             # its jobs over, and it must change nothing once it wakes.
             crew[victim].send_signal(signal.SIGSTOP)
