@@ -169,6 +169,41 @@ class TestHappyPath:
         assert sim.stats()["creates"] == 4
 
 
+class TestEndOfRunFiles:
+    """One pass feeds the report and the CSV; either file failing leaves the other whole."""
+
+    async def test_a_report_that_cannot_be_written_leaves_the_csv_whole(
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        import batchkling.run.orchestrator as orchestrator
+
+        async def broken(*args: Any, **kwargs: Any) -> Path:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(orchestrator, "write_report", broken)
+        sim = simulator()
+        summary = await _run(_manifest(tmp_path, sim, _jobs(3)), workdir)
+        assert summary.exit_code == 0 and summary.report_html is None
+        assert [r["job_id"] for r in _rows(workdir)] == ["job-000", "job-001", "job-002"]
+
+    async def test_a_csv_that_cannot_be_written_leaves_the_report_whole(
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        import batchkling.outputs.results as results
+
+        def full(*args: Any, **kwargs: Any) -> Any:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(results.tempfile, "TemporaryFile", full)
+        sim = simulator()
+        summary = await _run(_manifest(tmp_path, sim, _jobs(3)), workdir)
+        assert summary.results_csv is None
+        assert "batchkling export test-run" in (summary.stop_reason or "")
+        assert not (workdir / "test-run" / "results.csv").exists()
+        page = (workdir / "test-run" / "report.html").read_text()
+        assert all(f"job-00{i}" in page for i in range(3))
+
+
 class TestEditedManifest:
     async def test_only_the_edited_job_is_submitted_again(self, tmp_path: Path, workdir: Path,
                                                           simulator: Any, api_key: str,

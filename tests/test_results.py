@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from batchkling.models import JobSpec, JobState
-from batchkling.outputs.results import COLUMNS, csv_status, escape_cell, read_results, write_results
+from batchkling.outputs.report import write_report
+from batchkling.outputs.results import (
+    COLUMNS,
+    ResultsWriter,
+    csv_status,
+    escape_cell,
+    read_results,
+    write_results,
+)
 from batchkling.store.sqlite import SqliteStore
 
 
@@ -105,3 +113,39 @@ async def test_csv_is_one_pass_and_a_late_variable_gets_its_column(tmp_path: Pat
     assert list(rows[0])[-2:] == ["var.product", "var.take"]
     assert rows[1200]["var.take"] == "7"
     assert rows[0]["var.take"] in ("", None) and rows[1499]["var.product"] == "p1499"
+
+
+async def test_the_end_of_a_run_reads_its_jobs_once_for_both_files(tmp_path: Path) -> None:
+    """The report's pass feeds the CSV: every job read once for both files (at 100,000 jobs a
+    pass is seconds), and the CSV is the one ``write_results`` writes on its own."""
+    async with SqliteStore(tmp_path / "db.sqlite") as store:
+        await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
+                             provider="imarouter", base_url="http://x", simulated=False,
+                             now=1.0)
+        specs = [JobSpec(job_id=f"j{i}", model="kling-v2-6", prompt=f"=p{i}", duration=5,
+                         size="16:9", mode="pro" if i % 2 else None,
+                         variables={"product": f"p{i}", **({"take": "7"} if i == 1200 else {})})
+                 for i in range(1500)]
+        await store.sync_jobs("r", added=list(enumerate(specs)), changed=[], reordered=[],
+                              removed=[], now=1.0)
+        await store.transition("r", "j3", JobState.FAILED, now=2.0, event="job.failed",
+                               error_message="-bad", error_code="X")
+        alone = await write_results(store, "r", tmp_path / "alone.csv", download=True)
+        pages: list[int] = []
+        jobs_in = store.jobs_in
+
+        async def counting(*args: object, **kwargs: object) -> list[object]:
+            rows = await jobs_in(*args, **kwargs)  # type: ignore[arg-type]
+            pages.append(len(rows))
+            return rows  # type: ignore[return-value]
+
+        store.jobs_in = counting  # type: ignore[method-assign]
+        with await ResultsWriter.start(store, "r", tmp_path / "run" / "results.csv",
+                                       download=True) as results:
+            await write_report(store, "r", tmp_path / "run" / "report.html", results=results)
+            joint = results.finish()
+    assert sum(pages) == 1500  # one pass, not one per file
+    assert joint.read_bytes() == alone.read_bytes()
+    assert (tmp_path / "run" / "report.html").stat().st_size > 0
+    # No scratch file of either left behind.
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["report.html", "results.csv"]

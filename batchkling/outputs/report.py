@@ -40,7 +40,7 @@ from batchkling.outputs.atomic import atomic_text, create_temp
 from batchkling.outputs.nextstep import job_next_step, location_args, next_steps
 from batchkling.outputs.objectstore import ObjectStore, key_of
 from batchkling.outputs.report_assets import CSP, CSS, JS
-from batchkling.outputs.results import csv_status
+from batchkling.outputs.results import ResultsWriter, csv_status
 from batchkling.store import JobRow, RunRow, Store
 
 #: The CSV's status vocabulary, in the order the page lists it.
@@ -81,6 +81,7 @@ async def write_report(
     now: float | None = None,
     objects: ObjectStore | None = None,
     env: Mapping[str, str] | None = None,
+    results: ResultsWriter | None = None,
 ) -> Path:
     """Render the run's contact sheet to ``dest`` atomically and return ``dest``.
 
@@ -89,7 +90,9 @@ async def write_report(
     (which still holds the lease); without them the page goes by the lease and the store, as
     ``status`` does. ``workdir`` is where the hinted commands look for the store. Videos in an
     object store are linked through pre-signed URLs signed with ``objects`` (default: the run's
-    ``output.store`` with the credentials of ``env``, the process environment).
+    ``output.store`` with the credentials of ``env``, the process environment). ``results`` is
+    fed the same pages, so the end of a run reads its jobs once for the CSV and the page; once
+    this returns, every job has gone to it (``results.finish()`` writes the CSV).
     """
     from batchkling.outputs.views import run_outcome
 
@@ -108,9 +111,15 @@ async def write_report(
 
     signer = _Signer(run, objects, env)
 
+    def write(page: list[JobRow], signed: Mapping[str, str]) -> None:
+        specs = [json.loads(row.spec_json) for row in page]
+        sheet.add(page, spool, signed, specs)
+        if results is not None:
+            results.add(page, specs)
+
     async def add(page: list[JobRow]) -> None:
         signed = await signer.sign([r.video_uri for r in page if r.video_uri and not r.video_path])
-        await anyio.to_thread.run_sync(sheet.add, page, spool, signed)
+        await anyio.to_thread.run_sync(write, page, signed)
 
     spool, spool_path = await anyio.to_thread.run_sync(open_spool)
     try:
@@ -219,21 +228,25 @@ class ContactSheet:
     # ---- the pass over the jobs ----------------------------------------------------------
 
     def add(self, rows: Sequence[JobRow], out: TextIO,
-            signed: Mapping[str, str] | None = None) -> None:
+            signed: Mapping[str, str] | None = None,
+            specs: Sequence[Mapping[str, Any]] | None = None) -> None:
         """Tally ``rows`` and write their data block to ``out`` (runs in a worker thread);
-        ``signed`` maps object URIs to pre-signed links."""
+        ``signed`` maps object URIs to pre-signed links; ``specs`` are the rows' stored
+        requests, parsed, if the caller has them."""
         if not rows:
             return
         links = signed or {}
-        records = [self._record(row, links) for row in rows]
+        # The stored request as a dict: building a JobSpec for each of 100,000 jobs costs more
+        # than the page needs from it.
+        if specs is None:
+            specs = [json.loads(row.spec_json) for row in rows]
+        records = [self._record(row, spec, links) for row, spec in zip(rows, specs, strict=True)]
         out.write('<script type="application/json" class="jobs">')
         out.write(_json_for_script(records))
         out.write("</script>\n")
 
-    def _record(self, row: JobRow, signed: Mapping[str, str]) -> dict[str, Any]:
-        # The stored request as a dict: building a JobSpec for each of 100,000 jobs costs more
-        # than the page needs from it.
-        spec: dict[str, Any] = json.loads(row.spec_json)
+    def _record(self, row: JobRow, spec: Mapping[str, Any],
+                signed: Mapping[str, str]) -> dict[str, Any]:
         status = csv_status(row.state, download=self.download)
         state = row.state.value
         self.total += 1

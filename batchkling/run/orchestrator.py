@@ -47,7 +47,7 @@ from batchkling.models import LEASE_STALE_AFTER, TERMINAL, JobSpec, JobState, Ru
 from batchkling.outputs.nextstep import location_args
 from batchkling.outputs.objectstore import ObjectStore
 from batchkling.outputs.report import write_report
-from batchkling.outputs.results import csv_status, write_results
+from batchkling.outputs.results import ResultsWriter, csv_status, write_results
 from batchkling.outputs.views import ENDED_EVENT, eta_seconds
 from batchkling.pricing import estimate_units, estimate_usd
 from batchkling.providers.base import Provider
@@ -636,26 +636,31 @@ class Orchestrator:
         if ended:
             await self.store.log_event(self.run_id, None, now, ENDED_EVENT,
                                        {"exit_code": code, "stop_kind": kind, "state": state})
-            try:
-                csv_path = await write_results(self.store, self.run_id,
-                                               self.run_dir / "results.csv",
-                                               download=options.download,
-                                               where=location_args(self.workdir))
-            except OSError as exc:
-                # The store holds every result: `export` writes the file again once it can be.
-                reason = _and(reason, _file_problem(
-                    self.run_dir / "results.csv", exc, f"`batchkling export {self.run_id}` "
-                    f"writes it again (`batchkling resume {self.run_id}` continues the run, "
-                    "paying for nothing twice)"))
-            report_path = self.run_dir / "report.html"
-            try:
-                await write_report(self.store, self.run_id, report_path, state=state,
-                                   exit_code=code, stop_kind=kind, workdir=self.workdir,
-                                   objects=self._objects, env=self.env)
-            except OSError as exc:
-                # The page is a convenience view; the CSV and the DB are the record.
-                self.log.warning("run.report_failed", error=str(exc))
-                report_path = None
+            csv_dest, report_path = self.run_dir / "results.csv", self.run_dir / "report.html"
+            where = location_args(self.workdir)
+            # One pass over the run's jobs feeds both files (at 100,000 jobs a pass is seconds).
+            with await ResultsWriter.start(self.store, self.run_id, csv_dest,
+                                           download=options.download, where=where) as results:
+                fed = False
+                try:
+                    await write_report(self.store, self.run_id, report_path, state=state,
+                                       exit_code=code, stop_kind=kind, workdir=self.workdir,
+                                       objects=self._objects, env=self.env, results=results)
+                    fed = True
+                except OSError as exc:
+                    # The page is a convenience view; the CSV and the DB are the record.
+                    self.log.warning("run.report_failed", error=str(exc))
+                    report_path = None
+                try:
+                    csv_path = results.finish() if fed else await write_results(
+                        self.store, self.run_id, csv_dest, download=options.download,
+                        where=where)
+                except OSError as exc:
+                    # The store holds every result: `export` writes the file again once it can.
+                    reason = _and(reason, _file_problem(
+                        csv_dest, exc, f"`batchkling export {self.run_id}` writes it again "
+                        f"(`batchkling resume {self.run_id}` continues the run, paying for "
+                        "nothing twice)"))
         spent, committed = await self.store.money(self.run_id)
         units, committed_units = await self.store.money_units(self.run_id)
         self.log.info("run.finished", state=state, exit_code=code, counts=by_status,
