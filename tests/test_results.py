@@ -85,6 +85,20 @@ def test_cost_reads_as_usd_or_as_units_with_the_estimate() -> None:
     assert describe_cost(0.35, 2.5, 0.6).startswith("$0.35 + 2.5 units")
 
 
+def _count_pages(store: SqliteStore) -> list[int]:
+    """How many jobs each of the store's page reads returns, from now on."""
+    pages: list[int] = []
+    jobs_in = store.jobs_in
+
+    async def counting(*args: object, **kwargs: object) -> list[object]:
+        rows = await jobs_in(*args, **kwargs)  # type: ignore[arg-type]
+        pages.append(len(rows))
+        return rows  # type: ignore[return-value]
+
+    store.jobs_in = counting  # type: ignore[method-assign]
+    return pages
+
+
 async def test_csv_is_one_pass_and_a_late_variable_gets_its_column(tmp_path: Path) -> None:
     """The CSV reads the store once, a page at a time; a variable that first appears on a
     later job still gets its column (earlier rows read it as empty)."""
@@ -98,15 +112,7 @@ async def test_csv_is_one_pass_and_a_late_variable_gets_its_column(tmp_path: Pat
                  for i in range(1500)]
         await store.sync_jobs("r", added=list(enumerate(specs)), changed=[], reordered=[],
                               removed=[], now=1.0)
-        pages: list[int] = []
-        jobs_in = store.jobs_in
-
-        async def counting(*args: object, **kwargs: object) -> list[object]:
-            rows = await jobs_in(*args, **kwargs)  # type: ignore[arg-type]
-            pages.append(len(rows))
-            return rows  # type: ignore[return-value]
-
-        store.jobs_in = counting  # type: ignore[method-assign]
+        pages = _count_pages(store)
         dest = await write_results(store, "r", tmp_path / "results.csv", download=True)
     assert sum(pages) == 1500  # every job read once
     rows = read_results(dest)
@@ -131,15 +137,7 @@ async def test_the_end_of_a_run_reads_its_jobs_once_for_both_files(tmp_path: Pat
         await store.transition("r", "j3", JobState.FAILED, now=2.0, event="job.failed",
                                error_message="-bad", error_code="X")
         alone = await write_results(store, "r", tmp_path / "alone.csv", download=True)
-        pages: list[int] = []
-        jobs_in = store.jobs_in
-
-        async def counting(*args: object, **kwargs: object) -> list[object]:
-            rows = await jobs_in(*args, **kwargs)  # type: ignore[arg-type]
-            pages.append(len(rows))
-            return rows  # type: ignore[return-value]
-
-        store.jobs_in = counting  # type: ignore[method-assign]
+        pages = _count_pages(store)
         with await ResultsWriter.start(store, "r", tmp_path / "run" / "results.csv",
                                        download=True) as results:
             await write_report(store, "r", tmp_path / "run" / "report.html", results=results)
