@@ -153,7 +153,7 @@ def test_four_workers_killed_and_paused_share_ten_slots(tmp_path: Path, workdir:
 
     rng = random.Random(20261202)
     crew = [worker() for _ in range(4)]
-    kills, paused_code = 0, None
+    kills, paused_code, paused_row = 0, None, None
     # A kill each time another tenth of the creates has gone out, at a random moment after it,
     # so the number of kills does not depend on how loaded the machine is; the eighth one is
     # a pause past --stale-after instead. (Late: the others keep creating while the paused one
@@ -173,6 +173,8 @@ def test_four_workers_killed_and_paused_share_ten_slots(tmp_path: Path, workdir:
             time.sleep(2.0)
             crew[victim].send_signal(signal.SIGCONT)
             paused_code, _err = _finish(crew[victim], timeout=30)
+            paused_row = db_query(store_url, "SELECT state FROM workers WHERE pid = ?",
+                                  crew[victim].pid)
         else:
             crew[victim].kill()
             crew[victim].wait()
@@ -182,7 +184,14 @@ def test_four_workers_killed_and_paused_share_ten_slots(tmp_path: Path, workdir:
         code, err = _finish(proc, timeout=120)
         assert code in (0, 5), err
     assert kills >= 5
-    assert paused_code == 5
+    # Taken over, it exits 5 and its row says dead. On SQLite a pause that lands while the
+    # worker holds the file's one write lock stalls the others too (README, "Many machines"):
+    # nobody can mark it dead, nothing is taken over, and it finishes as a live worker would.
+    if paused_row != [("dead",)]:
+        assert not store_url.startswith("postgresql") and paused_row == [("stopped",)], paused_row
+        assert paused_code == 0
+    else:
+        assert paused_code == 5
     stats = sim.stats()
     assert stats["peak_slots"] <= 10
     assert stats["rejected"].get("slots", 0) == 0, stats["rejected"]
