@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,40 @@ def store_url(backend: str, workdir: Path, request: pytest.FixtureRequest) -> st
     if backend == "sqlite":
         return str(workdir / "batchkling.db")
     return str(request.getfixturevalue("pg_url"))
+
+
+def cli_process(*args: str, speed: float | str | None = None, env: Mapping[str, str] | None = None,
+                crash_at: str | None = None, stdout: bool = False,
+                base_env: Mapping[str, str] | None = None,
+                preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
+    """``python -m batchkling ARGS [--speed SPEED]`` in a child process.
+
+    Its environment is ``base_env`` (default: this process's) with the test key and ``env``
+    over it, and no crash point but ``crash_at``'s. Its stderr is piped, and its stdout when
+    ``stdout`` is set (else discarded); :func:`finish_process` collects them.
+    """
+    full = {**(os.environ if base_env is None else base_env), "BATCHKLING_TEST_KEY": TEST_KEY,
+            **(env or {})}
+    full.pop("BATCHKLING_CRASH_AT", None)
+    if crash_at:
+        full["BATCHKLING_CRASH_AT"] = crash_at
+    speed_args = () if speed is None else ("--speed", str(speed))
+    return subprocess.Popen([sys.executable, "-m", "batchkling", *args, *speed_args], env=full,
+                            stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, preexec_fn=preexec_fn)
+
+
+def finish_process(proc: subprocess.Popen[bytes], timeout: float = 90) -> tuple[int, str, str]:
+    """Wait for a :func:`cli_process`: its exit code, stdout and stderr. A hang past
+    ``timeout`` is the failure: the process is killed, none left behind, and it raises."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return (proc.returncode, (out or b"").decode(errors="replace"),
+            (err or b"").decode(errors="replace"))
 
 
 def wait_until_running(proc: subprocess.Popen[bytes], db: Path | str, run_id: str,

@@ -10,17 +10,15 @@ CSV that agrees with it.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_KEY, wait_until_running
+from conftest import cli_process, finish_process, wait_until_running
 from invariants import db_query, store_problems
 
 from batchkling.outputs.results import read_results
@@ -30,13 +28,8 @@ from batchkling.testing import write_manifest
 SPEED = 300.0
 
 
-def _cli(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "BATCHKLING_TEST_KEY": TEST_KEY, **(extra_env or {})}
-    env.pop("BATCHKLING_CRASH_AT", None) if not extra_env else None
-    return subprocess.Popen(
-        [sys.executable, "-m", "batchkling", *args, "--speed", str(SPEED)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+def _cli(*args: str, crash_at: str | None = None) -> subprocess.Popen[bytes]:
+    return cli_process(*args, speed=SPEED, crash_at=crash_at)
 
 
 def _where(workdir: Path, store: str) -> tuple[str, ...]:
@@ -45,8 +38,8 @@ def _where(workdir: Path, store: str) -> tuple[str, ...]:
 
 
 def _finish(proc: subprocess.Popen[bytes], timeout: float = 90) -> tuple[int, str]:
-    _out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, err.decode(errors="replace")
+    code, _out, err = finish_process(proc, timeout)
+    return code, err
 
 
 LIMITS = {"max_in_flight": 6, "submit_rate": 40, "task_timeout": "2h"}
@@ -134,7 +127,7 @@ def test_crash_at_the_worst_moment(tmp_path: Path, workdir: Path, simulator: Any
     # 200 ms apart left four jobs in it at a load average of 12.)
     manifest = _manifest(tmp_path, sim, 6, limits={**LIMITS, "max_in_flight": 1})
     code, _err = _finish(_cli("run", str(manifest), *_where(workdir, store_url),
-                              extra_env={"BATCHKLING_CRASH_AT": f"{point}:3"}))
+                              crash_at=f"{point}:3"))
     assert code == -9  # SIGKILL
     code, err = _finish(_cli("resume", "killme", *_where(workdir, store_url)))
     assert code == 3, err

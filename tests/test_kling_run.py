@@ -10,7 +10,6 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import SPEED, wait_until_running
+from conftest import SPEED, cli_process, finish_process, wait_until_running
 from invariants import db_query, store_problems
 
 from batchkling.cli import cli
@@ -251,19 +250,12 @@ class TestPlan:
 
 
 def _cli(*args: str, crash_at: str | None = None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **KLING_ENV}
-    env.pop("BATCHKLING_CRASH_AT", None)
-    if crash_at:
-        env["BATCHKLING_CRASH_AT"] = crash_at
-    return subprocess.Popen(
-        [sys.executable, "-m", "batchkling", *args, "--speed", str(CLI_SPEED)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    return cli_process(*args, speed=CLI_SPEED, env=KLING_ENV, crash_at=crash_at)
 
 
 def _finish(proc: subprocess.Popen[bytes], timeout: float = 90) -> tuple[int, str]:
-    _out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, err.decode(errors="replace")
+    code, _out, err = finish_process(proc, timeout)
+    return code, err
 
 
 def _check_exact(workdir: Path, sim: SimulatorServer, n: int, store: Path | str) -> None:

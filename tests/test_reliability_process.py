@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import SQLITE_UNLESS_ALL, TEST_KEY, wait_until_running
+from conftest import SQLITE_UNLESS_ALL, TEST_KEY, cli_process, finish_process, wait_until_running
 from invariants import check_invariants, db_dump, db_query
 
 from batchkling.manifest.document import load_manifest
@@ -34,17 +34,10 @@ RUN = "crashy"
 
 def _cli(*args: str, speed: float, env: dict[str, str] | None = None,
          crash_at: str | None = None) -> subprocess.Popen[bytes]:
-    full = {**os.environ, "BATCHKLING_TEST_KEY": TEST_KEY, **(env or {})}
-    full.pop("BATCHKLING_CRASH_AT", None)
-    if crash_at:
-        full["BATCHKLING_CRASH_AT"] = crash_at
-    return subprocess.Popen([sys.executable, "-m", "batchkling", *args, "--speed", str(speed)],
-                            env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return cli_process(*args, speed=speed, env=env, crash_at=crash_at, stdout=True)
 
 
-def _finish(proc: subprocess.Popen[bytes], timeout: float = 90) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+_finish = finish_process
 
 
 def _manifest(folder: Path, sim: SimulatorServer, n: int, *, provider: str = "imarouter",

@@ -8,18 +8,16 @@ before its fix. Every scenario that runs jobs ends on the shared invariants.
 
 from __future__ import annotations
 
-import os
 import resource
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import TEST_KEY
+from conftest import TEST_KEY, cli_process, finish_process
 from hostile_http import HostileServer, Reply, Request, wait_for
 from invariants import check_invariants, db_query
 
@@ -34,26 +32,16 @@ RUN = "sweep"
 
 def _cli(*args: str, env: dict[str, str] | None = None,
          limit_memory: int | None = None) -> subprocess.Popen[bytes]:
-    full = {**os.environ, "BATCHKLING_TEST_KEY": TEST_KEY, "KLING_ACCESS_KEY":
-            DEFAULT_ACCESS_KEY, "KLING_SECRET_KEY": DEFAULT_SECRET_KEY, **(env or {})}
-    full.pop("BATCHKLING_CRASH_AT", None)
-
     def cap() -> None:
         if limit_memory is not None:  # a MemoryError, not the machine's memory, is the failure
             resource.setrlimit(resource.RLIMIT_AS, (limit_memory, limit_memory))
 
-    return subprocess.Popen([sys.executable, "-m", "batchkling", *args], env=full,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=cap)
+    return cli_process(*args, env={"KLING_ACCESS_KEY": DEFAULT_ACCESS_KEY,
+                                   "KLING_SECRET_KEY": DEFAULT_SECRET_KEY, **(env or {})},
+                       stdout=True, preexec_fn=cap)
 
 
-def _finish(proc: subprocess.Popen[bytes], timeout: float = 90) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()  # a hang is the failure: leave no process behind
-        proc.communicate()
-        raise
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+_finish = finish_process
 
 
 def _run(*args: str, **kwargs: Any) -> tuple[int, str, str]:

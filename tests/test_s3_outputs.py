@@ -15,14 +15,13 @@ import re
 import shutil
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
-from conftest import TEST_KEY, wait_until_running
+from conftest import TEST_KEY, cli_process, finish_process, wait_until_running
 from s3server import FaultProxy, MotoS3Server, make_bucket, s3_client
 
 from batchkling.outputs.results import read_results
@@ -49,18 +48,13 @@ def _aws(endpoint: str, home: Path) -> dict[str, str]:
 
 def _cli(*args: str, env: dict[str, str], crash_at: str | None = None
          ) -> subprocess.Popen[bytes]:
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith("AWS_") and k != "BATCHKLING_CRASH_AT"}
-    base.update({"BATCHKLING_TEST_KEY": TEST_KEY, **env})
-    if crash_at:
-        base["BATCHKLING_CRASH_AT"] = crash_at
-    return subprocess.Popen([sys.executable, "-m", "batchkling", *args, "--speed", CLI_SPEED],
-                            env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Only the test's own AWS settings: none inherited from the machine.
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    return cli_process(*args, speed=CLI_SPEED, env=env, crash_at=crash_at, stdout=True,
+                       base_env=base)
 
 
-def _finish(proc: subprocess.Popen[bytes], timeout: float = 90) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+_finish = finish_process
 
 
 def _quickstart(folder: Path, sim: SimulatorServer, **output: Any) -> Path:
