@@ -402,7 +402,7 @@ def run(manifest: Path, run_id: str | None, workdir: Path, store: str | None, si
     with _errors_to_exit_codes():
         location = _location(workdir, store)
         _check_location(location)  # a --store that names no store fails before anything runs
-        loaded = load_manifest(manifest)
+        loaded = load_manifest(manifest, spool=True)  # its jobs on disk, not in memory
         for warning in loaded.warnings:
             click.echo(f"warning: {warning}", err=True)
         if not yes and not simulate and sys.stdin.isatty() and sys.stderr.isatty():
@@ -410,7 +410,7 @@ def run(manifest: Path, run_id: str | None, workdir: Path, store: str | None, si
 
             overrides = loaded.price_overrides()
             total = sum(estimate_usd(s, overrides) for s in loaded.expand())
-            click.confirm(f"{len(loaded.expand())} jobs, about ${total:.2f} if all are new "
+            click.confirm(f"{loaded.job_count} jobs, about ${total:.2f} if all are new "
                           "(finished jobs are never paid twice). Start?", abort=True, err=True)
         _configure_console()
         scale = _speed(speed, simulate)
@@ -547,7 +547,7 @@ def submit(manifest: Path, run_id: str | None, workdir: Path, store: str | None)
     from batchkling.run.orchestrator import Orchestrator
 
     with _errors_to_exit_codes():
-        loaded = load_manifest(manifest)
+        loaded = load_manifest(manifest, spool=True)
         for warning in loaded.warnings:
             click.echo(f"warning: {warning}", err=True)
 

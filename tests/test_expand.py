@@ -328,3 +328,44 @@ class TestFingerprints:
             load_manifest(path)
         assert len(info.value.problems) == 4
         assert "996 more" in info.value.problems[-1].message
+
+
+class TestSpool:
+    """`run` and `submit` expand a manifest into a scratch file, not into memory."""
+
+    def test_spooled_jobs_read_back_equal_and_as_often_as_needed(self, tmp_path: Path) -> None:
+        make_image(tmp_path / "img" / "watch.jpg")
+        path = write(tmp_path, """\
+            version: 1
+            name: t
+            jobs:
+              - id: first
+                prompt: "a line\\nbreak, ünïcode and a \\ttab"
+                image: img/watch.jpg
+                metadata: {campaign: spring, nested: {k: [1, 2]}}
+            matrices:
+              - id: "{p}-{size:slug}-{mode}"
+                prompt: "{p} ad"
+                vars: {p: [watch, shoe]}
+                axes: {size: ["16:9", "1:1"], mode: [std, pro]}
+            """)
+        held = load_manifest(path)
+        spooled = load_manifest(path, spool=True)
+        assert spooled.specs == () and spooled.job_count == held.job_count == 9
+        for _ in range(2):  # a run reads it twice: to compare with the store, then to record
+            again = list(spooled.expand())
+            assert again == list(held.expand())
+            assert [s.fingerprint for s in again] == [s.fingerprint for s in held.expand()]
+        assert [s.image_sha256 for s in again] == [s.image_sha256 for s in held.specs]
+
+    def test_a_bad_manifest_spools_nothing_and_says_what(self, tmp_path: Path) -> None:
+        path = write(tmp_path, """\
+            version: 1
+            name: t
+            jobs:
+              - id: a
+                prompt: x
+                duration: 7
+            """)
+        with pytest.raises(ManifestError, match="duration"):
+            load_manifest(path, spool=True)

@@ -19,6 +19,7 @@ from batchkling.errors import SchemaTooNew, StoreError, WorkerFenced
 from batchkling.models import JobSpec, JobState
 from batchkling.store import JobRow, Store, store_from
 from batchkling.store.interface import Claim, ClaimOutcome, Intent
+from batchkling.store.rows import SYNC_BATCH
 from batchkling.store.sqlite import SCHEMA_VERSION, SqliteStore
 from batchkling.testing import StepClock
 
@@ -103,6 +104,32 @@ async def test_newer_schema_is_refused(store_url: str) -> None:
     assert store.location in str(caught.value)
     assert db_query(store_url, "SELECT value FROM meta WHERE key = 'schema_version'") == [
         ("999",)]
+
+
+async def test_new_jobs_are_recorded_a_batch_at_a_time(store_url: str) -> None:
+    """A manifest's new jobs may come from a generator (a spooled manifest, read once): they
+    go in batches of SYNC_BATCH in one transaction, every job with its seq, across batch
+    boundaries, beside the changed, reordered and removed ones."""
+    n = 2 * SYNC_BATCH + 7
+
+    def spec(i: int, prompt: str = "p") -> JobSpec:
+        return JobSpec(job_id=f"j{i:05d}", model="kling-v2-6", prompt=f"{prompt}{i}",
+                       duration=5, size="16:9")
+
+    async with store_from(store_url) as store:
+        await store.save_run("r", manifest_path=None, manifest_text=None, config_json="{}",
+                             provider="imarouter", base_url="http://x", simulated=False,
+                             now=1.0)
+        await store.sync_jobs("r", added=[(0, spec(0)), (1, spec(1)), (2, spec(2))],
+                              changed=[], reordered=[], removed=[], now=1.0)
+        await store.sync_jobs("r", added=((i, spec(i)) for i in range(3, n)),
+                              changed=[(0, spec(0, "edited"))], reordered=[(1, "j00001")],
+                              removed=["j00002"], now=2.0)
+        rows = db_query(store_url, "SELECT job_id, seq, state FROM jobs ORDER BY seq")
+        edited = await store.get_job("r", "j00000")
+    assert [(r[0], r[1]) for r in rows] == [(f"j{i:05d}", i) for i in range(n)]
+    assert [r[2] for r in rows[:4]] == ["pending", "pending", "skipped", "pending"]
+    assert edited is not None and edited.spec.prompt == "edited0"
 
 
 async def test_closed_store_refuses_reuse(store_url: str) -> None:

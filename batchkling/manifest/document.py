@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
 
@@ -35,6 +35,7 @@ from batchkling.manifest.settings import (
     ProviderConfig,
     Slug,
 )
+from batchkling.manifest.spool import JobSpool
 from batchkling.manifest.yamlsource import (
     DataPath,
     LoadedYAML,
@@ -133,6 +134,7 @@ class Manifest(RunConfig):
     _base_dir: Path = PrivateAttr(default=Path())
     _warnings: list[Problem] = PrivateAttr(default_factory=list)
     _specs: tuple[JobSpec, ...] = PrivateAttr(default=())
+    _spool: JobSpool | None = PrivateAttr(default=None)
     _job_count: int = PrivateAttr(default=0)
 
     @property
@@ -152,7 +154,8 @@ class Manifest(RunConfig):
 
     @property
     def specs(self) -> tuple[JobSpec, ...]:
-        """The expanded jobs: explicit jobs in file order, then each matrix in file order."""
+        """The expanded jobs: explicit jobs in file order, then each matrix in file order
+        (empty when they were spooled or handed to ``on_job``: see :meth:`expand`)."""
         return self._specs
 
     @property
@@ -160,9 +163,10 @@ class Manifest(RunConfig):
         """How many jobs the manifest expands to (also when they went to ``on_job``)."""
         return self._job_count
 
-    def expand(self) -> tuple[JobSpec, ...]:
-        """The expanded jobs (same as :attr:`specs`; expansion happened in ``load_manifest``)."""
-        return self._specs
+    def expand(self) -> Iterable[JobSpec]:
+        """The expanded jobs in manifest order, as often as needed: :attr:`specs`, or read
+        back from the scratch file of ``load_manifest(..., spool=True)``."""
+        return self._specs if self._spool is None else self._spool
 
     def run_config(self) -> RunConfig:
         """The engine's part of the manifest, suitable for snapshotting as JSON."""
@@ -213,12 +217,14 @@ MAX_MANIFEST_BYTES = 128 * 1024 * 1024
 
 def load_manifest(
     path: str | os.PathLike[str], *, on_job: Callable[[JobSpec], None] | None = None,
-    on_settings: Callable[[Manifest], None] | None = None,
+    on_settings: Callable[[Manifest], None] | None = None, spool: bool = False,
 ) -> Manifest:
     """Read, validate and expand a manifest; raise ManifestError listing every problem at once.
 
     With ``on_job``, each valid job is handed to it as it is expanded and none is kept
     (``specs`` stays empty, ``job_count`` counts them): a million-job plan in little memory.
+    With ``spool``, the jobs go to a scratch file that :meth:`Manifest.expand` reads back: a
+    run's memory does not grow with its manifest (``run`` and ``submit`` load this way).
     ``on_settings`` gets the validated manifest (settings, no jobs yet) before the first job;
     it is not called when the settings are invalid. The caller must discard what it made of
     the jobs if ManifestError is raised.
@@ -250,7 +256,19 @@ def load_manifest(
                 )
             ]
         )
-    return _validate_and_expand(loaded, Path(os.path.abspath(file)), on_job, on_settings)
+    if not spool:
+        return _validate_and_expand(loaded, Path(os.path.abspath(file)), on_job, on_settings)
+    if on_job is not None:
+        raise ValueError("load_manifest takes on_job or spool, not both")
+    jobs = JobSpool()
+    try:
+        manifest = _validate_and_expand(loaded, Path(os.path.abspath(file)), jobs.append,
+                                        on_settings)
+    except BaseException:
+        jobs.close()
+        raise
+    manifest._spool = jobs
+    return manifest
 
 
 def _read_bounded(path: Path, limit: int) -> bytes | None:

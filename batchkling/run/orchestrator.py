@@ -450,26 +450,35 @@ class Orchestrator:
         from batchkling.manifest.plan import against_run
 
         known = await self.store.job_index(self.run_id)
-        added, changed, reordered = [], [], []
+        changed, reordered = [], []
         seen: set[str] = set()
+        new = 0
         for seq, spec in enumerate(manifest.expand()):
-            seen.add(spec.job_id)
+            if known:
+                seen.add(spec.job_id)  # to find the jobs the manifest no longer has
             previous = known.get(spec.job_id)
             # The same rule as `plan` against a run, so the plan's counts are what happens.
             action = against_run(spec, None if previous is None else
                                  (previous[0], previous[1].value))
             if action == "new":
-                added.append((seq, spec))
+                new += 1
             elif action == "changed":
                 changed.append((seq, spec))
             else:
                 reordered.append((seq, spec.job_id))
         removed = [job_id for job_id in known if job_id not in seen]
-        await self.store.sync_jobs(self.run_id, added=added, changed=changed,
+
+        def added() -> Iterator[tuple[int, JobSpec]]:
+            # A second pass: a big manifest's new jobs go to the store a batch at a time,
+            # never all in memory at once.
+            for seq, spec in enumerate(manifest.expand()):
+                if spec.job_id not in known:
+                    yield seq, spec
+
+        await self.store.sync_jobs(self.run_id, added=added() if new else (), changed=changed,
                                    reordered=reordered, removed=removed, now=self.clock.wall())
-        if added or changed or removed:
-            self.log.info("run.synced", added=len(added), changed=len(changed),
-                          removed=len(removed))
+        if new or changed or removed:
+            self.log.info("run.synced", added=new, changed=len(changed), removed=len(removed))
 
     async def _execute(self, run: RunRow, config: RunConfig) -> RunSummary:
         self._callback_url = self._callback_url_for(run, config)
@@ -893,13 +902,17 @@ def _refuse_unknown_videos(run_dir: Path, manifest: Manifest, store: str) -> Non
     """
     videos = run_dir / "videos"
     try:
-        entries = list(os.scandir(videos))
+        entries = {entry.name: entry for entry in os.scandir(videos)}
     except OSError:
         return
-    wanted = {f"{spec.job_id}.mp4" for spec in manifest.expand()}
+    if not entries:
+        return
+    # The folder's names are few next to a big manifest's jobs: look the jobs up in them.
+    named = [entries[name] for name in (f"{spec.job_id}.mp4" for spec in manifest.expand())
+             if name in entries]
     found = []
-    for entry in entries:
-        if entry.name in wanted and entry.is_file(follow_symlinks=False):
+    for entry in named:
+        if entry.is_file(follow_symlinks=False):
             try:
                 with open(entry.path, "rb") as fh:
                     head = fh.read(12)

@@ -305,13 +305,16 @@ class Store(abc.ABC):
         self,
         run_id: str,
         *,
-        added: list[tuple[int, JobSpec]],
+        added: Iterable[tuple[int, JobSpec]],
         changed: list[tuple[int, JobSpec]],
         reordered: list[tuple[int, str]],
         removed: list[str],
         now: float,
     ) -> None:
         """Apply a manifest's expansion to the run in one transaction.
+
+        ``added`` is read once, a batch at a time (:data:`~batchkling.store.rows.SYNC_BATCH`):
+        a generator keeps a big manifest's new jobs out of memory.
 
         Removed jobs become ``skipped`` unless a task of theirs may exist (then they keep their
         state and are still tracked); a skipped job back in the manifest unchanged returns to

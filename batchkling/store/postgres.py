@@ -93,6 +93,7 @@ from batchkling.store.rows import (
     ReuseSource,
     RunRow,
     WorkerRow,
+    batches,
     event_data,
     held_rows,
     job_row,
@@ -783,7 +784,7 @@ class PostgresStore(Store):
         self,
         run_id: str,
         *,
-        added: list[tuple[int, JobSpec]],
+        added: Iterable[tuple[int, JobSpec]],
         changed: list[tuple[int, JobSpec]],
         reordered: list[tuple[int, str]],
         removed: list[str],
@@ -796,18 +797,16 @@ class PostgresStore(Store):
         ``failed``) become ``skipped``; the others keep their state, so a paid task is still
         tracked. A skipped job back in the manifest unchanged returns to the state it left
         (``rows.RESTORED_STATE`` says how). Each kind is one statement over arrays, however many
-        jobs it names.
+        jobs it names (new jobs: one per :data:`~batchkling.store.rows.SYNC_BATCH`).
         """
-        if not (added or changed or reordered or removed):
-            return
         async with self._connection() as conn, conn.transaction():
-            if added:
+            for batch in batches(added):
                 await conn.execute(
                     "INSERT INTO jobs (run_id, job_id, seq, spec_json, fingerprint, state,"
                     " updated_at) SELECT %s, job_id, seq, spec, fp, 'pending', %s"
                     " FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[])"
                     " AS t(job_id, seq, spec, fp)",
-                    (run_id, now, *_columns(added)),
+                    (run_id, now, *_columns(batch)),
                 )
             if changed:
                 await conn.execute(

@@ -7,8 +7,9 @@ A backend's SQL differs; what it hands the engine and the views does not: a run 
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, LiteralString
 
@@ -117,6 +118,17 @@ class JobRow:
 
 
 JOB_SELECT = "SELECT " + ", ".join(JobRow.__dataclass_fields__) + " FROM jobs"
+
+
+#: Rows per statement when a manifest's new jobs go to the store.
+SYNC_BATCH = 2000
+
+
+def batches(items: Iterable[Any], size: int = SYNC_BATCH) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size`` (the last one shorter), read lazily."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def job_row(row: Sequence[Any]) -> JobRow:

@@ -70,6 +70,7 @@ from batchkling.store.rows import (
     ReuseSource,
     RunRow,
     WorkerRow,
+    batches,
     event_data,
     held_rows,
     job_row,
@@ -188,26 +189,33 @@ class SqliteStore(Store):
     async def _write(self, statements: Iterable[tuple[str, Iterable[Any]]]) -> int:
         """Run statements as one transaction (a lone statement is its own transaction).
 
-        Returns the number of rows a lone statement changed (-1 for a batch).
+        Returns the number of rows a lone statement changed (-1 for a batch). ``statements``
+        is read lazily, so a generator of many keeps only a batch of them in memory.
         """
         db = self.db
-        batch = list(statements)
+        pending = iter(statements)
+        first = next(pending, None)
+        if first is None:
+            return -1
+        second = next(pending, None)
         async with self._lock:
             try:
-                if len(batch) == 1:
-                    sql, params = batch[0]
+                if second is None:
+                    sql, params = first
                     cursor = await db.execute(sql, tuple(params))
                     return cursor.rowcount
                 await db.execute("BEGIN IMMEDIATE")
                 try:
-                    # A run of the same statement goes in one trip to the database thread: a
-                    # 10,000-job manifest is one executemany, not 10,000 round trips.
-                    for sql, group in itertools.groupby(batch, key=lambda item: item[0]):
-                        rows = [tuple(params) for _sql, params in group]
-                        if len(rows) == 1:
-                            await db.execute(sql, rows[0])
-                        else:
-                            await db.executemany(sql, rows)
+                    # A run of the same statement goes in one trip to the database thread per
+                    # SYNC_BATCH rows: a 10,000-job manifest is five executemany calls, not
+                    # 10,000 round trips, and never all its rows in memory at once.
+                    ordered = itertools.chain((first, second), pending)
+                    for sql, group in itertools.groupby(ordered, key=lambda item: item[0]):
+                        for chunk in batches(tuple(params) for _sql, params in group):
+                            if len(chunk) == 1:
+                                await db.execute(sql, chunk[0])
+                            else:
+                                await db.executemany(sql, chunk)
                     await db.execute("COMMIT")
                 except BaseException:
                     with anyio.CancelScope(shield=True):
@@ -632,7 +640,7 @@ class SqliteStore(Store):
         self,
         run_id: str,
         *,
-        added: list[tuple[int, JobSpec]],
+        added: Iterable[tuple[int, JobSpec]],
         changed: list[tuple[int, JobSpec]],
         reordered: list[tuple[int, str]],
         removed: list[str],
@@ -652,14 +660,10 @@ class SqliteStore(Store):
             skipped = await self._fetchall(
                 "SELECT job_id FROM jobs WHERE run_id = ? AND state = 'skipped'", (run_id,))
             back = {str(r[0]) for r in skipped}
-        for seq, spec in added:
-            statements.append(
-                (
-                    "INSERT INTO jobs (run_id, job_id, seq, spec_json, fingerprint, state,"
-                    " updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
-                    (run_id, spec.job_id, seq, spec.to_json(), spec.fingerprint, now),
-                )
-            )
+        new = (("INSERT INTO jobs (run_id, job_id, seq, spec_json, fingerprint, state,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                (run_id, spec.job_id, seq, spec.to_json(), spec.fingerprint, now))
+               for seq, spec in added)
         for seq, spec in changed:
             statements.append(
                 (
@@ -694,8 +698,7 @@ class SqliteStore(Store):
                     (now, run_id, job_id),
                 )
             )
-        if statements:
-            await self._write(statements)
+        await self._write(itertools.chain(new, statements))
 
     async def reset_for_retry(
         self, run_id: str, *, states: Iterable[JobState], job_ids: Iterable[str], now: float
