@@ -236,6 +236,14 @@ class TestProviderTrouble:
         rows = _rows(workdir)
         assert len(rows) == 30
         for row in rows:
+            if row["status"] == "pending":
+                # Rendered, but its result URL expired twice before the download (the profile's
+                # URLs live 60 simulated seconds: 0.15 s at this speed, which a loaded machine
+                # can pass between a poll and the download). Kept, with the way on.
+                assert row["error_code"] == "download_failed", row
+                assert "downloads it again" in row["next_step"], row
+                assert summary.exit_code == 3, summary
+                continue
             assert row["status"] in ("succeeded", "failed"), row
             if row["status"] == "failed":
                 assert row["error_message"], row
