@@ -96,12 +96,15 @@ def store_url(backend: str, workdir: Path, request: pytest.FixtureRequest) -> st
 def cli_process(*args: str, speed: float | str | None = None, env: Mapping[str, str] | None = None,
                 crash_at: str | None = None, stdout: bool = False,
                 base_env: Mapping[str, str] | None = None,
-                preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
+                preexec_fn: Callable[[], None] | None = None,
+                stderr: Path | None = None) -> subprocess.Popen[bytes]:
     """``python -m batchkling ARGS [--speed SPEED]`` in a child process.
 
     Its environment is ``base_env`` (default: this process's) with the test key and ``env``
-    over it, and no crash point but ``crash_at``'s. Its stderr is piped, and its stdout when
-    ``stdout`` is set (else discarded); :func:`finish_process` collects them.
+    over it, and no crash point but ``crash_at``'s. Its stderr is piped, or written to the
+    file ``stderr`` (a long-lived process logs more than a pipe holds: unread, it would block
+    the process), and its stdout piped when ``stdout`` is set (else discarded);
+    :func:`finish_process` collects them.
     """
     full = {**(os.environ if base_env is None else base_env), "BATCHKLING_TEST_KEY": TEST_KEY,
             **(env or {})}
@@ -109,9 +112,16 @@ def cli_process(*args: str, speed: float | str | None = None, env: Mapping[str, 
     if crash_at:
         full["BATCHKLING_CRASH_AT"] = crash_at
     speed_args = () if speed is None else ("--speed", str(speed))
-    return subprocess.Popen([sys.executable, "-m", "batchkling", *args, *speed_args], env=full,
-                            stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, preexec_fn=preexec_fn)
+    if stderr is None:
+        return subprocess.Popen([sys.executable, "-m", "batchkling", *args, *speed_args],
+                                env=full, stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, preexec_fn=preexec_fn)
+    with stderr.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "batchkling", *args, *speed_args],
+                                env=full, stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+                                stderr=log, preexec_fn=preexec_fn)
+    proc.stderr_path = stderr  # type: ignore[attr-defined]  # for finish_process
+    return proc
 
 
 def finish_process(proc: subprocess.Popen[bytes], timeout: float = 90) -> tuple[int, str, str]:
@@ -123,6 +133,9 @@ def finish_process(proc: subprocess.Popen[bytes], timeout: float = 90) -> tuple[
         proc.kill()
         proc.communicate()
         raise
+    path = getattr(proc, "stderr_path", None)
+    if path is not None:
+        err = path.read_bytes()
     return (proc.returncode, (out or b"").decode(errors="replace"),
             (err or b"").decode(errors="replace"))
 

@@ -64,7 +64,9 @@ def _runner(workdir: Path, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "batchkling", *args, "--workdir", str(workdir),
          "--stale-after", "1s", "--speed", "200"],
-        env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its log is never read here: a pipe nobody reads would block a runner that logs more
+        # than the pipe holds (100 jobs' events do).
+        env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _stopped(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> bool:

@@ -10,6 +10,7 @@ up after being presumed dead changes nothing and exits 5, and every job ends dow
 
 from __future__ import annotations
 
+import itertools
 import random
 import signal
 import sqlite3
@@ -35,9 +36,10 @@ SPEED = 300.0
 RUN = "crew"
 
 
-def _cli(*args: str, workdir: Path, store: str) -> subprocess.Popen[bytes]:
+def _cli(*args: str, workdir: Path, store: str, log: Path | None = None
+         ) -> subprocess.Popen[bytes]:
     return cli_process(*args, "--workdir", str(workdir),
-                       env={**KLING_ENV, "BATCHKLING_STORE": store})
+                       env={**KLING_ENV, "BATCHKLING_STORE": store}, stderr=log)
 
 
 def _finish(proc: subprocess.Popen[bytes], timeout: float = 120) -> tuple[int, str]:
@@ -127,6 +129,25 @@ def test_a_paused_runner_is_fenced_after_takeover(tmp_path: Path, workdir: Path,
     assert fenced == [("dead",)]
 
 
+def _wait_for_creates(sim: SimulatorServer, creates: float, crew: list[subprocess.Popen[bytes]],
+                      store: str, stall: float = 90.0) -> None:
+    """Wait until the simulator has seen ``creates`` creates. If none comes for ``stall``
+    seconds, fail saying what the store and the workers say, rather than hang to the timeout."""
+    seen, since = sim.stats()["creates"], time.monotonic()
+    while seen < creates:
+        time.sleep(0.01)
+        now = sim.stats()["creates"]
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since > stall:
+            states = db_query(store, "SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            runs = db_query(store, "SELECT state, stop_reason FROM runs")
+            workers = db_query(store, "SELECT pid, state, stop_reason FROM workers")
+            exits = [proc.poll() for proc in crew]
+            pytest.fail(f"no create for {stall:.0f}s at {seen} of {creates:.0f}: jobs {states},"
+                        f" run {runs}, workers {workers}, crew exit codes {exits}")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_four_workers_killed_and_paused_share_ten_slots(tmp_path: Path, workdir: Path,
@@ -142,9 +163,13 @@ def test_four_workers_killed_and_paused_share_ten_slots(tmp_path: Path, workdir:
     code, err = _finish(_cli("submit", str(manifest), workdir=workdir, store=store_url))
     assert code == 0, err
 
+    logs = iter(tmp_path / f"worker-{i}.log" for i in itertools.count())
+
     def worker() -> subprocess.Popen[bytes]:
+        # Its log to a file: a worker that lives through the whole run logs more than a pipe
+        # holds, and would block on it (the run stalled at a tenth of its creates).
         return _cli("worker", "--exit-when-idle", "--stale-after", "1s", "--speed", str(SPEED),
-                    workdir=workdir, store=store_url)
+                    workdir=workdir, store=store_url, log=next(logs))
 
     rng = random.Random(20261202)
     crew = [worker() for _ in range(4)]
@@ -155,8 +180,7 @@ def test_four_workers_killed_and_paused_share_ten_slots(tmp_path: Path, workdir:
     # is waited for, which on a loaded machine took long enough, as the second, for the run to
     # end before the next kill.)
     for tenth in range(1, 10):
-        while sim.stats()["creates"] < n * tenth / 10:
-            time.sleep(0.01)
+        _wait_for_creates(sim, n * tenth / 10, crew, store_url)
         time.sleep(rng.uniform(0.0, 0.2))
         victim = _one_driving(store_url, crew)
         if victim is None:
