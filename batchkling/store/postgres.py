@@ -553,10 +553,9 @@ class PostgresStore(Store):
             " WHERE r.run_id = %(run)s", {"run": run_id, "clock": self._clock_now()})
         if not rows:
             raise RunNotFound(f"no run {run_id!r} in {self.location}")
-        holder, host, pid, boot_id, silent, state = rows[0]
-        if holder is not None and holder != worker_id and state == "alive" \
-                and silent <= stale_after and not gone_here(host, boot_id, pid):
-            raise run_locked(run_id, pid, host, silent)
+        holder, *seen = rows[0]
+        if holder is not None and holder != worker_id:
+            _stale_holder(run_id, seen, stale_after)
 
     async def acquire_lease(self, run_id: str, worker_id: str, *, stale_after: float,
                             now: float) -> None:
@@ -593,10 +592,7 @@ class PostgresStore(Store):
                 if again is not None and again[0] == holder:
                     break
                 # Another process took or gave the lease up in between: decide again.
-            if seen is not None and seen[4] == "alive":
-                host, pid, boot_id, silent, _state = seen
-                if silent <= stale_after and not gone_here(host, boot_id, pid):
-                    raise run_locked(run_id, pid, host, silent)
+            if seen is not None and _stale_holder(run_id, seen, stale_after):
                 # Presumed dead: from now on its writes change nothing.
                 await conn.execute(
                     "UPDATE workers SET state = 'dead', stop_reason = %s WHERE worker_id = %s",
@@ -1187,6 +1183,18 @@ _REUSE_SELECT: LiteralString = (
     " AND d.state = 'downloaded' AND d.video_sha256 IS NOT NULL) AS found"
     " WHERE n <= 3 ORDER BY seq, n"
 )
+
+
+def _stale_holder(run_id: str, seen: Sequence[Any], stale_after: float) -> bool:
+    """For the run's lease holder, its worker row ``(host, pid, boot_id, silence, state)`` with
+    the silence on the database's clock: raise :class:`RunLocked` if it is alive, return
+    whether it is a live-marked holder gone stale (to be fenced as its lease is taken)."""
+    host, pid, boot_id, silent, state = seen
+    if state != "alive":
+        return False
+    if silent <= stale_after and not gone_here(host, boot_id, pid):
+        raise run_locked(run_id, pid, host, silent)
+    return True
 
 
 def _columns(jobs: list[tuple[int, JobSpec]]) -> tuple[list[str], list[int], list[str], list[str]]:
