@@ -124,13 +124,7 @@ async def write_report(
     spool, spool_path = await anyio.to_thread.run_sync(open_spool)
     try:
         with spool:
-            page: list[JobRow] = []
-            async for row in store.iter_jobs(run_id, page=CHUNK):
-                page.append(row)
-                if len(page) == CHUNK:
-                    await add(page)
-                    page = []
-            if page:
+            async for page in store.iter_pages(run_id, page=CHUNK):
                 await add(page)
         sheet.links_expire = signer.expires
 

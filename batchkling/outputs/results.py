@@ -62,13 +62,8 @@ async def write_results(store: Store, run_id: str, dest: Path, *, download: bool
     report's pass instead: :class:`ResultsWriter`.)"""
     with await ResultsWriter.start(store, run_id, dest, download=download,
                                    where=where) as results:
-        page: list[JobRow] = []
-        async for row in store.iter_jobs(run_id, page=PAGE):
-            page.append(row)
-            if len(page) == PAGE:
-                results.add(page)
-                page = []
-        results.add(page)
+        async for page in store.iter_pages(run_id, page=PAGE):
+            results.add(page)
         return results.finish()
 
 

@@ -350,11 +350,18 @@ class Store(abc.ABC):
         Paging follows ``seq``, so the caller may change a yielded job's state meanwhile: each
         job is seen at most once, and memory holds one page, not the run.
         """
+        async for rows in self.iter_pages(run_id, states, page=page):
+            for row in rows:
+                yield row
+
+    async def iter_pages(self, run_id: str, states: Iterable[JobState] | None = None, *,
+                         page: int = 500) -> AsyncIterator[list[JobRow]]:
+        """Like :meth:`iter_jobs`, a page of up to ``page`` jobs at a time (for writers that
+        work a page at a time: the results CSV, the report)."""
         wanted = list(JobState) if states is None else list(states)
         after = -1
         while rows := await self.jobs_in(run_id, wanted, after_seq=after, limit=page):
-            for row in rows:
-                yield row
+            yield rows
             if len(rows) < page:
                 return
             after = rows[-1].seq

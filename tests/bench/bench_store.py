@@ -153,7 +153,8 @@ class _Calls:
 
     def install(self, cls: type) -> None:
         for name in dir(Store):
-            if name.startswith("_") or name in ("iter_jobs", "require_run", "location"):
+            if name.startswith("_") or name in ("iter_jobs", "iter_pages", "require_run",
+                                                "location"):
                 continue  # helpers made of other calls
             original = getattr(cls, name)
             if not callable(original):
