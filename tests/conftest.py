@@ -112,14 +112,15 @@ def cli_process(*args: str, speed: float | str | None = None, env: Mapping[str, 
     if crash_at:
         full["BATCHKLING_CRASH_AT"] = crash_at
     speed_args = () if speed is None else ("--speed", str(speed))
-    if stderr is None:
-        return subprocess.Popen([sys.executable, "-m", "batchkling", *args, *speed_args],
-                                env=full, stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, preexec_fn=preexec_fn)
-    with stderr.open("wb") as log:
+    log = None if stderr is None else stderr.open("wb")
+    try:
         proc = subprocess.Popen([sys.executable, "-m", "batchkling", *args, *speed_args],
                                 env=full, stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
-                                stderr=log, preexec_fn=preexec_fn)
+                                stderr=subprocess.PIPE if log is None else log,
+                                preexec_fn=preexec_fn)
+    finally:
+        if log is not None:
+            log.close()  # the child has its own descriptor
     proc.stderr_path = stderr  # type: ignore[attr-defined]  # for finish_process
     return proc
 
