@@ -493,13 +493,13 @@ class TestWorkersAndClaims:
 
     @staticmethod
     async def _claim(store: Store, worker: str = "w1", *, cap: int = 10, price: float = 0.5,
-                     max_usd: float | None = None) -> Claim:
+                     max_usd: float | None = None, credit: int = 0) -> Claim:
         def intent(job: JobRow) -> Intent:
             number = job.attempt + 1
             return Intent(new_attempt=(number, f"{job.job_id}-{number}"), reserved_usd=price)
 
         return await store.claim("r", worker_id=worker, account_id="acc", slot_cap=cap,
-                                 intent=intent, max_usd=max_usd, now=5.0)
+                                 intent=intent, max_usd=max_usd, now=5.0, credit=credit)
 
     async def test_held_by_workers_counts_each_workers_jobs_by_state(
             self, store_url: str) -> None:
@@ -571,6 +571,49 @@ class TestWorkersAndClaims:
                                   removed=["c", "d"], now=8.0)
             assert (await self._claim(store)).outcome is ClaimOutcome.EMPTY
             assert await store.money("r") == pytest.approx((0.5, 1.0))
+        finally:
+            await store.aclose()
+
+    async def test_a_credit_frees_the_slots_of_tasks_known_ended(self, store_url: str) -> None:
+        """A worker's credit (its own tasks the store still counts in flight but it knows have
+        ended) frees that many slots for the claim, and no more; the claim still reports the
+        store's count, and a refused claim changes nothing."""
+        store = await self._crew(store_url, StepClock(), "a", "b", "c", "d", slots=2)
+        try:
+            assert (await self._claim(store)).outcome is ClaimOutcome.CLAIMED
+            assert (await self._claim(store)).outcome is ClaimOutcome.CLAIMED
+            refused = await self._claim(store)
+            assert (refused.outcome, refused.in_flight, refused.slot_limit) == (
+                ClaimOutcome.NO_SLOT, 2, 2)
+            credited = await self._claim(store, credit=1)
+            assert credited.outcome is ClaimOutcome.CLAIMED and credited.job is not None
+            assert (credited.job.job_id, credited.in_flight, credited.slot_limit) == ("c", 2, 2)
+            again = await self._claim(store, credit=1)  # the credit covers one task only
+            assert (again.outcome, again.in_flight) == (ClaimOutcome.NO_SLOT, 3)
+            assert await store.counts("r") == {JobState.SUBMITTING: 3, JobState.PENDING: 1}
+            account = await store.get_account("acc")
+            assert account is not None and account.in_flight == 3
+        finally:
+            await store.aclose()
+
+    async def test_a_credit_is_held_between_zero_and_the_count(self, store_url: str) -> None:
+        """A negative credit counts as none. A credit larger than the account's tasks in flight
+        takes the count to zero, never below: claims pass while the count less the credit
+        (at most the count) is below the limit, so a credit of 3 on a 2-slot account lets 5
+        tasks be in flight, and a cap of 0 still refuses whatever the credit."""
+        store = await self._crew(store_url, StepClock(), *"abcdefg", slots=2)
+        try:
+            assert (await self._claim(store)).outcome is ClaimOutcome.CLAIMED
+            assert (await self._claim(store, credit=-5)).outcome is ClaimOutcome.CLAIMED
+            assert (await self._claim(store, credit=-5)).outcome is ClaimOutcome.NO_SLOT
+            taken = [await self._claim(store, credit=3) for _ in range(4)]
+            assert [(c.outcome, c.in_flight) for c in taken] == [
+                (ClaimOutcome.CLAIMED, 2), (ClaimOutcome.CLAIMED, 3),
+                (ClaimOutcome.CLAIMED, 4), (ClaimOutcome.NO_SLOT, 5)]
+            capped = await self._claim(store, cap=0, credit=10)
+            assert (capped.outcome, capped.in_flight, capped.slot_limit) == (
+                ClaimOutcome.NO_SLOT, 5, 0)
+            assert await store.counts("r") == {JobState.SUBMITTING: 5, JobState.PENDING: 2}
         finally:
             await store.aclose()
 

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import anyio
 import anyio.to_thread
@@ -118,6 +119,14 @@ _V2_ONLY = (
     " DROP COLUMN reused_from;"
 )
 
+#: Schema 3's claim functions, which took no credit (tests/fixtures).
+_V3_CLAIMS = (Path(__file__).parent / "fixtures" / "postgres_schema3_claims.sql").read_text()
+#: The claim functions in the catalog: each name with its number of arguments.
+_CLAIM_FUNCTIONS = ("SELECT proname, pronargs FROM pg_proc WHERE proname IN"
+                    " ('batchkling_claim_pick', 'batchkling_claim_take') ORDER BY proname")
+#: What schema 4 has them take: a credit besides schema 3's arguments.
+_V4_CLAIM_FUNCTIONS = [("batchkling_claim_pick", 8), ("batchkling_claim_take", 11)]
+
 
 class TestSchema:
     async def test_workers_opening_a_new_database_at_once_do_not_race(
@@ -176,6 +185,36 @@ class TestSchema:
 
         assert db_query(pg_url, "SELECT value FROM meta WHERE key = 'schema_version'") == [
             (str(SCHEMA_VERSION),)]
+        assert db_query(pg_url, _CLAIM_FUNCTIONS) == _V4_CLAIM_FUNCTIONS
+
+    async def test_a_schema_3_database_is_migrated(self, pg_url: str) -> None:
+        """A schema-3 store, whose claim functions take no credit, is upgraded in place to 4:
+        the old functions are dropped, not left beside the new ones as overloads, and a claim
+        with a credit works."""
+        store = await _store_with_jobs(pg_url, "a", "b", "c")
+        await store.aclose()
+        db_query(pg_url, "DROP FUNCTION batchkling_claim_pick; DROP FUNCTION batchkling_claim_take;"
+                 + _V3_CLAIMS + " UPDATE meta SET value = '3' WHERE key = 'schema_version';")
+        assert db_query(pg_url, _CLAIM_FUNCTIONS) == [("batchkling_claim_pick", 7),
+                                                      ("batchkling_claim_take", 10)]
+        async with PostgresStore(pg_url) as upgraded:
+            await upgraded.register_worker("w", runs=None, now=2.0)
+            await upgraded.ensure_account("acc", provider="imarouter", max_in_flight=1, now=2.0)
+
+            async def claim(credit: int) -> Claim:
+                return await upgraded.claim("r", worker_id="w", account_id="acc", slot_cap=1,
+                                            intent=TestClaimRaces._intent(0.5), max_usd=None,
+                                            now=3.0, credit=credit)
+
+            assert (await claim(0)).outcome is ClaimOutcome.CLAIMED
+            assert (await claim(0)).outcome is ClaimOutcome.NO_SLOT
+            credited = await claim(1)
+            assert (credited.outcome, credited.in_flight) == (ClaimOutcome.CLAIMED, 1)
+            assert (await claim(1)).outcome is ClaimOutcome.NO_SLOT
+            assert await upgraded.integrity_check() == "ok"
+        assert db_query(pg_url, "SELECT value FROM meta WHERE key = 'schema_version'") == [
+            ("4",)]
+        assert db_query(pg_url, _CLAIM_FUNCTIONS) == _V4_CLAIM_FUNCTIONS
 
     async def test_integrity_check_names_what_is_wrong(self, pg_url: str) -> None:
         """A sound store is ``ok``; a job in no known state, or whose attempt has no row, is

@@ -76,7 +76,8 @@ class Claim:
     outcome: ClaimOutcome
     #: CLAIMED: the job as now stored (``submitting``, this worker's, its new claim epoch).
     job: JobRow | None = None
-    #: The account's tasks in flight, and its slot limit, when the claim was decided.
+    #: The account's tasks in flight as the store counts them (before the caller's
+    #: ``credit``), and its slot limit, when the claim was decided.
     in_flight: int = 0
     slot_limit: int = 0
     #: PAUSED: seconds until the pause ends.
@@ -254,17 +255,26 @@ class Store(abc.ABC):
         max_usd: float | None,
         now: float,
         max_units: float | None = None,
+        credit: int = 0,
     ) -> Claim:
         """Take the run's next pending job for a create: the committed create intent.
 
         In one transaction: the worker must be alive; the account must have a free slot (jobs
-        in :data:`SLOT_STATES` counted across every run and worker, below the smaller of its
-        shared limit and ``slot_cap``) and no pause; the run must be open; the job's
-        reservation (``intent(job).reserved_usd``) must fit ``max_usd`` with what the run has
-        spent and reserved, and likewise its ``reserved_units`` must fit ``max_units``. The job
-        then moves to ``submitting`` with the intent's attempt, reservations and price group,
-        this worker, the account, and a new claim epoch. Otherwise nothing changes, and the
-        outcome says why.
+        in :data:`SLOT_STATES` counted across every run and worker, less ``credit``, below the
+        smaller of its shared limit and ``slot_cap``) and no pause; the run must be open; the
+        job's reservation (``intent(job).reserved_usd``) must fit ``max_usd`` with what the
+        run has spent and reserved, and likewise its ``reserved_units`` must fit
+        ``max_units``. The job then moves to ``submitting`` with the intent's attempt,
+        reservations and price group, this worker, the account, and a new claim epoch.
+        Otherwise nothing changes, and the outcome says why.
+
+        ``credit`` is the number of this worker's own jobs on the account that the store still
+        counts in flight but whose tasks the worker knows have ended (a provider's callback
+        said so; the worker records them shortly). The slot check subtracts it from the count,
+        held between 0 and the count, so a slot freed that way is taken at once. Each worker
+        credits only its own jobs, so no job is credited twice. The default, 0, counts every
+        job in a slot state. The returned :class:`Claim` reports the store's count
+        (``in_flight``), before the credit.
         """
 
     @abc.abstractmethod

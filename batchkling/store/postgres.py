@@ -685,6 +685,7 @@ class PostgresStore(Store):
         max_usd: float | None,
         now: float,
         max_units: float | None = None,
+        credit: int = 0,
     ) -> Claim:
         """Take the run's next pending job: see :meth:`Store.claim` and the module docstring.
 
@@ -698,7 +699,8 @@ class PostgresStore(Store):
         ends it, releasing the job for the other workers, and this claim starts again.
         """
         params = {"worker": worker_id, "account": account_id, "run": run_id,
-                  "slot_states": _SLOT_VALUES, "cap": slot_cap, "clock": self._clock_now(),
+                  "slot_states": _SLOT_VALUES, "cap": slot_cap, "credit": max(0, credit),
+                  "clock": self._clock_now(),
                   "idle_ms": max(1, round(self.claim_idle_limit * 1000))}
         missing = f"no run {run_id!r} (or account {account_id!r}) in {self.location}"
         for _ in range(3):
@@ -1219,7 +1221,7 @@ _CLAIM_PICK = (
     "BEGIN;"
     " SELECT worker_state, slot_limit, paused_for, run_state, committed, committed_units,"
     " in_flight, pending FROM batchkling_claim_pick(%(worker)s, %(account)s, %(run)s,"
-    " %(cap)s, %(clock)s, %(slot_states)s, %(idle_ms)s);"
+    " %(cap)s, %(clock)s, %(slot_states)s, %(idle_ms)s, %(credit)s);"
     f" SELECT {_JOB_COLUMNS} FROM jobs WHERE run_id = %(run)s"
     " AND job_id = current_setting('batchkling.claim_job')"
 )
@@ -1229,7 +1231,7 @@ _CLAIM_PICK = (
 _CLAIM_TAKE = (
     "SELECT outcome, slot_limit, paused_for, in_flight, committed, committed_units"
     " FROM batchkling_claim_take(%(worker)s, %(account)s, %(run)s, %(cap)s, %(max_usd)s,"
-    " %(usd)s, %(max_units)s, %(units)s, %(clock)s, %(slot_states)s);"
+    " %(usd)s, %(max_units)s, %(units)s, %(clock)s, %(slot_states)s, %(credit)s);"
     " UPDATE jobs SET state = 'submitting', updated_at = %(now)s,"
     " last_event = 'job.submitting', last_event_data = NULL, worker_id = %(worker)s,"
     " account_id = %(account)s, claim_epoch = claim_epoch + 1{sets}"

@@ -14,12 +14,14 @@ attempt's reported cost — so a claim checks the budget, and a progress display
 without a scan.
 
 Versions are PostgreSQL's own (they do not follow SQLite's). ``MIGRATIONS[v]`` takes a schema
-at version ``v`` to ``v + 1``; ``SCHEMA`` then (re)creates what is missing.
+at version ``v`` to ``v + 1``; ``SCHEMA`` then (re)creates what is missing and replaces every
+function. A function whose arguments change is dropped by its migration step: ``CREATE OR
+REPLACE`` would add an overload beside the old one.
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Taken with ``pg_advisory_xact_lock`` while the schema is created or migrated, so workers
 #: opening the same database at once wait for each other instead of racing. ("bkschema")
@@ -48,6 +50,9 @@ CREATE TABLE IF NOT EXISTS prices (
 #: claims (the run's lease kept its own pid, host and heartbeat; now they are the holder
 #: worker's), no running money totals on the run, and no object-store columns (``video_uri``,
 #: ``video_etag``; the attempt's video). The trigger functions are replaced by ``SCHEMA``.
+#: Version 3's claim functions took no credit (``p_credit``, the caller's own tasks known to
+#: have ended): their old signatures are dropped, so that ``SCHEMA`` creates the new ones
+#: instead of overloads beside them.
 MIGRATIONS: dict[int, str] = {
     1: MONEY_SCHEMA,
     2: """
@@ -70,6 +75,13 @@ MIGRATIONS: dict[int, str] = {
             ADD COLUMN video_uri text, ADD COLUMN video_etag text;
         ALTER TABLE attempts ADD COLUMN video_uri text, ADD COLUMN video_size bigint,
             ADD COLUMN video_sha256 text, ADD COLUMN video_etag text;
+    """,
+    3: """
+        DROP FUNCTION IF EXISTS batchkling_claim_pick(text, text, text, integer,
+            double precision, text[], integer);
+        DROP FUNCTION IF EXISTS batchkling_claim_take(text, text, text, integer,
+            double precision, double precision, double precision, double precision,
+            double precision, text[]);
     """,
 }
 
@@ -307,10 +319,12 @@ $$;
 -- tasks in flight) and, only when a job may be taken (open run, no pause, a free slot), locks
 -- the run's next pending job, skipping jobs other claims have locked; it leaves the job's id
 -- in the transaction's setting batchkling.claim_job. It also limits how long the transaction
--- may sit idle.
+-- may sit idle. Both functions count p_credit fewer tasks in flight for the slot check (the
+-- caller's own tasks it knows have ended, held between 0 and the count: Store.claim's
+-- credit), and return the count before it.
 CREATE OR REPLACE FUNCTION batchkling_claim_pick(
     p_worker text, p_account text, p_run text, p_cap integer, p_clock double precision,
-    p_slot_states text[], p_idle_ms integer)
+    p_slot_states text[], p_idle_ms integer, p_credit integer)
 RETURNS TABLE (worker_state text, slot_limit integer, paused_for double precision,
                run_state text, committed double precision, committed_units double precision,
                in_flight integer, pending boolean, job_id text)
@@ -324,7 +338,8 @@ BEGIN
     SELECT r.state, r.spent_usd + r.reserved_usd, r.spent_units + r.reserved_units
     INTO run_state, committed, committed_units FROM runs r WHERE r.run_id = p_run;
     in_flight := batchkling_in_flight(p_account, p_slot_states);
-    IF run_state = 'running' AND paused_for <= 0 AND in_flight < least(p_cap, slot_limit) THEN
+    IF run_state = 'running' AND paused_for <= 0
+       AND in_flight - least(greatest(p_credit, 0), in_flight) < least(p_cap, slot_limit) THEN
         SELECT j.job_id INTO job_id FROM jobs j WHERE j.run_id = p_run AND j.state = 'pending'
         ORDER BY j.seq LIMIT 1 FOR UPDATE SKIP LOCKED;
     END IF;
@@ -344,7 +359,7 @@ $$;
 CREATE OR REPLACE FUNCTION batchkling_claim_take(
     p_worker text, p_account text, p_run text, p_cap integer, p_max_usd double precision,
     p_usd double precision, p_max_units double precision, p_units double precision,
-    p_clock double precision, p_slot_states text[])
+    p_clock double precision, p_slot_states text[], p_credit integer)
 RETURNS TABLE (outcome text, slot_limit integer, paused_for double precision,
                in_flight integer, committed double precision,
                committed_units double precision)
@@ -369,7 +384,8 @@ BEGIN
         WHEN v_worker IS DISTINCT FROM 'alive' THEN 'fenced'
         WHEN v_run IS DISTINCT FROM 'running' THEN 'closed'
         WHEN paused_for > 0 THEN 'paused'
-        WHEN in_flight >= least(p_cap, slot_limit) THEN 'no_slot'
+        WHEN in_flight - least(greatest(p_credit, 0), in_flight) >= least(p_cap, slot_limit)
+            THEN 'no_slot'
         WHEN p_max_usd IS NOT NULL AND committed + p_usd > p_max_usd + 1e-9 THEN 'budget'
         WHEN p_max_units IS NOT NULL AND committed_units + p_units > p_max_units + 1e-9
             THEN 'budget_units'

@@ -508,6 +508,7 @@ class SqliteStore(Store):
         max_usd: float | None,
         now: float,
         max_units: float | None = None,
+        credit: int = 0,
     ) -> Claim:
         """Take the run's next pending job: see :meth:`Store.claim`.
 
@@ -516,6 +517,7 @@ class SqliteStore(Store):
         so a claim that raced another process changes nothing and is decided again.
         """
         seen = _Seen(0, 0)
+        credit = max(0, credit)
         for _ in range(5):
             rows = await self._fetchall(_CLAIM_READ, (
                 worker_id, account_id, run_id, run_id))
@@ -536,7 +538,7 @@ class SqliteStore(Store):
             store_now = self._now()
             if paused_until > store_now:
                 return seen.claim(ClaimOutcome.PAUSED, wait=paused_until - store_now)
-            if in_flight >= limit:
+            if in_flight - min(credit, in_flight) >= limit:
                 return seen.claim(ClaimOutcome.NO_SLOT)
             job = job_row(head[6:_CLAIM_UNITS])
             plan = intent(job)
@@ -558,7 +560,7 @@ class SqliteStore(Store):
                 " WHERE run_id = ? AND job_id = ? AND state = 'pending' AND claim_epoch = ?"
                 " AND (SELECT state FROM workers WHERE worker_id = ?) = 'alive'"
                 " AND (SELECT state FROM runs WHERE run_id = ?) = 'running'"
-                f" AND {_in_flight('?')} < MIN(?, (SELECT slot_limit FROM accounts"
+                f" AND MAX({_in_flight('?')} - ?, 0) < MIN(?, (SELECT slot_limit FROM accounts"
                 " WHERE account_id = ?))"
                 " AND (SELECT paused_until FROM accounts WHERE account_id = ?) <= ?"
                 " AND (? IS NULL OR (SELECT spent_usd + reserved_usd FROM runs WHERE run_id = ?)"
@@ -567,7 +569,7 @@ class SqliteStore(Store):
                 " WHERE run_id = ?) + ? <= ? + 1e-9)"
                 f" RETURNING {_JOB_COLUMNS}",
                 (now, worker_id, account_id, *fields.values(), run_id, job.job_id,
-                 job.claim_epoch, worker_id, run_id, account_id, slot_cap,
+                 job.claim_epoch, worker_id, run_id, account_id, credit, slot_cap,
                  account_id, account_id, store_now, max_usd, run_id, plan.reserved_usd,
                  max_usd, max_units, run_id, plan.reserved_units, max_units))
             if claimed:
