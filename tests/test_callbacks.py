@@ -157,6 +157,29 @@ async def test_callbacks_replace_most_polls(tmp_path: Path, workdir: Path, simul
     assert asked <= (0.8 if provider == "kling" else 1.3), stats
 
 
+async def test_a_hinted_slot_is_taken_before_its_confirmation(
+        tmp_path: Path, workdir: Path, simulator: Any) -> None:
+    """Kling confirms hints several to a list request, up to a typical render later. The slot
+    a hinted task frees is taken at once all the same — in the store's claims too (the
+    worker's credit), not only in the worker — so each create follows the end that freed its
+    slot by about a callback's delivery, not by the wait for a confirming list."""
+    n, slots = 20, 5
+    sim = simulator(speed=100, render_sigma=0.3)
+    port = _free_port()
+    path = _manifest(tmp_path, sim, n, provider="kling",
+                     callback_url=f"http://127.0.0.1:{port}/hook")
+    summary, engine = await _run(path, workdir, f"127.0.0.1:{port}", speed=100)
+    assert summary.exit_code == 0, summary
+    assert engine.hints >= n
+    tasks = sorted(sim.tasks(), key=lambda t: t["created_at"])
+    assert len(tasks) == n
+    ends = sorted(t["ends_at"] for t in tasks)
+    # The (slots + i)-th create needed the i-th end of a task to free a slot.
+    waits = sorted(tasks[slots + i]["created_at"] - ends[i] for i in range(n - slots))
+    typical = sorted(t["render_seconds"] for t in tasks)[n // 2]
+    assert waits[len(waits) // 2] <= 0.15 * typical, (waits, typical)  # without: 0.26
+
+
 async def test_callbacks_that_never_come_fall_back_to_polling(
         tmp_path: Path, workdir: Path, simulator: Any) -> None:
     """A callback_url that does not reach the receiver: after three tasks found ended without

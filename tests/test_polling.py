@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import cast
 
 import pytest
 from conftest import TEST_KEY
 
+from batchkling.clock import SystemClock
 from batchkling.models import JobSpec, JobState
 from batchkling.run.polling import (
     FIRST_SHARE,
@@ -18,6 +20,7 @@ from batchkling.run.polling import (
     TaskPlan,
     end_range,
 )
+from batchkling.run.watch import LIST_THRESHOLD, TAIL_BATCH, Watch
 from batchkling.simulator import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY
 from batchkling.store import store_from
 from batchkling.testing import VirtualSim, write_manifest
@@ -55,6 +58,37 @@ class TestLogNormal:
         """Long after the distribution says all are done, the next time still lies ahead."""
         fit = LogNormal(math.log(10), 0.1)
         assert fit.quantile_after(0.5, after=1000) > 1000
+
+    def test_tasks_still_running_count_in_the_fit(self) -> None:
+        """Early in a run only the short tasks have finished: fitted alone they put the median
+        a third too low. Counting the running ones as "longer than their age" recovers it."""
+        rng = random.Random(5)
+        draws = [60 * math.exp(0.3 * rng.gauss(0, 1)) for _ in range(200)]
+        now = 60.0  # half of them are done
+        done = [x for x in draws if x <= now]
+        running = [now for x in draws if x > now]
+        alone = LogNormal.fit(done)
+        both = LogNormal.fit(done, running)
+        assert alone is not None and both is not None
+        assert alone.median < 0.8 * 60
+        assert both.median == pytest.approx(60, rel=0.05)
+        assert both.sigma == pytest.approx(0.3, rel=0.15)
+
+    def test_a_plan_in_flight_counts_until_its_task_ends(self) -> None:
+        """A group's model counts its tasks in flight at their last sight while it has
+        finished few: a task still running long after the few short ones moves the median."""
+        planner = _planner()
+        running = planner.plan("g")
+        for seconds in (10.0, 11.0, 12.0, 10.5, 11.5):
+            planner.finished("g", planner.plan("g"), seconds)
+        alone = planner.model("g").times
+        running.observe(40.0, running=True, progress=None)
+        planner.observe("g", 11.0)  # a refit
+        counted = planner.model("g").times
+        assert alone is not None and counted is not None
+        assert counted.median > alone.median * 1.1
+        planner.finished("g", running, 41.0)
+        assert running not in planner.model("g")._live
 
 
 class TestEndRange:
@@ -276,3 +310,63 @@ class TestPriorFromTheStore:
             age = t["ends_at"] - t["created_at"]
             lag = t["seen_done_at"] - t["ends_at"]
             assert lag <= 0.5 * age + 1.0, (t["task_id"], age, lag)
+
+    async def test_a_first_kling_run_looks_at_its_first_tasks_by_list(
+            self, tmp_path: Path) -> None:
+        """Nothing predicts the first tasks' ends on a first Kling run, so they are looked at
+        blind — by one list for all of them, not one poll each: ten tasks rendering about a
+        minute cost at most 2.5 lists each (the first wave's blind ones included), and no
+        poll of a single task (before: seven each, at 5 s and then ×1.5)."""
+        env = {"KLING_ACCESS_KEY": DEFAULT_ACCESS_KEY, "KLING_SECRET_KEY": DEFAULT_SECRET_KEY}
+        vs = VirtualSim(env, render_median_s=60.0, render_sigma=0.2)
+        path = vs.manifest(tmp_path, 10, provider="kling", limits={"max_in_flight": 10})
+        summary = await vs.run(path, tmp_path / "jobs")
+        assert summary.exit_code == 0
+        tasks = vs.sim.task_table()
+        ids = {t["task_id"] for t in tasks}
+        reads = [p for _at, m, p, _s in vs.requests.entries if m == "GET"
+                 and p.startswith("/v1/videos/") and not p.startswith("/v1/videos/download")]
+        single = [p for p in reads if p.rsplit("/", 1)[-1] in ids]
+        lists = [p for p in reads if p.rsplit("/", 1)[-1] not in ids]
+        assert single == []
+        assert len(lists) <= 25, len(lists)
+        for t in tasks:  # and none is seen later than blind polls of its own would see it
+            age = t["ends_at"] - t["created_at"]
+            assert t["seen_done_at"] - t["ends_at"] <= 0.5 * age + 1.0, t
+
+
+class _Lister:
+    """A provider that can list (its answers are not asked for here)."""
+
+    can_list = True
+
+    def list_kind(self, spec: JobSpec) -> str:
+        return "text2video"
+
+    async def status(self, task_id: str, spec: JobSpec) -> None:
+        raise AssertionError("no poll expected")
+
+
+class TestListTiming:
+    async def test_with_nothing_left_to_create_the_list_waits_for_the_last_end(self) -> None:
+        """While jobs wait for a slot, a list goes once about half a task's end is expected
+        among the tasks in flight. With nothing left to create, a seen end frees no slot
+        anybody waits for: the list waits until all have likely ended, or a quarter of them
+        (so that their downloads are not all left to the end)."""
+        planner = _planner()
+        _learned(planner, median=90.0)
+        watch = Watch(_Lister(), SystemClock(), planner, floor=0.5)  # type: ignore[arg-type]
+        spec = cast(JobSpec, None)
+        listed = [watch.add(f"t{i}", spec, planner.plan("g"), -10.0 * i) for i in range(8)]
+        busy = watch._due(listed, 0.0)
+        watch.draining = True
+        tail = watch._due(listed, 0.0)
+        assert tail > busy + 10
+
+        def chances(at: float) -> list[float]:
+            return [e.plan.done_by(at - e.mono_start) for e in listed]
+
+        assert sum(chances(busy)) == pytest.approx(LIST_THRESHOLD, abs=0.01)
+        ended = chances(tail)
+        assert sum(ended) >= TAIL_BATCH * len(listed) - 0.01 or math.prod(ended) >= 0.39
+        assert sum(chances(tail - 1.0)) < TAIL_BATCH * len(listed)

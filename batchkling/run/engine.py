@@ -151,6 +151,9 @@ class Account:
     create_gate: RateGate
     #: News of this account's tasks besides their own polls: its list of tasks, callbacks.
     watch: Watch
+    #: Tasks a callback said ended, their slots freed here, that the store still counts in
+    #: flight until the provider confirms them: the claims' credit (Store.claim).
+    hinted: int = 0
 
 
 def idempotency_key(nonce: str, job_id: str, attempt: int) -> str:
@@ -205,19 +208,19 @@ class Engine:
         self.reused = 0  # jobs that took an earlier run's video (reuse: earlier-runs)
         self.rng = rng or random.Random()
         # One submitter per account; each account has its own slots and create pace.
+        self.planner = PollPlanner(min_interval=options.min_poll_interval,
+                                   max_interval=options.max_poll_interval,
+                                   hard_floor=options.hard_poll_floor)
         self.accounts = [
             Account(account_id, provider, SlotPool(min(cap, options.max_in_flight)),
                     RateGate(options.submit_rate, clock),
-                    Watch(provider, clock, floor=options.hard_poll_floor,
+                    Watch(provider, clock, self.planner, floor=options.hard_poll_floor,
                           callbacks=options.callbacks,
                           status=functools.partial(self._provider_status, provider)))
             for account_id, provider, cap in accounts
         ]
         self._by_account = {a.account_id: a for a in self.accounts}
         self.poll_gate = RateGate(None, clock)
-        self.planner = PollPlanner(min_interval=options.min_poll_interval,
-                                   max_interval=options.max_poll_interval,
-                                   hard_floor=options.hard_poll_floor)
         # Where earlier runs' render times come from (read when the run starts).
         self._endpoint: tuple[str, str] | None = None
         self.downloads = anyio.CapacityLimiter(options.download_concurrency)
@@ -593,9 +596,10 @@ class Engine:
             claim = await self.store.claim(
                 self.run_id, worker_id=self.worker_id, account_id=account.account_id,
                 slot_cap=account.slots.limit, intent=self._intent, max_usd=self.opts.max_usd,
-                max_units=self.opts.max_units, now=self.clock.wall())
+                max_units=self.opts.max_units, now=self.clock.wall(), credit=account.hinted)
             if claim.outcome is ClaimOutcome.CLAIMED:
                 assert claim.job is not None
+                account.watch.draining = False
                 self._epochs[claim.job.job_id] = claim.job.claim_epoch
                 self._spawn(self._submit, claim.job, account)
                 continue
@@ -626,6 +630,9 @@ class Engine:
                 continue
             # No pending job: done once nothing of ours can put one back, and no other live
             # worker drives a job of this run (it could requeue one, or die and leave it).
+            # Until one comes back, a task's end frees no slot for this run: the account's
+            # list looks for the last end only (Watch.draining).
+            account.watch.draining = True
             if wake.is_set():
                 continue  # a job may have been put back since the claim looked
             if self._active == 0:
@@ -846,9 +853,12 @@ class Engine:
         every worker (the account row is shared).
         """
         current = await self.store.get_account(account.account_id)
-        # The refused job is still `submitting` here, so it is among the account's in flight.
-        # (The local pool counted its own refusal when it came: SlotPool.rejected.)
-        held = (current.in_flight - 1) if current is not None else account.slots.in_use
+        # The refused job is still `submitting` here, so it is among the account's in flight,
+        # and so are this worker's tasks that a callback said ended (their confirmation has
+        # not come yet). (The local pool counted its own refusal when it came:
+        # SlotPool.rejected.)
+        held = (max(0, current.in_flight - 1 - account.hinted) if current is not None
+                else account.slots.in_use)
         limit = limit_after_rejection(held, account.slots.maximum)
         # The store probes again after two rounds of the limit; refused probes in a row wait
         # longer (probe_after), so a full account is asked rarely.
@@ -909,6 +919,7 @@ class Engine:
         failure: str | None = None  # the last failed poll's reason, for a timeout's message
         shown: float | None = None  # the progress last stored
         released = False
+        credited = False  # counted in account.hinted
         watch = account.watch
         watched = watch.add(task_id, spec, plan, mono_start)
 
@@ -918,10 +929,21 @@ class Engine:
                 released = True
                 account.slots.release()
 
+        def uncredit() -> None:
+            nonlocal credited
+            if credited:
+                credited = False
+                account.hinted -= 1
+
         try:
             while True:
                 delay = self.planner.delay(plan, self.clock.monotonic() - mono_start, hint,
                                            late=watch.covers(watched))
+                listed = watch.listed(watched)
+                if listed:
+                    # The account's list looks first; this task's own poll is the safety net
+                    # behind it, and each sighting by a list moves it on (below).
+                    delay = 2 * delay + self.opts.min_poll_interval
                 if errors:
                     delay = max(delay, self._backoff(errors, low=self.opts.min_poll_interval))
                 remaining = deadline - self.clock.monotonic()
@@ -935,7 +957,10 @@ class Engine:
                                                and failure else ""))
                     self.log.warning("job.timed_out", job_id=job.job_id, task_id=task_id)
                     return
+                sighted = plan.not_done_at
                 news = await watch.wait(watched, min(delay, remaining))
+                if news is None and listed and plan.not_done_at > sighted:
+                    continue  # a list saw the task still running: plan again from there
                 hinted = news is not None and not news[1]
                 if news is not None and hinted and news[0].phase not in _ENDED:
                     # A callback on the way: the render started, say. Planning only.
@@ -946,8 +971,12 @@ class Engine:
                     continue
                 if hinted:
                     # A callback says the task ended: its account slot is free if that is
-                    # true (if not, one create is refused). The provider's word decides.
+                    # true (if not, one create is refused), here and, as this worker's
+                    # credit, in the claims. The provider's word decides.
                     release()
+                    if not credited:
+                        credited = True
+                        account.hinted += 1
                 try:
                     if news is not None and not hinted:
                         status = news[0]  # from a list: the provider's own answer
@@ -999,6 +1028,9 @@ class Engine:
                                       consecutive=errors)
                     continue
                 errors = refused = 0
+                uncredit()  # before the state below is written: a claim never counts it twice
+                if status.phase in _ENDED:
+                    watch.ended(watched)
                 progress, hint = status.progress, status.poll_after
                 seen = self.clock.monotonic() - mono_start
                 if released and status.phase not in _ENDED:
@@ -1029,6 +1061,7 @@ class Engine:
                         await self._set(job, JobState.RUNNING, "job.progress", progress=fraction)
                     shown = fraction
         finally:
+            uncredit()
             release()
             watch.remove(watched)
 

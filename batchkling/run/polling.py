@@ -18,7 +18,10 @@ Floors: a poll aimed at a predicted end may come as soon as the prediction says 
 no ceiling), but never sooner than ``hard_floor`` after the task's previous poll. Only *blind*
 polling — no distribution for the group yet and no progress to go by — keeps the
 ``min_interval`` floor and the ``max_interval`` ceiling, and grows geometrically (×1.5), so an
-unknown render time costs a logarithmic number of polls. A provider's ``Retry-After`` or
+unknown render time costs a logarithmic number of polls; a list serving every task in flight
+may look blind at half that floor (:meth:`PollPlanner.list_at`). A fallback — news expected
+from a list or a callback — with nothing to aim at waits the ceiling after the last sight, or
+twice the task's age when that is longer. A provider's ``Retry-After`` or
 ``openai-poll-after-ms`` is always honoured (the engine passes it as ``hint``).
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,13 +49,20 @@ FLOORS_PER_POLL = 1.5
 BLIND_SHARE = 0.45
 #: Where a fallback poll goes (news expected from a list or a callback): nearly all are done.
 LATE_SHARE = 0.995
+#: A blind list (one request for every task in flight) may come at this share of the blind
+#: floor of one task's own polls.
+LIST_BLIND_SHARE = 0.5
 #: Finished tasks of this run before the store's earlier runs stop counting.
 OWN_SAMPLES = 5
 #: Assumed spread (sigma of log render time) while a group has fewer than FEW_SAMPLES.
 DEFAULT_SIGMA = 0.35
 FEW_SAMPLES = 10
+#: Tasks still running that a fit counts as "longer than their age" (the oldest ones).
+CENSORED_MAX = 32
 
 _STD = NormalDist()
+_SQRT2 = math.sqrt(2.0)
+_SQRT2PI = math.sqrt(2.0 * math.pi)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,19 +73,28 @@ class LogNormal:
     sigma: float
 
     @classmethod
-    def fit(cls, samples: Iterable[float]) -> LogNormal | None:
-        """The maximum-likelihood fit, or None without a positive sample."""
+    def fit(cls, samples: Iterable[float], censored: Iterable[float] = ()) -> LogNormal | None:
+        """The maximum-likelihood fit, or None without a positive sample.
+
+        ``censored``: durations known only to be longer than the value (tasks still running,
+        at their age). Early in a run the tasks that have finished are the short ones; fitted
+        alone they predict ends too soon (lists and polls too early, each finding fewer ends
+        than it expected). A few rounds of expectation-maximisation count the running ones.
+        """
         logs = [math.log(x) for x in samples if x > 0]
         if not logs:
             return None
         mu = math.fsum(logs) / len(logs)
-        if len(logs) == 1:
-            return cls(mu, DEFAULT_SIGMA)
-        var = math.fsum((x - mu) ** 2 for x in logs) / (len(logs) - 1)
-        sigma = math.sqrt(var)
-        if len(logs) < FEW_SAMPLES:
-            # A handful of samples understates the spread: keep the assumed one until more.
-            sigma = max(sigma, DEFAULT_SIGMA)
+        sigma = DEFAULT_SIGMA
+        if len(logs) > 1:
+            sigma = math.sqrt(math.fsum((x - mu) ** 2 for x in logs) / (len(logs) - 1))
+            if len(logs) < FEW_SAMPLES:
+                # A handful of samples understates the spread: keep the assumed one until more.
+                sigma = max(sigma, DEFAULT_SIGMA)
+        cuts = [math.log(x) for x in censored if x > 0]
+        if cuts:
+            mu, fitted = _censored_fit(logs, cuts, mu, max(sigma, 0.02))
+            sigma = fitted if len(logs) >= FEW_SAMPLES else max(fitted, DEFAULT_SIGMA)
         return cls(mu, max(sigma, 0.02))
 
     @property
@@ -111,11 +131,40 @@ class LogNormal:
         return max(after, self.quantile(low + share * (1 - low)))
 
 
+def _censored_fit(logs: list[float], cuts: list[float], mu: float, sigma: float,
+                  rounds: int = 4) -> tuple[float, float]:
+    """Normal ``(mu, sigma)`` of ``logs`` and of values known only to exceed ``cuts``, by
+    expectation-maximisation from ``(mu, sigma)``: each cut counts as the mean (and mean
+    square) of the current normal beyond it."""
+    n = len(logs) + len(cuts)
+    s1 = math.fsum(logs)
+    s2 = math.fsum(x * x for x in logs)
+    for _ in range(rounds):
+        e1 = e2 = 0.0
+        for c in cuts:
+            a = (c - mu) / sigma
+            tail = 0.5 * math.erfc(a / _SQRT2)
+            if tail < 1e-12:
+                e1 += c
+                e2 += c * c
+                continue
+            lam = math.exp(-0.5 * a * a) / _SQRT2PI / tail
+            e1 += mu + sigma * lam
+            e2 += mu * mu + sigma * sigma + sigma * (c + mu) * lam
+        mean = (s1 + e1) / n
+        sigma = math.sqrt(max((s2 + e2) / n - mean * mean, 1e-6))
+        mu = mean
+    return mu, sigma
+
+
 class RenderModel:
     """What tasks of one group took: slot times (create to end) and, when known, render starts.
 
     Bounded: the last ``window`` of each, and up to ``window`` times from earlier runs (the
-    *prior*, used until this run has finished :data:`OWN_SAMPLES` tasks of the group).
+    *prior*, used until this run has finished :data:`OWN_SAMPLES` tasks of the group). Until
+    the run has finished ``window`` tasks of the group, the fits also count the oldest of its
+    tasks still running as longer than their age (:meth:`LogNormal.fit`); past that, the
+    tasks that finish lately are a fair sample and the running ones are left out.
     """
 
     def __init__(self, window: int = 64, prior: Iterable[float] = ()) -> None:
@@ -124,6 +173,8 @@ class RenderModel:
         self._starts: deque[float] = deque(maxlen=window)
         self._late: deque[float] = deque(maxlen=window)  # starts known to be at least this
         self._prior = [t for t in itertools.islice(prior, window) if t > 0]
+        self._live: weakref.WeakSet[TaskPlan] = weakref.WeakSet()  # its tasks in flight
+        self._finished = 0
         self._fit: LogNormal | None = None
         self._render_fit: LogNormal | None = None
         self._stale = True
@@ -133,12 +184,21 @@ class RenderModel:
         self._prior = [t for t in itertools.islice(times, self._times.maxlen) if t > 0]
         self._stale = True
 
+    def track(self, plan: TaskPlan) -> None:
+        """A task of the group is in flight (until :meth:`untrack`, or its plan is gone)."""
+        self._live.add(plan)
+
+    def untrack(self, plan: TaskPlan) -> None:
+        """The task is no longer in flight."""
+        self._live.discard(plan)
+
     def observe(self, seconds: float, *, start: float | None = None,
                 started_after: float | None = None) -> None:
         """A task of the group ended ``seconds`` after its create; its render began at
         ``start``, or (less known) no earlier than ``started_after``."""
         if seconds <= 0:
             return
+        self._finished += 1
         self._times.append(seconds)
         if start is not None and 0 <= start < seconds:
             self._starts.append(start)
@@ -149,9 +209,21 @@ class RenderModel:
 
     def _refit(self) -> None:
         own = list(self._times)
-        self._fit = LogNormal.fit(own if len(own) >= OWN_SAMPLES else own + self._prior)
-        renders = list(self._renders)
-        self._render_fit = LogNormal.fit(renders) if len(renders) >= OWN_SAMPLES else None
+        times: list[float] = []
+        renders: list[float] = []
+        if self._finished < (self._times.maxlen or 0):
+            for plan in self._live:
+                u = plan.not_done_at
+                times.append(u)
+                if plan.start is not None and u > plan.start:
+                    renders.append(u - plan.start)
+            times = sorted(times)[-CENSORED_MAX:]
+            renders = sorted(renders)[-CENSORED_MAX:]
+        self._fit = LogNormal.fit(own if len(own) >= OWN_SAMPLES else own + self._prior,
+                                  times)
+        own_renders = list(self._renders)
+        self._render_fit = (LogNormal.fit(own_renders, renders)
+                            if len(own_renders) >= OWN_SAMPLES else None)
         self._stale = False
 
     @property
@@ -258,8 +330,8 @@ def _one_reading(t: float, p: float, *, start_low: float, start_high: float,
 class TaskPlan:
     """One task's observations and the time of its next poll (seconds since its create)."""
 
-    __slots__ = ("_first", "_last", "blind", "hard_floor", "last_poll", "model", "not_done_at",
-                 "polls", "queued_until", "start")
+    __slots__ = ("__weakref__", "_first", "_last", "blind", "hard_floor", "last_poll", "model",
+                 "not_done_at", "polls", "queued_until", "start")
 
     def __init__(self, model: RenderModel, hard_floor: float = 0.0) -> None:
         self.model = model
@@ -461,6 +533,7 @@ class PollPlanner:
                  reported: float | None = None) -> None:
         """A task was seen finished at ``seen``: teach its group what its polls showed."""
         start = plan.render_start()
+        self.model(group).untrack(plan)
         self.model(group).observe(plan.ended_at(seen, reported), start=start,
                                   started_after=None if start is not None
                                   else plan.started_after(seen))
@@ -471,20 +544,48 @@ class PollPlanner:
         return found.typical() if found else None
 
     def plan(self, group: str) -> TaskPlan:
-        """A new task's plan."""
-        return TaskPlan(self.model(group), self.hard_floor)
+        """A new task's plan (in flight in its group's model until it ends)."""
+        model = self.model(group)
+        plan = TaskPlan(model, self.hard_floor)
+        model.track(plan)
+        return plan
+
+    def _blind_late(self, plan: TaskPlan) -> float:
+        """A blind fallback (nothing to aim at, news expected from elsewhere): the ceiling
+        after the last sight, and later still as the task ages (twice its age), so a long
+        render costs a few fallback looks, not one per ceiling."""
+        u = plan.not_done_at
+        return u + max(self.max_interval, 2 * u)
+
+    def list_at(self, plan: TaskPlan, *, late: bool = False) -> float | None:
+        """When (seconds since the create) one list serving every task in flight should look
+        at this one, if nothing predicts its end (a first run's first tasks; None otherwise).
+        A list costs one request for all of them, so its blind floor is a share
+        (:data:`LIST_BLIND_SHARE`) of a task's own; ``late``: only a fallback."""
+        plan.next_at()
+        if not plan.blind:
+            return None
+        if late:
+            return self._blind_late(plan)
+        u = plan.not_done_at
+        return u + min(max(0.5 * u, LIST_BLIND_SHARE * self.min_interval), self.max_interval)
+
+    def fallback_at(self, plan: TaskPlan) -> float:
+        """When (seconds since the create) a task whose news is expected from elsewhere has
+        almost surely ended: :meth:`TaskPlan.late_at`, or the blind fallback."""
+        target = plan.late_at()
+        return self._blind_late(plan) if plan.blind else target
 
     def delay(self, plan: TaskPlan, elapsed: float, hint: float | None = None, *,
               late: bool = False) -> float:
         """Seconds from now (``elapsed`` since the create) until the task's next poll;
         ``late``: only a fallback, news being expected from elsewhere."""
-        target = plan.late_at() if late else plan.next_at()
+        target = self.fallback_at(plan) if late else plan.next_at()
         delay = target - elapsed
-        if plan.blind:
+        if plan.blind and not late:
             # Nothing to aim at: the blind floor, and the ceiling so that a long render is
-            # not waited out far past its end; a fallback waits the ceiling.
-            delay = self.max_interval if late else min(max(delay, self.min_interval),
-                                                       self.max_interval)
+            # not waited out far past its end.
+            delay = min(max(delay, self.min_interval), self.max_interval)
         if plan.last_poll is not None:
             delay = max(delay, plan.last_poll + self.hard_floor - elapsed)
         if hint is not None:

@@ -5,16 +5,21 @@ Two cheaper sources than one poll per task and look:
 - **The provider's list of recent tasks** (Kling: one request reports up to 500). A list loop
   per task kind asks it when the tasks it watches are, taken together, likely enough to have
   ended (the sum of each one's chance since it was last seen reaches a threshold): one request
-  serves every task in flight. The news it brings is the provider's own answer, as good as a
-  poll.
+  serves every task in flight. Tasks whose ends nothing predicts yet (a first run's first
+  wave) are looked at blind, by one list on a task's blind schedule. With nothing left to
+  create (``draining``), a seen end frees no slot that a task waits for: the list goes when
+  the last of them has likely ended. The news it brings is the provider's own answer, as good
+  as a poll.
 - **Callbacks** (``provider.callback_url``): the provider POSTs a task when its status changes.
-  A callback is a *hint*: it wakes the task's tracker, which frees the task's slot at once (the
-  account's slot is free if the hint is true; a false one costs one refused create) and asks
-  for confirmation — one poll, or, where the provider lists, a place in the next list, which
-  waits for a few more hints so one request confirms several.
+  A callback is a *hint*: it wakes the task's tracker, which frees the task's slot at once, here
+  and (as the engine's credit) in the store's claims — the account's slot is free if the hint
+  is true; a false one costs one refused create — and asks for confirmation: one poll, or,
+  where the provider lists, a place in the next list, which waits for more hints so one
+  request confirms several. Only the task's download waits for it.
 
 Trackers still poll on their own: on the planner's schedule when neither source covers them,
-and as a late fallback when one does (a callback that never comes, a task missing from a list).
+and as a late fallback when one does (a callback that never comes, a task missing from a list);
+a list's sighting of a task moves its fallback on.
 Memory: one small entry per task in flight, dropped when its tracker ends.
 """
 
@@ -32,17 +37,25 @@ from batchkling.errors import ProviderError
 from batchkling.logs import get_logger
 from batchkling.models import JobSpec
 from batchkling.providers.base import Phase, Provider, TaskStatus
-from batchkling.run.polling import TaskPlan
+from batchkling.run.polling import PollPlanner, TaskPlan
 
 #: The list loop asks when this many of the watched tasks are expected to have ended since
 #: they were last seen (at least; more when many are in flight, so that a list of n tasks is
 #: not parsed for every one that ends).
-LIST_THRESHOLD = 0.4
+LIST_THRESHOLD = 0.5
 LIST_THRESHOLD_PER_TASK = 0.03
+#: With nothing left to create (the run's last tasks), a seen end frees no slot for a new
+#: task: only the last end counts, and the list goes when all of them have ended with this
+#: probability — or when this share of them has likely ended, so that their downloads are not
+#: all left to the very end.
+TAIL_SHARE = 0.4
+TAIL_BATCH = 0.25
 #: Hints gathered before one list confirms them all (fewer when fewer tasks remain), and the
-#: longest a hint waits for others, as a share of the typical render time.
-CONFIRM_BATCH = 8
-CONFIRM_WAIT = 0.5
+#: longest a hint waits for others, as a share of the typical render time. Waiting costs no
+#: slot: a hinted task's slot is free here and in the claims (the engine's credit); only its
+#: download waits.
+CONFIRM_BATCH = 10
+CONFIRM_WAIT = 1.0
 #: Tasks above which listing costs more than it saves (each list reads every one of them).
 LIST_MAX_TASKS = 200
 #: Newer tasks (of other clients, or of this run) the list is asked for beyond this run's own.
@@ -76,16 +89,18 @@ class Watched:
     hinted: bool = False  # a callback came for this task
     confirming: float | None = None  # when it asked for confirmation
     missing: int = 0  # lists it was not found in
+    ended: bool = False  # seen ended (its tracker is finishing it: a download, say)
     woken: anyio.Event | None = None  # made when the tracker waits for news
 
 
 class Watch:
     """News for trackers from lists and callbacks; see the module docstring."""
 
-    def __init__(self, provider: Provider, clock: Clock, *, floor: float,
-                 callbacks: bool = False,
+    def __init__(self, provider: Provider, clock: Clock, planner: PollPlanner, *,
+                 floor: float, callbacks: bool = False,
                  status: Callable[[str, JobSpec], Awaitable[TaskStatus]] | None = None) -> None:
         self.provider = provider
+        self.planner = planner
         #: One poll of one task (the engine's: an unreadable answer is a failed poll).
         self._status = status or provider.status
         self.clock = clock
@@ -94,6 +109,7 @@ class Watch:
         self._lister: Lister | None = provider if _can_list(provider) else None  # type: ignore[assignment]
         self._entries: dict[str, Watched] = {}
         self._created: dict[str, int] = {}  # creates per kind in this run
+        self._draining = False  # nothing left to create (see TAIL_SHARE)
         self._changed = anyio.Event()
         self._closed = False
         self._failures = 0  # list requests failed in a row
@@ -118,10 +134,27 @@ class Watch:
         self._poke()
         return entry
 
+    def ended(self, entry: Watched) -> None:
+        """The task was seen ended: no list needs to look for it again, though its tracker
+        keeps the entry until it has finished the job (its download, say)."""
+        entry.ended = True
+        self._poke()
+
     def remove(self, entry: Watched) -> None:
         """The tracker is done with its task."""
         if self._entries.get(entry.task_id) is entry:
             del self._entries[entry.task_id]
+            self._poke()
+
+    @property
+    def draining(self) -> bool:
+        """Whether the engine has nothing left to create on this account (for now)."""
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        if value != self._draining:
+            self._draining = value
             self._poke()
 
     def close(self) -> None:
@@ -137,12 +170,16 @@ class Watch:
         return self.callbacks and self.misses <= 2 + self.hints // 5
 
     def covers(self, entry: Watched) -> bool:
-        """Whether news is expected for the task, so its own polls are only a late fallback.
-        A list goes when the group's render times predict ends: with none known yet (a first
-        run), no list would, and the task polls on its own blind schedule."""
-        return self.healthy or (entry.kind is not None and entry.missing < 2
-                                and len(self._entries) <= LIST_MAX_TASKS
-                                and entry.plan.model.times is not None)
+        """Whether news is expected for the task, so its own polls are only a late fallback."""
+        return self.healthy or self.listed(entry)
+
+    def listed(self, entry: Watched) -> bool:
+        """Whether the list loop looks at the task: when the group's render times predict
+        its end, on the blind schedule while none are known (a first run), and for the late
+        look while callbacks bring the news. Its tracker's own poll is then only a safety
+        net, which each sighting by a list moves on."""
+        return (entry.kind is not None and entry.missing < 2
+                and len(self._entries) <= LIST_MAX_TASKS)
 
     async def wait(self, entry: Watched, delay: float) -> tuple[TaskStatus, bool] | None:
         """Sleep up to ``delay``; return ``(status, trusted)`` if news came first."""
@@ -247,7 +284,7 @@ class Watch:
             return
         last = -math.inf
         while True:
-            listed = [e for e in self._entries.values() if e.kind is not None]
+            listed = [e for e in self._entries.values() if e.kind is not None and not e.ended]
             if not listed:
                 if self._closed:
                     return
@@ -273,7 +310,7 @@ class Watch:
         confirming = [e for e in listed if e.confirming is not None]
         if confirming:
             # Enough hints to confirm together, or everyone left is waiting: list now. Else
-            # within half a typical render of the oldest: the hinted tasks' slots are already
+            # within a typical render of the oldest: the hinted tasks' slots are already
             # free, only their downloads wait.
             if len(confirming) >= min(CONFIRM_BATCH, len(listed)):
                 return now
@@ -281,28 +318,47 @@ class Watch:
             typical = max((e.plan.model.typical() or 0.0) for e in confirming)
             return oldest + max(10 * self.floor, CONFIRM_WAIT * typical)
         if self.healthy:
-            return math.inf  # callbacks bring the news; the trackers' fallbacks cover the rest
-        return self._expected(listed, now)
+            # Callbacks bring the news; one list looks in on the tasks overdue for theirs.
+            return min(e.mono_start + self.planner.fallback_at(e.plan) for e in listed)
+        # Tasks whose ends nothing predicts yet (a first run) are looked at blind: one list
+        # for all of them, on the schedule of one task's blind polls.
+        blind = math.inf
+        for e in listed:
+            at = self.planner.list_at(e.plan)
+            if at is not None:
+                blind = min(blind, e.mono_start + at)
+        return min(blind, self._expected(listed, now))
 
     def _expected(self, listed: list[Watched], now: float) -> float:
-        """When the tasks' chances of having ended since last seen add up to the threshold."""
+        """When the tasks' chances of having ended since last seen add up to the threshold;
+        while draining, when the chance that all of them have ended reaches
+        :data:`TAIL_SHARE`, or a :data:`TAIL_BATCH` of them have likely ended (their downloads
+        are not all left to the end). Tasks nothing predicts yet keep the blind schedule."""
         want = max(LIST_THRESHOLD, LIST_THRESHOLD_PER_TASK * len(listed))
+        known = listed
+        if self._draining:
+            known = [e for e in listed if e.plan.model.times is not None]
+            if not known:
+                return math.inf
+            want = max(want, TAIL_BATCH * len(known))
 
-        def ended_by(at: float) -> float:
-            return sum(e.plan.done_by(at - e.mono_start) for e in listed)
+        def ready(at: float) -> bool:
+            chances = [e.plan.done_by(at - e.mono_start) for e in known]
+            return sum(chances) >= want or (self._draining
+                                            and math.prod(chances) >= TAIL_SHARE)
 
-        if ended_by(now) >= want:
+        if ready(now):
             return now
         low, high = now, now + 1.0
         for _ in range(40):
-            if ended_by(high) >= want:
+            if ready(high):
                 break
             low, high = high, now + 2 * (high - now)
         else:
             return high
         for _ in range(12):
             mid = 0.5 * (low + high)
-            if ended_by(mid) >= want:
+            if ready(mid):
                 high = mid
             else:
                 low = mid
@@ -337,6 +393,7 @@ class Watch:
             entry.missing = 0
             if status.phase in (Phase.SUCCEEDED, Phase.FAILED) or entry.confirming is not None:
                 entry.confirming = None
+                entry.ended = status.phase in (Phase.SUCCEEDED, Phase.FAILED)
                 self._deliver(entry, status, trusted=True)
             else:
                 start = None
