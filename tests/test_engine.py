@@ -20,6 +20,9 @@ from batchkling.run.engine import Engine
 from batchkling.run.orchestrator import Orchestrator
 from batchkling.simulator import SimulatorServer
 from batchkling.store import Store, store_from
+from batchkling.store.locate import is_postgres
+from batchkling.store.postgres import PostgresStore
+from batchkling.store.sqlite import SqliteStore
 from batchkling.testing import StepClock, write_manifest
 
 pytestmark = pytest.mark.timeout(60)
@@ -503,6 +506,42 @@ class TestInterruptAndLease:
         assert db_query(store_url, "SELECT state, lease_owner FROM runs") == [
             ("running", "taker")]
         assert not (workdir / "test-run" / "results.csv").exists()
+
+    async def test_jobs_of_a_worker_found_dead_at_the_end_are_taken_over(
+            self, tmp_path: Path, workdir: Path, simulator: Any, api_key: str,
+            store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Just as the run runs out of pending jobs, another process marks a worker dead that
+        held one of its tasks (and takes over only the runs it drives itself). The run must
+        take that task over before it ends, not end "incomplete" (exit 3) with the task left
+        in flight until someone runs `resume`."""
+        sim = simulator()
+        path = _manifest(tmp_path, sim, _jobs(3))
+        backend = PostgresStore if is_postgres(store_url) else SqliteStore
+        looked = backend.held_elsewhere
+        planted: list[str] = []
+
+        async def a_worker_dies_as_we_look(store: Store, run_id: str, worker_id: str) -> int:
+            if not planted:
+                job_id = db_query(store_url, "SELECT job_id FROM jobs ORDER BY seq LIMIT 1")[0][0]
+                planted.append(job_id)
+                await store.register_worker("ghost", runs=[run_id], now=100.0)
+                await store.transition(run_id, job_id, JobState.SUBMITTED, now=100.0,
+                                       event="test.held_by_ghost", worker_id="ghost")
+                db_query(store_url, "UPDATE workers SET state = 'dead' WHERE worker_id = 'ghost'")
+            return await looked(store, run_id, worker_id)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(backend, "held_elsewhere", a_worker_dies_as_we_look)
+        summary = await _run(path, workdir, store=store_url)
+        assert planted
+        assert summary.exit_code == 0, summary
+        events = [e for (e,) in db_query(store_url, "SELECT event FROM events WHERE job_id = ?"
+                                         " ORDER BY id", planted[0])]
+        after = events[events.index("test.held_by_ghost") + 1:]
+        assert after == ["job.succeeded", "job.downloaded"], events  # polled and fetched again
+        assert db_query(store_url, "SELECT state FROM jobs WHERE job_id = ?",
+                        planted[0]) == [("downloaded",)]
+        assert {r["status"] for r in read_results(workdir / "test-run" / "results.csv")} == {
+            "succeeded"}
 
     async def test_stale_lease_is_taken_over(self, store_url: str) -> None:
         """A lease whose process is gone, or whose heartbeat is old on the store's clock, is

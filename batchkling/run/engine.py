@@ -637,7 +637,13 @@ class Engine:
                 continue  # a job may have been put back since the claim looked
             if self._active == 0:
                 if await self.store.held_elsewhere(self.run_id, self.worker_id) == 0:
-                    break
+                    # A worker found dead (or stopped) just now by another process, which
+                    # takes over only the runs it drives, would leave its jobs of this run in
+                    # flight in an ended run: take them first, and end only when none was.
+                    await self.take_over()
+                    if self._active == 0:
+                        break
+                    continue
                 await self._nap(wake, self.opts.recheck_interval)
                 continue
             await self._nap(wake, None)
