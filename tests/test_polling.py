@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from pathlib import Path
 from typing import cast
 
@@ -235,6 +236,39 @@ class TestTaskPlan:
         assert plan.ended_at(110.0, None) == pytest.approx(102.5, abs=1.5)
         assert plan.render_start() == pytest.approx(1.5, abs=1.5)
 
+    def test_a_late_start_is_learned_from_one_reading_and_the_reported_end(self) -> None:
+        """A task that started late (2.85 s in) is read once at 23 % and found done 1.6 s
+        after its end. Its start is learned from that reading and the provider's end (whole
+        seconds: ±1 s) — before, only tasks read twice taught starts, so the late starters
+        never did and the group's start range stayed too early for them."""
+        planner = _planner()
+        plan = planner.plan("g")
+        plan.observe(3.96, running=True, progress=23)
+        planner.finished("g", plan, 9.12, reported=7.0, precision=1.0)
+        assert planner.model("g")._starts == deque([pytest.approx(2.85, abs=0.4)])
+        # Read at 90 %, the same end pins no start (one second of the end moves it by nine).
+        other = planner.plan("g")
+        other.observe(6.6, running=True, progress=90)
+        planner.finished("g", other, 7.2, reported=7.0, precision=1.0)
+        assert len(planner.model("g")._starts) == 1
+
+
+async def _first_kling_run(folder: Path, n: int, median: float) -> VirtualSim:
+    """A first Kling run of ``n`` jobs (no render times anywhere yet, no callbacks), all in
+    flight at once; every task must be seen finished within half its age of its end."""
+    env = {"KLING_ACCESS_KEY": DEFAULT_ACCESS_KEY, "KLING_SECRET_KEY": DEFAULT_SECRET_KEY}
+    vs = VirtualSim(env, render_median_s=median, render_sigma=0.2)
+    path = vs.manifest(folder, n, provider="kling", limits={"max_in_flight": n})
+    summary = await vs.run(path, folder / "jobs")
+    assert summary.exit_code == 0
+    tasks = vs.sim.task_table()
+    assert len(tasks) == n
+    for t in tasks:
+        age = t["ends_at"] - t["created_at"]
+        lag = t["seen_done_at"] - t["ends_at"]
+        assert lag <= 0.5 * age + 1.0, (t["task_id"], age, lag)
+    return vs
+
 
 class TestPriorFromTheStore:
     async def test_render_times_of_the_group_on_this_endpoint(self, store_url: str) -> None:
@@ -299,17 +333,7 @@ class TestPriorFromTheStore:
         first tasks are looked at on the blind schedule (5 s, then ×1.5), so each is seen
         finished within half its age of its end — not at the 120 s ceiling, which is where
         the list loop, with nothing to predict from, left them."""
-        env = {"KLING_ACCESS_KEY": DEFAULT_ACCESS_KEY, "KLING_SECRET_KEY": DEFAULT_SECRET_KEY}
-        vs = VirtualSim(env, render_median_s=20.0, render_sigma=0.2)
-        path = vs.manifest(tmp_path, 5, provider="kling", limits={"max_in_flight": 5})
-        summary = await vs.run(path, tmp_path / "jobs")
-        assert summary.exit_code == 0
-        tasks = vs.sim.task_table()
-        assert len(tasks) == 5
-        for t in tasks:
-            age = t["ends_at"] - t["created_at"]
-            lag = t["seen_done_at"] - t["ends_at"]
-            assert lag <= 0.5 * age + 1.0, (t["task_id"], age, lag)
+        await _first_kling_run(tmp_path, 5, 20.0)
 
     async def test_a_first_kling_run_looks_at_its_first_tasks_by_list(
             self, tmp_path: Path) -> None:
@@ -317,22 +341,14 @@ class TestPriorFromTheStore:
         blind — by one list for all of them, not one poll each: ten tasks rendering about a
         minute cost at most 2.5 lists each (the first wave's blind ones included), and no
         poll of a single task (before: seven each, at 5 s and then ×1.5)."""
-        env = {"KLING_ACCESS_KEY": DEFAULT_ACCESS_KEY, "KLING_SECRET_KEY": DEFAULT_SECRET_KEY}
-        vs = VirtualSim(env, render_median_s=60.0, render_sigma=0.2)
-        path = vs.manifest(tmp_path, 10, provider="kling", limits={"max_in_flight": 10})
-        summary = await vs.run(path, tmp_path / "jobs")
-        assert summary.exit_code == 0
-        tasks = vs.sim.task_table()
-        ids = {t["task_id"] for t in tasks}
+        vs = await _first_kling_run(tmp_path, 10, 60.0)
+        ids = {t["task_id"] for t in vs.sim.task_table()}
         reads = [p for _at, m, p, _s in vs.requests.entries if m == "GET"
                  and p.startswith("/v1/videos/") and not p.startswith("/v1/videos/download")]
         single = [p for p in reads if p.rsplit("/", 1)[-1] in ids]
         lists = [p for p in reads if p.rsplit("/", 1)[-1] not in ids]
         assert single == []
         assert len(lists) <= 25, len(lists)
-        for t in tasks:  # and none is seen later than blind polls of its own would see it
-            age = t["ends_at"] - t["created_at"]
-            assert t["seen_done_at"] - t["ends_at"] <= 0.5 * age + 1.0, t
 
 
 class _Lister:

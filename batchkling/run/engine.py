@@ -173,6 +173,12 @@ def _duration(start: float | None, end: float | None) -> float | None:
     return end - start
 
 
+def _precision(*stamps: float | None) -> float:
+    """How far apart two provider timestamps may be from the times they stand for: a second
+    when they are whole seconds (ImaRouter's), a millisecond otherwise (Kling's)."""
+    return 1.0 if all(s is None or float(s).is_integer() for s in stamps) else 0.001
+
+
 class Engine:
     """Drives the non-terminal jobs of one run to an end state, as one worker. One use."""
 
@@ -1047,8 +1053,9 @@ class Engine:
                     release()
                     # Our own clock teaches the planner (it is what polls are scheduled on),
                     # narrowed by the provider's own duration when that is more precise.
-                    self.planner.finished(group, plan, seen, _duration(status.created_at,
-                                                                       status.completed_at))
+                    self.planner.finished(group, plan, seen,
+                                          _duration(status.created_at, status.completed_at),
+                                          _precision(status.created_at, status.completed_at))
                     await self._succeeded(job, status, started)
                     return
                 if status.phase is Phase.FAILED:

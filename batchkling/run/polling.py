@@ -10,7 +10,9 @@ say when a task will end:
 - **Progress readings**: a provider that reports integer progress, started at an unknown time
   ``s`` and rendering for an unknown time ``R``, pins the pair to a small polygon with each
   reading (``p ≤ 100·(t − s)/R < p + 1``). One reading leaves ``s`` open (within the group's
-  queue times), two fix both: the next poll then lands just after the end.
+  queue times), two fix both: the next poll then lands just after the end. A task read once
+  and then found ended still teaches its start, from that reading and the provider's own end
+  time, so the group's queue times include the late starters.
 - **A reported start** (Kling's ``updated_at`` when a task turns ``processing``): then only the
   render time is unknown, and its distribution is conditioned on what has already elapsed.
 
@@ -485,6 +487,27 @@ class TaskPlan:
             return None
         return max(0.0, (t - f * seen) / (1 - f))
 
+    def start_given_end(self, low_end: float, high_end: float) -> float | None:
+        """With one progress reading and the end known to lie in ``[low_end, high_end]`` (the
+        provider's own time of it, to its timestamps' precision), the render start: the
+        reading's fraction, between its floor and the next percent, of a render ending there
+        pins it to a range; its middle, when that range is narrow (a fifth of the reading's
+        time at most). Without it, the starts learned would come only from tasks read twice,
+        which are rarely the late starters: those are first read at a low percent and are
+        usually found ended at the next poll."""
+        readings = self._readings()
+        if len(readings) != 1 or self.start is not None:
+            return None
+        t, p = readings[0]
+        f_low, f_high = _progress_floor(p) / 100.0, (p + 1) / 100.0
+        if f_high >= 1 or low_end <= t or high_end < low_end:
+            return None
+        low = max((t - f_high * high_end) / (1 - f_high), self.queued_until)
+        high = min((t - f_low * low_end) / (1 - f_low), t)
+        if low > high or high - low > 0.2 * t:
+            return None
+        return 0.5 * (low + high)
+
     def render_start(self) -> float | None:
         """The render start: reported, or fitted from two progress readings far enough apart
         (a fifth of the render) to pin it."""
@@ -530,11 +553,17 @@ class PollPlanner:
         self.model(group).observe(render_seconds, start=start, started_after=started_after)
 
     def finished(self, group: str, plan: TaskPlan, seen: float,
-                 reported: float | None = None) -> None:
-        """A task was seen finished at ``seen``: teach its group what its polls showed."""
+                 reported: float | None = None, precision: float = 1.0) -> None:
+        """A task was seen finished at ``seen``: teach its group what its polls showed, and
+        ``reported``, the provider's own duration (create to end) when it gave one, good to
+        ``precision`` seconds (ImaRouter's timestamps are whole seconds)."""
+        end = plan.ended_at(seen, reported)
         start = plan.render_start()
+        if start is None and reported is not None and end == reported:
+            start = plan.start_given_end(max(plan.not_done_at, reported - precision),
+                                         min(seen, reported + precision))
         self.model(group).untrack(plan)
-        self.model(group).observe(plan.ended_at(seen, reported), start=start,
+        self.model(group).observe(end, start=start,
                                   started_after=None if start is not None
                                   else plan.started_after(seen))
 
