@@ -12,7 +12,9 @@ import pytest
 from conftest import TEST_KEY
 
 from batchkling.clock import SystemClock
+from batchkling.errors import ProviderError
 from batchkling.models import JobSpec, JobState
+from batchkling.providers.kling import KlingProvider
 from batchkling.run.polling import (
     FIRST_SHARE,
     LogNormal,
@@ -386,3 +388,14 @@ class TestListTiming:
         ended = chances(tail)
         assert sum(ended) >= TAIL_BATCH * len(listed) - 0.01 or math.prod(ended) >= 0.39
         assert sum(chances(tail - 1.0)) < TAIL_BATCH * len(listed)
+
+    async def test_when_lists_fail_the_tasks_poll_on_their_own(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A first Kling run whose list requests all fail: after two failed lists each task
+        is polled on its own blind schedule at once — not left to its late safety net, which
+        for a blind task is minutes away."""
+        async def down(self: KlingProvider, kind: str, size: int) -> None:
+            raise ProviderError("list endpoint down (test)")
+
+        monkeypatch.setattr(KlingProvider, "list_recent", down)
+        await _first_kling_run(tmp_path, 5, 60.0)

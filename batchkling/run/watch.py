@@ -409,6 +409,10 @@ class Watch:
         entry.missing += 1
         if entry.confirming is not None:
             self._deliver(entry, TaskStatus(entry.task_id, Phase.RUNNING), trusted=False)
+        elif entry.missing == 2:
+            # No longer the list's to look at: wake its tracker (no news), which polls the
+            # task itself now rather than at its late safety net.
+            self._event(entry).set()
 
 
 def _can_list(provider: Provider) -> bool:
