@@ -164,11 +164,13 @@ async def test_a_hinted_slot_is_taken_before_its_confirmation(
     worker's credit), not only in the worker — so each create follows the end that freed its
     slot by about a callback's delivery, not by the wait for a confirming list."""
     n, slots = 20, 5
-    sim = simulator(speed=100, render_sigma=0.3)
+    # x50: the bound below (15 simulated seconds) is 0.3 s of real time, far above a loaded
+    # machine's claim and create, while the wait for a confirming list is ~26 s simulated.
+    sim = simulator(speed=50, render_sigma=0.3)
     port = _free_port()
     path = _manifest(tmp_path, sim, n, provider="kling",
                      callback_url=f"http://127.0.0.1:{port}/hook")
-    summary, engine = await _run(path, workdir, f"127.0.0.1:{port}", speed=100)
+    summary, engine = await _run(path, workdir, f"127.0.0.1:{port}", speed=50)
     assert summary.exit_code == 0, summary
     assert engine.hints >= n
     tasks = sorted(sim.tasks(), key=lambda t: t["created_at"])
