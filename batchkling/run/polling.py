@@ -176,7 +176,6 @@ class RenderModel:
         self._late: deque[float] = deque(maxlen=window)  # starts known to be at least this
         self._prior = [t for t in itertools.islice(prior, window) if t > 0]
         self._live: weakref.WeakSet[TaskPlan] = weakref.WeakSet()  # its tasks in flight
-        self._finished = 0
         self._fit: LogNormal | None = None
         self._render_fit: LogNormal | None = None
         self._stale = True
@@ -200,7 +199,6 @@ class RenderModel:
         ``start``, or (less known) no earlier than ``started_after``."""
         if seconds <= 0:
             return
-        self._finished += 1
         self._times.append(seconds)
         if start is not None and 0 <= start < seconds:
             self._starts.append(start)
@@ -213,7 +211,7 @@ class RenderModel:
         own = list(self._times)
         times: list[float] = []
         renders: list[float] = []
-        if self._finished < (self._times.maxlen or 0):
+        if len(self._times) < (self._times.maxlen or 0):  # fewer than `window` finished
             for plan in self._live:
                 u = plan.not_done_at
                 times.append(u)
@@ -586,16 +584,14 @@ class PollPlanner:
         u = plan.not_done_at
         return u + max(self.max_interval, 2 * u)
 
-    def list_at(self, plan: TaskPlan, *, late: bool = False) -> float | None:
+    def list_at(self, plan: TaskPlan) -> float | None:
         """When (seconds since the create) one list serving every task in flight should look
         at this one, if nothing predicts its end (a first run's first tasks; None otherwise).
         A list costs one request for all of them, so its blind floor is a share
-        (:data:`LIST_BLIND_SHARE`) of a task's own; ``late``: only a fallback."""
+        (:data:`LIST_BLIND_SHARE`) of a task's own."""
         plan.next_at()
         if not plan.blind:
             return None
-        if late:
-            return self._blind_late(plan)
         u = plan.not_done_at
         return u + min(max(0.5 * u, LIST_BLIND_SHARE * self.min_interval), self.max_interval)
 
