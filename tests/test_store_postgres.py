@@ -24,7 +24,7 @@ from test_store import _spec, _store_with_jobs
 from batchkling.errors import ConfigError, RunLocked, StoreError, StoreRefused, WorkerFenced
 from batchkling.models import JobState
 from batchkling.store import JobRow, store_exists, store_from
-from batchkling.store.interface import Claim, ClaimOutcome, Intent
+from batchkling.store.interface import SLOT_STATES, Claim, ClaimOutcome, Intent
 from batchkling.store.postgres import PostgresStore, redact_url
 
 pytestmark = pytest.mark.timeout(60)
@@ -93,13 +93,22 @@ class TestConnecting:
         assert await store_exists(pg_url) is True
 
 
+#: Every signature of the claim functions (schema 4's, and schema 3's kept as wrappers).
+_DROP_CLAIMS = (
+    " DROP FUNCTION batchkling_claim_pick(text, text, text, integer, double precision, text[],"
+    " integer), batchkling_claim_pick(text, text, text, integer, double precision, text[],"
+    " integer, integer), batchkling_claim_take(text, text, text, integer, double precision,"
+    " double precision, double precision, double precision, double precision, text[]),"
+    " batchkling_claim_take(text, text, text, integer, double precision, double precision,"
+    " double precision, double precision, double precision, text[], integer);"
+)
 #: What schema 3 added to schema 2 (workers, accounts, claims, money totals, the object-store
 #: columns), taken away again.
 _V3_ONLY = (
     "DROP TRIGGER job_reserved ON jobs; DROP TRIGGER attempt_cost ON attempts;"
     " DROP TRIGGER attempt_cost_new ON attempts;"
     " DROP FUNCTION batchkling_job_reserved(); DROP FUNCTION batchkling_attempt_cost();"
-    " DROP FUNCTION batchkling_claim_pick; DROP FUNCTION batchkling_claim_take;"
+    + _DROP_CLAIMS +
     " DROP FUNCTION batchkling_in_flight;"
     " DROP INDEX jobs_by_account; DROP INDEX jobs_by_worker; DROP INDEX jobs_by_seq;"
     " DROP TABLE accounts; DROP TABLE workers;"
@@ -123,9 +132,19 @@ _V2_ONLY = (
 _V3_CLAIMS = (Path(__file__).parent / "fixtures" / "postgres_schema3_claims.sql").read_text()
 #: The claim functions in the catalog: each name with its number of arguments.
 _CLAIM_FUNCTIONS = ("SELECT proname, pronargs FROM pg_proc WHERE proname IN"
-                    " ('batchkling_claim_pick', 'batchkling_claim_take') ORDER BY proname")
-#: What schema 4 has them take: a credit besides schema 3's arguments.
-_V4_CLAIM_FUNCTIONS = [("batchkling_claim_pick", 8), ("batchkling_claim_take", 11)]
+                    " ('batchkling_claim_pick', 'batchkling_claim_take')"
+                    " ORDER BY proname, pronargs")
+#: What schema 4 has them take: a credit besides schema 3's arguments; and, from schema 5,
+#: schema 3's signatures again, as wrappers for workers of an earlier release.
+_V5_CLAIM_FUNCTIONS = [("batchkling_claim_pick", 7), ("batchkling_claim_pick", 8),
+                       ("batchkling_claim_take", 10), ("batchkling_claim_take", 11)]
+#: A claim as a worker of the schema-3 release makes it (its two calls, in one transaction).
+_V3_CLAIM_CALLS = (
+    "SELECT job_id FROM batchkling_claim_pick(%(worker)s, %(account)s, %(run)s, %(cap)s,"
+    " %(clock)s, %(slot_states)s, %(idle_ms)s)",
+    "SELECT outcome, in_flight FROM batchkling_claim_take(%(worker)s, %(account)s, %(run)s,"
+    " %(cap)s, NULL, 0.5, NULL, 0, %(clock)s, %(slot_states)s)",
+)
 
 
 class TestSchema:
@@ -185,16 +204,16 @@ class TestSchema:
 
         assert db_query(pg_url, "SELECT value FROM meta WHERE key = 'schema_version'") == [
             (str(SCHEMA_VERSION),)]
-        assert db_query(pg_url, _CLAIM_FUNCTIONS) == _V4_CLAIM_FUNCTIONS
+        assert db_query(pg_url, _CLAIM_FUNCTIONS) == _V5_CLAIM_FUNCTIONS
 
     async def test_a_schema_3_database_is_migrated(self, pg_url: str) -> None:
-        """A schema-3 store, whose claim functions take no credit, is upgraded in place to 4:
-        the old functions are dropped, not left beside the new ones as overloads, and a claim
-        with a credit works."""
+        """A schema-3 store, whose claim functions take no credit, is upgraded in place: a
+        claim with a credit works, and a worker of the schema-3 release that was running
+        meanwhile still claims through the old signatures (now wrappers of the new functions,
+        with no credit), within the account's slots."""
         store = await _store_with_jobs(pg_url, "a", "b", "c")
         await store.aclose()
-        db_query(pg_url, "DROP FUNCTION batchkling_claim_pick; DROP FUNCTION batchkling_claim_take;"
-                 + _V3_CLAIMS + " UPDATE meta SET value = '3' WHERE key = 'schema_version';")
+        db_query(pg_url, _DROP_CLAIMS + _V3_CLAIMS + " UPDATE meta SET value = '3' WHERE key = 'schema_version';")
         assert db_query(pg_url, _CLAIM_FUNCTIONS) == [("batchkling_claim_pick", 7),
                                                       ("batchkling_claim_take", 10)]
         async with PostgresStore(pg_url) as upgraded:
@@ -213,8 +232,24 @@ class TestSchema:
             assert (await claim(1)).outcome is ClaimOutcome.NO_SLOT
             assert await upgraded.integrity_check() == "ok"
         assert db_query(pg_url, "SELECT value FROM meta WHERE key = 'schema_version'") == [
-            ("4",)]
-        assert db_query(pg_url, _CLAIM_FUNCTIONS) == _V4_CLAIM_FUNCTIONS
+            ("5",)]
+        assert db_query(pg_url, _CLAIM_FUNCTIONS) == _V5_CLAIM_FUNCTIONS
+
+        # The old worker's claims: its call resolves, and the slot check is the new one's.
+        async with PostgresStore(pg_url) as store:
+            await store.register_worker("old", runs=None, now=2.0)
+        params = {"worker": "old", "account": "acc", "run": "r", "cap": 5, "clock": 3.0,
+                  "slot_states": [state.value for state in SLOT_STATES], "idle_ms": 5000}
+
+        def old_claim() -> tuple[object, ...]:
+            with psycopg.connect(pg_url) as conn:
+                pick, take = (conn.execute(sql, params).fetchone() for sql in _V3_CLAIM_CALLS)
+                assert pick is not None and take is not None
+                return pick[0], take[0], take[1]
+
+        assert old_claim() == (None, "no_slot", 2)  # the account's one slot is taken
+        db_query(pg_url, "UPDATE accounts SET slot_limit = 3 WHERE account_id = 'acc'")
+        assert old_claim() == ("c", "claimed", 2)
 
     async def test_integrity_check_names_what_is_wrong(self, pg_url: str) -> None:
         """A sound store is ``ok``; a job in no known state, or whose attempt has no row, is

@@ -16,12 +16,14 @@ without a scan.
 Versions are PostgreSQL's own (they do not follow SQLite's). ``MIGRATIONS[v]`` takes a schema
 at version ``v`` to ``v + 1``; ``SCHEMA`` then (re)creates what is missing and replaces every
 function. A function whose arguments change is dropped by its migration step: ``CREATE OR
-REPLACE`` would add an overload beside the old one.
+REPLACE`` would add an overload beside the old one. The one exception is on purpose: schema 3's
+claim functions come back as thin wrappers of the new ones, so that workers of an earlier
+release keep claiming while a newer one upgrades the database under them.
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: Taken with ``pg_advisory_xact_lock`` while the schema is created or migrated, so workers
 #: opening the same database at once wait for each other instead of racing. ("bkschema")
@@ -51,8 +53,10 @@ CREATE TABLE IF NOT EXISTS prices (
 #: worker's), no running money totals on the run, and no object-store columns (``video_uri``,
 #: ``video_etag``; the attempt's video). The trigger functions are replaced by ``SCHEMA``.
 #: Version 3's claim functions took no credit (``p_credit``, the caller's own tasks known to
-#: have ended): their old signatures are dropped, so that ``SCHEMA`` creates the new ones
-#: instead of overloads beside them.
+#: have ended): their old signatures are dropped, so that ``SCHEMA`` creates the new ones, and
+#: then the old signatures again as wrappers of the new (version 5). Version 4 had no such
+#: wrappers: a worker of the release before it failed its next claim once a newer process had
+#: opened the database; now it claims on, with no credit, until it is restarted.
 MIGRATIONS: dict[int, str] = {
     1: MONEY_SCHEMA,
     2: """
@@ -83,6 +87,7 @@ MIGRATIONS: dict[int, str] = {
             double precision, double precision, double precision, double precision,
             double precision, text[]);
     """,
+    4: "",  # SCHEMA adds the wrappers of schema 3's signatures
 }
 
 SCHEMA = """
@@ -394,5 +399,29 @@ BEGIN
                        ELSE 'no' END, true);
     RETURN NEXT;
 END
+$$;
+-- Schema 3's signatures, without the credit: a worker of an earlier release that was running
+-- when this release upgraded the database still claims, with no credit, as it did (a rolling
+-- upgrade). The decisions stay in the functions above.
+CREATE OR REPLACE FUNCTION batchkling_claim_pick(
+    p_worker text, p_account text, p_run text, p_cap integer, p_clock double precision,
+    p_slot_states text[], p_idle_ms integer)
+RETURNS TABLE (worker_state text, slot_limit integer, paused_for double precision,
+               run_state text, committed double precision, committed_units double precision,
+               in_flight integer, pending boolean, job_id text)
+LANGUAGE sql AS $$
+    SELECT * FROM batchkling_claim_pick(p_worker, p_account, p_run, p_cap, p_clock,
+                                        p_slot_states, p_idle_ms, 0)
+$$;
+CREATE OR REPLACE FUNCTION batchkling_claim_take(
+    p_worker text, p_account text, p_run text, p_cap integer, p_max_usd double precision,
+    p_usd double precision, p_max_units double precision, p_units double precision,
+    p_clock double precision, p_slot_states text[])
+RETURNS TABLE (outcome text, slot_limit integer, paused_for double precision,
+               in_flight integer, committed double precision,
+               committed_units double precision)
+LANGUAGE sql AS $$
+    SELECT * FROM batchkling_claim_take(p_worker, p_account, p_run, p_cap, p_max_usd, p_usd,
+                                        p_max_units, p_units, p_clock, p_slot_states, 0)
 $$;
 """
