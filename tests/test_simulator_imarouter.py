@@ -265,6 +265,40 @@ class TestImaRouterQuirks:
             tid = (await sim.ima_create()).json()["task_id"]
             assert (await sim.ima_get(tid)).headers["openai-poll-after-ms"] == "1500"
 
+    async def test_status_refresh_shows_the_gateways_last_look(self) -> None:
+        """With status_refresh_s, a poll shows the task as at the gateway's last refresh tick
+        (15 s apart, at the task's own phase): progress moves only on ticks, and the end is
+        read first at the tick after it — which is when the simulator notes it seen."""
+        async with Sim(status_refresh_s=15, queue_s=0, render_sigma=0,
+                       render_median_s=100) as sim:
+            tid = (await sim.ima_create()).json()["task_id"]
+            task = sim.state.tasks[tid]
+            first_tick = 15 * task.pick / (1 << 16)
+            shown: list[tuple[float, int, str]] = []
+            step = 0.5
+            for _ in range(int(160 / step)):
+                sim.advance(step)
+                body = (await sim.ima_get(tid)).json()
+                shown.append((sim.state.sim_now() - task.created_sim, body["progress"],
+                              body["status"]))
+            changes = [t for (t, p, _), (_, q, _) in zip(shown, shown[1:]) if q != p]
+            assert len(changes) >= 6
+            # Between ticks nothing moves: every change comes on a tick of the task's phase.
+            for t in changes:
+                since = (t + step - first_tick) % 15
+                assert since < step + 1e-6 or since > 15 - 1e-6, (t, first_tick)
+            end = task.ends_sim - task.created_sim
+            done_at = min(t for t, _, status in shown if status == "completed")
+            assert end < done_at <= end + 15 + step
+            assert all(status != "completed" for t, _, status in shown if t < end)
+            assert task.seen_done_sim is not None
+            assert task.seen_done_sim - task.created_sim == pytest.approx(done_at)
+        async with Sim(status_refresh_s=0, queue_s=0, render_sigma=0,
+                       render_median_s=100) as sim:
+            tid = (await sim.ima_create()).json()["task_id"]
+            sim.advance(50.25)
+            assert (await sim.ima_get(tid)).json()["progress"] == 50  # fresh without a refresh
+
 
 class TestImaRouterFaults:
     async def test_create_5xx_creates_nothing(self) -> None:

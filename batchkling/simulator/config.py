@@ -75,6 +75,10 @@ class SimConfig:
     quirk_fail_reason_fields: bool = False  # reason in `fail_reason`/`task_status_msg`, no `error`
     quirk_404_after_create_s: float = 0.0
     poll_after_s: float | None = None  # send `openai-poll-after-ms` on unfinished tasks
+    # The gateway's own refresh: ImaRouter polls the upstream about every 15 s (API.md), so a
+    # status poll shows the task as it was at the gateway's last look — a tick every this many
+    # seconds per task, at a per-task phase. 0: always as of now. ImaRouter shape only.
+    status_refresh_s: float = 0.0
 
     # Identity and behaviour switches.
     honor_idempotency_key: bool = True
@@ -217,7 +221,7 @@ def _check(cfg: SimConfig) -> None:
         if value is not None and value < 0:
             raise ValueError(f"{name} must be ≥ 0 or null, got {value}")
     for name in ("render_median_s", "render_sigma", "queue_s", "hang_s", "slow_response_s",
-                 "retry_after_s", "quirk_404_after_create_s"):
+                 "retry_after_s", "quirk_404_after_create_s", "status_refresh_s"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be ≥ 0, got {getattr(cfg, name)}")
     bad = [r for r in cfg.fail_reasons if r not in FAIL_KINDS]

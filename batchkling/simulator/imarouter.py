@@ -257,11 +257,12 @@ async def retrieve(request: Request) -> Response:
         sim.reject("server_error")
         return error(fault, "upstream_error", "Upstream service error; try again")
     headers = None
-    if cfg.poll_after_s is not None and sim.status(task, now) in (QUEUED, IN_PROGRESS):
+    shown = sim.refreshed(task, now)
+    if cfg.poll_after_s is not None and sim.status(task, shown) in (QUEUED, IN_PROGRESS):
         headers = {"openai-poll-after-ms": str(int(cfg.poll_after_s / cfg.speed * 1000))}
-    obj = video_object(sim, task, now, base_url(request), observe=fault is None)
+    obj = video_object(sim, task, shown, base_url(request), observe=fault is None)
     if fault is None:
-        sim.observed(task, now)
+        sim.observed(task, now, shown)
     if fault == "drop":
         sim.reject("dropped")
         return dropped_json(obj)

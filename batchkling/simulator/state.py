@@ -433,10 +433,23 @@ class SimState:
             restored += 1
         return restored
 
-    def observed(self, task: Task, now: float) -> None:
-        """A client read the task's status at ``now``: note when it first read it ended."""
-        if task.seen_done_sim is None and now >= task.ends_sim:
+    def observed(self, task: Task, now: float, shown: float | None = None) -> None:
+        """A client read the task's status at ``now``, as it was at ``shown`` (the gateway's
+        last refresh): note when it first read it ended."""
+        if task.seen_done_sim is None and (now if shown is None else shown) >= task.ends_sim:
             task.seen_done_sim = now
+
+    def refreshed(self, task: Task, now: float) -> float:
+        """The sim time as of which a status poll at ``now`` shows the task: the gateway's
+        latest refresh tick (``status_refresh_s`` apart, at a phase drawn per task), never
+        before the create; ``now`` when the gateway does not lag."""
+        every = self.config.status_refresh_s
+        if every <= 0:
+            return now
+        first = task.created_sim + every * (task.pick / (1 << 16))
+        if now < first:
+            return task.created_sim
+        return first + every * math.floor((now - first) / every)
 
     @staticmethod
     def status(task: Task, now: float) -> str:

@@ -4,6 +4,7 @@
     python tests/bench/bench_polling.py --scales 30 --provider kling --repeat 3
     python tests/bench/bench_polling.py --scales 120 --callbacks  # Kling's callbacks on
     python tests/bench/bench_polling.py --overshoot              # max_in_flight 30 on 10 slots
+    python tests/bench/bench_polling.py --scales 120 600 --refresh 15  # ImaRouter's 15 s lag
 
 For each median render time the same jobs run, one contender after another, each against a
 fresh simulator with the same seed — so task n renders for the same time whoever created it:
@@ -21,6 +22,10 @@ frees, with zero detection lag. A contender's makespan runs from its first creat
 it first *read* the last task's end (the simulator notes, per task, when a client first saw it
 finished), so start-up, downloads and end-of-run files are not counted for anyone.
 Polls per task count every status request and every Kling list request.
+
+``--refresh S`` makes the simulator's ImaRouter shape show each task as the gateway last saw it
+upstream, every S simulated seconds per task (API.md: about 15 s): an end cannot be read
+sooner, whoever polls, and the ideal schedule still assumes it could.
 """
 
 from __future__ import annotations
@@ -86,8 +91,14 @@ def measure(sim: be.Simulator, n: int, slots: int,
             "callbacks": stats.get("callbacks_sent", 0)}
 
 
+#: The gateway's refresh interval for every simulator of the invocation (``--refresh``).
+REFRESH = 0.0
+
+
 def _settings(median: float, slots: int | None) -> dict[str, Any]:
     out: dict[str, Any] = {"render_median_s": median}
+    if REFRESH > 0:
+        out["status_refresh_s"] = REFRESH
     if slots is not None:
         out["slot_limit"] = slots
     return out
@@ -260,7 +271,12 @@ def main() -> None:
     parser.add_argument("--callbacks", action="store_true")
     parser.add_argument("--overshoot", action="store_true",
                         help="max_in_flight 30 on a 10-slot account, beside max_in_flight 10")
+    parser.add_argument("--refresh", type=float, default=0.0,
+                        help="the gateway refreshes each task's status this often "
+                             "(simulated s; ImaRouter shape)")
     args = parser.parse_args()
+    global REFRESH
+    REFRESH = args.refresh
     for median in args.scales:
         speed = SCALES.get(median, max(1.0, median / 3))
         for rep in range(args.repeat):
