@@ -212,6 +212,9 @@ async def _loop(url: str, n: int, slots: int, provider: str, first: float,
             else:
                 elapsed = time.monotonic() - started
                 wait = elapsed * 100 / progress - elapsed + 0.01 * elapsed
+                # Told the median, it never waits five of them: a low percent shown late
+                # (--refresh) would otherwise send it away for a hundred renders.
+                wait = min(wait, 10 * first)
             await asyncio.sleep(max(wait, 0.001))
         async with session.get(video) as answer:
             await answer.read()
