@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -281,7 +282,7 @@ class TestImaRouterQuirks:
                 body = (await sim.ima_get(tid)).json()
                 shown.append((sim.state.sim_now() - task.created_sim, body["progress"],
                               body["status"]))
-            changes = [t for (t, p, _), (_, q, _) in zip(shown, shown[1:]) if q != p]
+            changes = [t for (t, p, _), (_, q, _) in itertools.pairwise(shown) if q != p]
             assert len(changes) >= 6
             # Between ticks nothing moves: every change comes on a tick of the task's phase.
             for t in changes:

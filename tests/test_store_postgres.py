@@ -213,7 +213,8 @@ class TestSchema:
         with no credit), within the account's slots."""
         store = await _store_with_jobs(pg_url, "a", "b", "c")
         await store.aclose()
-        db_query(pg_url, _DROP_CLAIMS + _V3_CLAIMS + " UPDATE meta SET value = '3' WHERE key = 'schema_version';")
+        db_query(pg_url, _DROP_CLAIMS + _V3_CLAIMS
+                 + " UPDATE meta SET value = '3' WHERE key = 'schema_version';")
         assert db_query(pg_url, _CLAIM_FUNCTIONS) == [("batchkling_claim_pick", 7),
                                                       ("batchkling_claim_take", 10)]
         async with PostgresStore(pg_url) as upgraded:
