@@ -182,6 +182,29 @@ async def test_a_hinted_slot_is_taken_before_its_confirmation(
     assert waits[len(waits) // 2] <= 0.15 * typical, (waits, typical)  # without: 0.26
 
 
+async def test_a_hint_ahead_of_a_lagging_gateway_is_confirmed_soon(
+        tmp_path: Path, workdir: Path, simulator: Any) -> None:
+    """ImaRouter passes the callback URL to Kling, whose callback comes at the real end, while
+    the gateway shows the task as it last looked upstream (every 15 s, API.md): the confirming
+    poll still says "running". The task is asked again soon (5 s, then 10 s…), not left to the
+    fallback poll of a task whose news comes by callback — which came already. Each task is
+    read finished within about one gateway look of its end (before: 90 s and more late)."""
+    n = 10
+    sim = simulator(speed=50, render_median_s=120.0, render_sigma=0.1, status_refresh_s=15.0)
+    port = _free_port()
+    path = _manifest(tmp_path, sim, n, provider="imarouter",
+                     callback_url=f"http://127.0.0.1:{port}/hook")
+    summary, engine = await _run(path, workdir, f"127.0.0.1:{port}", speed=50)
+    assert summary.exit_code == 0, summary
+    assert engine.hints >= n
+    lags = sorted(t["seen_done_at"] - t["ends_at"] for t in sim.tasks())
+    assert len(lags) == n
+    # The gateway's next look comes within 15 s of an end; then at most one recheck interval.
+    assert lags[-1] <= 15 + 20 + 5, lags
+    stats = sim.stats()
+    assert stats["creates"] == n and stats["polls"] / n <= 5, stats
+
+
 async def test_callbacks_that_never_come_fall_back_to_polling(
         tmp_path: Path, workdir: Path, simulator: Any) -> None:
     """A callback_url that does not reach the receiver: after three tasks found ended without

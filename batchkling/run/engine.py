@@ -93,6 +93,10 @@ _MAX_CREATE_FAILURES = 12
 # Polls of one task refused for the account (a revoked key) before the run stops tracking; the
 # first refusal is enough once creates have stopped for the same reason.
 _MAX_REFUSED_POLLS = 3
+# A callback said a task ended and the provider's answer still shows it running: the answer
+# may lag the callback (ImaRouter's gateway looks upstream about every 15 s, API.md). The task
+# is asked again this many times, from the blind floor and doubling, before its hint is dropped.
+_HINT_RECHECKS = 4
 # States whose commit may skip the fsync (Store.transition's ``quick``): losing one to a power
 # cut costs a repeated poll or download, never a second task. The create intent and the task
 # id (``submitting``, ``submitted``) and every other state stay fully durable.
@@ -932,6 +936,7 @@ class Engine:
         shown: float | None = None  # the progress last stored
         released = False
         credited = False  # counted in account.hinted
+        rechecks = 0  # polls since a hinted end was contradicted (_HINT_RECHECKS)
         watch = account.watch
         watched = watch.add(task_id, spec, plan, mono_start)
 
@@ -951,6 +956,10 @@ class Engine:
             while True:
                 delay = self.planner.delay(plan, self.clock.monotonic() - mono_start, hint,
                                            late=watch.covers(watched))
+                if 0 < rechecks <= _HINT_RECHECKS:
+                    # The callback's news came already: ask soon rather than wait for more.
+                    delay = min(delay, self.opts.min_poll_interval * 2 ** (rechecks - 1))
+                    delay = max(delay, hint or 0.0)
                 listed = watch.listed(watched)
                 if listed:
                     # The account's list looks first; this task's own poll is the safety net
@@ -1046,9 +1055,12 @@ class Engine:
                 progress, hint = status.progress, status.poll_after
                 seen = self.clock.monotonic() - mono_start
                 if released and status.phase not in _ENDED:
-                    # The hint was wrong (or early): the task still holds its slot.
+                    # The hint was wrong, or the answer lags it: the task still holds its slot.
                     released = False
                     account.slots.take()
+                    rechecks = 1
+                elif rechecks and status.phase not in _ENDED:
+                    rechecks += 1
                 if status.phase is Phase.SUCCEEDED:
                     release()
                     # Our own clock teaches the planner (it is what polls are scheduled on),
