@@ -1050,16 +1050,16 @@ class Engine:
                     continue
                 errors = refused = 0
                 uncredit()  # before the state below is written: a claim never counts it twice
-                if status.phase in _ENDED:
-                    watch.ended(watched)
                 progress, hint = status.progress, status.poll_after
                 seen = self.clock.monotonic() - mono_start
-                if released and status.phase not in _ENDED:
+                if status.phase in _ENDED:
+                    watch.ended(watched)
+                elif released:
                     # The hint was wrong, or the answer lags it: the task still holds its slot.
                     released = False
                     account.slots.take()
                     rechecks = 1
-                elif rechecks and status.phase not in _ENDED:
+                elif rechecks:
                     rechecks += 1
                 if status.phase is Phase.SUCCEEDED:
                     release()

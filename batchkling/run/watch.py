@@ -391,9 +391,10 @@ class Watch:
                 self._unseen(entry)
                 continue
             entry.missing = 0
-            if status.phase in (Phase.SUCCEEDED, Phase.FAILED) or entry.confirming is not None:
+            ended = status.phase in (Phase.SUCCEEDED, Phase.FAILED)
+            if ended or entry.confirming is not None:
                 entry.confirming = None
-                entry.ended = status.phase in (Phase.SUCCEEDED, Phase.FAILED)
+                entry.ended = ended
                 self._deliver(entry, status, trusted=True)
             else:
                 start = None
