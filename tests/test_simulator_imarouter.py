@@ -267,33 +267,46 @@ class TestImaRouterQuirks:
             assert (await sim.ima_get(tid)).headers["openai-poll-after-ms"] == "1500"
 
     async def test_status_refresh_shows_the_gateways_last_look(self) -> None:
-        """With status_refresh_s, a poll shows the task as at the gateway's last refresh tick
-        (15 s apart, at the task's own phase): progress moves only on ticks, and the end is
-        read first at the tick after it — which is when the simulator notes it seen."""
-        async with Sim(status_refresh_s=15, queue_s=0, render_sigma=0,
-                       render_median_s=100) as sim:
-            tid = (await sim.ima_create()).json()["task_id"]
-            task = sim.state.tasks[tid]
-            first_tick = 15 * task.pick / (1 << 16)
-            shown: list[tuple[float, int, str]] = []
+        """With status_refresh_s, a poll shows the task as at the gateway's last look (one loop
+        for all tasks, 15 s apart): progress moves only on looks, the same looks for every
+        task; the end is read first at the look after it, which is also the ``completed_at``
+        the gateway reports, and when the simulator notes it seen."""
+        async with Sim(status_refresh_s=15, queue_s=0, render_sigma=0, render_median_s=100,
+                       quirk_ms_timestamps=True) as sim:
+            tids = [(await sim.ima_create()).json()["task_id"]]
+            sim.advance(4.0)
+            tids.append((await sim.ima_create()).json()["task_id"])
+            tasks = [sim.state.tasks[tid] for tid in tids]
+            shown: dict[str, list[tuple[float, int, str, Any]]] = {tid: [] for tid in tids}
             step = 0.5
             for _ in range(int(160 / step)):
                 sim.advance(step)
-                body = (await sim.ima_get(tid)).json()
-                shown.append((sim.state.sim_now() - task.created_sim, body["progress"],
-                              body["status"]))
-            changes = [t for (t, p, _), (_, q, _) in itertools.pairwise(shown) if q != p]
-            assert len(changes) >= 6
-            # Between ticks nothing moves: every change comes on a tick of the task's phase.
-            for t in changes:
-                since = (t + step - first_tick) % 15
-                assert since < step + 1e-6 or since > 15 - 1e-6, (t, first_tick)
-            end = task.ends_sim - task.created_sim
-            done_at = min(t for t, _, status in shown if status == "completed")
-            assert end < done_at <= end + 15 + step
-            assert all(status != "completed" for t, _, status in shown if t < end)
-            assert task.seen_done_sim is not None
-            assert task.seen_done_sim - task.created_sim == pytest.approx(done_at)
+                for tid in tids:
+                    body = (await sim.ima_get(tid)).json()
+                    shown[tid].append((sim.state.sim_now(), body["progress"], body["status"],
+                                       body["completed_at"]))
+            changes = {tid: {t for (_, p, _, _), (t, q, _, _) in itertools.pairwise(rows)
+                             if q != p} for tid, rows in shown.items()}
+            assert len(changes[tids[0]]) >= 6
+            # Between looks nothing moves, and the looks are the same for both tasks.
+            for t in changes[tids[0]] | changes[tids[1]]:
+                assert sim.state.looked(t) > t - step, t
+            assert len(changes[tids[0]] & changes[tids[1]]) >= 5
+            looks = sorted(changes[tids[0]])
+            assert all(b - a == pytest.approx(15 * round((b - a) / 15), abs=step)
+                       for a, b in itertools.pairwise(looks))
+            for task in tasks:
+                rows = shown[task.task_id]
+                done_at = min(t for t, _, status, _ in rows if status == "completed")
+                assert task.ends_sim < done_at <= task.ends_sim + 15 + step
+                assert all(status != "completed" for t, _, status, _ in rows
+                           if t < task.ends_sim)
+                # completed_at is the look that saw the end, not the end itself.
+                look = sim.state.gateway_saw(task.ends_sim)
+                assert task.ends_sim < look <= done_at
+                reported = next(c for _, _, status, c in rows if status == "completed")
+                assert reported == int(sim.state.sim_to_wall(look) * 1000)
+                assert task.seen_done_sim == pytest.approx(done_at)
         async with Sim(status_refresh_s=0, queue_s=0, render_sigma=0,
                        render_median_s=100) as sim:
             tid = (await sim.ima_create()).json()["task_id"]

@@ -76,8 +76,9 @@ class SimConfig:
     quirk_404_after_create_s: float = 0.0
     poll_after_s: float | None = None  # send `openai-poll-after-ms` on unfinished tasks
     # The gateway's own refresh: ImaRouter polls the upstream about every 15 s (API.md), so a
-    # status poll shows the task as it was at the gateway's last look — a tick every this many
-    # seconds per task, at a per-task phase. 0: always as of now. ImaRouter shape only.
+    # status poll shows the task as it was at the gateway's last look — one loop for all tasks,
+    # a look every this many seconds — and an end is dated by the look that saw it. 0: always
+    # as of now. ImaRouter shape only.
     status_refresh_s: float = 0.0
 
     # Identity and behaviour switches.

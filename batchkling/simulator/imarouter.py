@@ -143,7 +143,8 @@ def video_object(sim: SimState, task: Task, now: float, base: str, *, observe: b
         "metadata": {"mode": spec.mode},
     }
     if state in (COMPLETED, FAILED):
-        obj["completed_at"] = stamp(sim.sim_to_wall(task.ends_sim))
+        # The gateway records an end when it first sees it, at one of its looks.
+        obj["completed_at"] = stamp(sim.sim_to_wall(sim.gateway_saw(task.ends_sim)))
     if state == COMPLETED:
         obj["amount_usd"] = sim.charge_usd(spec)
         obj["usage"] = {"duration_seconds": spec.duration}

@@ -180,6 +180,7 @@ class SimState:
         self._create_rng = random.Random(f"{seed}:create")
         self._poll_rng = random.Random(f"{seed}:poll")
         self._download_rng = random.Random(f"{seed}:download")
+        self._look_share = random.Random(f"{seed}:gateway").random()  # of status_refresh_s
         self.url_secret = hashlib.sha256(f"{seed}:url-signing".encode()).digest()
 
     def draw_create_faults(self) -> CreateFaults:
@@ -441,15 +442,28 @@ class SimState:
 
     def refreshed(self, task: Task, now: float) -> float:
         """The sim time as of which a status poll at ``now`` shows the task: the gateway's
-        latest refresh tick (``status_refresh_s`` apart, at a phase drawn per task), never
-        before the create; ``now`` when the gateway does not lag."""
+        latest look (:meth:`looked`), never before the create; ``now`` when the gateway does
+        not lag."""
+        if self.config.status_refresh_s <= 0:
+            return now
+        return max(self.looked(now), task.created_sim)
+
+    def looked(self, now: float) -> float:
+        """The gateway's latest look at its upstream by sim time ``now``. One loop for every
+        task, as the open-source gateway ImaRouter's answers match runs it (sleep, then look
+        at all unfinished tasks): ``status_refresh_s`` apart, at a phase drawn from the seed."""
+        every = self.config.status_refresh_s
+        phase = self._look_share * every
+        return phase + every * math.floor((now - phase) / every)
+
+    def gateway_saw(self, t: float) -> float:
+        """The first look of the gateway at or after sim time ``t``: when it records an end
+        (its ``completed_at``); ``t`` itself when the gateway does not lag."""
         every = self.config.status_refresh_s
         if every <= 0:
-            return now
-        first = task.created_sim + every * (task.pick / (1 << 16))
-        if now < first:
-            return task.created_sim
-        return first + every * math.floor((now - first) / every)
+            return t
+        phase = self._look_share * every
+        return phase + every * math.ceil((t - phase) / every)
 
     @staticmethod
     def status(task: Task, now: float) -> str:

@@ -98,7 +98,11 @@ REFRESH = 0.0
 def _settings(median: float, slots: int | None) -> dict[str, Any]:
     out: dict[str, Any] = {"render_median_s": median}
     if REFRESH > 0:
+        # Timestamps to the millisecond: at --speed, whole real seconds would be coarser than
+        # the gateway's look period (at x20, 20 simulated seconds), where at x1 they are 1/15
+        # of it.
         out["status_refresh_s"] = REFRESH
+        out["quirk_ms_timestamps"] = True
     if slots is not None:
         out["slot_limit"] = slots
     return out
@@ -275,8 +279,8 @@ def main() -> None:
     parser.add_argument("--overshoot", action="store_true",
                         help="max_in_flight 30 on a 10-slot account, beside max_in_flight 10")
     parser.add_argument("--refresh", type=float, default=0.0,
-                        help="the gateway refreshes each task's status this often "
-                             "(simulated s; ImaRouter shape)")
+                        help="the gateway looks at its upstream this often, one loop for all "
+                             "tasks (simulated s; ImaRouter shape; millisecond timestamps)")
     args = parser.parse_args()
     global REFRESH
     REFRESH = args.refresh
