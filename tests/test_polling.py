@@ -17,7 +17,10 @@ from batchkling.models import JobSpec, JobState
 from batchkling.providers.kling import KlingProvider
 from batchkling.run.polling import (
     FIRST_SHARE,
+    LOOK_NEED,
+    LOOK_PROBATION,
     LogNormal,
+    Looks,
     PollPlanner,
     RenderModel,
     TaskPlan,
@@ -253,6 +256,112 @@ class TestTaskPlan:
         other.observe(6.6, running=True, progress=90)
         planner.finished("g", other, 7.2, reported=7.0, precision=1.0)
         assert len(planner.model("g")._starts) == 1
+
+
+def _gateway_dates(rng: random.Random, n: int, period: float, phase: float,
+                   noise: float) -> list[float]:
+    """Ends a gateway dates by its looks (one loop, ``period`` apart), each ``± noise``."""
+    out, t = [], 0.0
+    for _ in range(n):
+        t += rng.expovariate(1 / 4)
+        out.append(phase + period * math.ceil((t - phase) / period) + rng.uniform(-noise, noise))
+    return out
+
+
+class TestLooks:
+    def test_a_gateway_loop_is_learned_from_the_ends_it_dates(self) -> None:
+        """Ends dated by a gateway's looks (15.4 s apart here, to ±1 s: whole-second stamps)
+        give its period and phase — not before enough of them, and the next ones checked."""
+        rng = random.Random(5)
+        period, phase = 15.4, 6.0
+        looks = Looks(5.0, 60.0)
+        for i, at in enumerate(_gateway_dates(rng, 60, period, phase, 1.0)):
+            looks.saw(at, 1.0)
+            if i < LOOK_NEED + LOOK_PROBATION - 1:
+                assert looks.period is None, i
+        assert looks.period == pytest.approx(period, abs=0.2)
+        late = 60 * 4.0
+        assert looks.last(late) is not None
+        true_last = phase + period * math.floor((late - phase) / period)
+        assert abs(cast(float, looks.last(late)) - true_last) <= 1.0
+        assert 0.5 < looks.slack < 3.0
+
+    def test_ends_on_no_schedule_never_make_one(self) -> None:
+        """Ends at any time (a provider that asks upstream at each poll, Kling itself), bunched
+        or spread, never make a schedule; nor do dates too coarse to place looks, nor any
+        dates from a provider that does not lag."""
+        for seed in range(40):
+            rng = random.Random(seed)
+            looks, t = Looks(5.0, 60.0), 0.0
+            for _ in range(100):
+                t += rng.expovariate(1 / rng.choice([0.5, 3.0, 12.0]))
+                looks.saw(t, 0.001)
+            assert looks.period is None, seed
+        coarse, direct = Looks(5.0, 60.0), Looks(5.0, 60.0, sought=False)
+        for at in _gateway_dates(random.Random(1), 60, 15.0, 2.0, 0.0):
+            coarse.saw(at, 2.0)  # a date good to 2 s cannot place looks 5 s apart
+            direct.saw(at, 0.001)  # a provider that answers with the state now (Kling's)
+        assert coarse.period is None and direct.period is None
+
+    def test_a_loop_that_moves_is_found_again(self) -> None:
+        """The gateway restarts (its loop's phase jumps): the schedule is dropped after a few
+        ends off it, and the new one learned."""
+        rng = random.Random(2)
+        looks = Looks(5.0, 60.0)
+        for at in _gateway_dates(rng, 40, 15.0, 3.0, 0.0):
+            looks.saw(at, 0.001)
+        assert looks.period is not None
+        epoch, shift = looks.epoch, 40 * 4.0 + 100
+        moved = [shift + at for at in _gateway_dates(rng, 40, 15.0, 10.5, 0.0)]
+        for i, at in enumerate(moved):
+            looks.saw(at, 0.001)
+            if i == 3:
+                assert looks.period is None  # three of four ends off the old loop
+        assert looks.period == pytest.approx(15.0, abs=0.1) and looks.epoch == epoch + 2
+        assert abs(cast(float, looks.last(moved[-1])) - moved[-1]) < 0.1
+
+    def test_a_poll_goes_just_after_a_look_it_has_not_seen(self) -> None:
+        """Looks at 3, 18, 33, 48, 63 …: a poll wanted at 40 goes at 33 (+ slack: the same
+        answer, sooner), or at 48 if the last poll showed the look at 33 already; one aimed at
+        an end in [50, 60] goes after 63, the first look that can show it; in [47.5, 70], after
+        48 it would be too unlikely (2 % against 25 % a poll is worth), so also after 63."""
+        looks = Looks(5.0, 60.0)
+        assert looks.poll_at(40.0, None) == 40.0  # no schedule yet: as the planner says
+        looks.period, looks.phase, looks.slack = 15.0, 3.0, 0.5
+        assert looks.poll_at(40.0, None) == 33.5
+        assert looks.poll_at(40.0, 33.6) == 48.5
+        assert looks.poll_at(0.0, None, (50.0, 60.0, 5.0)) == 63.5
+        assert looks.poll_at(0.0, None, (47.5, 70.0, 5.0)) == 63.5
+        assert looks.poll_at(0.0, None, (44.0, 56.0, 5.0)) == 48.5  # a third of it by 48
+
+
+async def test_a_lagging_gateway_is_polled_just_after_its_looks(tmp_path: Path) -> None:
+    """ImaRouter's gateway answers from its last look upstream, one loop every 15 s, and dates
+    ends by the look that saw them (whole seconds). Once the run has learned the loop from
+    those dates, its polls go just after looks — none in the middle of an interval, where it
+    would read what it could have read just after the look before — and each reading counts
+    as of its look. Measured on the run's later half: polls at most 3 s after a look (before:
+    anywhere, up to 15 s), tasks read finished 10 s after their end on average and 25 s at
+    most (before: 16–18 s and 42–48 s), at about 2.2–2.6 polls each (before: 2.9–3.2)."""
+    vs = VirtualSim({"BATCHKLING_TEST_KEY": TEST_KEY}, status_refresh_s=15.0,
+                    render_median_s=120.0, render_sigma=0.3)
+    path = vs.manifest(tmp_path, 60, limits={"max_in_flight": 10})
+    summary = await vs.run(path, tmp_path / "jobs")
+    assert summary.exit_code == 0
+    later = {t["task_id"]: t for t in vs.sim.task_table()[30:]}
+    offset = vs.clock.monotonic() - vs.sim.sim_now()
+    since_look, polls = [], 0
+    for at, method, url, _status in vs.requests.entries:
+        task_id = url.rsplit("/", 1)[-1]
+        if method == "GET" and task_id in later:
+            sim_at = at - offset
+            since_look.append(sim_at - vs.sim.looked(sim_at))
+            polls += 1
+    assert max(since_look) < 4.0, sorted(since_look)[-5:]
+    lags = [t["seen_done_at"] - t["ends_at"] for t in later.values()]
+    assert sum(lags) / len(lags) <= 13.0, sorted(lags)
+    assert max(lags) <= 35.0, sorted(lags)
+    assert polls / len(later) <= 3.0
 
 
 async def _first_kling_run(folder: Path, n: int, median: float) -> VirtualSim:

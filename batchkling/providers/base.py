@@ -71,6 +71,9 @@ class Provider(Protocol):
     name: str
     #: True when ``lookup`` can find a task by the idempotency key (exact crash recovery).
     can_lookup: bool
+    #: True when the provider may answer from a gateway's last look upstream rather than the
+    #: task's state now (ImaRouter's, API.md); the engine then seeks that gateway's loop.
+    may_lag: bool
 
     async def create(self, spec: JobSpec, key: str) -> str:
         """Create a task for ``spec``; return its task id. ``key`` is unique per attempt."""

@@ -98,6 +98,8 @@ class ImaRouterProvider:
     name = "imarouter"
     # ImaRouter offers no lookup by idempotency key: an interrupted create becomes `unknown`.
     can_lookup = False
+    # Its gateway polls Kling itself, about every 15 s, and answers from its last look.
+    may_lag = True
 
     def __init__(
         self,

@@ -87,6 +87,7 @@ class KlingProvider:
 
     name = "kling"
     can_lookup = True
+    may_lag = False  # Kling's own API answers with the task's state now
     #: ``list_recent`` reports many tasks in one request.
     can_list = True
 

@@ -74,7 +74,7 @@ from batchkling.run.limits import (
     limit_after_rejection,
     probe_after,
 )
-from batchkling.run.polling import PollPlanner
+from batchkling.run.polling import Looks, PollPlanner, TaskPlan
 from batchkling.run.reuse import take_video
 from batchkling.run.upload import InputImages, VideoUploads
 from batchkling.run.watch import Watch
@@ -155,6 +155,8 @@ class Account:
     create_gate: RateGate
     #: News of this account's tasks besides their own polls: its list of tasks, callbacks.
     watch: Watch
+    #: When the provider's gateway looks at its upstream, once learned (ImaRouter's lag).
+    looks: Looks
     #: Tasks a callback said ended, their slots freed here, that the store still counts in
     #: flight until the provider confirms them: the claims' credit (Store.claim).
     hinted: int = 0
@@ -226,7 +228,9 @@ class Engine:
                     RateGate(options.submit_rate, clock),
                     Watch(provider, clock, self.planner, floor=options.hard_poll_floor,
                           callbacks=options.callbacks,
-                          status=functools.partial(self._provider_status, provider)))
+                          status=functools.partial(self._provider_status, provider)),
+                    Looks(options.min_poll_interval, 12 * options.min_poll_interval,
+                          sought=provider.may_lag))
             for account_id, provider, cap in accounts
         ]
         self._by_account = {a.account_id: a for a in self.accounts}
@@ -937,7 +941,7 @@ class Engine:
         released = False
         credited = False  # counted in account.hinted
         rechecks = 0  # polls since a hinted end was contradicted (_HINT_RECHECKS)
-        watch = account.watch
+        watch, looks = account.watch, account.looks
         watched = watch.add(task_id, spec, plan, mono_start)
 
         def release() -> None:
@@ -960,6 +964,8 @@ class Engine:
                     # The callback's news came already: ask soon rather than wait for more.
                     delay = min(delay, self.opts.min_poll_interval * 2 ** (rechecks - 1))
                     delay = max(delay, hint or 0.0)
+                if looks.period is not None and not watch.covers(watched):
+                    delay = self._after_look(looks, plan, mono_start, delay, hint)
                 listed = watch.listed(watched)
                 if listed:
                     # The account's list looks first; this task's own poll is the safety net
@@ -1065,15 +1071,20 @@ class Engine:
                     release()
                     # Our own clock teaches the planner (it is what polls are scheduled on),
                     # narrowed by the provider's own duration when that is more precise.
-                    self.planner.finished(group, plan, seen,
-                                          _duration(status.created_at, status.completed_at),
-                                          _precision(status.created_at, status.completed_at))
+                    reported, precision = self._dated_end(looks, mono_start, status)
+                    self.planner.finished(group, plan, seen, reported, precision,
+                                          starts=plan.timing in (None, looks.epoch))
                     await self._succeeded(job, status, started)
                     return
                 if status.phase is Phase.FAILED:
                     release()
+                    self._dated_end(looks, mono_start, status)
                     await self._task_failed(job, status)
                     return
+                look = looks.last(mono_start + seen)
+                if look is not None and look > mono_start:
+                    seen = look - mono_start  # what the answer shows is as of the last look
+                plan.timing = looks.epoch if plan.timing in (None, looks.epoch) else -1
                 plan.observe(seen, running=status.phase is Phase.RUNNING, progress=progress,
                              start=_duration(status.created_at, status.started_at))
                 if status.phase is Phase.RUNNING:
@@ -1089,6 +1100,36 @@ class Engine:
             uncredit()
             release()
             watch.remove(watched)
+
+    def _after_look(self, looks: Looks, plan: TaskPlan, origin: float, delay: float,
+                    hint: float | None) -> float:
+        """The planner's ``delay`` moved to just after a look of a gateway that answers from
+        its last one (:meth:`Looks.poll_at`); the provider's hint and the hard floor hold."""
+        now = self.clock.monotonic()
+        last = None if plan.last_poll is None else origin + plan.last_poll
+        span = plan.span and (origin + plan.span[0], origin + plan.span[1], plan.span[2])
+        return max(looks.poll_at(now + delay, last, span) - now, hint or 0.0,
+                   0.0 if last is None else last + self.opts.hard_poll_floor - now)
+
+    def _dated_end(self, looks: Looks, origin: float,
+                   status: TaskStatus) -> tuple[float | None, float]:
+        """An ended task's duration as the provider dates it (create to end), and how precise
+        that is. The date also teaches the account's gateway schedule (:class:`Looks`); once
+        that is known, the date is the look that saw the end, which came within a period
+        before it."""
+        reported = _duration(status.created_at, status.completed_at)
+        precision = _precision(status.created_at, status.completed_at)
+        if reported is None:
+            return None, precision
+        known = looks.period is not None
+        looks.saw(origin + reported, precision)
+        if looks.period is None:
+            return reported, precision
+        if not known:
+            # Until now readings counted as of the poll, not of the look they showed: the
+            # render starts learned from them are wrong.
+            self.planner.forget_starts()
+        return reported - looks.period / 2, precision + looks.period / 2
 
     async def _succeeded(self, job: JobRow, status: TaskStatus, started: float) -> None:
         completed = status.completed_at or self.clock.wall()

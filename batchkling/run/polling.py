@@ -16,6 +16,10 @@ say when a task will end:
 - **A reported start** (Kling's ``updated_at`` when a task turns ``processing``): then only the
   render time is unknown, and its distribution is conditioned on what has already elapsed.
 
+A gateway that answers from its last look upstream (ImaRouter's, every 15 s or so) adds a
+fourth: its loop, learned from the ends it dates (:class:`Looks`). Then a poll goes just after a
+look, at the first one likely to show the end, and a reading counts as of its look.
+
 Floors: a poll aimed at a predicted end may come as soon as the prediction says (or as late:
 no ceiling), but never sooner than ``hard_floor`` after the task's previous poll. Only *blind*
 polling — no distribution for the group yet and no progress to go by — keeps the
@@ -207,6 +211,13 @@ class RenderModel:
             self._late.append(started_after)
         self._stale = True
 
+    def forget_starts(self) -> None:
+        """Drop the render starts learned so far (and the render times measured from them)."""
+        self._starts.clear()
+        self._late.clear()
+        self._renders.clear()
+        self._stale = True
+
     def _refit(self) -> None:
         own = list(self._times)
         times: list[float] = []
@@ -331,7 +342,7 @@ class TaskPlan:
     """One task's observations and the time of its next poll (seconds since its create)."""
 
     __slots__ = ("__weakref__", "_first", "_last", "blind", "hard_floor", "last_poll", "model",
-                 "not_done_at", "polls", "queued_until", "start")
+                 "not_done_at", "polls", "queued_until", "span", "start", "timing")
 
     def __init__(self, model: RenderModel, hard_floor: float = 0.0) -> None:
         self.model = model
@@ -344,6 +355,11 @@ class TaskPlan:
         self._first: tuple[float, float] | None = None  # earliest progress reading (t, p)
         self._last: tuple[float, float] | None = None  # latest progress reading
         self.blind = True
+        #: When :meth:`next_at` aimed at an end that progress pins: its earliest and latest
+        #: time and the price of a poll (the seconds one is worth), for :meth:`Looks.poll_at`.
+        self.span: tuple[float, float, float] | None = None
+        #: How its readings were timed (:attr:`Looks.epoch`; -1 if not all alike), None before.
+        self.timing: int | None = None
 
     def observe(self, t: float, *, running: bool, progress: float | None,
                 start: float | None = None) -> None:
@@ -372,8 +388,10 @@ class TaskPlan:
         return [first] if first == last else [first, last]
 
     def next_at(self) -> float:
-        """When the next poll should go, by the observations so far. Sets :attr:`blind`."""
+        """When the next poll should go, by the observations so far. Sets :attr:`blind` and
+        :attr:`span`."""
         self.blind = False
+        self.span = None
         u = self.not_done_at
         readings = self._readings()
         if readings:
@@ -420,6 +438,7 @@ class TaskPlan:
         earliest, latest = span
         price = max(POLL_PRICE * (self.model.typical() or latest),
                     FLOORS_PER_POLL * self.hard_floor)
+        self.span = (earliest, latest, price)
         return min(latest, earliest + price)
 
     def late_at(self) -> float:
@@ -551,19 +570,27 @@ class PollPlanner:
         self.model(group).observe(render_seconds, start=start, started_after=started_after)
 
     def finished(self, group: str, plan: TaskPlan, seen: float,
-                 reported: float | None = None, precision: float = 1.0) -> None:
+                 reported: float | None = None, precision: float = 1.0, *,
+                 starts: bool = True) -> None:
         """A task was seen finished at ``seen``: teach its group what its polls showed, and
         ``reported``, the provider's own duration (create to end) when it gave one, good to
-        ``precision`` seconds (ImaRouter's timestamps are whole seconds)."""
+        ``precision`` seconds (ImaRouter's timestamps are whole seconds). ``starts=False``:
+        its readings were timed otherwise than today's, so they teach no render start."""
         end = plan.ended_at(seen, reported)
-        start = plan.render_start()
-        if start is None and reported is not None and end == reported:
+        start = plan.render_start() if starts else None
+        if starts and start is None and reported is not None and end == reported:
             start = plan.start_given_end(max(plan.not_done_at, reported - precision),
                                          min(seen, reported + precision))
         self.model(group).untrack(plan)
         self.model(group).observe(end, start=start,
-                                  started_after=None if start is not None
+                                  started_after=None if start is not None or not starts
                                   else plan.started_after(seen))
+
+    def forget_starts(self) -> None:
+        """Drop every group's learned render starts: the readings they came from were timed
+        wrongly (at the poll, where a lagging gateway showed an earlier look)."""
+        for model in self._models.values():
+            model.forget_starts()
 
     def typical(self, group: str) -> float | None:
         """Median slot time of ``group`` (this run's, else the prior's), None before any."""
@@ -616,3 +643,185 @@ class PollPlanner:
         if hint is not None:
             delay = max(delay, hint)
         return max(delay, 0.0)
+
+
+#: A gateway's look schedule is sought once this many of its ends are dated, on the latest
+#: :data:`LOOK_WINDOW` of them, and adopted once the next :data:`LOOK_PROBATION` fall on it
+#: too (a schedule found by searching many periods can fit a few dates by chance; the next
+#: ones, not searched, rarely all do).
+LOOK_NEED = 8
+LOOK_WINDOW = 24
+LOOK_PROBATION = 5
+#: How tightly the dated ends must sit on one schedule: the mean resultant length of their
+#: phases (1: every one on a look; about 1/√n for times with no schedule).
+LOOK_FIT = 0.95
+#: Searches for a schedule before a run concludes its provider has none (each costs a few
+#: milliseconds).
+LOOK_TRIES = 6
+
+#: A look schedule: period, the time of one look, slack and tolerance (:class:`Looks`).
+_Schedule = tuple[float, float, float, float]
+
+
+class Looks:
+    """When a gateway looks at its upstream, if it does so on one loop for all tasks.
+
+    ImaRouter's gateway polls Kling itself, about every 15 s (API.md), and answers from what it
+    saw last; the open-source gateway its answers match runs one loop for every task (sleep,
+    then look at all unfinished ones) and dates an end by the look that saw it. So a status
+    shows the task as of the gateway's last look, an end is readable only after the first look
+    past it, and the ends it reports (``completed_at``) all sit on that loop's ticks. From those
+    dates this learns the loop's period and phase; then a poll is worth sending only just after
+    a look, and a reading is as of that look, not of the poll. A provider whose ends are not on
+    one schedule (Kling's own API, a gateway that asks upstream at each poll) never gets one,
+    and nothing changes for it.
+
+    Times are on the engine's monotonic clock. ``low`` and ``high`` bound the periods sought;
+    with ``sought=False`` (a provider that answers with the state now) none is.
+    """
+
+    __slots__ = ("_candidate", "_coarsest", "_dated", "_fresh", "_high", "_low", "_misses",
+                 "_passed", "_sought", "_tolerance", "_tries", "epoch", "period", "phase", "slack")
+
+    def __init__(self, low: float, high: float, *, sought: bool = True) -> None:
+        self._low, self._high, self._sought = low, high, sought
+        self._dated: deque[float] = deque(maxlen=LOOK_WINDOW)
+        self._coarsest = 0.0  # the precision of the coarsest date seen
+        self._fresh = 0  # dated ends since the last search or refit
+        self._tries = 0
+        self._candidate: _Schedule | None = None  # on probation
+        self._passed = 0
+        self._misses: deque[bool] = deque(maxlen=4)
+        #: The loop's period and the time of one of its looks; None while unknown.
+        self.period: float | None = None
+        self.phase = 0.0
+        #: How long after a look to poll: twice the dates' spread around the schedule, and a
+        #: twentieth of the period for the gateway's pass over its tasks.
+        self.slack = 0.0
+        self._tolerance = 0.0  # how far off the schedule a date may be and still fit it
+        #: Counts the schedule's adoptions and losses: readings taken in another epoch were
+        #: timed differently (:attr:`TaskPlan.timing`).
+        self.epoch = 0
+
+    def saw(self, at: float, precision: float) -> None:
+        """A task's end was dated ``at`` (to ``precision`` seconds) by the provider."""
+        if not self._sought or precision > self._low / 4:
+            return  # dates this coarse cannot place looks a few seconds apart
+        self._dated.append(at)
+        self._coarsest = max(self._coarsest, precision)
+        self._fresh += 1
+        if self._candidate is not None:
+            if self._fits(at, self._candidate):
+                self._passed += 1
+                if self._passed >= LOOK_PROBATION:
+                    self._adopt(self._candidate)
+                    self._candidate = None
+                    self.epoch += 1
+                    self._misses.clear()
+                    self._fresh = 0
+                return
+            self._candidate = None
+        if self.period is not None:
+            self._misses.append(not self._fits(at, (self.period, self.phase, self.slack,
+                                                    self._tolerance)))
+            if sum(self._misses) >= 3:
+                self.period = None  # the ends left the schedule: seek it again
+                self._tries = 0
+                self.epoch += 1
+        if len(self._dated) < LOOK_NEED or self._fresh < (8 if self.period else 4):
+            return
+        if self.period is None and self._tries >= LOOK_TRIES:
+            return
+        self._fresh = 0
+        found = self._search()
+        if self.period is not None:
+            if found is not None:
+                self._adopt(found)  # a refit, kept on the loop's drift
+        else:
+            self._tries += 1
+            self._candidate, self._passed = found, 0
+
+    def _adopt(self, schedule: _Schedule) -> None:
+        self.period, self.phase, self.slack, self._tolerance = schedule
+
+    @staticmethod
+    def _fits(at: float, schedule: _Schedule) -> bool:
+        period, phase, _, tolerance = schedule
+        off = (at - phase) % period
+        return min(off, period - off) <= tolerance
+
+    def _search(self) -> _Schedule | None:
+        """The period, a look's time, the slack and the tolerance that fit the dates kept;
+        None if none does.
+        Near the current period once there is one, across ``low``–``high`` before."""
+        times = list(self._dated)
+        origin = times[-1]
+        rel = [t - origin for t in times]
+        span = max(max(rel) - min(rel), self._high)
+        if self.period is None:
+            low, high = self._low, self._high
+        else:
+            low, high = 0.97 * self.period, 1.03 * self.period
+        fits: list[tuple[float, float, float]] = []  # (period, length, angle)
+        p = high
+        while p >= low:
+            w = 2 * math.pi / p
+            c = sum(math.cos(w * x) for x in rel)
+            s = sum(math.sin(w * x) for x in rel)
+            length = math.hypot(c, s) / len(rel)
+            if length >= LOOK_FIT:
+                fits.append((p, length, math.atan2(s, c)))
+            # Steps fine enough that the phases across the span drift a fortieth of a turn.
+            p -= p * p / (40 * span)
+        if not fits:
+            return None
+        # A schedule fits its halves and thirds as well: the longest period that fits is the
+        # loop's, refined to the best fit near it.
+        top = fits[0][0]
+        period, length, angle = max((f for f in fits if f[0] >= 0.9 * top), key=lambda f: f[1])
+        spread = period / (2 * math.pi) * math.sqrt(max(0.0, -2 * math.log(length)))
+        # A date may be off its look by its own precision, and the fit's spread from a few
+        # dates understates that.
+        off = max(spread, self._coarsest / 2)
+        return (period, origin + angle / (2 * math.pi) * period, 0.05 * period + 2 * off,
+                min(0.02 * period + 3 * off, 0.2 * period))
+
+    def last(self, t: float) -> float | None:
+        """The latest look at or before ``t``; None while no schedule is known."""
+        return None if self.period is None else self._last(t, self.period)
+
+    def _last(self, t: float, period: float) -> float:
+        return self.phase + period * math.floor((t - self.phase) / period)
+
+    def poll_at(self, target: float, polled: float | None,
+                span: tuple[float, float, float] | None = None) -> float:
+        """When to send a poll the planner wants at ``target``, given the poll at ``polled``:
+        just after a look, and one that poll has not shown already. ``target`` itself while no
+        schedule is known.
+
+        With ``span`` (the end's earliest and latest time and a poll's price, in seconds,
+        from :attr:`TaskPlan.span`), the first look by which the end is likely enough: a poll
+        that misses costs its price, one look too late costs the period, so the look where
+        the chance of the end having come reaches ``price / (period + price)``, the end
+        spread evenly over the span. Without it, the latest look by ``target``: the same
+        answer as at ``target``, sooner.
+        """
+        period = self.period
+        if period is None:
+            return target
+        if span is None:
+            look = self._last(target, period)
+        else:
+            earliest, latest, price = span
+            enough = price / (period + price)
+            width = max(latest - earliest, 1e-9)
+            look = self._last(earliest, period)
+            while look < latest and (look - earliest) / width < enough:
+                look += period
+        if polled is not None:
+            # The look that poll showed (it went a slack after it, or earlier): compared by
+            # halves, so that rounding never makes a look seem new.
+            shown = self._last(polled - 0.5 * self.slack, period)
+            if look < shown + 0.5 * period:
+                look = shown + period
+        return look + self.slack

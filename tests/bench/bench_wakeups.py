@@ -100,6 +100,7 @@ class _InstantProvider:
 
     name = "imarouter"
     can_lookup = False
+    may_lag = False
 
     def __init__(self) -> None:
         self.polls: dict[str, int] = {}
