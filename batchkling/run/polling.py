@@ -655,8 +655,8 @@ LOOK_PROBATION = 5
 #: How tightly the dated ends must sit on one schedule: the mean resultant length of their
 #: phases (1: every one on a look; about 1/√n for times with no schedule).
 LOOK_FIT = 0.95
-#: Searches for a schedule before a run concludes its provider has none (each costs a few
-#: milliseconds).
+#: Searches for a schedule before a run concludes its provider has none (each costs up to
+#: some tens of milliseconds).
 LOOK_TRIES = 6
 
 #: A look schedule: period, the time of one look, slack and tolerance (:class:`Looks`).
@@ -751,9 +751,9 @@ class Looks:
         return min(off, period - off) <= tolerance
 
     def _search(self) -> _Schedule | None:
-        """The period, a look's time, the slack and the tolerance that fit the dates kept;
-        None if none does.
-        Near the current period once there is one, across ``low``–``high`` before."""
+        """The period, a look's time, the slack and the tolerance that fit the dates kept, None
+        if none does: near the current period once there is one, across ``low``–``high``
+        before."""
         times = list(self._dated)
         origin = times[-1]
         rel = [t - origin for t in times]
