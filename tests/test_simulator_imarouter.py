@@ -10,6 +10,8 @@ import httpx
 import pytest
 from sim_helpers import IMA_AUTH, Sim, has_ftyp, png_b64
 
+from batchkling.simulator.config import config_from_mapping
+
 pytestmark = pytest.mark.timeout(30)
 
 DONE = 10_000  # sim seconds after which every finite task has ended
@@ -312,6 +314,34 @@ class TestImaRouterQuirks:
             tid = (await sim.ima_create()).json()["task_id"]
             sim.advance(50.25)
             assert (await sim.ima_get(tid)).json()["progress"] == 50  # fresh without a refresh
+
+    async def test_status_refresh_jitter_drifts_the_looks(self) -> None:
+        """status_refresh_jitter_s makes each loop up to that much longer: the looks are 15 to
+        18 s apart and irregular, the same whatever order they are asked in, and an end is
+        still dated by the look that saw it."""
+        settings = {"status_refresh_s": 15, "status_refresh_jitter_s": 3, "queue_s": 0,
+                    "render_sigma": 0, "render_median_s": 100, "quirk_ms_timestamps": True}
+        async with Sim(**settings) as sim:
+            tid = (await sim.ima_create()).json()["task_id"]
+            task = sim.state.tasks[tid]
+            looks = sorted({sim.state.looked(t / 4) for t in range(4 * 400)})
+            gaps = [b - a for a, b in itertools.pairwise(looks)]
+            assert all(15 <= g <= 18 for g in gaps)
+            assert max(gaps) - min(gaps) > 1.5  # irregular, not a fixed period
+            assert sim.state.gateway_saw(looks[5]) == looks[5]
+            assert sim.state.gateway_saw(looks[5] + 0.01) == looks[6]
+            sim.advance(task.ends_sim - sim.state.sim_now() + 20)
+            body = (await sim.ima_get(tid)).json()
+            assert body["status"] == "completed"
+            look = sim.state.gateway_saw(task.ends_sim)
+            assert look in looks and task.ends_sim <= look < task.ends_sim + 18
+            assert body["completed_at"] == int(sim.state.sim_to_wall(look) * 1000)
+        async with Sim(**settings) as sim:  # asked backwards: the same looks
+            later = sim.state.gateway_saw(300.0)
+            assert sorted({sim.state.looked(t / 4) for t in range(4 * 400)}) == looks
+            assert later in looks
+        with pytest.raises(ValueError, match="status_refresh_jitter_s needs status_refresh_s"):
+            config_from_mapping({"status_refresh_jitter_s": 3})
 
 
 class TestImaRouterFaults:

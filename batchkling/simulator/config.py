@@ -80,6 +80,9 @@ class SimConfig:
     # a look every this many seconds — and an end is dated by the look that saw it. 0: always
     # as of now. ImaRouter shape only.
     status_refresh_s: float = 0.0
+    # Each of those loops takes up to this much longer, at random (the gateway sleeps, then
+    # spends a while looking at every unfinished task of every user): looks drift apart.
+    status_refresh_jitter_s: float = 0.0
 
     # Identity and behaviour switches.
     honor_idempotency_key: bool = True
@@ -222,9 +225,13 @@ def _check(cfg: SimConfig) -> None:
         if value is not None and value < 0:
             raise ValueError(f"{name} must be ≥ 0 or null, got {value}")
     for name in ("render_median_s", "render_sigma", "queue_s", "hang_s", "slow_response_s",
-                 "retry_after_s", "quirk_404_after_create_s", "status_refresh_s"):
+                 "retry_after_s", "quirk_404_after_create_s", "status_refresh_s",
+                 "status_refresh_jitter_s"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be ≥ 0, got {getattr(cfg, name)}")
+    if cfg.status_refresh_jitter_s > 0 and cfg.status_refresh_s <= 0:
+        raise ValueError("status_refresh_jitter_s needs status_refresh_s > 0 (the loop it "
+                         "makes irregular)")
     bad = [r for r in cfg.fail_reasons if r not in FAIL_KINDS]
     if bad or not cfg.fail_reasons:
         raise ValueError(

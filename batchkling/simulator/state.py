@@ -7,6 +7,7 @@ and a heap. Slots are released lazily by popping the heap of end times on each r
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import json
@@ -180,7 +181,9 @@ class SimState:
         self._create_rng = random.Random(f"{seed}:create")
         self._poll_rng = random.Random(f"{seed}:poll")
         self._download_rng = random.Random(f"{seed}:download")
-        self._look_share = random.Random(f"{seed}:gateway").random()  # of status_refresh_s
+        self._look_rng = random.Random(f"{seed}:gateway")
+        self._look_share = self._look_rng.random()  # of status_refresh_s: the first look
+        self._looks: list[float] = []  # the gateway's looks so far, in sim time, ascending
         self.url_secret = hashlib.sha256(f"{seed}:url-signing".encode()).digest()
 
     def draw_create_faults(self) -> CreateFaults:
@@ -451,19 +454,30 @@ class SimState:
     def looked(self, now: float) -> float:
         """The gateway's latest look at its upstream by sim time ``now``. One loop for every
         task, as the open-source gateway ImaRouter's answers match runs it (sleep, then look
-        at all unfinished tasks): ``status_refresh_s`` apart, at a phase drawn from the seed."""
-        every = self.config.status_refresh_s
-        phase = self._look_share * every
-        return phase + every * math.floor((now - phase) / every)
+        at all unfinished tasks): ``status_refresh_s`` apart plus up to
+        ``status_refresh_jitter_s`` each, from a first look drawn from the seed."""
+        looks = self._looks_until(now)
+        return looks[bisect.bisect_right(looks, now) - 1]
 
     def gateway_saw(self, t: float) -> float:
         """The first look of the gateway at or after sim time ``t``: when it records an end
         (its ``completed_at``); ``t`` itself when the gateway does not lag."""
-        every = self.config.status_refresh_s
-        if every <= 0:
+        if self.config.status_refresh_s <= 0:
             return t
-        phase = self._look_share * every
-        return phase + every * math.ceil((t - phase) / every)
+        looks = self._looks_until(t)
+        return looks[bisect.bisect_left(looks, t)]
+
+    def _looks_until(self, t: float) -> list[float]:
+        """The looks so far, drawn on demand from the seed up to the first at or after ``t``
+        (the same looks whatever the order of the questions; one before ``t`` always)."""
+        every, jitter = self.config.status_refresh_s, self.config.status_refresh_jitter_s
+        looks = self._looks
+        if not looks:
+            first = self._look_share * every
+            looks.extend((first - every - jitter, first))  # a look before any task exists
+        while looks[-1] < t:
+            looks.append(looks[-1] + every + jitter * self._look_rng.random())
+        return looks
 
     @staticmethod
     def status(task: Task, now: float) -> str:

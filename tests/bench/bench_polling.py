@@ -5,6 +5,7 @@
     python tests/bench/bench_polling.py --scales 120 --callbacks  # Kling's callbacks on
     python tests/bench/bench_polling.py --overshoot              # max_in_flight 30 on 10 slots
     python tests/bench/bench_polling.py --scales 120 600 --refresh 15  # ImaRouter's 15 s lag
+    python tests/bench/bench_polling.py --scales 120 --refresh 15 --refresh-jitter 3
 
 For each median render time the same jobs run, one contender after another, each against a
 fresh simulator with the same seed — so task n renders for the same time whoever created it:
@@ -24,8 +25,10 @@ finished), so start-up, downloads and end-of-run files are not counted for anyon
 Polls per task count every status request and every Kling list request.
 
 ``--refresh S`` makes the simulator's ImaRouter shape show each task as the gateway last saw it
-upstream, every S simulated seconds per task (API.md: about 15 s): an end cannot be read
-sooner, whoever polls, and the ideal schedule still assumes it could.
+upstream — one loop for all tasks, a look every S simulated seconds (API.md: about 15 s) —
+and date each end by the look that saw it: an end cannot be read sooner, whoever polls, and
+the ideal schedule still assumes it could. ``--refresh-jitter J`` makes each loop up to J
+seconds longer, at random (the gateway's look itself takes time), so the looks drift.
 """
 
 from __future__ import annotations
@@ -91,8 +94,10 @@ def measure(sim: be.Simulator, n: int, slots: int,
             "callbacks": stats.get("callbacks_sent", 0)}
 
 
-#: The gateway's refresh interval for every simulator of the invocation (``--refresh``).
+#: The gateway's refresh interval for every simulator of the invocation (``--refresh``), and
+#: how much longer each of its loops may take, at random (``--refresh-jitter``).
 REFRESH = 0.0
+REFRESH_JITTER = 0.0
 
 
 def _settings(median: float, slots: int | None) -> dict[str, Any]:
@@ -102,6 +107,7 @@ def _settings(median: float, slots: int | None) -> dict[str, Any]:
         # the gateway's look period (at x20, 20 simulated seconds), where at x1 they are 1/15
         # of it.
         out["status_refresh_s"] = REFRESH
+        out["status_refresh_jitter_s"] = REFRESH_JITTER
         out["quirk_ms_timestamps"] = True
     if slots is not None:
         out["slot_limit"] = slots
@@ -281,9 +287,12 @@ def main() -> None:
     parser.add_argument("--refresh", type=float, default=0.0,
                         help="the gateway looks at its upstream this often, one loop for all "
                              "tasks (simulated s; ImaRouter shape; millisecond timestamps)")
+    parser.add_argument("--refresh-jitter", type=float, default=0.0,
+                        help="with --refresh: each of the gateway's loops takes up to this much "
+                             "longer, at random (simulated s)")
     args = parser.parse_args()
-    global REFRESH
-    REFRESH = args.refresh
+    global REFRESH, REFRESH_JITTER
+    REFRESH, REFRESH_JITTER = args.refresh, args.refresh_jitter
     for median in args.scales:
         speed = SCALES.get(median, max(1.0, median / 3))
         for rep in range(args.repeat):
