@@ -964,8 +964,13 @@ class Engine:
                     # The callback's news came already: ask soon rather than wait for more.
                     delay = min(delay, self.opts.min_poll_interval * 2 ** (rechecks - 1))
                     delay = max(delay, hint or 0.0)
+                early = None
                 if looks.period is not None and not watch.covers(watched):
                     delay = self._after_look(looks, plan, mono_start, delay, hint)
+                    if delay > 2.5 * looks.period:
+                        # Looks counted far ahead drift: plan again a period before, counting
+                        # from the latest look dated by then.
+                        early = delay - 1.5 * looks.period
                 listed = watch.listed(watched)
                 if listed:
                     # The account's list looks first; this task's own poll is the safety net
@@ -985,9 +990,11 @@ class Engine:
                     self.log.warning("job.timed_out", job_id=job.job_id, task_id=task_id)
                     return
                 sighted = plan.not_done_at
-                news = await watch.wait(watched, min(delay, remaining))
+                news = await watch.wait(watched, min(early or delay, remaining))
                 if news is None and listed and plan.not_done_at > sighted:
                     continue  # a list saw the task still running: plan again from there
+                if news is None and early is not None and early < remaining:
+                    continue
                 hinted = news is not None and not news[1]
                 if news is not None and hinted and news[0].phase not in _ENDED:
                     # A callback on the way: the render started, say. Planning only.

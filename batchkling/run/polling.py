@@ -33,8 +33,10 @@ twice the task's age when that is longer. A provider's ``Retry-After`` or
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
+import statistics
 import weakref
 from collections import deque
 from collections.abc import Iterable
@@ -645,21 +647,23 @@ class PollPlanner:
         return max(delay, 0.0)
 
 
-#: A gateway's look schedule is sought once this many of its ends are dated, on the latest
-#: :data:`LOOK_WINDOW` of them, and adopted once the next :data:`LOOK_PROBATION` fall on it
-#: too (a schedule found by searching many periods can fit a few dates by chance; the next
-#: ones, not searched, rarely all do).
-LOOK_NEED = 8
+#: A gateway's look schedule is sought once this many of its looks are dated (ends dated
+#: alike are one look), on the latest :data:`LOOK_WINDOW` of them, and adopted once the next
+#: :data:`LOOK_PROBATION` looks dated fall on it too (a schedule found by searching many periods
+#: can fit a few dates by chance; the next ones, not searched, rarely all do).
+LOOK_NEED = 7
 LOOK_WINDOW = 24
-LOOK_PROBATION = 5
-#: How tightly the dated ends must sit on one schedule: the mean resultant length of their
-#: phases (1: every one on a look; about 1/√n for times with no schedule).
-LOOK_FIT = 0.95
+LOOK_PROBATION = 4
+#: How tightly the gaps between dated looks must sit on whole numbers of one period: their
+#: phases' mean cosine, the shorter gaps counting more (1: every gap a whole number of
+#: periods; about 0 for times with no schedule).
+LOOK_FIT = 0.85
 #: Searches for a schedule before a run concludes its provider has none (each costs up to
 #: some tens of milliseconds).
 LOOK_TRIES = 6
 
-#: A look schedule: period, the time of one look, slack and tolerance (:class:`Looks`).
+#: A look schedule: the mean period, the slack after a look known exactly, the tolerance of a
+#: date one period from a known look, and how far one period strays (one σ) (:class:`Looks`).
 _Schedule = tuple[float, float, float, float]
 
 
@@ -670,35 +674,44 @@ class Looks:
     saw last; the open-source gateway its answers match runs one loop for every task (sleep,
     then look at all unfinished ones) and dates an end by the look that saw it. So a status
     shows the task as of the gateway's last look, an end is readable only after the first look
-    past it, and the ends it reports (``completed_at``) all sit on that loop's ticks. From those
-    dates this learns the loop's period and phase; then a poll is worth sending only just after
-    a look, and a reading is as of that look, not of the poll. A provider whose ends are not on
-    one schedule (Kling's own API, a gateway that asks upstream at each poll) never gets one,
-    and nothing changes for it.
+    past it, and the ends it reports (``completed_at``) all sit on that loop's looks. From those
+    dates this learns the loop; then a poll is worth sending only just after a look, and a
+    reading is as of that look, not of the poll. A provider whose ends are not on one loop
+    (Kling's own API, a gateway that asks upstream at each poll) never gets one, and nothing
+    changes for it.
+
+    The loop is not a clock: each pass takes as long as its looks upstream do, so its looks
+    drift off any fixed grid. The period is learned from the gaps between dated looks (each a
+    whole number of periods, give or take the drift), and the looks ahead are counted from the
+    latest one dated, with a margin that grows with the number of periods counted.
 
     Times are on the engine's monotonic clock. ``low`` and ``high`` bound the periods sought;
     with ``sought=False`` (a provider that answers with the state now) none is.
     """
 
-    __slots__ = ("_candidate", "_coarsest", "_dated", "_fresh", "_high", "_low", "_misses",
-                 "_passed", "_sought", "_tolerance", "_tries", "epoch", "period", "phase", "slack")
+    __slots__ = ("_candidate", "_coarsest", "_drift", "_fresh", "_high", "_low", "_marks",
+                 "_misses", "_passed", "_sought", "_tolerance", "_tries", "epoch", "period",
+                 "phase", "slack")
 
     def __init__(self, low: float, high: float, *, sought: bool = True) -> None:
         self._low, self._high, self._sought = low, high, sought
-        self._dated: deque[float] = deque(maxlen=LOOK_WINDOW)
+        self._marks: list[float] = []  # the latest looks dated, ascending, one per look
         self._coarsest = 0.0  # the precision of the coarsest date seen
-        self._fresh = 0  # dated ends since the last search or refit
+        self._fresh = 0  # looks dated since the last search or refit
         self._tries = 0
         self._candidate: _Schedule | None = None  # on probation
         self._passed = 0
         self._misses: deque[bool] = deque(maxlen=4)
-        #: The loop's period and the time of one of its looks; None while unknown.
+        #: The loop's mean period; None while unknown.
         self.period: float | None = None
+        #: The time of a look, counted from while no look is dated (the latest dated look is).
         self.phase = 0.0
-        #: How long after a look to poll: twice the dates' spread around the schedule, and a
-        #: twentieth of the period for the gateway's pass over its tasks.
+        #: How long after a look known exactly to poll: twice the dates' imprecision, and a
+        #: twentieth of the period for the gateway's pass over its tasks. Looks counted ahead
+        #: add twice the drift over the periods counted (:meth:`_slack`).
         self.slack = 0.0
-        self._tolerance = 0.0  # how far off the schedule a date may be and still fit it
+        self._tolerance = 0.0  # how far off a date may be and still fit, one period ahead
+        self._drift = 0.0  # how far one period strays from the mean (one σ)
         #: Counts the schedule's adoptions and losses: readings taken in another epoch were
         #: timed differently (:attr:`TaskPlan.timing`).
         self.epoch = 0
@@ -707,11 +720,20 @@ class Looks:
         """A task's end was dated ``at`` (to ``precision`` seconds) by the provider."""
         if not self._sought or precision > self._low / 4:
             return  # dates this coarse cannot place looks a few seconds apart
-        self._dated.append(at)
         self._coarsest = max(self._coarsest, precision)
+        marks = self._marks
+        i = bisect.bisect_left(marks, at)
+        same = 2 * self._coarsest + self._low / 10  # dates this close are of one look
+        if (i and at - marks[i - 1] <= same) or (i < len(marks) and marks[i] - at <= same):
+            return  # a look dated already: it places nothing new
+        before = marks[i - 1] if i else None
+        after = marks[i] if i < len(marks) else None
+        marks.insert(i, at)
+        if len(marks) > LOOK_WINDOW:
+            del marks[0]
         self._fresh += 1
         if self._candidate is not None:
-            if self._fits(at, self._candidate):
+            if self._fits(at, before, after, self._candidate):
                 self._passed += 1
                 if self._passed >= LOOK_PROBATION:
                     self._adopt(self._candidate)
@@ -722,13 +744,12 @@ class Looks:
                 return
             self._candidate = None
         if self.period is not None:
-            self._misses.append(not self._fits(at, (self.period, self.phase, self.slack,
-                                                    self._tolerance)))
+            self._misses.append(not self._fits(at, before, after, self._schedule()))
             if sum(self._misses) >= 3:
                 self.period = None  # the ends left the schedule: seek it again
                 self._tries = 0
                 self.epoch += 1
-        if len(self._dated) < LOOK_NEED or self._fresh < (8 if self.period else 4):
+        if len(marks) < LOOK_NEED or self._fresh < (8 if self.period else 4):
             return
         if self.period is None and self._tries >= LOOK_TRIES:
             return
@@ -741,57 +762,95 @@ class Looks:
             self._tries += 1
             self._candidate, self._passed = found, 0
 
+    def _schedule(self) -> _Schedule:
+        assert self.period is not None
+        return self.period, self.slack, self._tolerance, self._drift
+
     def _adopt(self, schedule: _Schedule) -> None:
-        self.period, self.phase, self.slack, self._tolerance = schedule
+        self.period, self.slack, self._tolerance, self._drift = schedule
+        if self._marks:
+            self.phase = self._marks[-1]
 
     @staticmethod
-    def _fits(at: float, schedule: _Schedule) -> bool:
-        period, phase, _, tolerance = schedule
-        off = (at - phase) % period
-        return min(off, period - off) <= tolerance
+    def _fits(at: float, before: float | None, after: float | None,
+              schedule: _Schedule) -> bool:
+        """Whether ``at`` is a whole number of periods from the looks dated next to it."""
+        period, _, tolerance, drift = schedule
+        near = [abs(at - m) for m in (before, after) if m is not None]
+        if not near:
+            return True
+        for gap in near:
+            k = max(1, round(gap / period))
+            if abs(gap - k * period) <= min(tolerance + 3 * drift * math.sqrt(k), 0.3 * period):
+                return True
+        return False
 
     def _search(self) -> _Schedule | None:
-        """The period, a look's time, the slack and the tolerance that fit the dates kept, None
-        if none does: near the current period once there is one, across ``low``–``high``
-        before."""
-        times = list(self._dated)
-        origin = times[-1]
-        rel = [t - origin for t in times]
-        span = max(max(rel) - min(rel), self._high)
+        """The mean period, slack, tolerance and drift that fit the gaps between the looks
+        dated, None if none does: near the current period once there is one, across
+        ``low``–``high`` before."""
+        gaps = [b - a for a, b in itertools.pairwise(self._marks)]
+        if len(gaps) < LOOK_NEED - 1:
+            return None
+        shortest, span = min(gaps), max(gaps)
+        weights = [1 / g for g in gaps]
+        total = sum(weights)
         if self.period is None:
             low, high = self._low, self._high
         else:
             low, high = 0.97 * self.period, 1.03 * self.period
-        fits: list[tuple[float, float, float]] = []  # (period, length, angle)
+        fits: list[tuple[float, float]] = []  # (period, fit)
         p = high
         while p >= low:
-            w = 2 * math.pi / p
-            c = sum(math.cos(w * x) for x in rel)
-            s = sum(math.sin(w * x) for x in rel)
-            length = math.hypot(c, s) / len(rel)
-            if length >= LOOK_FIT:
-                fits.append((p, length, math.atan2(s, c)))
-            # Steps fine enough that the phases across the span drift a fortieth of a turn.
+            # No two looks closer than most of a period, and every gap near a whole number.
+            if shortest >= 0.7 * p:
+                w = 2 * math.pi / p
+                fit = sum(wt * math.cos(w * g) for wt, g in zip(weights, gaps, strict=True))
+                if fit / total >= LOOK_FIT:
+                    fits.append((p, fit / total))
+            # Steps fine enough that the longest gap's phase moves a fortieth of a turn.
             p -= p * p / (40 * span)
         if not fits:
             return None
         # A schedule fits its halves and thirds as well: the longest period that fits is the
         # loop's, refined to the best fit near it.
         top = fits[0][0]
-        period, length, angle = max((f for f in fits if f[0] >= 0.9 * top), key=lambda f: f[1])
-        spread = period / (2 * math.pi) * math.sqrt(max(0.0, -2 * math.log(length)))
-        # A date may be off its look by its own precision, and the fit's spread from a few
-        # dates understates that.
-        off = max(spread, self._coarsest / 2)
-        return (period, origin + angle / (2 * math.pi) * period, 0.05 * period + 2 * off,
-                min(0.02 * period + 3 * off, 0.2 * period))
+        guess = max((f for f in fits if f[0] >= 0.9 * top), key=lambda f: f[1])[0]
+        # The gaps as whole numbers of periods: a walk whose steps stray, so the mean period
+        # is their sum over the periods counted, and the stray per period from the residues.
+        steps = [(g, max(1, round(g / guess))) for g in gaps]
+        # A gap across a restart of the loop strays far more than the others: left out, by
+        # its stray against the typical one (the median's, robust to a few such gaps).
+        typical = statistics.median((g - k * guess) ** 2 / k for g, k in steps) / 0.45
+        floor = (0.02 * guess + 1.5 * self._coarsest) ** 2
+        walk = [(g, k) for g, k in steps if (g - k * guess) ** 2 <= 9 * k * typical + floor]
+        counted = sum(k for _, k in walk)
+        period = sum(g for g, _ in walk) / counted
+        residues = sum((g - k * period) ** 2 for g, k in walk)
+        # A date may be off its look by its own precision (a gap by twice that): not drift.
+        drift = math.sqrt(max(0.0, residues / counted - self._coarsest ** 2 / 3))
+        return (period, 0.05 * period + self._coarsest, 0.02 * period + 1.5 * self._coarsest,
+                drift)
+
+    def _anchor(self, t: float) -> float:
+        """The latest look dated at or before ``t`` (the earliest after it, if none is)."""
+        marks = self._marks
+        if not marks:
+            return self.phase
+        i = bisect.bisect_right(marks, t)
+        return marks[i - 1] if i else marks[0]
+
+    def _slack(self, look: float, anchor: float, period: float) -> float:
+        """How long after ``look`` to poll: the slack, and twice the drift over the periods
+        counted from the look dated (``anchor``)."""
+        return self.slack + 2 * self._drift * math.sqrt(abs(round((look - anchor) / period)))
 
     def last(self, t: float) -> float | None:
         """The latest look at or before ``t``; None while no schedule is known."""
-        return None if self.period is None else self._last(t, self.period)
-
-    def _last(self, t: float, period: float) -> float:
-        return self.phase + period * math.floor((t - self.phase) / period)
+        if self.period is None:
+            return None
+        anchor = self._anchor(t)
+        return anchor + self.period * math.floor((t - anchor) / self.period)
 
     def poll_at(self, target: float, polled: float | None,
                 span: tuple[float, float, float] | None = None) -> float:
@@ -809,19 +868,24 @@ class Looks:
         period = self.period
         if period is None:
             return target
+        anchor = self._anchor(target)
+
+        def last(t: float) -> float:
+            return anchor + period * math.floor((t - anchor) / period)
+
         if span is None:
-            look = self._last(target, period)
+            look = last(target)
         else:
             earliest, latest, price = span
             enough = price / (period + price)
             width = max(latest - earliest, 1e-9)
-            look = self._last(earliest, period)
+            look = last(earliest)
             while look < latest and (look - earliest) / width < enough:
                 look += period
         if polled is not None:
             # The look that poll showed (it went a slack after it, or earlier): compared by
             # halves, so that rounding never makes a look seem new.
-            shown = self._last(polled - 0.5 * self.slack, period)
+            shown = last(polled - 0.5 * self._slack(last(polled), anchor, period))
             if look < shown + 0.5 * period:
                 look = shown + period
-        return look + self.slack
+        return look + self._slack(look, anchor, period)
