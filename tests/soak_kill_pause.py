@@ -87,6 +87,13 @@ def _stopped(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> bool:
     return False
 
 
+def _driving(workdir: Path) -> bool:
+    """Whether a process drives the run: holds its lease and has not recorded its end (read
+    without waiting on any lock: WAL)."""
+    rows = db_query(workdir, "SELECT lease_owner, state FROM runs WHERE run_id = ?", RUN)
+    return bool(rows and rows[0][0] and rows[0][1] == "running")
+
+
 def soak(folder: Path, *, kills: int, pauses: int, jobs: int, seed: int = 7) -> SoakResult:
     """Run the soak in ``folder``; return its figures (the caller checks them)."""
     started = time.monotonic()
@@ -122,6 +129,15 @@ def soak(folder: Path, *, kills: int, pauses: int, jobs: int, seed: int = 7) -> 
                 # It ended its run just before the signal: that is no pause to count.
                 code = first.wait()
                 result.exit_codes[code] = result.exit_codes.get(code, 0) + 1
+                continue
+            if not _driving(workdir):
+                # Stopped after it recorded the run's end (writing its files, or on its way
+                # out): it has nothing left to fence, so that is no pause to count either.
+                first.send_signal(signal.SIGCONT)
+                code = first.wait(timeout=120)
+                result.exit_codes[code] = result.exit_codes.get(code, 0) + 1
+                if code == 0:
+                    break  # the run is finished: nothing left to disturb
                 continue
             time.sleep(1.3)  # silent past --stale-after
             second = _runner(workdir, "resume", RUN)
