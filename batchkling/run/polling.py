@@ -704,7 +704,7 @@ class Looks:
         self._misses: deque[bool] = deque(maxlen=4)
         #: The loop's mean period; None while unknown.
         self.period: float | None = None
-        #: The time of a look, counted from while no look is dated (the latest dated look is).
+        #: The time of a look to count from while no look is dated (once one is, the latest).
         self.phase = 0.0
         #: How long after a look known exactly to poll: twice the dates' imprecision, and a
         #: twentieth of the period for the gateway's pass over its tasks. Looks counted ahead
@@ -768,8 +768,6 @@ class Looks:
 
     def _adopt(self, schedule: _Schedule) -> None:
         self.period, self.slack, self._tolerance, self._drift = schedule
-        if self._marks:
-            self.phase = self._marks[-1]
 
     @staticmethod
     def _fits(at: float, before: float | None, after: float | None,
@@ -845,12 +843,16 @@ class Looks:
         counted from the look dated (``anchor``)."""
         return self.slack + 2 * self._drift * math.sqrt(abs(round((look - anchor) / period)))
 
+    @staticmethod
+    def _counted(anchor: float, t: float, period: float) -> float:
+        """The latest look at or before ``t``, counting periods from the look at ``anchor``."""
+        return anchor + period * math.floor((t - anchor) / period)
+
     def last(self, t: float) -> float | None:
         """The latest look at or before ``t``; None while no schedule is known."""
         if self.period is None:
             return None
-        anchor = self._anchor(t)
-        return anchor + self.period * math.floor((t - anchor) / self.period)
+        return self._counted(self._anchor(t), t, self.period)
 
     def poll_at(self, target: float, polled: float | None,
                 span: tuple[float, float, float] | None = None) -> float:
@@ -869,23 +871,20 @@ class Looks:
         if period is None:
             return target
         anchor = self._anchor(target)
-
-        def last(t: float) -> float:
-            return anchor + period * math.floor((t - anchor) / period)
-
         if span is None:
-            look = last(target)
+            look = self._counted(anchor, target, period)
         else:
             earliest, latest, price = span
             enough = price / (period + price)
             width = max(latest - earliest, 1e-9)
-            look = last(earliest)
+            look = self._counted(anchor, earliest, period)
             while look < latest and (look - earliest) / width < enough:
                 look += period
         if polled is not None:
             # The look that poll showed (it went a slack after it, or earlier): compared by
             # halves, so that rounding never makes a look seem new.
-            shown = last(polled - 0.5 * self._slack(last(polled), anchor, period))
+            slack = self._slack(self._counted(anchor, polled, period), anchor, period)
+            shown = self._counted(anchor, polled - 0.5 * slack, period)
             if look < shown + 0.5 * period:
                 look = shown + period
         return look + self._slack(look, anchor, period)
