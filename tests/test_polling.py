@@ -157,6 +157,44 @@ class TestTaskPlan:
         assert 0.5 <= delay < 5.0
         assert 100.0 + delay >= 102.0 - 1.0  # at (or just past) the predicted end
 
+    def test_a_first_reading_of_one_percent_does_not_cap_the_render(self) -> None:
+        """Providers report 1 % for anything under it, so a 1 % reading 5 s after the create
+        says nothing of how long the render is. A 627 s render (started at 1.4 s) read 1 % at
+        5 s and 40 % at 252 s ends between 604 and 640 s: the next poll aims there. (It was
+        taken for a render of at most 501 s, so no steady render fitted both readings, and the
+        task was polled blind, every 120 s, and found ended up to two minutes late.)"""
+        planner = _planner(min_interval=5.0, max_interval=120.0)
+        plan = planner.plan("g")
+        plan.polled(5.0)
+        plan.observe(5.0, running=True, progress=1)
+        plan.polled(252.0)
+        plan.observe(252.0, running=True, progress=40)
+        delay = planner.delay(plan, 252.0)
+        assert not plan.blind
+        assert plan.span is not None
+        earliest, latest, _ = plan.span
+        assert 595 <= earliest <= 628.4 <= latest <= 645
+        assert 595 <= 252.0 + delay <= 645
+
+    def test_readings_of_a_lagging_gateway_still_aim_the_poll(self) -> None:
+        """Before a gateway's lag is learned, its readings are taken as of the poll though
+        they show its last look, up to a pass earlier. A 627 s render started at 1.4 s, read
+        0 % at 15 s (a look before the create), 2 % at 22 s and 32 % at 206 s (looks at about
+        14 s and 202 s): no steady render fits both percents as of their polls. The latest
+        reading alone still pins the end to a minute: the next poll aims there, not at the
+        blind schedule (every two minutes, which read such ends up to 100 s late)."""
+        planner = _planner(min_interval=5.0, max_interval=120.0)
+        plan = planner.plan("g")
+        for t, p in ((5.0, 0), (10.0, 0), (15.0, 0), (22.0, 2), (206.0, 32)):
+            plan.polled(t)
+            plan.observe(t, running=True, progress=p)
+        delay = planner.delay(plan, 206.0)
+        assert not plan.blind
+        assert plan.span is not None
+        earliest, latest, _ = plan.span
+        assert earliest <= 628.4 <= latest <= 628.4 + 30
+        assert 560 <= 206.0 + delay <= 660
+
     def test_hard_floor_between_two_polls_of_a_task(self) -> None:
         """However close the predicted end, a task is not polled twice within 0.5 s."""
         planner = _planner()

@@ -318,6 +318,16 @@ def end_range(readings: Iterable[tuple[float, float]], *, start_low: float,
     return min(ends), max(ends)
 
 
+def _longest(readings: list[tuple[float, float]]) -> float:
+    """The longest render that progress ``readings`` allow (the render started at or after
+    the create): a reading of p % at t had at least its floor done, so R ≤ 100·t / floor.
+    A reading of 1 % bounds nothing, since providers report 1 % for anything under it; while
+    every reading is 1 %, a guess that the next reading corrects: 100 times the latest one's
+    time (a percent done by then)."""
+    bounds = [100.0 * t / floor for t, p in readings if (floor := _progress_floor(p)) > 0]
+    return (min(bounds) if bounds else 100.0 * readings[-1][0]) + 1.0
+
+
 def _one_reading(t: float, p: float, *, start_low: float, start_high: float,
                  running_at: float, longest: float) -> tuple[float, float] | None:
     """:func:`end_range` for a single reading, in closed form (the common case, per poll).
@@ -413,8 +423,7 @@ class TaskPlan:
 
     def _from_progress(self, readings: list[tuple[float, float]], u: float) -> float | None:
         first_t = readings[0][0]
-        # A first reading of p >= 1 % bounds the render time: R <= 100 * t.
-        longest = 100.0 * first_t + 1.0
+        longest = _longest(readings)
         low, high = self.queued_until, first_t
         if self.start is not None:
             low = high = self.start
@@ -435,6 +444,14 @@ class TaskPlan:
             # The assumed start does not fit this task's readings: drop the assumption.
             span = end_range(readings, start_low=self.queued_until, start_high=first_t,
                              running_at=u, longest=longest)
+        if span is None and len(readings) == 2:
+            # No steady render fits both readings. A gateway that shows its last look at the
+            # task, not the task now, does that before its lag is learned: a reading at a low
+            # percent, taken as of the poll, looks far too slow, and a "not started" one too
+            # late. The latest reading alone, with the render started by the first.
+            latest_reading = readings[-1:]
+            span = end_range(latest_reading, start_low=0.0, start_high=first_t, running_at=u,
+                             longest=_longest(latest_reading))
         if span is None:
             return None
         earliest, latest = span
