@@ -842,8 +842,12 @@ class Looks:
         counted = sum(k for _, k in walk)
         period = sum(g for g, _ in walk) / counted
         residues = sum((g - k * period) ** 2 for g, k in walk)
-        # A date may be off its look by its own precision (a gap by twice that): not drift.
-        drift = math.sqrt(max(0.0, residues / counted - self._coarsest ** 2 / 3))
+        # Each gap strays by the drift of the periods it spans, and by its two dates' own
+        # imprecision (once per gap, however many periods it spans): only the first is
+        # drift. The mean period, fitted to the same gaps, takes one gap's worth of stray.
+        n = len(walk)
+        stray = residues * n / max(n - 1, 1) - n * self._coarsest ** 2 / 3
+        drift = math.sqrt(max(0.0, stray / counted))
         return (period, 0.05 * period + self._coarsest, 0.02 * period + 1.5 * self._coarsest,
                 drift)
 
