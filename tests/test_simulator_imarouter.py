@@ -343,6 +343,13 @@ class TestImaRouterQuirks:
         with pytest.raises(ValueError, match="status_refresh_jitter_s needs status_refresh_s"):
             config_from_mapping({"status_refresh_jitter_s": 3})
 
+    async def test_a_gateway_that_does_not_lag_looks_now(self) -> None:
+        """Without status_refresh_s the gateway shows each task as it is: its latest look is
+        the moment asked about (and asking does not loop forever drawing looks)."""
+        async with Sim() as sim:
+            assert sim.state.looked(123.5) == 123.5
+            assert sim.state.gateway_saw(42.0) == 42.0
+
 
 class TestImaRouterFaults:
     async def test_create_5xx_creates_nothing(self) -> None:

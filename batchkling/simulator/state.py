@@ -455,7 +455,10 @@ class SimState:
         """The gateway's latest look at its upstream by sim time ``now``. One loop for every
         task, as the open-source gateway ImaRouter's answers match runs it (sleep, then look
         at all unfinished tasks): ``status_refresh_s`` apart plus up to
-        ``status_refresh_jitter_s`` each, from a first look drawn from the seed."""
+        ``status_refresh_jitter_s`` each, from a first look drawn from the seed; ``now``
+        itself when the gateway does not lag."""
+        if self.config.status_refresh_s <= 0:
+            return now
         looks = self._looks_until(now)
         return looks[bisect.bisect_right(looks, now) - 1]
 
