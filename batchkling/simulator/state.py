@@ -447,8 +447,6 @@ class SimState:
         """The sim time as of which a status poll at ``now`` shows the task: the gateway's
         latest look (:meth:`looked`), never before the create; ``now`` when the gateway does
         not lag."""
-        if self.config.status_refresh_s <= 0:
-            return now
         return max(self.looked(now), task.created_sim)
 
     def looked(self, now: float) -> float:
